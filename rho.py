@@ -1,0 +1,949 @@
+"""
+rho.py: Selective Language Modeling (Rho-1, Lin et al. 2024, arXiv 2404.07965) in one file.
+
+    python prepare.py                       # embedded demo corpus -> data/demo
+    python rho.py --ref                     # reference model on hq, then score every web token
+    python rho.py --clm                     # continual pretraining on web, loss on all tokens
+    python rho.py --slm --k 0.6             # the same run, loss on the top 60% tokens by excess loss
+    python rho.py --slm --k 0.6 --select random   # control: the same k, tokens chosen at random
+    python rho.py --compare                 # one table of every run in --out
+
+Reads top to bottom in the order the data flows: config -> model -> data -> the SLM loss ->
+reference scoring -> training -> evaluation -> comparison -> main.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prepare import get_encoding
+
+IGNORE = -1  # target id that is never trained on and never selected
+
+
+def die(msg):
+    sys.exit(f"error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 320  # the data's vocabulary, padded up to a multiple of 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+
+
+@dataclass
+class RunConfig:
+    mode: str = "slm"  # base | ref | clm | slm
+    data: str = "data/demo"
+    out: str = "out"
+    name: str = ""  # default: ref, clm, slm-k0.6, slm-k0.6-random
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    k: float = 0.6
+    select: str = "excess"  # excess (the paper) | random (the control)
+    head: str = "fused"  # fused: fused_slm_loss, no B*T x V logits | naive: full logits, slm_loss / clm_loss
+    scope: str = "batch"  # batch: top-k over all tokens of the step | sequence: top-k within each sequence
+    seed: int = 1337
+    eval_every: int = 50
+    eval_problems: int = 100
+    init_from: str = ""
+    resume: bool = False
+    device: str = "cpu"
+
+
+# -----------------------------------------------------------------------------
+# model: GPT-2 (nanoGPT), causal SDPA attention, tied embeddings
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:  # generation: keys and values of earlier positions
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)), ln_f=nn.LayerNorm(cfg.n_embd)))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+
+    def forward(self, idx, pad=None, caches=None):
+        """Hidden states after ln_f, (B, T, C). The LM head is applied by the loss (see slm_loss).
+        pad (B,): left-padding per row, for batched generation; caches: one list per layer."""
+        B, T = idx.shape
+        past = caches[0][0].shape[2] if caches and caches[0] else 0
+        pos = torch.arange(past, past + T, device=idx.device)
+        mask = None
+        if pad is not None:  # causal, and no attention to a row's padding
+            keys = torch.arange(past + T, device=idx.device)
+            mask = (keys[None, None, :] <= pos[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
+            mask, pos = mask[:, None], (pos[None, :] - pad[:, None]).clamp(min=0)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, caches[i] if caches is not None else None)
+        return self.transformer.ln_f(x)
+
+
+# -----------------------------------------------------------------------------
+# data: token memmaps cut into fixed windows of T+1 tokens; window w holds tokens [w*T, w*T + T]
+
+
+def load_meta(data):
+    path = os.path.join(data, "meta.json")
+    if not os.path.isfile(path):
+        hint = "python prepare.py" if os.path.normpath(data) == os.path.normpath("data/demo") else f"python prepare.py --hq FILE --web FILE --out {data}"
+        die(f"{data}: data not prepared (no meta.json): run `{hint}`")
+    with open(path, "rb") as f:
+        raw = f.read()
+    meta = json.loads(raw)
+    meta["sha256"] = hashlib.sha256(raw).hexdigest()  # fingerprint of the data: reference scores carry it
+    return meta
+
+
+def memmap(data, name, dtype):
+    path = os.path.join(data, name)
+    if not os.path.isfile(path):
+        die(f"{path}: missing; re-run prepare.py for {data}")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class Windows:
+    """Windows of one token file. Batch order is a function of (seed, step) alone, so CLM, SLM and the
+    random control see the same batches in the same order, and a resumed run picks up where it stopped."""
+
+    def __init__(self, tokens, T, extras=()):
+        self.tokens, self.T, self.extras = tokens, T, extras  # extras: arrays aligned with tokens (ref losses, labels)
+        self.n = (len(tokens) - 1) // T
+        if self.n < 1:
+            die(f"a token file holds {len(tokens)} tokens, fewer than one window of {T + 1}")
+
+    def get(self, ws, device):
+        x = np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in ws]).astype(np.int64)
+        ex = [torch.from_numpy(np.stack([a[w * self.T + 1: w * self.T + self.T + 1] for w in ws]).copy()).to(device)
+              for a in self.extras]  # aligned with the targets
+        x = torch.from_numpy(x).to(device)
+        return (x[:, :-1], x[:, 1:], *ex)
+
+    def batch(self, step, B, seed, device, lo=0, hi=None):
+        hi = self.n if hi is None else hi
+        per_epoch = (hi - lo) // B
+        epoch, i = divmod(step, per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(hi - lo) + lo
+        return self.get(perm[i * B:(i + 1) * B], device)
+
+
+def web_split(n_windows):
+    """The last 5% of web windows (at most 32) are web validation; continual pretraining trains on the rest."""
+    n_val = min(32, max(1, n_windows // 20))
+    return n_windows - n_val
+
+
+def ref_scores_path(cfg):
+    return os.path.join(cfg.out, "ref", "ref_loss.bin")
+
+
+def load_ref_scores(cfg, meta):
+    """Per-token reference losses aligned with web.bin, with the checks that they belong to this data."""
+    path = ref_scores_path(cfg)
+    if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
+        die(f"{path}: reference scores missing: run `python rho.py --ref` (or `--score` with an existing reference model)")
+    with open(path + ".json") as f:
+        info = json.load(f)
+    n_web = meta["tokens"]["web"]
+    if info["n_tokens"] != n_web or os.path.getsize(path) != 4 * n_web:
+        die(f"{path}: reference scores hold {os.path.getsize(path) // 4} tokens but {cfg.data}/web.bin has {n_web}: "
+            f"re-run `python rho.py --score --data {cfg.data}`")
+    if info["encoding"] != meta["encoding"] or info["data_sha256"] != meta["sha256"]:
+        die(f"{path}: reference scores were computed for other data ({info['data']}, encoding {info['encoding']}): "
+            f"re-run `python rho.py --score --data {cfg.data}`")
+    return np.memmap(path, dtype=np.float32, mode="r")
+
+
+# -----------------------------------------------------------------------------
+# the SLM loss (Rho-1, Sec. 2.2):  L_SLM = -1/(N*k) * sum_i I_k(x_i) * log P_theta(x_i | x_<i)
+
+
+def token_loss(logits, targets):
+    """Per-token loss -log P(x_i | x_<i) in fp32, (B, T); 0 where the target is ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none").view(targets.shape)
+
+
+def excess_loss(train_loss, ref_loss):
+    """L_delta(x_i) = L_theta(x_i) - L_RM(x_i), on detached losses: selection takes no gradient."""
+    return train_loss.detach() - ref_loss
+
+
+def n_select(k, n):
+    """ceil(k * n); rounded first so that k*n = 6.000000000000001 gives 6."""
+    return math.ceil(round(k * n, 6))
+
+
+def select_topk(score, valid, k, scope="batch"):
+    """I_k: marks the top ceil(k * n_valid) valid tokens by score, over the whole step (scope "batch") or
+    within each sequence ("sequence"). Ignored targets are never selected; ties: the lower index wins."""
+    shape = score.shape
+    if scope == "batch":
+        score, valid = score.reshape(1, -1), valid.reshape(1, -1)
+    key = torch.where(valid, score.clamp(min=-3e38), float("-inf"))  # invalid strictly below every valid score
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # stable: equal scores keep index order
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
+    n = torch.tensor([n_select(k, int(c)) for c in valid.sum(-1)], device=key.device)
+    return ((rank < n[:, None]) & valid).reshape(shape)
+
+
+def select_tokens(loss, targets, ref_loss, k, scope="batch", select="excess", gen=None):
+    """Which tokens carry the loss. select: "excess" (the paper) ranks by L_theta - L_RM; "random" ranks by
+    uniform noise from gen (the control: same k, no information)."""
+    if k >= 1:  # CLM: every valid token, whatever the score
+        return targets != IGNORE
+    if select == "excess":
+        score = excess_loss(loss, ref_loss)
+    else:
+        score = torch.rand(loss.shape, generator=gen).to(loss.device)
+    return select_topk(score, targets != IGNORE, k, scope)
+
+
+def slm_loss(logits, targets, ref_loss, k, scope="batch", select="excess", gen=None):
+    """The SLM loss on full logits (the plain reference): mean token loss over the selected tokens only.
+    Returns (loss, token losses, selected)."""
+    loss = token_loss(logits, targets)
+    sel = select_tokens(loss, targets, ref_loss, k, scope, select, gen)
+    return (loss * sel).sum() / sel.sum(), loss.detach(), sel
+
+
+def clm_loss(logits, targets):
+    """Plain causal LM loss over every valid token: the baseline, and the SLM loss at k = 1."""
+    loss = token_loss(logits, targets)
+    valid = targets != IGNORE
+    return loss.sum() / valid.sum(), loss.detach(), valid
+
+
+# -----------------------------------------------------------------------------
+# the fused SLM head: every token's loss, but logits gradients only for the selected rows
+#   forward (no grad): chunks of rows, logits = h @ W^T one chunk at a time -> token loss and lse, O(N)
+#   select:            the same select_tokens as the plain loss above
+#   backward:          recompute the selected rows' logits chunk by chunk, g = (softmax - onehot) / n_sel,
+#                      dH[sel] = g @ W, dW += g^T @ H[sel]
+# Head FLOPs (2 + 6k) N d V instead of 6 N d V; memory O(N) plus one (chunk x V) block of logits.
+# The per-chunk math runs as Triton kernels on CUDA and as the PyTorch functions below elsewhere.
+
+
+def chunk_lse_torch(logits, targets):
+    """(lse, loss) in fp32, (C,) each, of a (C, V) logits chunk; loss 0 where the target is ignored."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=1)
+    x_y = x.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read column 0, then zeroed
+    return lse, torch.where(targets == IGNORE, 0.0, lse - x_y)
+
+
+def chunk_grad_torch_(logits, targets, lse, scale):
+    """Writes (softmax(logits) - onehot(targets)) * scale into logits, in place; ignored rows get 0."""
+    g = logits if logits.dtype == torch.float32 else logits.float()  # fp32: no second (C, V) buffer
+    g.sub_(lse[:, None]).exp_()
+    valid = targets != IGNORE
+    g[torch.arange(len(targets), device=g.device)[valid], targets[valid]] -= 1.0
+    g.mul_(scale).masked_fill_(~valid[:, None], 0.0)
+    return logits if g is logits else logits.copy_(g)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_lse_kernel(logits_ptr, targets_ptr, lse_ptr, loss_ptr, stride_row, V, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * stride_row  # int64: C * V can pass 2**31
+        m = tl.full([], float("-inf"), tl.float32)  # online log-sum-exp: running max m and sum s of exp(x - m)
+        s = tl.full([], 0.0, tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))  # finite: every block has at least one real column
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # rescale the old sum to the new max
+            m = m_new
+        lse = m + tl.log(s)
+        y = tl.load(targets_ptr + row)
+        x_y = tl.load(row_ptr + tl.maximum(y, 0)).to(tl.float32)  # ignored rows read column 0, then drop it
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, tl.where(y == -1, 0.0, lse - x_y))
+
+    @triton.jit
+    def _chunk_grad_kernel(logits_ptr, targets_ptr, lse_ptr, scale_ptr, stride_row, V, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+        y, lse, scale = tl.load(targets_ptr + row), tl.load(lse_ptr + row), tl.load(scale_ptr)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)  # softmax - onehot
+            g = tl.where(y == -1, 0.0, g * scale)
+            tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)  # in place, buffer's dtype
+
+
+def _triton_launch(logits, block_v):
+    assert logits.stride(1) == 1, "logits chunk must be contiguous in its last dim"
+    block = block_v or min(4096, triton.next_power_of_2(logits.shape[1]))
+    return block, 8 if block >= 2048 else 4
+
+
+def chunk_lse_triton(logits, targets, block_v=None):
+    block, warps = _triton_launch(logits, block_v)
+    lse = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
+    loss = torch.empty_like(lse)
+    _chunk_lse_kernel[(len(logits),)](logits, targets, lse, loss, logits.stride(0), logits.shape[1], BLOCK_V=block, num_warps=warps)
+    return lse, loss
+
+
+def chunk_grad_triton_(logits, targets, lse, scale, block_v=None):
+    block, warps = _triton_launch(logits, block_v)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=logits.device).reshape(1)  # on the device: no sync
+    _chunk_grad_kernel[(len(logits),)](logits, targets, lse, scale, logits.stride(0), logits.shape[1], BLOCK_V=block, num_warps=warps)
+    return logits
+
+
+def mm_fp32(a, b):
+    """a @ b with an fp32 result: bf16 operands on CUDA accumulate and return fp32 (no bf16 rounding)."""
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        return (a @ b).float()
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def chunk_ops(device):
+    """The per-chunk (lse, grad) pair for a device: Triton on CUDA when it is installed, else PyTorch."""
+    if device.type == "cuda" and triton is not None:
+        return chunk_lse_triton, chunk_grad_triton_
+    return chunk_lse_torch, chunk_grad_torch_
+
+
+@torch.no_grad()
+def head_token_loss(h, w, targets, chunk, lse_fn):
+    """Forward of the head without grad: token losses and lse of (N, C) hidden states, chunk rows at a time."""
+    loss = torch.empty(len(h), dtype=torch.float32, device=h.device)
+    lse = torch.empty_like(loss)
+    for i in range(0, len(h), chunk):
+        lse[i:i + chunk], loss[i:i + chunk] = lse_fn(mm_fp32(h[i:i + chunk], w.t()), targets[i:i + chunk])  # (chunk, V)
+    return loss, lse
+
+
+class SelectedHeadLoss(torch.autograd.Function):
+    """Mean of the selected tokens' losses, whose backward touches only the selected rows."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, loss, lse, sel, chunk, grad_fn):
+        idx = sel.nonzero().squeeze(1)
+        ctx.save_for_backward(h, w, targets[idx], lse[idx], idx)
+        ctx.chunk, ctx.grad_fn = chunk, grad_fn
+        return loss[idx].sum() / len(idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, y, lse, idx = ctx.saved_tensors
+        dh, dw = torch.zeros_like(h), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        scale = grad / len(idx)
+        for i in range(0, len(idx), ctx.chunk):
+            rows, hs = idx[i:i + ctx.chunk], h[idx[i:i + ctx.chunk]]  # (c, C)
+            g = ctx.grad_fn(mm_fp32(hs, w.t()), y[i:i + ctx.chunk], lse[i:i + ctx.chunk], scale).to(w.dtype)  # (c, V)
+            dh[rows] = (g @ w).to(dh.dtype)
+            dw += mm_fp32(g.t(), hs)  # fp32 accumulation over chunks
+        return dh, dw.to(w.dtype), None, None, None, None, None, None
+
+
+def fused_slm_loss(h, w, targets, ref_loss, k, scope="batch", select="excess", gen=None, chunk=1024):
+    """The SLM loss from hidden states h (B, T, C) and head weight w (V, C), never holding B*T x V logits.
+    Same selection and same value as slm_loss(h @ w.T, ...); returns (loss, token losses, selected)."""
+    B, T, C = h.shape
+    lse_fn, grad_fn = chunk_ops(h.device)
+    loss, lse = head_token_loss(h.detach().reshape(-1, C), w.detach(), targets.reshape(-1), chunk, lse_fn)
+    sel = select_tokens(loss.view(B, T), targets, ref_loss, k, scope, select, gen)
+    out = SelectedHeadLoss.apply(h.reshape(-1, C), w, targets.reshape(-1), loss, lse, sel.reshape(-1), chunk, grad_fn)
+    return out, loss.view(B, T), sel
+
+
+
+# -----------------------------------------------------------------------------
+# reference scoring: one forward pass of the frozen reference model over every web token
+
+
+@torch.no_grad()
+def score_web(model, meta, cfg):
+    """Writes <out>/ref/ref_loss.bin: float32 L_RM for every web token (NaN where no window predicts it),
+    scored with the same windows that training reads, so both models see the same context."""
+    model.eval()
+    web = Windows(memmap(cfg.data, "web.bin", meta["dtype"]), model.config.block_size)
+    path, T, B = ref_scores_path(cfg), web.T, 4 * cfg.batch_size
+    out = np.memmap(path + ".tmp", mode="w+", dtype=np.float32, shape=(len(web.tokens),))  # raw, 1:1 with web.bin
+    out[:] = np.nan
+    t0 = time.time()
+    for i in range(0, web.n, B):
+        ws = range(i, min(i + B, web.n))
+        x, y = web.get(ws, cfg.device)
+        loss = token_loss(model.lm_head(model(x)), y).cpu().numpy()
+        for j, w in enumerate(ws):
+            out[w * T + 1: w * T + T + 1] = loss[j]
+    out.flush()
+    del out
+    elapsed = time.time() - t0
+    os.replace(path + ".tmp", path)  # atomic: a killed scoring run leaves no partial file behind
+    info = {"n_tokens": len(web.tokens), "encoding": meta["encoding"], "data": cfg.data, "data_sha256": meta["sha256"],
+            "block_size": T, "score_s": round(elapsed, 2), "score_tok_s": round(web.n * T / elapsed)}
+    write_json(path + ".json", info)
+    print(f"score: {web.n * T:,} web tokens in {elapsed:.1f}s ({info['score_tok_s']:,} tok/s) -> {path}")
+    return info
+
+
+# -----------------------------------------------------------------------------
+# training: the reference model (CLM on hq) and continual pretraining (CLM, SLM or random on web)
+
+
+def run_name(cfg):
+    if cfg.name:
+        return cfg.name
+    if cfg.mode != "slm":
+        return cfg.mode
+    return f"slm-k{cfg.k:g}" + ("" if cfg.select == "excess" else f"-{cfg.select}") + ("" if cfg.scope == "batch" else f"-{cfg.scope}")
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, opt, gen, step, cfg, meta, state):
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(), "step": step,
+            "config": asdict(cfg), "model_config": asdict(model.config), "encoding": meta["encoding"],
+            "n_vocab": meta["vocab_size"], "state": state}
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a kill leaves the previous checkpoint intact
+
+
+def load_checkpoint(path, meta=None, what="checkpoint"):
+    if not os.path.isfile(path):
+        die(f"{path}: no such {what}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"{path}: not a readable rho checkpoint ({type(e).__name__})")
+    if meta is not None and (ckpt["n_vocab"] != meta["vocab_size"] or ckpt["encoding"] != meta["encoding"]):
+        die(f"{path}: {what} has vocabulary {ckpt['encoding']} ({ckpt['n_vocab']} tokens) but the data has "
+            f"{meta['encoding']} ({meta['vocab_size']}): prepare the data with --encoding {ckpt['encoding']} or train a new model")
+    return ckpt
+
+
+def build_model(cfg, meta, model_cfg):
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:  # a base checkpoint (a path, or the name of a run in --out): its architecture and weights
+        run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")
+        ckpt = load_checkpoint(run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from, meta, "base checkpoint")
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = GPT(GPTConfig(**{**asdict(model_cfg), "vocab_size": 64 * math.ceil(meta["vocab_size"] / 64)}))
+    return model.to(cfg.device)
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_loss(model, x, y, r, cfg, gen):
+    """The one place where the runs differ: which tokens carry the loss. CLM and the reference model are
+    the k = 1 case."""
+    h, k = model(x), (cfg.k if cfg.mode == "slm" else 1.0)  # (B, T, C)
+    if cfg.head == "fused":
+        return fused_slm_loss(h, model.lm_head.weight, y, r, k, cfg.scope, cfg.select, gen)
+    logits = model.lm_head(h)  # (B, T, V)
+    return slm_loss(logits, y, r, k, cfg.scope, cfg.select, gen) if k < 1 else clm_loss(logits, y)
+
+
+def train(cfg, model_cfg):
+    meta, name = load_meta(cfg.data), run_name(cfg)
+    out_dir = os.path.join(cfg.out, name)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    model = build_model(cfg, meta, model_cfg)
+    T = model.config.block_size
+    if cfg.mode in ("base", "ref"):  # CLM on the general corpus, or on the high-quality one
+        train_w, lo, hi = Windows(memmap(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta["dtype"]), T), 0, None
+    else:
+        web, extras = memmap(cfg.data, "web.bin", meta["dtype"]), []
+        extras.append(load_ref_scores(cfg, meta) if cfg.mode == "slm" and cfg.select == "excess" else np.zeros(len(web), np.float32))
+        if "labels" in meta:  # demo only: ground-truth noise labels, for auditing the selection
+            extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
+        train_w = Windows(web, T, extras)
+        lo, hi = 0, web_split(train_w.n)
+    ev = Evaluator(cfg, meta, T)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise
+    n_labels = labels_for(cfg, meta)
+    state = {"history": [], "losses": [], "tokens_seen": 0, "tokens_trained": 0, "wall_s": 0.0,
+             "sel_by_label": [0] * n_labels, "seen_by_label": [0] * n_labels}
+    start = 0
+    if cfg.resume and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, meta)
+        model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"]); gen.set_state(ckpt["rng"])
+        start, state = ckpt["step"], ckpt["state"]
+        print(f"{name}: resumed from {ckpt_path} at step {start}")
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.steps} steps of "
+          f"{cfg.batch_size}x{T} tokens, {cfg.mode}" + (f" k={cfg.k} select={cfg.select} scope={cfg.scope}" if cfg.mode == "slm" else ""))
+    t_last, interval = time.time(), {"sel": [0] * n_labels, "seen": [0] * n_labels, "n": 0, "tokens": 0, "loss": 0.0}
+    for step in range(start, cfg.steps):
+        model.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        x, y, *extras = train_w.batch(step, cfg.batch_size, cfg.seed, cfg.device, lo, hi)
+        loss, tok_loss, sel = step_loss(model, x, y, extras[0] if extras else None, cfg, gen)
+        if not torch.isfinite(loss):
+            die(f"{name}: loss became {loss.item()} at step {step}; the last good checkpoint is {ckpt_path} "
+                f"(resume with --resume after lowering --lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        state["tokens_seen"] += y.numel()
+        state["tokens_trained"] += int(sel.sum())
+        state["losses"].append(loss.item())
+        interval["n"] += 1; interval["tokens"] += y.numel(); interval["loss"] += loss.item()
+        if n_labels:
+            count_labels(interval, extras[-1], sel, n_labels)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            now = time.time()
+            state["wall_s"] += now - t_last
+            record(state, interval, ev.evaluate(model), step + 1, cfg, name, now - t_last, meta.get("labels"))
+            save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
+            t_last, interval = time.time(), {"sel": [0] * n_labels, "seen": [0] * n_labels, "n": 0, "tokens": 0, "loss": 0.0}
+    return finish(cfg, meta, model_cfg, name, state, out_dir, model)
+
+
+def labels_for(cfg, meta):
+    """Number of ground-truth web labels to audit the selection with: demo data, web runs only."""
+    return len(meta.get("labels", [])) if cfg.mode in ("clm", "slm") else 0
+
+
+def count_labels(interval, labels, sel, n_labels):
+    labels = labels.flatten().long()
+    interval["seen"] = [a + b for a, b in zip(interval["seen"], torch.bincount(labels, minlength=n_labels).tolist())]
+    interval["sel"] = [a + b for a, b in zip(interval["sel"], torch.bincount(labels[sel.flatten()], minlength=n_labels).tolist())]
+
+
+def noise_share(counts, labels):
+    """Share of tokens that are noise, overall and per noise kind (label 0 is clean)."""
+    total = max(1, sum(counts))
+    return {"all": round(1 - counts[0] / total, 4), **{labels[i]: round(c / total, 4) for i, c in enumerate(counts) if i}}
+
+
+def record(state, interval, measures, step, cfg, name, dt, labels):
+    """Appends one eval to the history and prints the log line."""
+    entry = {"step": step, "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
+             "wall_s": round(state["wall_s"], 2), "train_loss": round(interval["loss"] / interval["n"], 4), **measures}
+    if interval["sel"] and cfg.mode != "ref":
+        entry["noise_in_selected"] = noise_share(interval["sel"], labels)
+        entry["noise_share_corpus"] = noise_share(interval["seen"], labels)
+        state["sel_by_label"] = [a + b for a, b in zip(state["sel_by_label"], interval["sel"])]
+        state["seen_by_label"] = [a + b for a, b in zip(state["seen_by_label"], interval["seen"])]
+    state["history"].append(entry)
+    left = (cfg.steps - step) * dt / max(1, interval["n"])
+    tok_s = interval["tokens"] / dt
+    line = (f"{name} step {step} | loss {entry['train_loss']:.3f} | sel {state['tokens_trained'] / state['tokens_seen']:.0%} | "
+            f"val hq {measures['val_loss_hq']:.3f} web {measures['val_loss_web']:.3f} | acc {measures['accuracy']:.1%}")
+    if "noise_in_selected" in entry:
+        line += f" | noise-in-sel {entry['noise_in_selected']['all']:.1%} (corpus {entry['noise_share_corpus']['all']:.1%})"
+    print(line + f" | {tok_s / 1000:.1f}k tok/s | eta {left:.0f}s", flush=True)
+
+
+def finish(cfg, meta, model_cfg, name, state, out_dir, model):
+    last = state["history"][-1]
+    metrics = {"run": name, "mode": cfg.mode, "k": cfg.k if cfg.mode == "slm" else 1.0,
+               "select": cfg.select if cfg.mode == "slm" else "all", "scope": cfg.scope, "steps": cfg.steps,
+               "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"], "wall_s": round(state["wall_s"], 2),
+               "final": {m: last[m] for m in ("val_loss_hq", "val_loss_web", "accuracy")},
+               "history": state["history"], "losses": state["losses"], "config": asdict(cfg), "model_config": asdict(model.config),
+               "n_params": sum(p.numel() for p in model.parameters()), "data": {"encoding": meta["encoding"], "sha256": meta["sha256"]}}
+    if labels_for(cfg, meta):
+        metrics["noise_in_selected"] = noise_share(state["sel_by_label"], meta["labels"])
+        metrics["noise_share_corpus"] = noise_share(state["seen_by_label"], meta["labels"])
+    if cfg.mode == "ref":
+        info = score_web(model, meta, cfg)
+        metrics.update(score_s=info["score_s"], score_tok_s=info["score_tok_s"])
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} acc {last['accuracy']:.1%} "
+          f"-> {out_dir}/metrics.json")
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# evaluation: target-distribution val loss (hq val), web val loss, answer accuracy (greedy, exact match)
+
+
+class Evaluator:
+    def __init__(self, cfg, meta, T):
+        self.cfg, self.enc = cfg, get_encoding(meta["encoding"])
+        self.hq = Windows(memmap(cfg.data, "hq_val.bin", meta["dtype"]), T)
+        self.web = Windows(memmap(cfg.data, "web.bin", meta["dtype"]), T)
+        with open(os.path.join(cfg.data, "eval.json")) as f:
+            self.problems = json.load(f)[:cfg.eval_problems]
+
+    @torch.no_grad()
+    def val_loss(self, model, windows, ws):
+        total, n = 0.0, 0
+        for i in range(0, len(ws), 32):
+            x, y = windows.get(ws[i:i + 32], self.cfg.device)
+            loss, _, valid = clm_loss(model.lm_head(model(x)), y)
+            total, n = total + loss.item() * int(valid.sum()), n + int(valid.sum())
+        return total / n
+
+    def evaluate(self, model):
+        model.eval()
+        hq_ws = list(range(min(self.hq.n, 128)))
+        web_ws = list(range(web_split(self.web.n), self.web.n))
+        return {"val_loss_hq": round(self.val_loss(model, self.hq, hq_ws), 4),
+                "val_loss_web": round(self.val_loss(model, self.web, web_ws), 4),
+                "accuracy": answer_accuracy(model, self.problems, self.enc, self.cfg.device)}
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new):
+    """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with a KV cache."""
+    T = model.config.block_size
+    max_new = min(max_new, T // 2)
+    prompts = [p[-(T - max_new):] for p in prompts]  # prompt + generated tokens fit the context
+    L = max(len(p) for p in prompts)
+    pad = torch.tensor([L - len(p) for p in prompts])
+    idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    caches = [[] for _ in model.transformer.h]
+    out = []
+    h = model(idx.to(model.lm_head.weight.device), pad.to(model.lm_head.weight.device), caches)
+    for _ in range(max_new):
+        nxt = model.lm_head(h[:, -1]).argmax(-1)
+        out.append(nxt)
+        h = model(nxt[:, None], pad.to(nxt.device), caches)
+    return torch.stack(out, 1).tolist()
+
+
+def answer_accuracy(model, problems, enc, device, max_new=48):
+    """Share of problems whose generated '#### N' line equals the reference answer."""
+    if not problems:
+        return 0.0
+    correct = 0
+    for i in range(0, len(problems), 64):
+        chunk = problems[i:i + 64]
+        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new)
+        for p, o in zip(chunk, outs):
+            text = enc.decode(o[:o.index(enc.eot_token)] if enc.eot_token in o else o)
+            m = re.search(r"####\s*(-?\d[\d,]*)", text)
+            correct += bool(m) and m.group(1).replace(",", "") == p["answer"]
+    return round(correct / len(problems), 4)
+
+
+# -----------------------------------------------------------------------------
+# comparison: one table of every run in --out
+
+
+def tokens_to_reach(history, target, key="tokens_seen"):
+    """Tokens (linearly interpolated between evals) at which val_loss_hq first reaches target; None if never."""
+    prev = None
+    for h in history:
+        if h["val_loss_hq"] <= target:
+            if prev is None:
+                return h[key]
+            f = (prev["val_loss_hq"] - target) / (prev["val_loss_hq"] - h["val_loss_hq"])
+            return prev[key] + f * (h[key] - prev[key])
+        prev = h
+    return None
+
+
+def compare(cfg):
+    runs = []
+    for name in sorted(os.listdir(cfg.out)) if os.path.isdir(cfg.out) else []:
+        path = os.path.join(cfg.out, name, "metrics.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                runs.append(json.load(f))
+    if not runs:
+        die(f"{cfg.out}: no runs with metrics.json: run `python rho.py --ref`, `--clm`, `--slm --k 0.6` first")
+    clm = next((r for r in runs if r["run"] == "clm"), None)
+    head = f"{'run':<22}{'val hq':>8}{'val web':>9}{'acc':>7}{'seen':>8}{'trained':>9}{'noise-in-sel':>14}{'wall':>7}{'to CLM loss':>13}"
+    print(head + "\n" + "-" * len(head))
+    for r in runs:
+        f = r["final"]
+        noise = f"{r['noise_in_selected']['all']:.1%}/{r['noise_share_corpus']['all']:.0%}" if "noise_in_selected" in r else "-"
+        reach = "-"
+        if clm and r["mode"] != "ref":
+            t = tokens_to_reach(r["history"], clm["final"]["val_loss_hq"])
+            reach = "never" if t is None else f"{t / 1e6:.2f}M {clm['tokens_seen'] / t:.1f}x"
+        print(f"{r['run']:<22}{f['val_loss_hq']:>8.4f}{f['val_loss_web']:>9.4f}{f['accuracy']:>7.1%}{r['tokens_seen'] / 1e6:>7.2f}M"
+              f"{r['tokens_trained'] / 1e6:>8.2f}M{noise:>14}{r['wall_s']:>6.0f}s{reach:>13}")
+    print("val hq: target-distribution val loss (nats/token); noise-in-sel: noise share of the trained tokens / of the corpus;\n"
+          "to CLM loss: tokens seen until val hq first reaches CLM's final value, and CLM's tokens over that.")
+    seen = {r["tokens_seen"] for r in runs if r["mode"] != "ref"}
+    if len(seen) > 1:
+        print("note: the continual-pretraining runs saw different numbers of tokens; compare them at equal tokens seen.")
+
+
+# -----------------------------------------------------------------------------
+# benchmark: the head and a whole step, side by side in one run; every measurement in a fresh process
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def mem_now(device):
+    """Bytes in use now: allocated CUDA memory, or this process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def mem_peak(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def timed(fn, device, warmup, repeats):
+    """(median ms, peak bytes above what was in use before the first call) of fn()."""
+    base = mem_now(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times[warmup:])[repeats // 2], mem_peak(device) - base
+
+
+def bench_head(impl, N, d, V, k, device, dtype, warmup, repeats):
+    """Head + loss forward and backward on random hidden states: naive CLM, naive SLM (full logits,
+    mask, mean) or the fused SLM head."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, N, d, generator=g).to(device, dtype).requires_grad_()
+    w = (0.02 * torch.randn(V, d, generator=g)).to(device, dtype).requires_grad_()
+    y, r = torch.randint(0, V, (1, N), generator=g).to(device), torch.rand(1, N, generator=g).to(device)
+    loss_fn = {"naive_clm": lambda: F.cross_entropy((h @ w.t()).float().view(N, V), y.view(N)),
+               "naive_slm": lambda: slm_loss(h @ w.t(), y, r, k)[0],
+               "fused_slm": lambda: fused_slm_loss(h, w, y, r, k)[0]}[impl]
+
+    def step():
+        h.grad = w.grad = None
+        loss_fn().backward()
+    return timed(step, device, warmup, repeats)
+
+
+def bench_step(impl, cfg, k, device, warmup, repeats):
+    """One whole training step of a GPT: CLM, SLM with stored reference losses, or SLM with an online
+    reference forward (a second model scoring the batch each step)."""
+    torch.manual_seed(0)
+    model, B, T = GPT(cfg).to(device), 16, cfg.block_size
+    ref_model = GPT(cfg).to(device).eval() if impl == "slm_online" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randint(0, cfg.vocab_size, (B, T), device=device), torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    r = torch.rand(B, T, device=device)
+
+    def step():
+        ref = r
+        if ref_model is not None:
+            with torch.no_grad():
+                ref = token_loss(ref_model.lm_head(ref_model(x)), y)
+        h = model(x)
+        loss = F.cross_entropy(model.lm_head(h).flatten(0, 1), y.flatten()) if impl == "clm" else \
+            fused_slm_loss(h, model.lm_head.weight, y, ref, k)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def score():
+        with torch.no_grad():
+            token_loss(model.lm_head(model(x)), y)
+    return timed(score if impl == "score" else step, device, warmup, repeats)
+
+
+def bench_one(case, impl, shape, device, warmup, repeats):
+    device, (N, d, V, k) = torch.device(device), shape
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if case == "head":
+        ms, peak = bench_head(impl, N, d, V, k, device, dtype, warmup, repeats)
+    else:
+        cfg = GPTConfig(vocab_size=V, n_embd=d, n_head=max(1, d // 64), n_layer=4 if d <= 256 else 12)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            ms, peak = bench_step(impl, cfg, k, device, warmup, repeats)
+    return {"case": case, "impl": impl, "device": str(device), "N": N, "d": d, "V": V, "k": k, "ms": round(ms, 2), "peak_mb": round(peak / 2**20, 1)}
+
+
+def bench(cfg):
+    """python rho.py --bench: one JSON line per measurement, then a table; ratios against CLM of the same
+    case and shape. Each measurement runs in a fresh process, so CPU peak memory (max RSS) is its own."""
+    import multiprocessing as mp
+    device = torch.device(cfg.device)
+    gpu = device.type == "cuda"
+    k, heads = cfg.k, [(4096, 128, 320), (8192 if gpu else 4096, 768, 50304)]  # the demo model's head; GPT-2 small's
+    plan = [("head", impl, (N, d, V, k)) for N, d, V in heads for impl in ("naive_clm", "naive_slm", "fused_slm")]
+    plan += [("step", impl, (16 * 256, 128, 320, k)) for impl in ("clm", "slm_stored", "slm_online")]
+    plan += [("score", "score", (16 * 256, 128, 320, k))]
+    rows, ctx = [], mp.get_context("spawn")
+    for case, impl, shape in plan:
+        with ctx.Pool(1) as pool:
+            row = pool.apply(bench_one, (case, impl, shape, cfg.device, 2, 5 if gpu or shape[1] <= 256 else 3))
+        base_case = "head" if case == "head" else "step"  # scoring is compared with the CLM training step
+        base = next((b for b in rows if b["case"] == base_case and b["impl"] in ("naive_clm", "clm")
+                     and (b["N"], b["d"], b["V"]) == shape[:3]), row)
+        if case == "score":  # scoring tokens/s against training tokens/s (the CLM step of the same model)
+            row["tok_s"], row["tok_s_ratio"] = round(shape[0] / row["ms"] * 1000), round(base["ms"] / row["ms"], 2)
+        row["ms_ratio"], row["mem_ratio"] = round(row["ms"] / base["ms"], 3), round(row["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
+        if impl == "fused_slm":  # the head's useful work: (2 + 6k) N d V FLOPs
+            row["tflops"] = round((2 + 6 * k) * shape[0] * shape[1] * shape[2] / row["ms"] / 1e9, 3)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(f"\n{'case':<6}{'impl':<12}{'N':>6}{'d':>5}{'V':>7}{'ms':>10}{'peak MB':>10}{'ms/CLM':>8}{'mem/CLM':>9}{'TFLOP/s':>9}")
+    for r in rows:
+        print(f"{r['case']:<6}{r['impl']:<12}{r['N']:>6}{r['d']:>5}{r['V']:>7}{r['ms']:>10.1f}{r['peak_mb']:>10.1f}"
+              f"{r['ms_ratio']:>8.2f}{r['mem_ratio']:>9.3f}{r.get('tflops', ''):>9}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Selective Language Modeling (Rho-1): reference model, scoring, SLM/CLM.")
+    job = p.add_mutually_exclusive_group(required=True)
+    job.add_argument("--base", action="store_true", help="train a base model on the general corpus (base.bin)")
+    job.add_argument("--ref", action="store_true", help="train the reference model on hq, then score every web token")
+    job.add_argument("--score", action="store_true", help="re-score the web tokens with the existing reference model")
+    job.add_argument("--clm", action="store_true", help="continual pretraining on web, loss on all tokens (baseline)")
+    job.add_argument("--slm", action="store_true", help="continual pretraining on web with the SLM loss")
+    job.add_argument("--compare", action="store_true", help="print one table of every run in --out")
+    job.add_argument("--bench", action="store_true", help="benchmark the head and a training step: naive vs fused, CLM vs SLM")
+    d = RunConfig()
+    p.add_argument("--data", default=d.data, help="prepared data folder (default data/demo)")
+    p.add_argument("--out", default=d.out, help="runs folder (default out)")
+    p.add_argument("--name", default="", help="run name (default ref, clm, slm-k0.6, slm-k0.6-random)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="sequences per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warmup, then cosine to 10%%)")
+    p.add_argument("--k", type=float, default=d.k, help="share of tokens selected by SLM, in (0, 1]")
+    p.add_argument("--select", default=d.select, choices=["excess", "random"], help="excess loss (the paper) or random (the control)")
+    p.add_argument("--head", default=d.head, choices=["fused", "naive"], help="fused head (default) or the plain full-logits loss it is tested against")
+    p.add_argument("--scope", default=d.scope, choices=["batch", "sequence"], help="top-k over all tokens of the step (default) or within each sequence")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the model init, batch order and random selection")
+    p.add_argument("--eval_every", type=int, default=d.eval_every, help="steps between evaluations and checkpoints")
+    p.add_argument("--eval_problems", type=int, default=d.eval_problems, help="eval problems for answer accuracy")
+    p.add_argument("--init_from", default="", help="start from a checkpoint: a ckpt.pt path, or a run name in --out (e.g. base)")
+    p.add_argument("--resume", action="store_true", help="continue <out>/<name>/ckpt.pt where it stopped")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    for f in fields(GPTConfig):
+        if f.name != "vocab_size":
+            p.add_argument(f"--{f.name}", type=int, default=f.default, help=f"model {f.name} (default {f.default})")
+    a = p.parse_args(argv)
+    if not 0 < a.k <= 1:
+        p.error(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
+    if a.steps < 1 or a.batch_size < 1 or a.eval_every < 1:
+        p.error("--steps, --batch_size and --eval_every must be positive")
+    mode = next(m for m in ("base", "ref", "score", "clm", "slm", "compare", "bench") if getattr(a, m))
+    cfg = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig) if hasattr(a, f.name)}, mode=mode)
+    return cfg, GPTConfig(**{f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"})
+
+
+def main(argv=None):
+    cfg, model_cfg = parse_args(argv)
+    if cfg.mode == "compare":
+        return compare(cfg)
+    if cfg.mode == "bench":
+        return bench(cfg)
+    if cfg.mode == "score":
+        meta = load_meta(cfg.data)
+        ckpt = load_checkpoint(os.path.join(cfg.out, "ref", "ckpt.pt"), meta, "reference model")
+        model = GPT(GPTConfig(**ckpt["model_config"])).to(cfg.device)
+        model.load_state_dict(ckpt["model"])
+        return score_web(model, meta, cfg)
+    return train(cfg, model_cfg)
+
+
+if __name__ == "__main__":
+    main()

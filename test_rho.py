@@ -1,0 +1,437 @@
+"""Tests that fail if the method is wrong. Run: python -m pytest -q test_rho.py"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors under its interpreter (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import prepare  # noqa: E402
+import rho  # noqa: E402
+
+needs_triton = pytest.mark.skipif(rho.triton is None, reason="triton not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
+        "--eval_problems", "4"]
+
+
+# -----------------------------------------------------------------------------
+# the SLM loss against a hand-written reference
+
+
+def reference_slm(logits, targets, ref, k, scope):
+    """Rho-1's Eq. 2 written out token by token: rank by excess loss, lower index first on ties,
+    keep ceil(k * n_valid), average -log p over the kept tokens."""
+    B, T, V = logits.shape
+    logp = logits.log_softmax(-1)
+    loss = {(b, t): -logp[b, t, targets[b, t]] for b in range(B) for t in range(T) if targets[b, t] != rho.IGNORE}
+    groups = [[(b, t) for b in range(B) for t in range(T)]] if scope == "batch" else [[(b, t) for t in range(T)] for b in range(B)]
+    chosen = []
+    for g in groups:
+        valid = [bt for bt in g if bt in loss]
+        n = math.ceil(k * len(valid) - 1e-9)
+        chosen += sorted(valid, key=lambda bt: (-(loss[bt].item() - ref[bt].item()), g.index(bt)))[:n]
+    return sum(loss[bt] for bt in chosen) / len(chosen), set(chosen)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+@pytest.mark.parametrize("k", [0.1, 0.35, 0.6, 1.0])
+def test_slm_loss_matches_reference(scope, k):
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 7, 11
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64).float().requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[0, 2] = targets[2, 5] = targets[1, 0] = rho.IGNORE
+    ref = torch.rand(B, T, generator=g) * 3
+    loss, tok, sel = rho.slm_loss(logits, targets, ref, k, scope)
+    loss.backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    ref_loss, ref_sel = reference_slm(logits, targets, ref, k, scope)
+    ref_loss.backward()
+    assert {tuple(i) for i in sel.nonzero().tolist()} == ref_sel
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_topk_counts_ignored_and_ties(scope):
+    valid = torch.ones(4, 10, dtype=torch.bool)
+    valid[1, 3:] = False  # a mostly padded row
+    valid[2, ::2] = False
+    score = torch.zeros(4, 10)  # all tied
+    score[3, 9] = 5.0
+    for k in [0.01, 0.25, 0.6, 0.999, 1.0]:
+        sel = rho.select_topk(score, valid, k, scope)
+        assert not (sel & ~valid).any(), "an ignored target was selected"
+        if scope == "batch":
+            assert sel.sum() == math.ceil(round(k * valid.sum().item(), 6))
+        else:
+            assert sel.sum(1).tolist() == [math.ceil(round(k * n, 6)) for n in valid.sum(1).tolist()]
+        assert torch.equal(sel, rho.select_topk(score, valid, k, scope))
+    # ties: lower index wins (after the one strictly larger score)
+    sel = rho.select_topk(score, valid, 0.1, "batch")
+    idx = sel.flatten().nonzero().flatten().tolist()
+    assert idx == [0, 1, 39]  # ceil(0.1 * 28 valid) = 3: the top score, then indices 0 and 1
+
+
+def test_topk_never_selects_ignored_even_with_extreme_scores():
+    score = torch.tensor([[float("-inf"), -1e38, 5.0, float("inf")]])
+    valid = torch.tensor([[True, True, False, False]])
+    sel = rho.select_topk(score, valid, 1.0)
+    assert sel.tolist() == [[True, True, False, False]]
+
+
+def test_n_select_rounding():
+    assert rho.n_select(0.6, 10) == 6 and rho.n_select(0.6, 11) == 7 and rho.n_select(1.0, 7) == 7
+    assert rho.n_select(0.001, 10) == 1
+
+
+def test_k1_equals_clm_exactly():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 9, 13, generator=g).requires_grad_()
+    targets = torch.randint(0, 13, (2, 9), generator=g)
+    targets[1, -3:] = rho.IGNORE
+    ref = torch.randn(2, 9, generator=g)
+    a, _, sel = rho.slm_loss(logits, targets, ref, 1.0)
+    ga, = torch.autograd.grad(a, logits)
+    b, _, valid = rho.clm_loss(logits, targets)
+    gb, = torch.autograd.grad(b, logits)
+    assert torch.equal(a, b) and torch.equal(ga, gb) and torch.equal(sel, valid)
+    c = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=rho.IGNORE)
+    torch.testing.assert_close(a, c)
+
+
+def test_random_select_is_seeded_and_uniform():
+    logits, targets, ref = torch.zeros(4, 50, 5), torch.zeros(4, 50, dtype=torch.long), torch.zeros(4, 50)
+    pick = lambda seed: rho.slm_loss(logits, targets, ref, 0.3, select="random", gen=torch.Generator().manual_seed(seed))[2]
+    assert torch.equal(pick(0), pick(0)) and not torch.equal(pick(0), pick(1))
+    assert pick(0).sum() == 60
+
+
+def test_reference_model_gets_no_gradient():
+    torch.manual_seed(0)
+    cfg = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
+    ref_model, model = rho.GPT(cfg), rho.GPT(cfg)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    ref_loss = rho.token_loss(ref_model.lm_head(ref_model(x)), y)  # graph kept on purpose
+    loss, _, _ = rho.slm_loss(model.lm_head(model(x)), y, ref_loss, 0.5)
+    loss.backward()
+    assert all(p.grad is None for p in ref_model.parameters())
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_batched_generation_equals_one_by_one():
+    torch.manual_seed(0)
+    model = rho.GPT(rho.GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
+    batched = rho.generate(model, prompts, 6)
+    assert batched == [rho.generate(model, [p], 6)[0] for p in prompts]
+    with torch.no_grad():  # and the first generated token is the plain forward's argmax
+        assert batched[0][0] == model.lm_head(model(torch.tensor([prompts[0]])))[0, -1].argmax().item()
+
+
+# -----------------------------------------------------------------------------
+# the fused head against the plain SLM loss on full logits
+
+
+def fused_case(B=3, T=10, C=8, V=37, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, C, generator=g).to(device, dtype).requires_grad_()
+    w = torch.randn(V, C, generator=g).to(device, dtype).requires_grad_()
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[0, 3] = y[2, 0] = y[2, 1] = y[1, -1] = rho.IGNORE
+    r = torch.rand(B, T, generator=g)
+    with torch.no_grad():  # ties: rows 1 and 2 of sequence 0 are identical tokens with identical contexts
+        h[0, 2] = h[0, 1]
+    y[0, 2], r[0, 2] = y[0, 1], r[0, 1]
+    return h, w, y.to(device), r.to(device)
+
+
+def assert_fused_equals_plain(h, w, y, r, k, scope, chunk, tol):
+    a, la, sa = rho.slm_loss(h.float() @ w.float().t(), y, r, k, scope)
+    gh, gw = torch.autograd.grad(a, (h, w))
+    b, lb, sb = rho.fused_slm_loss(h, w, y, r, k, scope, chunk=chunk)
+    fh, fw = torch.autograd.grad(b, (h, w))
+    assert torch.equal(sa, sb)
+    if scope == "batch":
+        assert sb.sum() == rho.n_select(k, int((y != rho.IGNORE).sum()))
+    for x, ref in [(b, a), (lb, la), (fh, gh), (fw, gw)]:
+        torch.testing.assert_close(x.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 1024])
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+@pytest.mark.parametrize("k", [0.01, 0.35, 0.6, 1.0])
+def test_fused_head_equals_plain_slm_loss(k, scope, chunk):
+    assert_fused_equals_plain(*fused_case(), k, scope, chunk, dict(rtol=1e-5, atol=1e-6))
+
+
+def test_fused_head_gradient_rows_are_zero_outside_selection():
+    h, w, y, r = fused_case()
+    loss, _, sel = rho.fused_slm_loss(h, w, y, r, 0.3)
+    dh, = torch.autograd.grad(loss, h)
+    assert (dh[~sel] == 0).all() and (dh[sel].abs().sum(-1) > 0).all()
+
+
+def chunk_case(C, V, kind, seed=0):
+    """A (C, V) logits chunk (a view, for "strided"), with ignored rows and one hard property per kind."""
+    g = torch.Generator().manual_seed(seed)
+    pad = 13 if kind == "strided" else 0
+    x = (torch.randn(C, V + 2 * pad, generator=g) * 3)[:, pad:pad + V]
+    if kind == "large":  # the running max grows in every block: tests the online rescaling
+        x[0::2] = torch.linspace(-100.0, 100.0, V)
+        x[1::2] = torch.linspace(100.0, -100.0, V)
+    y = torch.randint(0, V, (C,), generator=g)
+    y[1::3] = rho.IGNORE
+    if kind == "ties":
+        x[0] = 7.5
+    return x, y
+
+
+def chunk_ref64(x, y, scale):
+    logp = torch.log_softmax(x.double(), 1)
+    valid = y != rho.IGNORE
+    loss = torch.where(valid, -logp.gather(1, y.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    onehot = torch.zeros_like(logp)
+    onehot[valid.nonzero().squeeze(1), y[valid]] = 1.0
+    return (x.double() - logp)[:, 0], loss, (logp.exp() - onehot) * scale * valid[:, None]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("kind", ["plain", "ties", "large", "strided"])
+@pytest.mark.parametrize("C,V", [(5, 7), (17, 130)])
+def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
+    x, y = chunk_case(C, V, kind)
+    block = {"block_v": 4 if V < 32 else 32} if backend == "triton" else {}  # several blocks, the last one partial
+    lse_fn, grad_fn = (rho.chunk_lse_triton, rho.chunk_grad_triton_) if backend == "triton" else (rho.chunk_lse_torch, rho.chunk_grad_torch_)
+    lse, loss = lse_fn(x, y, **block)
+    lse64, loss64, grad64 = chunk_ref64(x, y, 1 / 7)
+    torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=2e-6 * max(1.0, x.abs().max().item()))
+    out = grad_fn(x, y, lse, 1 / 7, **block)
+    assert out.data_ptr() == x.data_ptr()  # in place
+    torch.testing.assert_close(out.double(), grad64, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("k", [0.01, 0.6, 1.0])
+def test_fused_head_with_triton_kernels_equals_plain(k, monkeypatch):
+    monkeypatch.setattr(rho, "chunk_ops", lambda device: (rho.chunk_lse_triton, rho.chunk_grad_triton_))
+    assert_fused_equals_plain(*fused_case(), k, "batch", 7, dict(rtol=1e-5, atol=1e-6))
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("k", [0.01, 0.6, 1.0])
+def test_fused_head_on_gpu_bf16(k):
+    h, w, y, r = fused_case(B=4, T=64, C=64, V=1000, device="cuda", dtype=torch.bfloat16)
+    assert_fused_equals_plain(h, w, y, r, k, "batch", 64, dict(rtol=2e-2, atol=2e-2))
+
+
+# -----------------------------------------------------------------------------
+# prepare.py
+
+
+def test_prepare_roundtrips_text(tmp_path):
+    docs = ["First document.\nIt has two lines.", "Second, with unicode: é ✓ π", "Third"]
+    (tmp_path / "hq.txt").write_text("\n\n".join(docs * 30) + "\n")
+    (tmp_path / "web.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    out = tmp_path / "data"
+    prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "web.jsonl"), "--val", str(tmp_path / "val.jsonl"), "--out", str(out)])
+    meta = json.loads((out / "meta.json").read_text())
+    enc = prepare.get_encoding(meta["encoding"])
+    decode = lambda name: enc.decode(np.fromfile(out / name, dtype=meta["dtype"]).tolist()).split(prepare.EOT)[:-1]
+    assert decode("web.bin") == docs
+    assert decode("hq_train.bin") == docs * 30
+    assert decode("hq_val.bin") == ["Question: What is 2 + 3?\nAnswer: 2 + 3 = 5\n#### 5"]
+    assert json.loads((out / "eval.json").read_text()) == [{"prompt": "Question: What is 2 + 3?\nAnswer:", "answer": "5"}]
+    assert meta["tokens"]["web"] == os.path.getsize(out / "web.bin") // 2 and meta["dtype"] == "uint16"
+    assert len(meta["sources"]["web"]["sha256"]) == 64
+    assert not list(out.glob("*.tmp"))
+
+
+def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
+    for d in ("a", "b"):
+        prepare.main(["--out", str(tmp_path / d), "--web_tokens", "20000", "--seed", "3"])
+    for name in ("hq_train.bin", "hq_val.bin", "web.bin", "web_labels.bin", "eval.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    web, labels = np.fromfile(tmp_path / "a" / "web.bin", np.uint16), np.fromfile(tmp_path / "a" / "web_labels.bin", np.uint8)
+    assert len(web) == len(labels) == meta["tokens"]["web"]
+    enc = prepare.get_encoding("bytes")
+    clean = enc.decode(web[(labels == 0) & (web != enc.eot_token)][:2000].tolist())
+    assert "Question:" in clean and "Posted by" not in clean and "sid=" not in clean
+    assert 0.2 < 1 - meta["label_share"]["clean"] < 0.5  # the documented noise share
+    hq_text = enc.decode(np.fromfile(tmp_path / "a" / "hq_train.bin", np.uint16).tolist())
+    for p in json.loads((tmp_path / "a" / "eval.json").read_text()):
+        assert p["prompt"] not in hq_text  # eval problems are held out
+
+
+def test_prepare_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such file"):
+        prepare.main(["--hq", str(tmp_path / "nope.txt"), "--web", str(tmp_path / "nope.txt"), "--out", str(tmp_path)])
+    (tmp_path / "bad.jsonl").write_text('{"title": "x"}\n')
+    (tmp_path / "hq.txt").write_text("a\n\nb\n")
+    with pytest.raises(SystemExit, match='needs a "text" field'):
+        prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--encoding no_such_encoding"):
+        prepare.main(["--encoding", "no_such_encoding", "--out", str(tmp_path / "o")])
+
+
+# -----------------------------------------------------------------------------
+# end to end on a tiny demo, determinism, resume and the documented errors
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    prepare.main(["--out", str(d / "data"), "--web_tokens", "30000"])
+    return d
+
+
+def run(demo, out, *args):
+    return rho.main(["--data", str(demo / "data"), "--out", str(out), *TINY, *args])
+
+
+def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
+    run(demo, tmp_path, "--ref", "--steps", "4", "--eval_every", "2")
+    scores = np.fromfile(tmp_path / "ref" / "ref_loss.bin", np.float32)
+    meta = json.loads((demo / "data" / "meta.json").read_text())
+    assert len(scores) == meta["tokens"]["web"] and np.isnan(scores[0]) and np.isfinite(scores[1:32]).all()
+    run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
+    run(demo, tmp_path, "--slm", "--k", "0.6", "--steps", "4", "--eval_every", "2")
+    m = json.loads((tmp_path / "slm-k0.6" / "metrics.json").read_text())
+    assert m["run"] == "slm-k0.6" and m["k"] == 0.6 and m["steps"] == 4 and len(m["history"]) == 2
+    assert m["tokens_seen"] == 4 * 4 * 32 and m["tokens_trained"] == 4 * math.ceil(0.6 * 4 * 32)
+    assert set(m["final"]) == {"val_loss_hq", "val_loss_web", "accuracy"}
+    assert "timestamp" in m["noise_in_selected"] and "all" in m["noise_share_corpus"]
+    assert "score_s" in json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    capsys.readouterr()
+    rho.main(["--compare", "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "slm-k0.6" in table and "clm" in table and "to CLM loss" in table
+
+
+def test_same_batches_for_every_run_and_no_web_val_in_training():
+    w = rho.Windows(np.arange(32 * 40 + 1, dtype=np.uint16), 32)
+    hi = rho.web_split(w.n)
+    starts = lambda: [w.batch(s, 4, 7, "cpu", 0, hi)[0][:, 0] // 32 for s in range(2 * (hi // 4))]
+    first, second = starts(), starts()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # a function of (seed, step) alone
+    epoch = torch.cat(first[:hi // 4]).tolist()
+    assert len(set(epoch)) == len(epoch) == hi // 4 * 4  # one epoch: every window at most once
+    assert max(torch.cat(first).tolist()) < hi  # web validation windows are never trained on
+
+
+def test_fixed_seed_is_bitwise_reproducible(demo, tmp_path):
+    run(demo, tmp_path / "a", "--clm", "--steps", "4", "--eval_every", "2")  # clm needs no reference scores
+    run(demo, tmp_path / "b", "--clm", "--steps", "4", "--eval_every", "2")
+    a, b = (json.loads((tmp_path / d / "clm" / "metrics.json").read_text()) for d in ("a", "b"))
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 4
+    assert [h["val_loss_hq"] for h in a["history"]] == [h["val_loss_hq"] for h in b["history"]]
+
+
+def test_resume_equals_uninterrupted(demo, tmp_path, monkeypatch):
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2")
+    args = ("--slm", "--select", "random", "--steps", "6", "--eval_every", "2")  # random: resumes the RNG too
+    run(demo, tmp_path / "full", *args, "--name", "x")
+    os.makedirs(tmp_path / "killed", exist_ok=True)
+    os.symlink(tmp_path / "ref", tmp_path / "killed" / "ref")
+    real_lr_at = rho.lr_at
+
+    def killed_at_step_5(step, cfg):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(rho, "lr_at", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(demo, tmp_path / "killed", *args, "--name", "x")
+    monkeypatch.setattr(rho, "lr_at", real_lr_at)
+    assert torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["step"] == 4
+    run(demo, tmp_path / "killed", *args, "--name", "x", "--resume")
+    full, resumed = (json.loads((tmp_path / d / "x" / "metrics.json").read_text()) for d in ("full", "killed"))
+    assert full["losses"] == resumed["losses"] and full["history"][-1]["val_loss_hq"] == resumed["history"][-1]["val_loss_hq"]
+    a = torch.load(tmp_path / "full" / "x" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_error_data_not_prepared(tmp_path):
+    with pytest.raises(SystemExit, match=r"data not prepared .*python prepare.py --hq FILE --web FILE"):
+        rho.main(["--clm", "--data", str(tmp_path / "nothing")])
+
+
+def test_error_k_out_of_range(capsys):
+    for k in ("0", "1.5", "-0.2"):
+        with pytest.raises(SystemExit):
+            rho.main(["--slm", "--k", k])
+        assert "must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_error_reference_scores_missing_or_mismatched(demo, tmp_path):
+    with pytest.raises(SystemExit, match=r"reference scores missing: run `python rho.py --ref`"):
+        run(demo, tmp_path, "--slm", "--steps", "1")
+    run(demo, tmp_path, "--ref", "--steps", "1")
+    path = tmp_path / "ref" / "ref_loss.bin"
+    info = json.loads((tmp_path / "ref" / "ref_loss.bin.json").read_text())
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(SystemExit, match=r"hold \d+ tokens but .* has \d+: re-run `python rho.py --score"):
+        run(demo, tmp_path, "--slm", "--steps", "1")
+    run(demo, tmp_path, "--score")  # re-scoring repairs it
+    (tmp_path / "ref" / "ref_loss.bin.json").write_text(json.dumps({**info, "encoding": "gpt2"}))
+    with pytest.raises(SystemExit, match=r"computed for other data .*encoding gpt2"):
+        run(demo, tmp_path, "--slm", "--steps", "1")
+
+
+def test_error_reference_vocabulary_differs(demo, tmp_path):
+    run(demo, tmp_path, "--ref", "--steps", "1")
+    ckpt = torch.load(tmp_path / "ref" / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "encoding": "gpt2", "n_vocab": 50257}, tmp_path / "ref" / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"vocabulary gpt2 \(50257 tokens\) but the data has bytes \(257\)"):
+        run(demo, tmp_path, "--score")
+    with pytest.raises(SystemExit, match=r"base checkpoint has vocabulary gpt2"):
+        run(demo, tmp_path, "--clm", "--steps", "1", "--init_from", str(tmp_path / "ref" / "ckpt.pt"))
+
+
+def test_error_nan_loss_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
+    real, calls = rho.step_loss, {"n": 0}
+
+    def nan_at_third_step(*args):
+        loss, tok, sel = real(*args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), tok, sel
+
+    monkeypatch.setattr(rho, "step_loss", nan_at_third_step)
+    with pytest.raises(SystemExit, match=r"loss became nan at step 2; the last good checkpoint is .*ckpt.pt"):
+        run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
+    assert torch.load(tmp_path / "clm" / "ckpt.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "clm" / "metrics.json").exists()
+
+
+def test_init_from_starts_from_base_weights(demo, tmp_path):
+    run(demo, tmp_path, "--base", "--steps", "10", "--eval_every", "10", "--lr", "1e-2")
+    base = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    assert base["run"] == "base" and "noise_in_selected" not in base
+    for init in ("base", str(tmp_path / "base" / "ckpt.pt")):  # a run name in --out, or a path
+        run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "2", "--name", "cont", "--init_from", init)
+        cont = json.loads((tmp_path / "cont" / "metrics.json").read_text())
+        assert cont["losses"][0] < base["losses"][0] - 0.1  # starts where the base ended, not from scratch
+
+
+def test_error_init_from_missing(demo, tmp_path):
+    with pytest.raises(SystemExit, match=r"nope: no such base checkpoint"):
+        run(demo, tmp_path, "--clm", "--steps", "1", "--init_from", "nope")
+
+
+@pytest.mark.parametrize("impl", ["naive_clm", "naive_slm", "fused_slm"])
+def test_bench_head_measures_each_impl(impl):
+    row = rho.bench_one("head", impl, (64, 16, 37, 0.5), "cpu", 0, 1)
+    assert row["case"] == "head" and row["impl"] == impl and row["ms"] > 0 and "peak_mb" in row  # memory: only --bench's fresh processes measure it
