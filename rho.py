@@ -740,6 +740,7 @@ def compare(cfg):
                 runs.append(json.load(f))
     if not runs:
         die(f"{cfg.out}: no runs with metrics.json: run `python rho.py --ref`, `--clm`, `--slm --k 0.6` first")
+    runs.sort(key=lambda r: (["base", "ref", "clm", "slm"].index(r["mode"]), r["run"]))  # pipeline order
     clm = next((r for r in runs if r["run"] == "clm"), None)
     head = f"{'run':<22}{'val hq':>8}{'val web':>9}{'acc':>7}{'seen':>8}{'trained':>9}{'noise-in-sel':>14}{'wall':>7}{'to CLM loss':>13}"
     print(head + "\n" + "-" * len(head))
@@ -747,16 +748,22 @@ def compare(cfg):
         f = r["final"]
         noise = f"{r['noise_in_selected']['all']:.1%}/{r['noise_share_corpus']['all']:.0%}" if "noise_in_selected" in r else "-"
         reach = "-"
-        if clm and r["mode"] != "ref":
+        if clm and r["mode"] in ("clm", "slm"):
             t = tokens_to_reach(r["history"], clm["final"]["val_loss_hq"])
             reach = "never" if t is None else f"{t / 1e6:.2f}M {clm['tokens_seen'] / t:.1f}x"
         print(f"{r['run']:<22}{f['val_loss_hq']:>8.4f}{f['val_loss_web']:>9.4f}{f['accuracy']:>7.1%}{r['tokens_seen'] / 1e6:>7.2f}M"
               f"{r['tokens_trained'] / 1e6:>8.2f}M{noise:>14}{r['wall_s']:>6.0f}s{reach:>13}")
     print("val hq: target-distribution val loss (nats/token); noise-in-sel: noise share of the trained tokens / of the corpus;\n"
           "to CLM loss: tokens seen until val hq first reaches CLM's final value, and CLM's tokens over that.")
-    seen = {r["tokens_seen"] for r in runs if r["mode"] != "ref"}
-    if len(seen) > 1:
+    for r in runs:
+        if r["mode"] == "slm" and "noise_in_selected" in r:
+            sel, corpus = r["noise_in_selected"], r["noise_share_corpus"]
+            print(f"{r['run']} noise in selected by kind (corpus): " + ", ".join(f"{kind} {sel[kind]:.1%} ({corpus[kind]:.1%})" for kind in sel if kind != "all"))
+    cpt = [r for r in runs if r["mode"] in ("clm", "slm")]
+    if len({r["tokens_seen"] for r in cpt}) > 1:
         print("note: the continual-pretraining runs saw different numbers of tokens; compare them at equal tokens seen.")
+    if len({r["config"]["init_from"] for r in cpt}) > 1:
+        print("note: the continual-pretraining runs started from different checkpoints (--init_from); they are not comparable.")
 
 
 # -----------------------------------------------------------------------------
