@@ -211,8 +211,9 @@ def ref_scores_path(cfg):
     return os.path.join(cfg.out, "ref", "ref_loss.bin")
 
 
-def load_ref_scores(cfg, meta):
-    """Per-token reference losses aligned with web.bin, with the checks that they belong to this data."""
+def load_ref_scores(cfg, meta, T):
+    """Per-token reference losses aligned with web.bin, with the checks that they belong to this data and
+    were computed with this run's windows (same context for both models)."""
     path = ref_scores_path(cfg)
     if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
         die(f"{path}: reference scores missing: run `python rho.py --ref` (or `--score` with an existing reference model)")
@@ -225,6 +226,9 @@ def load_ref_scores(cfg, meta):
     if info["encoding"] != meta["encoding"] or info["data_sha256"] != meta["sha256"]:
         die(f"{path}: reference scores were computed for other data ({info['data']}, encoding {info['encoding']}): "
             f"re-run `python rho.py --score --data {cfg.data}`")
+    if info["block_size"] != T:
+        die(f"{path}: reference scores were computed with windows of {info['block_size']} tokens, this run uses "
+            f"{T}: pass --block_size {info['block_size']} so both models see the same context")
     return np.memmap(path, dtype=np.float32, mode="r")
 
 
@@ -297,21 +301,23 @@ def clm_loss(logits, targets):
 # The per-chunk math runs as Triton kernels on CUDA and as the PyTorch functions below elsewhere.
 
 
-def chunk_lse_torch(logits, targets):
-    """(lse, loss) in fp32, (C,) each, of a (C, V) logits chunk; loss 0 where the target is ignored."""
+def chunk_lse_torch_(logits, targets):
+    """(lse, loss) in fp32, (C,) each, of a (C, V) logits chunk; loss 0 where the target is ignored.
+    Overwrites an fp32 chunk (the forward owns it): no second (C, V) buffer."""
     x = logits.float()
-    lse = torch.logsumexp(x, dim=1)
     x_y = x.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read column 0, then zeroed
+    m = x.amax(1)
+    lse = m + x.sub_(m[:, None]).exp_().sum(1).log()
     return lse, torch.where(targets == IGNORE, 0.0, lse - x_y)
 
 
 def chunk_grad_torch_(logits, targets, lse, scale):
     """Writes (softmax(logits) - onehot(targets)) * scale into logits, in place; ignored rows get 0."""
     g = logits if logits.dtype == torch.float32 else logits.float()  # fp32: no second (C, V) buffer
-    g.sub_(lse[:, None]).exp_()
     valid = targets != IGNORE
-    g[torch.arange(len(targets), device=g.device)[valid], targets[valid]] -= 1.0
-    g.mul_(scale).masked_fill_(~valid[:, None], 0.0)
+    row_scale = valid * scale  # (C,): 0 for ignored rows
+    g.sub_(lse[:, None]).exp_().mul_(row_scale[:, None])
+    g[torch.arange(len(targets), device=g.device)[valid], targets[valid]] -= row_scale[valid]
     return logits if g is logits else logits.copy_(g)
 
 
@@ -360,7 +366,7 @@ def _triton_launch(logits, block_v):
     return block, 8 if block >= 2048 else 4
 
 
-def chunk_lse_triton(logits, targets, block_v=None):
+def chunk_lse_triton(logits, targets, block_v=None):  # reads logits, does not overwrite them
     block, warps = _triton_launch(logits, block_v)
     lse = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
     loss = torch.empty_like(lse)
@@ -382,11 +388,14 @@ def mm_fp32(a, b):
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
-def chunk_ops(device):
-    """The per-chunk (lse, grad) pair for a device: Triton on CUDA when it is installed, else PyTorch."""
+def chunk_ops(device, compile=False):
+    """The per-chunk (lse, grad) pair for a device: Triton on CUDA when it is installed, else PyTorch,
+    optionally through torch.compile (it works on CPU, but --bench measures whether it pays)."""
     if device.type == "cuda" and triton is not None:
         return chunk_lse_triton, chunk_grad_triton_
-    return chunk_lse_torch, chunk_grad_torch_
+    if compile:
+        return torch.compile(chunk_lse_torch_, dynamic=True), torch.compile(chunk_grad_torch_, dynamic=True)
+    return chunk_lse_torch_, chunk_grad_torch_
 
 
 @torch.no_grad()
@@ -418,15 +427,19 @@ class SelectedHeadLoss(torch.autograd.Function):
             rows, hs = idx[i:i + ctx.chunk], h[idx[i:i + ctx.chunk]]  # (c, C)
             g = ctx.grad_fn(mm_fp32(hs, w.t()), y[i:i + ctx.chunk], lse[i:i + ctx.chunk], scale).to(w.dtype)  # (c, V)
             dh[rows] = (g @ w).to(dh.dtype)
-            dw += mm_fp32(g.t(), hs)  # fp32 accumulation over chunks
+            if g.dtype == torch.float32:
+                dw.addmm_(g.t(), hs)  # in place: no V x C temporary per chunk
+            else:
+                dw += mm_fp32(g.t(), hs)  # bf16 operands, fp32 accumulation
         return dh, dw.to(w.dtype), None, None, None, None, None, None
 
 
-def fused_slm_loss(h, w, targets, ref_loss, k, scope="batch", select="excess", gen=None, chunk=1024):
+def fused_slm_loss(h, w, targets, ref_loss, k, scope="batch", select="excess", gen=None, chunk=None, compile=False):
     """The SLM loss from hidden states h (B, T, C) and head weight w (V, C), never holding B*T x V logits.
     Same selection and same value as slm_loss(h @ w.T, ...); returns (loss, token losses, selected)."""
     B, T, C = h.shape
-    lse_fn, grad_fn = chunk_ops(h.device)
+    chunk = chunk or max(64, 2**23 // w.shape[0])  # rows per chunk: about 32 MB of fp32 logits
+    lse_fn, grad_fn = chunk_ops(h.device, compile)
     loss, lse = head_token_loss(h.detach().reshape(-1, C), w.detach(), targets.reshape(-1), chunk, lse_fn)
     sel = select_tokens(loss.view(B, T), targets, ref_loss, k, scope, select, gen)
     out = SelectedHeadLoss.apply(h.reshape(-1, C), w, targets.reshape(-1), loss, lse, sel.reshape(-1), chunk, grad_fn)
@@ -542,11 +555,14 @@ def train(cfg, model_cfg):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     model = build_model(cfg, meta, model_cfg)
     T = model.config.block_size
+    if cfg.mode == "base" and "base" not in meta["tokens"]:
+        die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
+            f"model with --init_from CKPT, or from scratch without it")
     if cfg.mode in ("base", "ref"):  # CLM on the general corpus, or on the high-quality one
         train_w, lo, hi = Windows(memmap(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta["dtype"]), T), 0, None
     else:
         web, extras = memmap(cfg.data, "web.bin", meta["dtype"]), []
-        extras.append(load_ref_scores(cfg, meta) if cfg.mode == "slm" and cfg.select == "excess" else np.zeros(len(web), np.float32))
+        extras.append(load_ref_scores(cfg, meta, T) if cfg.mode == "slm" and cfg.select == "excess" else np.zeros(len(web), np.float32))
         if "labels" in meta:  # demo only: ground-truth noise labels, for auditing the selection
             extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
         train_w = Windows(web, T, extras)
@@ -759,6 +775,9 @@ def compare(cfg):
         if r["mode"] == "slm" and "noise_in_selected" in r:
             sel, corpus = r["noise_in_selected"], r["noise_share_corpus"]
             print(f"{r['run']} noise in selected by kind (corpus): " + ", ".join(f"{kind} {sel[kind]:.1%} ({corpus[kind]:.1%})" for kind in sel if kind != "all"))
+    for r in runs:
+        if "score_s" in r:
+            print(f"{r['run']}: scoring every web token took {r['score_s']:.0f}s ({r['score_tok_s']:,} tok/s), beside {r['wall_s']:.0f}s of training")
     cpt = [r for r in runs if r["mode"] in ("clm", "slm")]
     if len({r["tokens_seen"] for r in cpt}) > 1:
         print("note: the continual-pretraining runs saw different numbers of tokens; compare them at equal tokens seen.")
@@ -814,7 +833,8 @@ def bench_head(impl, N, d, V, k, device, dtype, warmup, repeats):
     y, r = torch.randint(0, V, (1, N), generator=g).to(device), torch.rand(1, N, generator=g).to(device)
     loss_fn = {"naive_clm": lambda: F.cross_entropy((h @ w.t()).float().view(N, V), y.view(N)),
                "naive_slm": lambda: slm_loss(h @ w.t(), y, r, k)[0],
-               "fused_slm": lambda: fused_slm_loss(h, w, y, r, k)[0]}[impl]
+               "fused_slm": lambda: fused_slm_loss(h, w, y, r, k)[0],
+               "fused_slm_compiled": lambda: fused_slm_loss(h, w, y, r, k, compile=True)[0]}[impl]
 
     def step():
         h.grad = w.grad = None
@@ -868,14 +888,16 @@ def bench(cfg):
     import multiprocessing as mp
     device = torch.device(cfg.device)
     gpu = device.type == "cuda"
-    k, heads = cfg.k, [(4096, 128, 320), (8192 if gpu else 4096, 768, 50304)]  # the demo model's head; GPT-2 small's
-    plan = [("head", impl, (N, d, V, k)) for N, d, V in heads for impl in ("naive_clm", "naive_slm", "fused_slm")]
+    k, heads = cfg.k, [(4096, 128, 320), (8192, 768, 50304)]  # the demo model's head; GPT-2 small's
+    impls = ("naive_clm", "naive_slm", "fused_slm") + (() if gpu else ("fused_slm_compiled",))
+    plan = [("head", impl, (N, d, V, k)) for N, d, V in heads for impl in impls]
     plan += [("step", impl, (16 * 256, 128, 320, k)) for impl in ("clm", "slm_stored", "slm_online")]
     plan += [("score", "score", (16 * 256, 128, 320, k))]
     rows, ctx = [], mp.get_context("spawn")
     for case, impl, shape in plan:
         with ctx.Pool(1) as pool:
-            row = pool.apply(bench_one, (case, impl, shape, cfg.device, 2, 5 if gpu or shape[1] <= 256 else 3))
+            big = not gpu and shape[2] > 1000  # GPT-2's head on CPU: ~14 s a repeat
+            row = pool.apply(bench_one, (case, impl, shape, cfg.device, 1 if big else 2, 3 if big else 7))
         base_case = "head" if case == "head" else "step"  # scoring is compared with the CLM training step
         base = next((b for b in rows if b["case"] == base_case and b["impl"] in ("naive_clm", "clm")
                      and (b["N"], b["d"], b["V"]) == shape[:3]), row)

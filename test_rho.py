@@ -209,8 +209,8 @@ def chunk_ref64(x, y, scale):
 def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
     x, y = chunk_case(C, V, kind)
     block = {"block_v": 4 if V < 32 else 32} if backend == "triton" else {}  # several blocks, the last one partial
-    lse_fn, grad_fn = (rho.chunk_lse_triton, rho.chunk_grad_triton_) if backend == "triton" else (rho.chunk_lse_torch, rho.chunk_grad_torch_)
-    lse, loss = lse_fn(x, y, **block)
+    lse_fn, grad_fn = (rho.chunk_lse_triton, rho.chunk_grad_triton_) if backend == "triton" else (rho.chunk_lse_torch_, rho.chunk_grad_torch_)
+    lse, loss = lse_fn(x.clone(), y, **block)  # the torch version overwrites its chunk
     lse64, loss64, grad64 = chunk_ref64(x, y, 1 / 7)
     torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=2e-6 * max(1.0, x.abs().max().item()))
@@ -386,6 +386,8 @@ def test_error_reference_scores_missing_or_mismatched(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"hold \d+ tokens but .* has \d+: re-run `python rho.py --score"):
         run(demo, tmp_path, "--slm", "--steps", "1")
     run(demo, tmp_path, "--score")  # re-scoring repairs it
+    with pytest.raises(SystemExit, match=r"windows of 32 tokens, this run uses 16: pass --block_size 32"):
+        run(demo, tmp_path, "--slm", "--steps", "1", "--block_size", "16")
     (tmp_path / "ref" / "ref_loss.bin.json").write_text(json.dumps({**info, "encoding": "gpt2"}))
     with pytest.raises(SystemExit, match=r"computed for other data .*encoding gpt2"):
         run(demo, tmp_path, "--slm", "--steps", "1")
