@@ -2,14 +2,16 @@
 rho.py: Selective Language Modeling (Rho-1, Lin et al. 2024, arXiv 2404.07965) in one file.
 
     python prepare.py                       # embedded demo corpus -> data/demo
-    python rho.py --ref                     # reference model on hq, then score every web token
-    python rho.py --clm                     # continual pretraining on web, loss on all tokens
-    python rho.py --slm --k 0.6             # the same run, loss on the top 60% tokens by excess loss
-    python rho.py --slm --k 0.6 --select random   # control: the same k, tokens chosen at random
+    python rho.py --base                    # (demo) a base model on general web-like text
+    python rho.py --ref --init_from base    # reference model on hq, then score every web token
+    python rho.py --clm --init_from base    # continual pretraining on web, loss on all tokens
+    python rho.py --slm --k 0.6 --init_from base   # the same run, loss on the top 60% tokens by excess loss
+    python rho.py --slm --k 0.6 --select random --init_from base   # control: same k, random tokens
     python rho.py --compare                 # one table of every run in --out
+    python rho.py --bench                   # the fused head and a training step, measured side by side
 
-Reads top to bottom in the order the data flows: config -> model -> data -> the SLM loss ->
-reference scoring -> training -> evaluation -> comparison -> main.
+Reads top to bottom in the order the data flows: config -> model -> data -> the SLM loss -> the fused
+SLM head -> reference scoring -> training -> evaluation -> comparison -> benchmark -> main.
 """
 import argparse
 import hashlib
@@ -176,15 +178,19 @@ def memmap(data, name, dtype):
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def windows(data, name, meta, T, extras=()):
+    return Windows(memmap(data, name, meta["dtype"]), T, extras, os.path.join(data, name))
+
+
 class Windows:
     """Windows of one token file. Batch order is a function of (seed, step) alone, so CLM, SLM and the
     random control see the same batches in the same order, and a resumed run picks up where it stopped."""
 
-    def __init__(self, tokens, T, extras=()):
-        self.tokens, self.T, self.extras = tokens, T, extras  # extras: arrays aligned with tokens (ref losses, labels)
+    def __init__(self, tokens, T, extras=(), name="tokens"):
+        self.tokens, self.T, self.extras, self.name = tokens, T, extras, name  # extras: aligned arrays (ref losses, labels)
         self.n = (len(tokens) - 1) // T
         if self.n < 1:
-            die(f"a token file holds {len(tokens)} tokens, fewer than one window of {T + 1}")
+            die(f"{name}: {len(tokens)} tokens, fewer than one window of {T + 1}: use a smaller --block_size")
 
     def get(self, ws, device):
         x = np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in ws]).astype(np.int64)
@@ -196,6 +202,8 @@ class Windows:
     def batch(self, step, B, seed, device, lo=0, hi=None):
         hi = self.n if hi is None else hi
         per_epoch = (hi - lo) // B
+        if per_epoch < 1:
+            die(f"{self.name}: {hi - lo} training windows of {self.T + 1} tokens, fewer than one batch: lower --batch_size")
         epoch, i = divmod(step, per_epoch)
         perm = np.random.default_rng([seed, epoch]).permutation(hi - lo) + lo
         return self.get(perm[i * B:(i + 1) * B], device)
@@ -260,8 +268,8 @@ def select_topk(score, valid, k, scope="batch"):
     key = torch.where(valid, score.clamp(min=-3e38), float("-inf"))  # invalid strictly below every valid score
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # stable: equal scores keep index order
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
-    n = torch.tensor([n_select(k, int(c)) for c in valid.sum(-1)], device=key.device)
-    return ((rank < n[:, None]) & valid).reshape(shape)
+    n = torch.ceil(torch.round(k * valid.sum(-1, keepdim=True).double() * 1e6) / 1e6)  # n_select, per row, no sync
+    return ((rank < n) & valid).reshape(shape)
 
 
 def select_tokens(loss, targets, ref_loss, k, scope="batch", select="excess", gen=None):
@@ -398,6 +406,10 @@ def chunk_ops(device, compile=False):
     return chunk_lse_torch_, chunk_grad_torch_
 
 
+def default_chunk(V):
+    return max(64, 2**23 // V)  # rows per chunk: about 32 MB of fp32 logits
+
+
 @torch.no_grad()
 def head_token_loss(h, w, targets, chunk, lse_fn):
     """Forward of the head without grad: token losses and lse of (N, C) hidden states, chunk rows at a time."""
@@ -438,12 +450,20 @@ def fused_slm_loss(h, w, targets, ref_loss, k, scope="batch", select="excess", g
     """The SLM loss from hidden states h (B, T, C) and head weight w (V, C), never holding B*T x V logits.
     Same selection and same value as slm_loss(h @ w.T, ...); returns (loss, token losses, selected)."""
     B, T, C = h.shape
-    chunk = chunk or max(64, 2**23 // w.shape[0])  # rows per chunk: about 32 MB of fp32 logits
+    chunk = chunk or default_chunk(w.shape[0])
     lse_fn, grad_fn = chunk_ops(h.device, compile)
     loss, lse = head_token_loss(h.detach().reshape(-1, C), w.detach(), targets.reshape(-1), chunk, lse_fn)
     sel = select_tokens(loss.view(B, T), targets, ref_loss, k, scope, select, gen)
     out = SelectedHeadLoss.apply(h.reshape(-1, C), w, targets.reshape(-1), loss, lse, sel.reshape(-1), chunk, grad_fn)
     return out, loss.view(B, T), sel
+
+
+@torch.no_grad()
+def model_token_loss(model, x, y):
+    """Every token's loss under model, (B, T), without grad and without B*T x V logits: scoring and eval."""
+    h, w = model(x), model.lm_head.weight
+    loss, _ = head_token_loss(h.flatten(0, 1), w, y.flatten(), default_chunk(w.shape[0]), chunk_ops(h.device)[0])
+    return loss.view(y.shape)
 
 
 
@@ -456,7 +476,7 @@ def score_web(model, meta, cfg):
     """Writes <out>/ref/ref_loss.bin: float32 L_RM for every web token (NaN where no window predicts it),
     scored with the same windows that training reads, so both models see the same context."""
     model.eval()
-    web = Windows(memmap(cfg.data, "web.bin", meta["dtype"]), model.config.block_size)
+    web = windows(cfg.data, "web.bin", meta, model.config.block_size)
     path, T, B = ref_scores_path(cfg), web.T, 4 * cfg.batch_size
     out = np.memmap(path + ".tmp", mode="w+", dtype=np.float32, shape=(len(web.tokens),))  # raw, 1:1 with web.bin
     out[:] = np.nan
@@ -464,7 +484,7 @@ def score_web(model, meta, cfg):
     for i in range(0, web.n, B):
         ws = range(i, min(i + B, web.n))
         x, y = web.get(ws, cfg.device)
-        loss = token_loss(model.lm_head(model(x)), y).cpu().numpy()
+        loss = model_token_loss(model, x, y).cpu().numpy()
         for j, w in enumerate(ws):
             out[w * T + 1: w * T + T + 1] = loss[j]
     out.flush()
@@ -559,13 +579,13 @@ def train(cfg, model_cfg):
         die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
             f"model with --init_from CKPT, or from scratch without it")
     if cfg.mode in ("base", "ref"):  # CLM on the general corpus, or on the high-quality one
-        train_w, lo, hi = Windows(memmap(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta["dtype"]), T), 0, None
+        train_w, lo, hi = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T), 0, None
     else:
-        web, extras = memmap(cfg.data, "web.bin", meta["dtype"]), []
-        extras.append(load_ref_scores(cfg, meta, T) if cfg.mode == "slm" and cfg.select == "excess" else np.zeros(len(web), np.float32))
+        n_web = meta["tokens"]["web"]  # CLM and the random control read no reference scores: zeros, no memory
+        extras = [load_ref_scores(cfg, meta, T) if cfg.mode == "slm" and cfg.select == "excess" else np.broadcast_to(np.float32(0), (n_web,))]
         if "labels" in meta:  # demo only: ground-truth noise labels, for auditing the selection
             extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
-        train_w = Windows(web, T, extras)
+        train_w = windows(cfg.data, "web.bin", meta, T, extras)
         lo, hi = 0, web_split(train_w.n)
     ev = Evaluator(cfg, meta, T)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -579,9 +599,11 @@ def train(cfg, model_cfg):
         model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"]); gen.set_state(ckpt["rng"])
         start, state = ckpt["step"], ckpt["state"]
         print(f"{name}: resumed from {ckpt_path} at step {start}")
+    elif cfg.resume:
+        print(f"{name}: no checkpoint at {ckpt_path} to resume; starting from step 0")
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.steps} steps of "
           f"{cfg.batch_size}x{T} tokens, {cfg.mode}" + (f" k={cfg.k} select={cfg.select} scope={cfg.scope}" if cfg.mode == "slm" else ""))
-    t_last, interval = time.time(), {"sel": [0] * n_labels, "seen": [0] * n_labels, "n": 0, "tokens": 0, "loss": 0.0}
+    t_last, interval = time.time(), new_interval(n_labels)
     for step in range(start, cfg.steps):
         model.train()
         for g in opt.param_groups:
@@ -606,8 +628,13 @@ def train(cfg, model_cfg):
             state["wall_s"] += now - t_last
             record(state, interval, ev.evaluate(model), step + 1, cfg, name, now - t_last, meta.get("labels"))
             save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
-            t_last, interval = time.time(), {"sel": [0] * n_labels, "seen": [0] * n_labels, "n": 0, "tokens": 0, "loss": 0.0}
-    return finish(cfg, meta, model_cfg, name, state, out_dir, model)
+            t_last, interval = time.time(), new_interval(n_labels)
+    return finish(cfg, meta, name, state, out_dir, model)
+
+
+def new_interval(n_labels):
+    """Counters between two evaluations."""
+    return {"sel": [0] * n_labels, "seen": [0] * n_labels, "n": 0, "tokens": 0, "loss": 0.0}
 
 
 def labels_for(cfg, meta):
@@ -631,7 +658,7 @@ def record(state, interval, measures, step, cfg, name, dt, labels):
     """Appends one eval to the history and prints the log line."""
     entry = {"step": step, "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
              "wall_s": round(state["wall_s"], 2), "train_loss": round(interval["loss"] / interval["n"], 4), **measures}
-    if interval["sel"] and cfg.mode != "ref":
+    if interval["sel"]:  # demo web runs: noise among the selected tokens, next to the corpus
         entry["noise_in_selected"] = noise_share(interval["sel"], labels)
         entry["noise_share_corpus"] = noise_share(interval["seen"], labels)
         state["sel_by_label"] = [a + b for a, b in zip(state["sel_by_label"], interval["sel"])]
@@ -646,7 +673,7 @@ def record(state, interval, measures, step, cfg, name, dt, labels):
     print(line + f" | {tok_s / 1000:.1f}k tok/s | eta {left:.0f}s", flush=True)
 
 
-def finish(cfg, meta, model_cfg, name, state, out_dir, model):
+def finish(cfg, meta, name, state, out_dir, model):
     last = state["history"][-1]
     metrics = {"run": name, "mode": cfg.mode, "k": cfg.k if cfg.mode == "slm" else 1.0,
                "select": cfg.select if cfg.mode == "slm" else "all", "scope": cfg.scope, "steps": cfg.steps,
@@ -673,8 +700,7 @@ def finish(cfg, meta, model_cfg, name, state, out_dir, model):
 class Evaluator:
     def __init__(self, cfg, meta, T):
         self.cfg, self.enc = cfg, get_encoding(meta["encoding"])
-        self.hq = Windows(memmap(cfg.data, "hq_val.bin", meta["dtype"]), T)
-        self.web = Windows(memmap(cfg.data, "web.bin", meta["dtype"]), T)
+        self.hq, self.web = windows(cfg.data, "hq_val.bin", meta, T), windows(cfg.data, "web.bin", meta, T)
         with open(os.path.join(cfg.data, "eval.json")) as f:
             self.problems = json.load(f)[:cfg.eval_problems]
 
@@ -683,8 +709,7 @@ class Evaluator:
         total, n = 0.0, 0
         for i in range(0, len(ws), 32):
             x, y = windows.get(ws[i:i + 32], self.cfg.device)
-            loss, _, valid = clm_loss(model.lm_head(model(x)), y)
-            total, n = total + loss.item() * int(valid.sum()), n + int(valid.sum())
+            total, n = total + model_token_loss(model, x, y).sum().item(), n + int((y != IGNORE).sum())
         return total / n
 
     def evaluate(self, model):
@@ -897,20 +922,20 @@ def bench(cfg):
     for case, impl, shape in plan:
         with ctx.Pool(1) as pool:
             big = not gpu and shape[2] > 1000  # GPT-2's head on CPU: ~14 s a repeat
-            row = pool.apply(bench_one, (case, impl, shape, cfg.device, 1 if big else 2, 3 if big else 7))
+            row = pool.apply(bench_one, (case, impl, shape, cfg.device, 1 if big else 5, 3 if big else 21))
         base_case = "head" if case == "head" else "step"  # scoring is compared with the CLM training step
         base = next((b for b in rows if b["case"] == base_case and b["impl"] in ("naive_clm", "clm")
                      and (b["N"], b["d"], b["V"]) == shape[:3]), row)
         if case == "score":  # scoring tokens/s against training tokens/s (the CLM step of the same model)
             row["tok_s"], row["tok_s_ratio"] = round(shape[0] / row["ms"] * 1000), round(base["ms"] / row["ms"], 2)
         row["ms_ratio"], row["mem_ratio"] = round(row["ms"] / base["ms"], 3), round(row["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
-        if impl == "fused_slm":  # the head's useful work: (2 + 6k) N d V FLOPs
+        if impl.startswith("fused"):  # the head's useful work: (2 + 6k) N d V FLOPs
             row["tflops"] = round((2 + 6 * k) * shape[0] * shape[1] * shape[2] / row["ms"] / 1e9, 3)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(f"\n{'case':<6}{'impl':<12}{'N':>6}{'d':>5}{'V':>7}{'ms':>10}{'peak MB':>10}{'ms/CLM':>8}{'mem/CLM':>9}{'TFLOP/s':>9}")
+    print(f"\n{'case':<6}{'impl':<20}{'N':>6}{'d':>5}{'V':>7}{'ms':>10}{'peak MB':>10}{'ms/CLM':>8}{'mem/CLM':>9}{'TFLOP/s':>9}")
     for r in rows:
-        print(f"{r['case']:<6}{r['impl']:<12}{r['N']:>6}{r['d']:>5}{r['V']:>7}{r['ms']:>10.1f}{r['peak_mb']:>10.1f}"
+        print(f"{r['case']:<6}{r['impl']:<20}{r['N']:>6}{r['d']:>5}{r['V']:>7}{r['ms']:>10.1f}{r['peak_mb']:>10.1f}"
               f"{r['ms_ratio']:>8.2f}{r['mem_ratio']:>9.3f}{r.get('tflops', ''):>9}")
     return rows
 

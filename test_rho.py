@@ -222,7 +222,7 @@ def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
 @needs_triton
 @pytest.mark.parametrize("k", [0.01, 0.6, 1.0])
 def test_fused_head_with_triton_kernels_equals_plain(k, monkeypatch):
-    monkeypatch.setattr(rho, "chunk_ops", lambda device: (rho.chunk_lse_triton, rho.chunk_grad_triton_))
+    monkeypatch.setattr(rho, "chunk_ops", lambda device, compile=False: (rho.chunk_lse_triton, rho.chunk_grad_triton_))
     assert_fused_equals_plain(*fused_case(), k, "batch", 7, dict(rtol=1e-5, atol=1e-6))
 
 
@@ -437,3 +437,12 @@ def test_error_init_from_missing(demo, tmp_path):
 def test_bench_head_measures_each_impl(impl):
     row = rho.bench_one("head", impl, (64, 16, 37, 0.5), "cpu", 0, 1)
     assert row["case"] == "head" and row["impl"] == impl and row["ms"] > 0 and "peak_mb" in row  # memory: only --bench's fresh processes measure it
+
+
+def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
+    with pytest.raises(SystemExit, match=r"hq_train.bin: \d+ training windows of 33 tokens, fewer than one batch: lower --batch_size"):
+        run(demo, tmp_path, "--ref", "--steps", "1", "--batch_size", "100000")
+    (tmp_path / "hq.txt").write_text("\n\n".join(f"document {i} " * 20 for i in range(60)))
+    prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "hq.txt"), "--out", str(tmp_path / "real")])
+    with pytest.raises(SystemExit, match=r"has no base corpus .*--init_from CKPT"):
+        rho.main(["--base", "--data", str(tmp_path / "real"), "--out", str(tmp_path), *TINY])
