@@ -63,7 +63,7 @@ class RunConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     k: float = 0.6
-    select: str = "excess"  # excess (the paper) | random (the control)
+    select: str = "excess"  # excess (the paper) | random (the control) | ref | train | sample (see select_tokens)
     head: str = "fused"  # fused: fused_slm_loss, no B*T x V logits | naive: full logits, slm_loss / clm_loss
     scope: str = "batch"  # batch: top-k over all tokens of the step | sequence: top-k within each sequence
     seed: int = 1337
@@ -273,15 +273,21 @@ def select_topk(score, valid, k, scope="batch"):
 
 
 def select_tokens(loss, targets, ref_loss, k, scope="batch", select="excess", gen=None):
-    """Which tokens carry the loss. select: "excess" (the paper) ranks by L_theta - L_RM; "random" ranks by
-    uniform noise from gen (the control: same k, no information)."""
+    """Which tokens carry the loss (I_k). select:
+      excess  highest L_theta - L_RM (the paper, default)
+      ref     lowest L_RM (the paper's reference-loss-only variant, Table 3)
+      train   highest L_theta (no reference model)
+      random  uniform noise from gen (the control: same k, no information)
+      sample  RHO-LOSS: whole sequences, ranked by their mean excess loss"""
+    valid = targets != IGNORE
     if k >= 1:  # CLM: every valid token, whatever the score
-        return targets != IGNORE
-    if select == "excess":
-        score = excess_loss(loss, ref_loss)
-    else:
-        score = torch.rand(loss.shape, generator=gen).to(loss.device)
-    return select_topk(score, targets != IGNORE, k, scope)
+        return valid
+    if select == "sample":
+        seq = (excess_loss(loss, ref_loss) * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # (B,)
+        return select_topk(seq[None], valid.any(-1)[None], k)[0][:, None] & valid
+    score = {"excess": lambda: excess_loss(loss, ref_loss), "ref": lambda: -ref_loss, "train": lambda: loss.detach(),
+             "random": lambda: torch.rand(loss.shape, generator=gen).to(loss.device)}[select]()
+    return select_topk(score, valid, k, scope)
 
 
 def slm_loss(logits, targets, ref_loss, k, scope="batch", select="excess", gen=None):
@@ -582,7 +588,8 @@ def train(cfg, model_cfg):
         train_w, lo, hi = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T), 0, None
     else:
         n_web = meta["tokens"]["web"]  # CLM and the random control read no reference scores: zeros, no memory
-        extras = [load_ref_scores(cfg, meta, T) if cfg.mode == "slm" and cfg.select == "excess" else np.broadcast_to(np.float32(0), (n_web,))]
+        needs_ref = cfg.mode == "slm" and cfg.select in ("excess", "ref", "sample")
+        extras = [load_ref_scores(cfg, meta, T) if needs_ref else np.broadcast_to(np.float32(0), (n_web,))]
         if "labels" in meta:  # demo only: ground-truth noise labels, for auditing the selection
             extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
         train_w = windows(cfg.data, "web.bin", meta, T, extras)
@@ -895,6 +902,14 @@ def bench_step(impl, cfg, k, device, warmup, repeats):
     return timed(score if impl == "score" else step, device, warmup, repeats)
 
 
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense, datasheets
+
+
+def gpu_peak_tflops():
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
 def bench_one(case, impl, shape, device, warmup, repeats):
     device, (N, d, V, k) = torch.device(device), shape
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -931,6 +946,8 @@ def bench(cfg):
         row["ms_ratio"], row["mem_ratio"] = round(row["ms"] / base["ms"], 3), round(row["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
         if impl.startswith("fused"):  # the head's useful work: (2 + 6k) N d V FLOPs
             row["tflops"] = round((2 + 6 * k) * shape[0] * shape[1] * shape[2] / row["ms"] / 1e9, 3)
+            if gpu:
+                row["tflops_peak_bf16"] = gpu_peak_tflops()
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(f"\n{'case':<6}{'impl':<20}{'N':>6}{'d':>5}{'V':>7}{'ms':>10}{'peak MB':>10}{'ms/CLM':>8}{'mem/CLM':>9}{'TFLOP/s':>9}")
@@ -962,7 +979,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="sequences per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warmup, then cosine to 10%%)")
     p.add_argument("--k", type=float, default=d.k, help="share of tokens selected by SLM, in (0, 1]")
-    p.add_argument("--select", default=d.select, choices=["excess", "random"], help="excess loss (the paper) or random (the control)")
+    p.add_argument("--select", default=d.select, choices=["excess", "random", "ref", "train", "sample"],
+                   help="excess loss (the paper), random (the control), ref (lowest reference loss), train (highest "
+                        "training loss), sample (RHO-LOSS: whole sequences by mean excess loss)")
     p.add_argument("--head", default=d.head, choices=["fused", "naive"], help="fused head (default) or the plain full-logits loss it is tested against")
     p.add_argument("--scope", default=d.scope, choices=["batch", "sequence"], help="top-k over all tokens of the step (default) or within each sequence")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the model init, batch order and random selection")

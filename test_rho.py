@@ -114,6 +114,20 @@ def test_random_select_is_seeded_and_uniform():
     assert pick(0).sum() == 60
 
 
+def test_selection_variants():
+    loss = torch.tensor([[3.0, 1.0, 2.0, 5.0], [0.5, 4.0, 4.0, 0.1], [2.0, 2.0, 2.0, 2.0]])
+    ref = torch.tensor([[1.0, 0.2, 2.5, 4.0], [0.4, 0.1, 3.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
+    y = torch.zeros(3, 4, dtype=torch.long)
+    y[1, 3] = rho.IGNORE
+    sel = lambda select, k: rho.select_tokens(loss, y, ref, k, select=select).nonzero().tolist()
+    assert sel("ref", 3 / 11) == [[2, 0], [2, 1], [2, 2]]  # lowest reference loss; the ignored (1, 3) never, though 0.0
+    assert sel("train", 3 / 11) == [[0, 3], [1, 1], [1, 2]]  # highest training loss
+    assert sel("excess", 3 / 11) == [[0, 0], [1, 1], [2, 0]]  # excess 2.0, 3.9, 2.0: ties by index
+    # sample (RHO-LOSS): mean excess per sequence is 0.825, 1.667, -0.25 -> the top ceil(k * 3) whole sequences
+    assert sel("sample", 0.34) == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2]]
+    assert sel("sample", 0.2) == [[1, 0], [1, 1], [1, 2]]
+
+
 def test_reference_model_gets_no_gradient():
     torch.manual_seed(0)
     cfg = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
