@@ -456,6 +456,7 @@ def fused_slm_loss(h, w, targets, ref_loss, k, scope="batch", select="excess", g
     """The SLM loss from hidden states h (B, T, C) and head weight w (V, C), never holding B*T x V logits.
     Same selection and same value as slm_loss(h @ w.T, ...); returns (loss, token losses, selected)."""
     B, T, C = h.shape
+    w = w.to(h.dtype)  # under autocast h is bf16 and w an fp32 parameter; autograd casts dW back (no-op on fp32)
     chunk = chunk or default_chunk(w.shape[0])
     lse_fn, grad_fn = chunk_ops(h.device, compile)
     loss, lse = head_token_loss(h.detach().reshape(-1, C), w.detach(), targets.reshape(-1), chunk, lse_fn)
@@ -470,7 +471,6 @@ def model_token_loss(model, x, y):
     h, w = model(x), model.lm_head.weight
     loss, _ = head_token_loss(h.flatten(0, 1), w, y.flatten(), default_chunk(w.shape[0]), chunk_ops(h.device)[0])
     return loss.view(y.shape)
-
 
 
 # -----------------------------------------------------------------------------
@@ -725,7 +725,7 @@ class Evaluator:
         web_ws = list(range(web_split(self.web.n), self.web.n))
         return {"val_loss_hq": round(self.val_loss(model, self.hq, hq_ws), 4),
                 "val_loss_web": round(self.val_loss(model, self.web, web_ws), 4),
-                "accuracy": answer_accuracy(model, self.problems, self.enc, self.cfg.device)}
+                "accuracy": answer_accuracy(model, self.problems, self.enc)}
 
 
 @torch.no_grad()
@@ -747,7 +747,7 @@ def generate(model, prompts, max_new):
     return torch.stack(out, 1).tolist()
 
 
-def answer_accuracy(model, problems, enc, device, max_new=48):
+def answer_accuracy(model, problems, enc, max_new=48):
     """Share of problems whose generated '#### N' line equals the reference answer."""
     if not problems:
         return 0.0
