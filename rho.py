@@ -594,17 +594,18 @@ def train(cfg, model_cfg):
             extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
         train_w = windows(cfg.data, "web.bin", meta, T, extras)
         lo, hi = 0, web_split(train_w.n)
-    ev = Evaluator(cfg, meta, T)
+    ev = Evaluator(cfg, meta, T, train_w.extras[0] if cfg.mode in ("clm", "slm") else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise
     n_labels = labels_for(cfg, meta)
     state = {"history": [], "losses": [], "tokens_seen": 0, "tokens_trained": 0, "wall_s": 0.0,
-             "sel_by_label": [0] * n_labels, "seen_by_label": [0] * n_labels}
+             "sel_by_label": [0] * n_labels, "seen_by_label": [0] * n_labels, "tokens": {"hq": [], "web": [], "sel": []}}
     start = 0
     if cfg.resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, meta)
         model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"]); gen.set_state(ckpt["rng"])
         start, state = ckpt["step"], ckpt["state"]
+        state.setdefault("tokens", {"hq": [], "web": [], "sel": []})  # checkpoints from before token records
         print(f"{name}: resumed from {ckpt_path} at step {start}")
     elif cfg.resume:
         print(f"{name}: no checkpoint at {ckpt_path} to resume; starting from step 0")
@@ -634,9 +635,31 @@ def train(cfg, model_cfg):
             now = time.time()
             state["wall_s"] += now - t_last
             record(state, interval, ev.evaluate(model), step + 1, cfg, name, now - t_last, meta.get("labels"))
+            for key, v in ev.token_losses(model).items():
+                state["tokens"][key].append(v)
             save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
             t_last, interval = time.time(), new_interval(n_labels)
+    write_token_losses(os.path.join(out_dir, "tokens.npz"), state, ev)
     return finish(cfg, meta, name, state, out_dir, model)
+
+
+def write_token_losses(path, state, ev):
+    """<out>/<name>/tokens.npz: the per-eval token losses of the fixed token set, with the steps and tokens
+    seen of each eval, the web val windows (tokens, reference losses, labels) they belong to. Atomic."""
+    ws = ev.web_val()
+    x = np.stack([ev.web.tokens[w * ev.web.T: w * ev.web.T + ev.web.T + 1] for w in ws]).astype(np.int32)  # (n_val, T+1)
+    if not state["tokens"]["web"]:
+        return
+    arrays = {key: torch.stack(v).numpy() for key, v in state["tokens"].items()}  # (evals, windows, T)
+    evals = state["history"][-len(state["tokens"]["web"]):]  # a run resumed from an older checkpoint has fewer
+    arrays.update(step=np.array([h["step"] for h in evals]), tokens_seen=np.array([h["tokens_seen"] for h in evals]),
+                  web_x=x, web_ref=ev.web_ref.get(ws, "cpu")[2].numpy())
+    labels = os.path.join(ev.cfg.data, "web_labels.bin")
+    if os.path.isfile(labels):  # demo: ground-truth noise label of every web target
+        arrays["web_labels"] = np.stack([memmap(ev.cfg.data, "web_labels.bin", np.uint8)[w * ev.web.T + 1: w * ev.web.T + ev.web.T + 1] for w in ws])
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
 
 
 def new_interval(n_labels):
@@ -705,9 +728,11 @@ def finish(cfg, meta, name, state, out_dir, model):
 
 
 class Evaluator:
-    def __init__(self, cfg, meta, T):
+    def __init__(self, cfg, meta, T, ref=None):
         self.cfg, self.enc = cfg, get_encoding(meta["encoding"])
         self.hq, self.web = windows(cfg.data, "hq_val.bin", meta, T), windows(cfg.data, "web.bin", meta, T)
+        zeros = np.broadcast_to(np.float32(0), (len(self.web.tokens),))
+        self.web_ref = Windows(self.web.tokens, T, (zeros if ref is None else ref,), self.web.name)  # web val + L_RM
         with open(os.path.join(cfg.data, "eval.json")) as f:
             self.problems = json.load(f)[:cfg.eval_problems]
 
@@ -719,13 +744,28 @@ class Evaluator:
             total, n = total + model_token_loss(model, x, y).sum().item(), n + int((y != IGNORE).sum())
         return total / n
 
+    def web_val(self):
+        return list(range(web_split(self.web.n), self.web.n))
+
     def evaluate(self, model):
         model.eval()
         hq_ws = list(range(min(self.hq.n, 128)))
-        web_ws = list(range(web_split(self.web.n), self.web.n))
         return {"val_loss_hq": round(self.val_loss(model, self.hq, hq_ws), 4),
-                "val_loss_web": round(self.val_loss(model, self.web, web_ws), 4),
+                "val_loss_web": round(self.val_loss(model, self.web, self.web_val()), 4),
                 "accuracy": answer_accuracy(model, self.problems, self.enc)}
+
+    @torch.no_grad()
+    def token_losses(self, model):
+        """Per-token losses on a fixed token set (the first 8 hq val windows, the web val windows), float16,
+        and which web val tokens this run's selection rule would select now: the token-loss dynamics."""
+        cfg, k = self.cfg, (self.cfg.k if self.cfg.mode == "slm" else 1.0)
+        x_hq, y_hq = self.hq.get(range(min(self.hq.n, 8)), cfg.device)
+        x, y, r = self.web_ref.get(self.web_val(), cfg.device)
+        hq = model_token_loss(model, x_hq, y_hq)  # (8, T)
+        web = model_token_loss(model, x, y)  # (n_val, T)
+        gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: the training RNG stays untouched
+        sel = select_tokens(web, y, r, k, cfg.scope, cfg.select, gen)
+        return {"hq": hq.half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
 
 
 @torch.no_grad()
