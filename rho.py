@@ -8,10 +8,11 @@ rho.py: Selective Language Modeling (Rho-1, Lin et al. 2024, arXiv 2404.07965) i
     python rho.py --slm --k 0.6 --init_from base   # the same run, loss on the top 60% tokens by excess loss
     python rho.py --slm --k 0.6 --select random --init_from base   # control: same k, random tokens
     python rho.py --compare                 # one table of every run in --out
+    python rho.py --report                  # out/report.html: efficiency, selection audit, token dynamics, cost, k sweep
     python rho.py --bench                   # the fused head and a training step, measured side by side
 
 Reads top to bottom in the order the data flows: config -> model -> data -> the SLM loss -> the fused
-SLM head -> reference scoring -> training -> evaluation -> comparison -> benchmark -> main.
+SLM head -> reference scoring -> training -> evaluation -> comparison -> analysis report -> benchmark -> main.
 """
 import argparse
 import hashlib
@@ -858,6 +859,323 @@ def compare(cfg):
 
 
 # -----------------------------------------------------------------------------
+# analysis: report: one self-contained HTML page (inline SVG, no network) and the same numbers as JSON
+
+
+CATEGORIES = ("L->L", "H->L", "L->H", "H->H")  # the paper's token-loss categories (Sec. 2.1), as they start -> end
+
+
+def loss_category(losses, t):
+    """The paper's rule, per token: fit l = a*t + b over the checkpoints (least squares), dL = fit(t_end) -
+    fit(t_start); dL < -0.2 -> H->L, dL > 0.2 -> L->H, else L->L if the final loss <= the mean final loss over
+    all tokens, else H->H. losses: (checkpoints, tokens); returns an index into CATEGORIES per token."""
+    t = np.asarray(t, dtype=np.float64)
+    l = np.asarray(losses, dtype=np.float64)  # (n_ckpt, n_tok)
+    tc = t - t.mean()
+    a = (tc[:, None] * (l - l.mean(0))).sum(0) / (tc ** 2).sum()  # least-squares slope per token
+    dl = np.round(a * (t[-1] - t[0]), 6)  # rounded so that a change of exactly 0.2 is not a float away from it
+    final = l[-1]
+    flat = np.where(final <= final.mean(), 0, 3)
+    return np.where(dl < -0.2, 1, np.where(dl > 0.2, 2, flat))
+
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def nice_ticks(lo, hi, n=5):
+    if hi <= lo:
+        hi = lo + 1
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [i * step for i in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def fmt_num(v):
+    return f"{v / 1e6:g}M" if abs(v) >= 1e6 else f"{v / 1e3:g}k" if abs(v) >= 1e4 else f"{v:g}"
+
+
+def svg_lines(series, title="", xlabel="", ylabel="", w=540, h=300, hline=None, mark=None):
+    """A line plot as inline SVG. series: [(name, xs, ys)] or (name, xs, ys, dashed); hline: a y drawn as a
+    grey rule; mark: (x, y, label) circled. Hand-written: no plotting library, nothing fetched."""
+    pts = [(x, y) for s in series for x, y in zip(s[1], s[2]) if y is not None]
+    ys = [y for _, y in pts] + ([hline] if hline is not None else [])
+    xt, yt = nice_ticks(min(x for x, _ in pts), max(x for x, _ in pts)), nice_ticks(min(ys), max(ys))
+    x0, x1, y0, y1 = min(xt[0], min(x for x, _ in pts)), max(xt[-1], max(x for x, _ in pts)), min(yt[0], min(ys)), max(yt[-1], max(ys))
+    L, R, T, B = 58, 150, 24, 40  # margins; the legend sits on the right
+    px = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (w - L - R)
+    py = lambda y: h - B - (y - y0) / ((y1 - y0) or 1) * (h - T - B)
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+         f'<text x="{L}" y="14" font-weight="bold" font-size="12">{html_escape(title)}</text>']
+    for x in xt:
+        o.append(f'<line x1="{px(x):.1f}" y1="{T}" x2="{px(x):.1f}" y2="{h - B}" stroke="#eee"/><text x="{px(x):.1f}" y="{h - B + 14}" text-anchor="middle">{fmt_num(x)}</text>')
+    for y in yt:
+        o.append(f'<line x1="{L}" y1="{py(y):.1f}" x2="{w - R}" y2="{py(y):.1f}" stroke="#eee"/><text x="{L - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{fmt_num(round(y, 6))}</text>')
+    o.append(f'<rect x="{L}" y="{T}" width="{w - L - R}" height="{h - T - B}" fill="none" stroke="#999"/>')
+    o.append(f'<text x="{(L + w - R) / 2}" y="{h - 6}" text-anchor="middle">{html_escape(xlabel)}</text>')
+    o.append(f'<text transform="translate(12,{(T + h - B) / 2}) rotate(-90)" text-anchor="middle">{html_escape(ylabel)}</text>')
+    if hline is not None:
+        o.append(f'<line x1="{L}" y1="{py(hline):.1f}" x2="{w - R}" y2="{py(hline):.1f}" stroke="#888" stroke-dasharray="2,3"/>')
+    for i, s in enumerate(series):
+        c, dash = COLORS[i % len(COLORS)], ' stroke-dasharray="6,4"' if len(s) > 3 and s[3] else ""
+        xy = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(s[1], s[2]) if y is not None)
+        o.append(f'<polyline points="{xy}" fill="none" stroke="{c}" stroke-width="1.8"{dash}/>')
+        o += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.2" fill="{c}"/>' for x, y in zip(s[1], s[2]) if y is not None]
+        ly = T + 8 + 15 * i
+        o.append(f'<line x1="{w - R + 8}" y1="{ly}" x2="{w - R + 26}" y2="{ly}" stroke="{c}" stroke-width="2"{dash}/>'
+                 f'<text x="{w - R + 30}" y="{ly + 4}">{html_escape(s[0])}</text>')
+    if mark:
+        o.append(f'<circle cx="{px(mark[0]):.1f}" cy="{py(mark[1]):.1f}" r="7" fill="none" stroke="black" stroke-width="1.5"/>'
+                 f'<text x="{px(mark[0]):.1f}" y="{py(mark[1]) - 10:.1f}" text-anchor="middle">{html_escape(mark[2])}</text>')
+    return "\n".join(o + ["</svg>"])
+
+
+def html_escape(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def html_table(head, rows):
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else html_escape(v))
+    return ("<table><tr>" + "".join(f"<th>{html_escape(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
+
+
+def load_runs(cfg):
+    runs = []
+    for name in sorted(os.listdir(cfg.out)) if os.path.isdir(cfg.out) else []:
+        path = os.path.join(cfg.out, name, "metrics.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                runs.append(json.load(f))
+    if not runs:
+        die(f"{cfg.out}: no runs with metrics.json: run `python rho.py --ref`, `--clm`, `--slm --k 0.6` first")
+    runs.sort(key=lambda r: (["base", "ref", "clm", "slm"].index(r["mode"]), r["run"]))  # pipeline order
+    return runs
+
+
+def load_tokens(cfg, run):
+    path = os.path.join(cfg.out, run, "tokens.npz")
+    return dict(np.load(path)) if os.path.isfile(path) else None
+
+
+def main_slm(runs):
+    """The SLM run the detailed sections show: slm-k0.6 if there, else the first excess-loss SLM run."""
+    slm = [r for r in runs if r["mode"] == "slm" and r["select"] == "excess"]
+    return next((r for r in slm if r["run"] == "slm-k0.6"), slm[0] if slm else None)
+
+
+def report_efficiency(runs):
+    """1. Data efficiency: target loss and accuracy against tokens seen; tokens to reach CLM's final loss."""
+    web = [r for r in runs if r["mode"] in ("clm", "slm")]
+    clm = next((r for r in web if r["run"] == "clm"), None)
+    if not web:
+        return "<p>No continual-pretraining runs (--clm, --slm) in this folder.</p>", {}
+    xs = lambda r, key: ([h["tokens_seen"] for h in r["history"]], [h[key] for h in r["history"]])
+    html = svg_lines([(r["run"], *xs(r, "val_loss_hq")) for r in web], "target val loss (hq) vs tokens seen", "tokens seen",
+                     "val loss hq (nats/token)", hline=clm["final"]["val_loss_hq"] if clm else None)
+    html += svg_lines([(r["run"], *xs(r, "accuracy")) for r in web], "answer accuracy vs tokens seen", "tokens seen", "accuracy")
+    data, rows = {}, []
+    for r in web:
+        d = {"final_val_loss_hq": r["final"]["val_loss_hq"], "accuracy": r["final"]["accuracy"], "tokens_seen": r["tokens_seen"],
+             "tokens_trained": r["tokens_trained"], "wall_s": r["wall_s"]}
+        if clm:
+            for key in ("tokens_seen", "tokens_trained", "wall_s"):
+                t, t_clm = tokens_to_reach(r["history"], clm["final"]["val_loss_hq"], key), clm[key]
+                d[f"to_clm_loss_{key}"], d[f"speedup_{key}"] = t, (round(t_clm / t, 3) if t else None)
+        data[r["run"]] = d
+        sp = lambda key: "never" if clm and d[f"to_clm_loss_{key}"] is None else (f"{d[f'to_clm_loss_{key}']:,.0f} ({d[f'speedup_{key}']:.2f}x)" if clm else "-")
+        rows.append([r["run"], d["final_val_loss_hq"], f"{d['accuracy']:.1%}", sp("tokens_seen"), sp("tokens_trained"), sp("wall_s")])
+    html += html_table(["run", "final val hq", "accuracy", "tokens seen to CLM's final loss (CLM/this)",
+                        "tokens trained to it", "wall s to it"], rows)
+    html += "<p>Dotted rule: CLM's final target loss. Linear interpolation between evals (<code>tokens_to_reach</code>).</p>"
+    return html, data
+
+
+def precision_recall(history):
+    """Per eval interval: precision = clean share of the selected tokens; recall = selected clean / seen clean,
+    from the shares and the tokens_trained / tokens_seen deltas."""
+    out, prev = [], {"tokens_seen": 0, "tokens_trained": 0}
+    for h in history:
+        d_sel, d_seen = h["tokens_trained"] - prev["tokens_trained"], h["tokens_seen"] - prev["tokens_seen"]
+        p = 1 - h["noise_in_selected"]["all"]
+        clean_seen = (1 - h["noise_share_corpus"]["all"]) * d_seen
+        out.append({"tokens_seen": h["tokens_seen"], "precision": round(p, 4), "recall": round(min(1.0, p * d_sel / clean_seen), 4) if clean_seen else None})
+        prev = h
+    return out
+
+
+def report_selection(runs):
+    """2. Selection audit (demo labels): per noise kind, share among selected vs corpus; clean precision/recall."""
+    audited = [r for r in runs if r["mode"] == "slm" and r["history"] and "noise_in_selected" in r["history"][0]]
+    if not audited:
+        return "<p>No SLM run with ground-truth noise labels (demo data) in this folder.</p>", {}
+    data = {r["run"]: {"intervals": precision_recall(r["history"]), "noise_in_selected": r.get("noise_in_selected"),
+                       "noise_share_corpus": r.get("noise_share_corpus")} for r in audited}
+    series = []
+    for r in audited:
+        pr = data[r["run"]]["intervals"]
+        series += [(f"{r['run']} prec", [e["tokens_seen"] for e in pr], [e["precision"] for e in pr]),
+                   (f"{r['run']} recall", [e["tokens_seen"] for e in pr], [e["recall"] for e in pr], True)]
+    html = svg_lines(series, "clean tokens: precision (solid) and recall (dashed)", "tokens seen", "share", w=640)
+    m = main_slm(audited) or audited[0]
+    kinds = [k for k in m["history"][0]["noise_in_selected"] if k != "all"]
+    ratio = lambda h, k: h["noise_in_selected"][k] / h["noise_share_corpus"][k] if h["noise_share_corpus"][k] else None
+    html += svg_lines([(k, [h["tokens_seen"] for h in m["history"]], [ratio(h, k) for h in m["history"]]) for k in kinds],
+                      f"{m['run']}: share among selected / share in corpus, per noise kind", "tokens seen", "selected / corpus", hline=1.0)
+    rows = [[r["run"]] + [f"{r['noise_in_selected'][k]:.1%} ({r['noise_share_corpus'][k]:.1%})" for k in ["all"] + kinds] for r in audited]
+    html += html_table(["run"] + ["all noise"] + kinds, rows)
+    html += ("<p>Whole run, share of the selected tokens (share of the corpus). Precision: clean share of the selected "
+             "tokens. Recall: selected clean tokens over seen clean tokens, per 50-step interval. A ratio of 1 in the "
+             "second plot means no filtering of that kind.</p>")
+    return html, data
+
+
+def report_dynamics(cfg, runs):
+    """3. Token-loss dynamics: the four categories over CLM's checkpoints; SLM's selected vs unselected loss."""
+    clm, m = load_tokens(cfg, "clm"), main_slm(runs)
+    if clm is None:
+        return "<p>The clm run has no per-token records (tokens.npz): rerun it to get this section (<code>python rho.py --clm --init_from base</code>).</p>", {}
+    data, rows = {"checkpoints_tokens_seen": clm["tokens_seen"].tolist()}, []
+    for part in ("web", "hq"):
+        cat = loss_category(clm[part].reshape(len(clm["step"]), -1).astype(np.float32), clm["tokens_seen"])
+        shares = {c: round(float((cat == i).mean()), 4) for i, c in enumerate(CATEGORIES)}
+        data[f"categories_{part}"] = shares
+        rows.append([f"clm, {part} val tokens ({cat.size:,})"] + [f"{shares[c]:.0%}" for c in CATEGORIES])
+    rows.append(["paper (Fig. 2, 1B on OpenWebMath)", "51%", "26%", "12%", "11%"])
+    html = html_table(["token set"] + list(CATEGORIES), rows)
+    web = clm["web"].reshape(len(clm["step"]), -1).astype(np.float32)
+    cat = loss_category(web, clm["tokens_seen"])
+    html += svg_lines([(c, clm["tokens_seen"].tolist(), [float(e[cat == i].mean()) if (cat == i).any() else None for e in web])
+                       for i, c in enumerate(CATEGORIES)], "clm: mean loss per category (web val tokens)", "tokens seen", "loss")
+    slm = load_tokens(cfg, m["run"]) if m else None
+    if slm is None:
+        html += "<p>No SLM run with per-token records (tokens.npz): rerun <code>python rho.py --slm --k 0.6 --init_from base</code> to get the selected-vs-unselected plot.</p>"
+        return html, data
+    sel, loss, t = slm["sel"], slm["web"].astype(np.float32), slm["tokens_seen"].tolist()
+    mean = lambda a, s: [float(a[i][s[i]].mean()) for i in range(len(a))]
+    series = [(f"{m['run']} selected", t, mean(loss, sel)), (f"{m['run']} unselected", t, mean(loss, ~sel))]
+    if clm["web"].shape == slm["web"].shape:  # CLM's loss on the tokens SLM selects / leaves at that eval
+        cl = clm["web"].astype(np.float32)
+        series += [("clm on SLM-selected", t, mean(cl, sel), True), ("clm on SLM-unselected", t, mean(cl, ~sel), True)]
+    data["slm_run"], data["slm_selected_vs_unselected"] = m["run"], {s[0]: s[2] for s in series}
+    html += svg_lines(series, "mean loss of web val tokens SLM selects vs leaves, at each eval", "tokens seen", "loss", w=640)
+    html += ("<p>Categories: per token, a least-squares line over the checkpoints; its change dL over training: "
+             "dL &lt; -0.2 is H-&gt;L, dL &gt; 0.2 is L-&gt;H, otherwise L-&gt;L if the final loss is at most the mean "
+             "final loss, else H-&gt;H. Selected: the run's rule (top k by excess loss over the fixed web val set) at that eval.</p>")
+    return html, data
+
+
+def excess_color(e):
+    """Background for an excess loss: red where the model is worse than the reference, blue where better."""
+    a = min(1.0, abs(e) / 3)
+    return f"rgba(214,39,40,{a:.2f})" if e > 0 else f"rgba(31,119,180,{a:.2f})"
+
+
+def report_highlight(cfg, runs, n_docs=3, n_chars=600):
+    """4. Token highlighting: web val text coloured by excess loss, selected tokens underlined, early and late."""
+    m = main_slm(runs)
+    z = load_tokens(cfg, m["run"]) if m else None
+    if z is None:
+        return "<p>No SLM run with per-token records (tokens.npz): rerun <code>python rho.py --slm --k 0.6 --init_from base</code> to get this section.</p>", {}
+    with open(os.path.join(cfg.data, "meta.json")) as f:
+        enc = get_encoding(json.load(f)["encoding"])
+    html, data = "", {"run": m["run"], "docs": []}
+    for w in range(min(n_docs, len(z["web_x"]))):
+        html += f"<h3>web val window {w}</h3>"
+        for i, name in ((0, "early"), (len(z["step"]) - 1, "late")):
+            spans = []
+            for j, tok in enumerate(z["web_x"][w, 1:n_chars + 1].tolist()):
+                e = float(z["web"][i, w, j]) - float(z["web_ref"][w, j])
+                under = "border-bottom:2px solid #000;" if z["sel"][i, w, j] else ""
+                spans.append(f'<span style="background:{excess_color(e)};{under}" title="excess {e:.2f}">{html_escape(enc.decode([tok]))}</span>')
+            html += f'<p><b>{name} (step {int(z["step"][i])})</b>, selected {z["sel"][i, w].mean():.0%}</p><div class="doc">{"".join(spans)}</div>'
+            data["docs"].append({"window": w, "step": int(z["step"][i]), "selected": round(float(z["sel"][i, w].mean()), 4)})
+    legend = (f'<p>{m["run"]}: background = excess loss (training loss at that eval minus reference loss), '
+              f'<span style="background:{excess_color(3)}">high</span> / <span style="background:{excess_color(-3)}">negative</span>; '
+              '<span style="border-bottom:2px solid #000">underlined</span> = selected at that eval. Hover a token for its value.</p>')
+    return legend + html, data
+
+
+def report_cost(cfg, runs):
+    """5. Cost per stage: wall time and FLOPs (6 N D to train, 2 N D to score), for SLM and CLM."""
+    by = {r["run"]: r for r in runs}
+    m, clm = main_slm(runs), by.get("clm")
+    flops = lambda r, mult=6: mult * r["n_params"] * r["tokens_seen"]
+    stages = {}
+    if "base" in by:
+        stages["base"] = {"wall_s": by["base"]["wall_s"], "flops": flops(by["base"])}
+    if "ref" in by:
+        ref = by["ref"]
+        stages["reference training"] = {"wall_s": ref["wall_s"], "flops": flops(ref)}
+        if "score_s" in ref:
+            n_scored = load_meta(cfg.data)["tokens"]["web"]  # one forward pass over every web token
+            stages["scoring"] = {"wall_s": ref["score_s"], "flops": 2 * ref["n_params"] * n_scored}
+    for r in (clm, m):
+        if r:
+            stages[f"continual pretraining: {r['run']}"] = {"wall_s": r["wall_s"], "flops": flops(r)}
+    pipe = {}
+    if clm:
+        pipe["clm"] = [s for s in ("base", "continual pretraining: clm") if s in stages]
+    if m:
+        pipe[m["run"]] = [s for s in ("base", "reference training", "scoring", f"continual pretraining: {m['run']}") if s in stages]
+    totals = {p: {"wall_s": round(sum(stages[s]["wall_s"] for s in ss), 2), "flops": sum(stages[s]["flops"] for s in ss)} for p, ss in pipe.items()}
+    if m and clm:  # SLM's pipeline up to the point where it reaches CLM's final target loss
+        t = tokens_to_reach(m["history"], clm["final"]["val_loss_hq"])
+        if t:
+            pre = [s for s in pipe[m["run"]] if not s.startswith("continual")]
+            totals[f"{m['run']} until CLM's final loss"] = {"wall_s": round(sum(stages[s]["wall_s"] for s in pre) + (tokens_to_reach(m["history"], clm["final"]["val_loss_hq"], "wall_s") or 0), 2),
+                                                            "flops": sum(stages[s]["flops"] for s in pre) + 6 * m["n_params"] * t}
+    rows = [[s, f"{v['wall_s']:.0f}", f"{v['flops']:.3g}"] for s, v in stages.items()]
+    rows += [[f"total: {p}", f"{v['wall_s']:.0f}", f"{v['flops']:.3g}"] for p, v in totals.items()]
+    html = html_table(["stage", "wall s", "FLOPs"], rows)
+    html += ("<p>FLOPs = 6 &middot; n_params &middot; tokens for training (forward and backward; SLM's trunk backward is "
+             "dense, so it counts every token seen, not only the selected ones), 2 &middot; n_params &middot; tokens for "
+             "scoring (forward only). Attention FLOPs are left out. Wall times are this machine's.</p>")
+    return html, {"stages": stages, "totals": totals, "formula": "train 6*n_params*tokens_seen; score 2*n_params*tokens_scored"}
+
+
+def report_sweep(runs):
+    """6. k sweep: final target loss against k for the excess-loss SLM runs of one scope; k = 1 is CLM."""
+    clm = next((r for r in runs if r["run"] == "clm"), None)
+    pts = {r["k"]: r for r in runs if r["mode"] == "slm" and r["select"] == "excess" and r["scope"] == "batch"}
+    if clm:
+        pts[1.0] = clm
+    if len(pts) < 2:
+        return "<p>Fewer than two runs for a k sweep: run <code>python rho.py --slm --k 0.2 --init_from base</code> (and 0.4, 0.8).</p>", {}
+    ks = sorted(pts)
+    best = min(ks, key=lambda k: pts[k]["final"]["val_loss_hq"])
+    html = svg_lines([("final val hq", ks, [pts[k]["final"]["val_loss_hq"] for k in ks])], "k sweep (scope batch, k = 1 is CLM)",
+                     "k (share of tokens selected)", "final val loss hq", mark=(best, pts[best]["final"]["val_loss_hq"], f"best k={best:g}"))
+    html += html_table(["k", "run", "final val hq", "accuracy"], [[f"{k:g}" + (" (best)" if k == best else ""), pts[k]["run"],
+                                                                   pts[k]["final"]["val_loss_hq"], f"{pts[k]['final']['accuracy']:.1%}"] for k in ks])
+    return html, {"best_k": best, "points": {f"{k:g}": {"run": pts[k]["run"], "val_loss_hq": pts[k]["final"]["val_loss_hq"]} for k in ks}}
+
+
+def report(cfg):
+    """Writes <out>/report.html (self-contained) and <out>/report.json from the runs in --out."""
+    runs = load_runs(cfg)
+    sections = [("efficiency", "1. Data efficiency", report_efficiency(runs)),
+                ("selection", "2. Selection audit", report_selection(runs)),
+                ("dynamics", "3. Token-loss dynamics", report_dynamics(cfg, runs)),
+                ("highlight", "4. Token highlighting", report_highlight(cfg, runs)),
+                ("cost", "5. Cost", report_cost(cfg, runs)),
+                ("k_sweep", "6. k sweep", report_sweep(runs))]
+    style = ("body{font-family:sans-serif;max-width:1150px;margin:20px auto;color:#222}table{border-collapse:collapse;margin:8px 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}td:first-child,th:first-child{text-align:left}"
+             ".doc{font-family:monospace;font-size:12px;white-space:pre-wrap;line-height:1.7;border:1px solid #ddd;padding:6px}svg{margin:4px}")
+    body = "".join(f'<h2 id="{key}">{title}</h2>\n{html}\n' for key, title, (html, _) in sections)
+    page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>rho report: {html_escape(cfg.out)}</title><style>{style}</style></head>"
+            f"<body><h1>rho report: {html_escape(cfg.out)}</h1><p>Runs: {', '.join(r['run'] for r in runs)}. "
+            f"Written by <code>python rho.py --report --out {html_escape(cfg.out)}</code>.</p>\n{body}</body></html>")
+    path = os.path.join(cfg.out, "report.html")
+    with open(path + ".tmp", "w") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)
+    write_json(os.path.join(cfg.out, "report.json"), {"runs": [r["run"] for r in runs], **{key: data for key, _, (_, data) in sections}})
+    print(f"report: {path} and {os.path.join(cfg.out, 'report.json')}")
+    return path
+
+
+# -----------------------------------------------------------------------------
 # benchmark: the head and a whole step, side by side in one run; every measurement in a fresh process
 
 
@@ -1010,6 +1328,7 @@ def parse_args(argv=None):
     job.add_argument("--clm", action="store_true", help="continual pretraining on web, loss on all tokens (baseline)")
     job.add_argument("--slm", action="store_true", help="continual pretraining on web with the SLM loss")
     job.add_argument("--compare", action="store_true", help="print one table of every run in --out")
+    job.add_argument("--report", action="store_true", help="write <out>/report.html and report.json from the runs in --out")
     job.add_argument("--bench", action="store_true", help="benchmark the head and a training step: naive vs fused, CLM vs SLM")
     d = RunConfig()
     p.add_argument("--data", default=d.data, help="prepared data folder (default data/demo)")
@@ -1038,7 +1357,7 @@ def parse_args(argv=None):
         p.error(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
     if a.steps < 1 or a.batch_size < 1 or a.eval_every < 1:
         p.error("--steps, --batch_size and --eval_every must be positive")
-    mode = next(m for m in ("base", "ref", "score", "clm", "slm", "compare", "bench") if getattr(a, m))
+    mode = next(m for m in ("base", "ref", "score", "clm", "slm", "compare", "report", "bench") if getattr(a, m))
     cfg = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig) if hasattr(a, f.name)}, mode=mode)
     return cfg, GPTConfig(**{f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"})
 
@@ -1047,6 +1366,8 @@ def main(argv=None):
     cfg, model_cfg = parse_args(argv)
     if cfg.mode == "compare":
         return compare(cfg)
+    if cfg.mode == "report":
+        return report(cfg)
     if cfg.mode == "bench":
         return bench(cfg)
     if cfg.mode == "score":

@@ -376,6 +376,37 @@ def test_resume_equals_uninterrupted(demo, tmp_path, monkeypatch):
     a = torch.load(tmp_path / "full" / "x" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[n], b[n]) for n in a)
+    za, zb = (np.load(tmp_path / d / "x" / "tokens.npz") for d in ("full", "killed"))  # per-token records survive
+    assert list(za["step"]) == [2, 4, 6] and set(za.files) == set(zb.files)
+    assert all(np.array_equal(za[f], zb[f]) for f in za.files)
+
+
+def test_loss_category_rule():
+    t = [0, 1, 2]  # one token per column: L->L, H->L, L->H, H->H, then dL of exactly +0.2 and -0.2, and just over 0.2
+    losses = np.array([[1.0, 3.0, 1.0, 4.0, 1.0, 2.0, 1.0],
+                       [1.0, 2.0, 2.0, 4.0, 1.1, 1.9, 1.1001],
+                       [1.0, 1.0, 3.0, 4.0, 1.2, 1.8, 1.2002]])  # mean final loss 1.886
+    cats = [rho.CATEGORIES[c] for c in rho.loss_category(losses, t)]
+    assert cats == ["L->L", "H->L", "L->H", "H->H", "L->L", "L->L", "L->H"]
+    assert rho.CATEGORIES[rho.loss_category(np.array([[3.0], [3.1], [3.2]]), t)[0]] == "L->L"  # one token: final = mean
+    noisy = np.array([[1.0], [0.5], [1.3]])  # the fit, not the endpoints: 1.0 -> 1.3 but the line rises by 0.3
+    assert rho.CATEGORIES[rho.loss_category(noisy, t)[0]] == "L->H"
+
+
+def test_report_on_tiny_runs(demo, tmp_path):
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2")
+    run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
+    run(demo, tmp_path, "--slm", "--k", "0.6", "--steps", "4", "--eval_every", "2")
+    run(demo, tmp_path, "--report")
+    html, rep = (tmp_path / "report.html").read_text(), json.loads((tmp_path / "report.json").read_text())
+    assert set(rep) == {"runs", "efficiency", "selection", "dynamics", "highlight", "cost", "k_sweep"}
+    assert abs(sum(rep["dynamics"]["categories_web"].values()) - 1) < 1e-3 and rep["k_sweep"]["best_k"] in (0.6, 1.0)
+    assert "slm-k0.6 selected" in rep["dynamics"]["slm_selected_vs_unselected"] and rep["highlight"]["docs"]
+    assert html.count("<svg") >= 5 and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    for r in ("clm", "slm-k0.6"):  # runs from before the token records: the report says so, and does not crash
+        os.remove(tmp_path / r / "tokens.npz")
+    run(demo, tmp_path, "--report")
+    assert "rerun" in (tmp_path / "report.html").read_text() and json.loads((tmp_path / "report.json").read_text())["dynamics"] == {}
 
 
 def test_error_data_not_prepared(tmp_path):
