@@ -895,13 +895,14 @@ def fmt_num(v):
 
 
 def svg_lines(series, title="", xlabel="", ylabel="", w=540, h=300, hline=None, mark=None):
-    """A line plot as inline SVG. series: [(name, xs, ys)] or (name, xs, ys, dashed); hline: a y drawn as a
+    """A line plot as inline SVG. series: [(name, xs, ys)], (name, xs, ys, dashed) or (name, xs, ys, dashed,
+    colour index); hline: a y drawn as a
     grey rule; mark: (x, y, label) circled. Hand-written: no plotting library, nothing fetched."""
     pts = [(x, y) for s in series for x, y in zip(s[1], s[2]) if y is not None]
     ys = [y for _, y in pts] + ([hline] if hline is not None else [])
     xt, yt = nice_ticks(min(x for x, _ in pts), max(x for x, _ in pts)), nice_ticks(min(ys), max(ys))
     x0, x1, y0, y1 = min(xt[0], min(x for x, _ in pts)), max(xt[-1], max(x for x, _ in pts)), min(yt[0], min(ys)), max(yt[-1], max(ys))
-    L, R, T, B = 58, 150, 24, 40  # margins; the legend sits on the right
+    L, R, T, B = 58, 175, 24, 40  # margins; the legend sits on the right
     px = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (w - L - R)
     py = lambda y: h - B - (y - y0) / ((y1 - y0) or 1) * (h - T - B)
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
@@ -916,7 +917,7 @@ def svg_lines(series, title="", xlabel="", ylabel="", w=540, h=300, hline=None, 
     if hline is not None:
         o.append(f'<line x1="{L}" y1="{py(hline):.1f}" x2="{w - R}" y2="{py(hline):.1f}" stroke="#888" stroke-dasharray="2,3"/>')
     for i, s in enumerate(series):
-        c, dash = COLORS[i % len(COLORS)], ' stroke-dasharray="6,4"' if len(s) > 3 and s[3] else ""
+        c, dash = COLORS[(s[4] if len(s) > 4 else i) % len(COLORS)], ' stroke-dasharray="6,4"' if len(s) > 3 and s[3] else ""
         xy = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(s[1], s[2]) if y is not None)
         o.append(f'<polyline points="{xy}" fill="none" stroke="{c}" stroke-width="1.8"{dash}/>')
         o += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.2" fill="{c}"/>' for x, y in zip(s[1], s[2]) if y is not None]
@@ -1011,11 +1012,11 @@ def report_selection(runs):
     data = {r["run"]: {"intervals": precision_recall(r["history"]), "noise_in_selected": r.get("noise_in_selected"),
                        "noise_share_corpus": r.get("noise_share_corpus")} for r in audited}
     series = []
-    for r in audited:
+    for i, r in enumerate(audited):  # one colour per run: precision solid, recall dashed
         pr = data[r["run"]]["intervals"]
-        series += [(f"{r['run']} prec", [e["tokens_seen"] for e in pr], [e["precision"] for e in pr]),
-                   (f"{r['run']} recall", [e["tokens_seen"] for e in pr], [e["recall"] for e in pr], True)]
-    html = svg_lines(series, "clean tokens: precision (solid) and recall (dashed)", "tokens seen", "share", w=640)
+        series += [(f"{r['run']} prec", [e["tokens_seen"] for e in pr], [e["precision"] for e in pr], False, i),
+                   (f"{r['run']} recall", [e["tokens_seen"] for e in pr], [e["recall"] for e in pr], True, i)]
+    html = svg_lines(series, "clean tokens: precision (solid) and recall (dashed)", "tokens seen", "share", w=640, h=20 * len(series) + 60)
     m = main_slm(audited) or audited[0]
     kinds = [k for k in m["history"][0]["noise_in_selected"] if k != "all"]
     ratio = lambda h, k: h["noise_in_selected"][k] / h["noise_share_corpus"][k] if h["noise_share_corpus"][k] else None
