@@ -820,7 +820,8 @@ def tokens_to_reach(history, target, key="tokens_seen"):
     return None
 
 
-def compare(cfg):
+def load_runs(cfg):
+    """metrics.json of every run in --out, in pipeline order."""
     runs = []
     for name in sorted(os.listdir(cfg.out)) if os.path.isdir(cfg.out) else []:
         path = os.path.join(cfg.out, name, "metrics.json")
@@ -830,6 +831,11 @@ def compare(cfg):
     if not runs:
         die(f"{cfg.out}: no runs with metrics.json: run `python rho.py --ref`, `--clm`, `--slm --k 0.6` first")
     runs.sort(key=lambda r: (["base", "ref", "clm", "slm"].index(r["mode"]), r["run"]))  # pipeline order
+    return runs
+
+
+def compare(cfg):
+    runs = load_runs(cfg)
     clm = next((r for r in runs if r["run"] == "clm"), None)
     head = f"{'run':<22}{'val hq':>8}{'val web':>9}{'acc':>7}{'seen':>8}{'trained':>9}{'noise-in-sel':>14}{'wall':>7}{'to CLM loss':>13}"
     print(head + "\n" + "-" * len(head))
@@ -938,19 +944,6 @@ def html_table(head, rows):
     cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else html_escape(v))
     return ("<table><tr>" + "".join(f"<th>{html_escape(h)}</th>" for h in head) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
-
-
-def load_runs(cfg):
-    runs = []
-    for name in sorted(os.listdir(cfg.out)) if os.path.isdir(cfg.out) else []:
-        path = os.path.join(cfg.out, name, "metrics.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                runs.append(json.load(f))
-    if not runs:
-        die(f"{cfg.out}: no runs with metrics.json: run `python rho.py --ref`, `--clm`, `--slm --k 0.6` first")
-    runs.sort(key=lambda r: (["base", "ref", "clm", "slm"].index(r["mode"]), r["run"]))  # pipeline order
-    return runs
 
 
 def load_tokens(cfg, run):
