@@ -635,8 +635,9 @@ def train(cfg, model_cfg):
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             now = time.time()
             state["wall_s"] += now - t_last
-            record(state, interval, ev.evaluate(model), step + 1, cfg, name, now - t_last, meta.get("labels"))
-            for key, v in ev.token_losses(model).items():
+            measures, records = ev.evaluate(model)
+            record(state, interval, measures, step + 1, cfg, name, now - t_last, meta.get("labels"))
+            for key, v in records.items():
                 state["tokens"][key].append(v)
             save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
             t_last, interval = time.time(), new_interval(n_labels)
@@ -647,10 +648,10 @@ def train(cfg, model_cfg):
 def write_token_losses(path, state, ev):
     """<out>/<name>/tokens.npz: the per-eval token losses of the fixed token set, with the steps and tokens
     seen of each eval, the web val windows (tokens, reference losses, labels) they belong to. Atomic."""
-    ws = ev.web_val()
-    x = np.stack([ev.web.tokens[w * ev.web.T: w * ev.web.T + ev.web.T + 1] for w in ws]).astype(np.int32)  # (n_val, T+1)
     if not state["tokens"]["web"]:
         return
+    ws = ev.web_val()
+    x = np.stack([ev.web.tokens[w * ev.web.T: w * ev.web.T + ev.web.T + 1] for w in ws]).astype(np.int32)  # (n_val, T+1)
     arrays = {key: torch.stack(v).numpy() for key, v in state["tokens"].items()}  # (evals, windows, T)
     evals = state["history"][-len(state["tokens"]["web"]):]  # a run resumed from an older checkpoint has fewer
     arrays.update(step=np.array([h["step"] for h in evals]), tokens_seen=np.array([h["tokens_seen"] for h in evals]),
@@ -748,25 +749,22 @@ class Evaluator:
     def web_val(self):
         return list(range(web_split(self.web.n), self.web.n))
 
-    def evaluate(self, model):
-        model.eval()
-        hq_ws = list(range(min(self.hq.n, 128)))
-        return {"val_loss_hq": round(self.val_loss(model, self.hq, hq_ws), 4),
-                "val_loss_web": round(self.val_loss(model, self.web, self.web_val()), 4),
-                "accuracy": answer_accuracy(model, self.problems, self.enc)}
-
     @torch.no_grad()
-    def token_losses(self, model):
-        """Per-token losses on a fixed token set (the first 8 hq val windows, the web val windows), float16,
-        and which web val tokens this run's selection rule would select now: the token-loss dynamics."""
+    def evaluate(self, model):
+        """The measures of one eval, and the per-token records of a fixed token set (the first 8 hq val windows,
+        the web val windows; float16) with the web val tokens this run's rule would select now."""
+        model.eval()
         cfg, k = self.cfg, (self.cfg.k if self.cfg.mode == "slm" else 1.0)
-        x_hq, y_hq = self.hq.get(range(min(self.hq.n, 8)), cfg.device)
-        x, y, r = self.web_ref.get(self.web_val(), cfg.device)
-        hq = model_token_loss(model, x_hq, y_hq)  # (8, T)
+        x, y, r = self.web_ref.get(self.web_val(), cfg.device)  # at most 32 windows (web_split): one batch
         web = model_token_loss(model, x, y)  # (n_val, T)
+        measures = {"val_loss_hq": round(self.val_loss(model, self.hq, list(range(min(self.hq.n, 128)))), 4),
+                    "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
+                    "accuracy": answer_accuracy(model, self.problems, self.enc)}
+        x_hq, y_hq = self.hq.get(range(min(self.hq.n, 8)), cfg.device)
         gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: the training RNG stays untouched
         sel = select_tokens(web, y, r, k, cfg.scope, cfg.select, gen)
-        return {"hq": hq.half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
+        records = {"hq": model_token_loss(model, x_hq, y_hq).half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
+        return measures, records
 
 
 @torch.no_grad()
@@ -1028,16 +1026,15 @@ def report_dynamics(cfg, runs):
     clm, m = load_tokens(cfg, "clm"), main_slm(runs)
     if clm is None:
         return "<p>The clm run has no per-token records (tokens.npz): rerun it to get this section (<code>python rho.py --clm --init_from base</code>).</p>", {}
-    data, rows = {"checkpoints_tokens_seen": clm["tokens_seen"].tolist()}, []
+    data, rows, cats = {"checkpoints_tokens_seen": clm["tokens_seen"].tolist()}, [], {}
     for part in ("web", "hq"):
-        cat = loss_category(clm[part].reshape(len(clm["step"]), -1).astype(np.float32), clm["tokens_seen"])
+        cat = cats[part] = loss_category(clm[part].reshape(len(clm["step"]), -1).astype(np.float32), clm["tokens_seen"])
         shares = {c: round(float((cat == i).mean()), 4) for i, c in enumerate(CATEGORIES)}
         data[f"categories_{part}"] = shares
         rows.append([f"clm, {part} val tokens ({cat.size:,})"] + [f"{shares[c]:.0%}" for c in CATEGORIES])
     rows.append(["paper (Fig. 2, 1B on OpenWebMath)", "51%", "26%", "12%", "11%"])
     html = html_table(["token set"] + list(CATEGORIES), rows)
-    web = clm["web"].reshape(len(clm["step"]), -1).astype(np.float32)
-    cat = loss_category(web, clm["tokens_seen"])
+    web, cat = clm["web"].reshape(len(clm["step"]), -1).astype(np.float32), cats["web"]
     html += svg_lines([(c, clm["tokens_seen"].tolist(), [float(e[cat == i].mean()) if (cat == i).any() else None for e in web])
                        for i, c in enumerate(CATEGORIES)], "clm: mean loss per category (web val tokens)", "tokens seen", "loss")
     slm = load_tokens(cfg, m["run"]) if m else None
@@ -1070,8 +1067,7 @@ def report_highlight(cfg, runs, n_docs=3, n_chars=600):
     z = load_tokens(cfg, m["run"]) if m else None
     if z is None:
         return "<p>No SLM run with per-token records (tokens.npz): rerun <code>python rho.py --slm --k 0.6 --init_from base</code> to get this section.</p>", {}
-    with open(os.path.join(cfg.data, "meta.json")) as f:
-        enc = get_encoding(json.load(f)["encoding"])
+    enc = get_encoding(load_meta(cfg.data)["encoding"])
     html, data = "", {"run": m["run"], "docs": []}
     for w in range(min(n_docs, len(z["web_x"]))):
         html += f"<h3>web val window {w}</h3>"
