@@ -22,14 +22,17 @@ import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prepare import get_encoding
+from prepare import get_encoding, write_atomic
 
 IGNORE = -1  # target id that is never trained on and never selected
 
@@ -68,6 +71,10 @@ class RunConfig:
     head: str = "fused"  # fused: fused_slm_loss, no B*T x V logits | naive: full logits, slm_loss / clm_loss
     scope: str = "batch"  # batch: top-k over all tokens of the step | sequence: top-k within each sequence
     seed: int = 1337
+    micro_batch: int = 0  # sequences per forward on each process; 0: the whole step (batch_size / processes)
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
+    compile: bool = False  # torch.compile the model's forward
+    score_batch: int = 64  # windows per forward when scoring the web corpus
     eval_every: int = 50
     eval_problems: int = 100
     init_from: str = ""
@@ -157,6 +164,53 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# processes: one, or torchrun's many (DDP, one per GPU); every process holds a contiguous share of a step
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+
+ONE = Ranks()  # a single process
+
+
+def init_ranks(cfg):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (nccl on GPUs, gloo on CPUs)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return ONE
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{ranks.local}"
+        torch.cuda.set_device(cfg.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    return ranks
+
+
+def gather_rows(t, ranks):
+    """Every process's tensor, concatenated along dim 0 in rank order: the whole step's rows."""
+    if ranks.world == 1 or t is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(ranks.world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def sum_ranks(t, ranks):
+    if ranks.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def autocast(cfg):
+    """bfloat16 autocast for the model's forward (the default on CUDA); plain float32 otherwise."""
+    return torch.autocast(torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
+# -----------------------------------------------------------------------------
 # data: token memmaps cut into fixed windows of T+1 tokens; window w holds tokens [w*T, w*T + T]
 
 
@@ -200,14 +254,26 @@ class Windows:
         x = torch.from_numpy(x).to(device)
         return (x[:, :-1], x[:, 1:], *ex)
 
-    def batch(self, step, B, seed, device, lo=0, hi=None):
+    def step_windows(self, step, B, seed, lo=0, hi=None):
+        """The B windows of a step, in [lo, hi): every window once per epoch, in an order drawn from (seed, epoch)."""
         hi = self.n if hi is None else hi
         per_epoch = (hi - lo) // B
         if per_epoch < 1:
             die(f"{self.name}: {hi - lo} training windows of {self.T + 1} tokens, fewer than one batch: lower --batch_size")
         epoch, i = divmod(step, per_epoch)
         perm = np.random.default_rng([seed, epoch]).permutation(hi - lo) + lo
-        return self.get(perm[i * B:(i + 1) * B], device)
+        return perm[i * B:(i + 1) * B]
+
+    def batch(self, step, B, seed, device, lo=0, hi=None):
+        return self.get(self.step_windows(step, B, seed, lo, hi), device)
+
+    def micro_batches(self, step, B, seed, device, lo, hi, ranks, micro):
+        """This process's micro-batches of a step: the rank-th contiguous share of the step's windows, cut
+        into micro-batches of `micro` sequences; all processes' micro-batches, in order, are the step's batch."""
+        ws = self.step_windows(step, B, seed, lo, hi)
+        share = B // ranks.world
+        ws = ws[ranks.rank * share:(ranks.rank + 1) * share]
+        return [self.get(ws[i:i + micro], device) for i in range(0, share, micro)]
 
 
 def web_split(n_windows):
@@ -224,6 +290,8 @@ def load_ref_scores(cfg, meta, T):
     """Per-token reference losses aligned with web.bin, with the checks that they belong to this data and
     were computed with this run's windows (same context for both models)."""
     path = ref_scores_path(cfg)
+    if not os.path.isfile(path) and os.path.isfile(path + ".partial"):
+        die(f"{path}: scoring was interrupted ({path}.partial): run `python rho.py --score` to finish it")
     if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
         die(f"{path}: reference scores missing: run `python rho.py --ref` (or `--score` with an existing reference model)")
     with open(path + ".json") as f:
@@ -289,6 +357,16 @@ def select_tokens(loss, targets, ref_loss, k, scope="batch", select="excess", ge
     score = {"excess": lambda: excess_loss(loss, ref_loss), "ref": lambda: -ref_loss, "train": lambda: loss.detach(),
              "random": lambda: torch.rand(loss.shape, generator=gen).to(loss.device)}[select]()
     return select_topk(score, valid, k, scope)
+
+
+def select_step(loss, targets, ref_loss, k, scope="batch", select="excess", gen=None, ranks=ONE):
+    """I_k over the whole optimizer step, however it is split across processes: every process gathers the
+    (tiny) token losses of all, runs the same select_tokens on the whole step, and keeps its own rows, so
+    1 and N processes select the same tokens. Returns (this process's selected, number selected in the step)."""
+    rows = len(targets)
+    loss, targets, ref_loss = (gather_rows(t, ranks) for t in (loss, targets, ref_loss))
+    sel = select_tokens(loss, targets, ref_loss, k, scope, select, gen)
+    return sel[ranks.rank * rows:(ranks.rank + 1) * rows], int(sel.sum())
 
 
 def slm_loss(logits, targets, ref_loss, k, scope="batch", select="excess", gen=None):
@@ -428,20 +506,21 @@ def head_token_loss(h, w, targets, chunk, lse_fn):
 
 
 class SelectedHeadLoss(torch.autograd.Function):
-    """Mean of the selected tokens' losses, whose backward touches only the selected rows."""
+    """Sum of the selected tokens' losses over n (the number selected in the whole step), whose backward
+    touches only the selected rows."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, loss, lse, sel, chunk, grad_fn):
+    def forward(ctx, h, w, targets, loss, lse, sel, n, chunk, grad_fn):
         idx = sel.nonzero().squeeze(1)
         ctx.save_for_backward(h, w, targets[idx], lse[idx], idx)
-        ctx.chunk, ctx.grad_fn = chunk, grad_fn
-        return loss[idx].sum() / len(idx)
+        ctx.n, ctx.chunk, ctx.grad_fn = n, chunk, grad_fn
+        return loss[idx].sum() / n
 
     @staticmethod
     def backward(ctx, grad):
         h, w, y, lse, idx = ctx.saved_tensors
         dh, dw = torch.zeros_like(h), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        scale = grad / len(idx)
+        scale = grad / ctx.n
         for i in range(0, len(idx), ctx.chunk):
             rows, hs = idx[i:i + ctx.chunk], h[idx[i:i + ctx.chunk]]  # (c, C)
             g = ctx.grad_fn(mm_fp32(hs, w.t()), y[i:i + ctx.chunk], lse[i:i + ctx.chunk], scale).to(w.dtype)  # (c, V)
@@ -450,27 +529,40 @@ class SelectedHeadLoss(torch.autograd.Function):
                 dw.addmm_(g.t(), hs)  # in place: no V x C temporary per chunk
             else:
                 dw += mm_fp32(g.t(), hs)  # bf16 operands, fp32 accumulation
-        return dh, dw.to(w.dtype), None, None, None, None, None, None
+        return dh, dw.to(w.dtype), None, None, None, None, None, None, None
 
 
-def fused_slm_loss(h, w, targets, ref_loss, k, scope="batch", select="excess", gen=None, chunk=None, compile=False):
+def head_inputs(h, w):
+    """h and w in the head's dtype: bfloat16 under autocast (the head then runs outside autocast, with
+    explicit fp32 accumulation), else h's dtype; autograd casts the gradients back."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    return h.to(dtype), w.to(dtype)
+
+
+def fused_slm_loss(h, w, targets, ref_loss, k, scope="batch", select="excess", gen=None, chunk=None, compile=False,
+                   ranks=ONE, sel=None, n=None):
     """The SLM loss from hidden states h (B, T, C) and head weight w (V, C), never holding B*T x V logits.
-    Same selection and same value as slm_loss(h @ w.T, ...); returns (loss, token losses, selected)."""
+    Same selection and same value as slm_loss(h @ w.T, ...); returns (loss, token losses, selected).
+    Selects over the step on every process (select_step), unless the selection pass already did (sel, n)."""
     B, T, C = h.shape
-    w = w.to(h.dtype)  # under autocast h is bf16 and w an fp32 parameter; autograd casts dW back (no-op on fp32)
+    h, w = head_inputs(h, w)
     chunk = chunk or default_chunk(w.shape[0])
     lse_fn, grad_fn = chunk_ops(h.device, compile)
-    loss, lse = head_token_loss(h.detach().reshape(-1, C), w.detach(), targets.reshape(-1), chunk, lse_fn)
-    sel = select_tokens(loss.view(B, T), targets, ref_loss, k, scope, select, gen)
-    out = SelectedHeadLoss.apply(h.reshape(-1, C), w, targets.reshape(-1), loss, lse, sel.reshape(-1), chunk, grad_fn)
+    with torch.autocast(h.device.type, enabled=False):
+        loss, lse = head_token_loss(h.detach().reshape(-1, C), w.detach(), targets.reshape(-1), chunk, lse_fn)
+        if sel is None:
+            sel, n = select_step(loss.view(B, T), targets, ref_loss, k, scope, select, gen, ranks)
+        out = SelectedHeadLoss.apply(h.reshape(-1, C), w, targets.reshape(-1), loss, lse, sel.reshape(-1), n, chunk, grad_fn)
     return out, loss.view(B, T), sel
 
 
 @torch.no_grad()
 def model_token_loss(model, x, y):
     """Every token's loss under model, (B, T), without grad and without B*T x V logits: scoring and eval."""
-    h, w = model(x), model.lm_head.weight
-    loss, _ = head_token_loss(h.flatten(0, 1), w, y.flatten(), default_chunk(w.shape[0]), chunk_ops(h.device)[0])
+    h, w = head_inputs(model(x), model.lm_head.weight)
+    with torch.autocast(h.device.type, enabled=False):
+        loss, _ = head_token_loss(h.flatten(0, 1), w, y.flatten(), default_chunk(w.shape[0]), chunk_ops(h.device)[0])
     return loss.view(y.shape)
 
 
@@ -478,30 +570,102 @@ def model_token_loss(model, x, y):
 # reference scoring: one forward pass of the frozen reference model over every web token
 
 
+def weights_sha256(model):
+    """Fingerprint of a model's weights: a resumed scoring run must use the same reference model."""
+    sha = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        sha.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights, ranks):
+    """<path>.partial (float32, 1:1 with web.bin), <path>.done (a byte per block of --score_batch windows) and
+    <path>.partial.json, created by process 0, or kept when they belong to the same data, windows and
+    reference weights: then scoring resumes. Returns (windows per block, done flags)."""
+    info = {"n_tokens": n_tokens, "block_size": T, "score_batch": cfg.score_batch, "data_sha256": meta["sha256"],
+            "weights_sha256": weights}
+    if ranks.rank == 0:
+        try:
+            with open(path + ".partial.json") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        same = old is not None and all(old[key] == info[key] for key in info if key != "score_batch")
+        if same and os.path.isfile(path + ".partial") and os.path.isfile(path + ".done"):
+            info = old  # resume, with the block size it started with
+        else:
+            if old is not None:
+                print(f"score: {path}.partial belongs to other data or another reference model: starting over")
+            for stale in (path, path + ".json"):  # scores of an earlier reference model must not outlive it
+                if os.path.exists(stale):
+                    os.remove(stale)
+            n_blocks = -(-n_windows // info["score_batch"])
+            with open(path + ".partial.tmp", "wb") as f:  # sparse zeros, NaN where no window predicts a token
+                f.truncate(4 * n_tokens)
+                os.pwrite(f.fileno(), np.full(1, np.nan, np.float32).tobytes(), 0)
+                os.pwrite(f.fileno(), np.full(n_tokens - n_windows * T - 1, np.nan, np.float32).tobytes(), 4 * (n_windows * T + 1))
+            write_atomic(path + ".done", bytes(n_blocks))
+            os.replace(path + ".partial.tmp", path + ".partial")
+            write_json(path + ".partial.json", info)
+    if ranks.world > 1:
+        dist.barrier()
+        with open(path + ".partial.json") as f:
+            info = json.load(f)
+    return info["score_batch"], np.fromfile(path + ".done", np.uint8)
+
+
 @torch.no_grad()
-def score_web(model, meta, cfg):
+def score_web(model, meta, cfg, ranks=ONE):
     """Writes <out>/ref/ref_loss.bin: float32 L_RM for every web token (NaN where no window predicts it),
-    scored with the same windows that training reads, so both models see the same context."""
+    scored with the same windows that training reads, so both models see the same context.
+    At scale: bfloat16 autocast on GPU, --score_batch windows per forward, resumable (a block's losses go
+    in place into ref_loss.bin.partial, and the block is marked in .done only once they are on disk, so a
+    killed run redoes at most the unmarked blocks), and split across torchrun's processes (round-robin
+    blocks). The finished file is renamed into place: ref_loss.bin is always complete."""
     model.eval()
     web = windows(cfg.data, "web.bin", meta, model.config.block_size)
-    path, T, B = ref_scores_path(cfg), web.T, 4 * cfg.batch_size
-    out = np.memmap(path + ".tmp", mode="w+", dtype=np.float32, shape=(len(web.tokens),))  # raw, 1:1 with web.bin
-    out[:] = np.nan
-    t0 = time.time()
-    for i in range(0, web.n, B):
-        ws = range(i, min(i + B, web.n))
-        x, y = web.get(ws, cfg.device)
-        loss = model_token_loss(model, x, y).cpu().numpy()
-        for j, w in enumerate(ws):
-            out[w * T + 1: w * T + T + 1] = loss[j]
-    out.flush()
-    del out
+    path, T, n_tokens = ref_scores_path(cfg), web.T, len(web.tokens)
+    B, done = start_scoring(path, n_tokens, T, web.n, cfg, meta, weights_sha256(model), ranks)
+    todo = [b for b in range(len(done)) if not done[b] and b % ranks.world == ranks.rank]
+    t0 = t_sync = time.time()
+    marks, n_scored = [], 0
+    with open(path + ".partial", "r+b") as out, open(path + ".done", "r+b") as flags:
+        def sync():  # losses on disk first, then their marks
+            os.fsync(out.fileno())
+            for b in marks:
+                os.pwrite(flags.fileno(), b"\x01", b)
+            os.fsync(flags.fileno())
+            marks.clear()
+        for i, b in enumerate(todo):
+            ws = range(b * B, min(b * B + B, web.n))  # consecutive windows: their targets are consecutive tokens
+            x, y = web.get(ws, cfg.device)
+            with autocast(cfg):
+                loss = model_token_loss(model, x, y).float().cpu().numpy()  # (len(ws), T)
+            os.pwrite(out.fileno(), loss.tobytes(), 4 * (ws[0] * T + 1))
+            marks.append(b)
+            n_scored += loss.size
+            if time.time() - t_sync > 30 or i == len(todo) - 1:
+                sync()
+                t_sync = time.time()
+                if ranks.rank == 0 and len(todo) > 1:
+                    rate = n_scored / (t_sync - t0)
+                    print(f"score: {i + 1}/{len(todo)} blocks, {rate:,.0f} tok/s, eta {(len(todo) - i - 1) * B * T / rate:.0f}s",
+                          file=sys.stderr, flush=True)
     elapsed = time.time() - t0
-    os.replace(path + ".tmp", path)  # atomic: a killed scoring run leaves no partial file behind
-    info = {"n_tokens": len(web.tokens), "encoding": meta["encoding"], "data": cfg.data, "data_sha256": meta["sha256"],
-            "block_size": T, "score_s": round(elapsed, 2), "score_tok_s": round(web.n * T / elapsed)}
-    write_json(path + ".json", info)
-    print(f"score: {web.n * T:,} web tokens in {elapsed:.1f}s ({info['score_tok_s']:,} tok/s) -> {path}")
+    n_scored = int(sum_ranks(torch.tensor(n_scored), ranks))
+    if ranks.world > 1:
+        dist.barrier()
+    info = {"n_tokens": n_tokens, "encoding": meta["encoding"], "data": cfg.data, "data_sha256": meta["sha256"],
+            "block_size": T, "score_s": round(elapsed, 2), "score_tok_s": round(n_scored / max(elapsed, 1e-9)),
+            "processes": ranks.world, "dtype": cfg.dtype}
+    if ranks.rank == 0:
+        if not np.fromfile(path + ".done", np.uint8).all():
+            die(f"{path}.partial: some blocks were not scored; run `python rho.py --score` again to finish them")
+        os.replace(path + ".partial", path)
+        write_json(path + ".json", info)
+        os.remove(path + ".done"); os.remove(path + ".partial.json")
+        print(f"score: {n_scored:,} web tokens in {elapsed:.1f}s ({info['score_tok_s']:,} tok/s"
+              f"{f' over {ranks.world} processes' if ranks.world > 1 else ''}) -> {path}")
     return info
 
 
@@ -565,39 +729,91 @@ def lr_at(step, cfg):
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def step_loss(model, x, y, r, cfg, gen):
+def step_loss(fwd, w, x, y, r, cfg, gen, ranks=ONE, sel=None, n=None):
     """The one place where the runs differ: which tokens carry the loss. CLM and the reference model are
-    the k = 1 case."""
-    h, k = model(x), (cfg.k if cfg.mode == "slm" else 1.0)  # (B, T, C)
+    the k = 1 case. fwd: the model's forward (maybe compiled, maybe DDP); w: the head weight."""
+    with autocast(cfg):
+        h, k = fwd(x), (cfg.k if cfg.mode == "slm" else 1.0)  # (B, T, C)
     if cfg.head == "fused":
-        return fused_slm_loss(h, model.lm_head.weight, y, r, k, cfg.scope, cfg.select, gen)
-    logits = model.lm_head(h)  # (B, T, V)
+        with autocast(cfg):
+            return fused_slm_loss(h, w, y, r, k, cfg.scope, cfg.select, gen, ranks=ranks, sel=sel, n=n)
+    logits = F.linear(h, w)  # (B, T, V)
     return slm_loss(logits, y, r, k, cfg.scope, cfg.select, gen) if k < 1 else clm_loss(logits, y)
 
 
-def train(cfg, model_cfg):
+@torch.no_grad()
+def selection_pass(fwd, micro, cfg, gen, ranks):
+    """A step in several micro-batches needs every token's loss before its first backward: one no-grad
+    forward over them (none when the rule reads no training loss), then I_k over the whole step."""
+    k = cfg.k if cfg.mode == "slm" else 1.0
+    y, r = torch.cat([m[1] for m in micro]), torch.cat([m[2] for m in micro])
+    loss = torch.zeros(y.shape, device=y.device)
+    if k < 1 and cfg.select in ("excess", "train", "sample"):
+        with autocast(cfg):
+            loss = torch.cat([model_token_loss(fwd, x, yy) for x, yy, *_ in micro])
+    sel, n = select_step(loss, y, r, k, cfg.scope, cfg.select, gen, ranks)
+    return sel.split(len(micro[0][1])), n
+
+
+def train_step(model, fwd, ddp, micro, cfg, gen, ranks):
+    """Forward and backward of one optimizer step over this process's micro-batches. The gradient is that of
+    the mean loss over the tokens selected in the whole step (every process, every micro-batch), whatever
+    the split. Returns (the step's loss, this process's selected tokens per micro-batch)."""
+    sels, n = [None] * len(micro), None
+    if len(micro) > 1:
+        sels, n = selection_pass(fwd, micro, cfg, gen, ranks)
+    total = []
+    for i, (x, y, r, *_) in enumerate(micro):
+        sync = ranks.world == 1 or i == len(micro) - 1  # DDP all-reduces the gradients once, after the last
+        with nullcontext() if sync else ddp.no_sync():
+            loss, _, sels[i] = step_loss(ddp, model.lm_head.weight, x, y, r, cfg, gen, ranks, sels[i], n)
+            (loss * ranks.world if ranks.world > 1 else loss).backward()  # DDP averages over processes
+        total.append(loss.detach())
+    return sum_ranks(torch.stack(total).sum(), ranks), sels
+
+
+def split_step(cfg, ranks):
+    """Sequences per forward on each process, checked against the step's batch."""
+    if cfg.batch_size % ranks.world:
+        die(f"--batch_size {cfg.batch_size}: not divisible by the {ranks.world} processes; use a multiple of {ranks.world}")
+    share = cfg.batch_size // ranks.world
+    micro = cfg.micro_batch or share
+    if share % micro:
+        die(f"--micro_batch {micro}: must divide the {share} sequences each process holds per step "
+            f"(--batch_size {cfg.batch_size} over {ranks.world} processes)")
+    if cfg.head == "naive" and (micro < share or ranks.world > 1):
+        die("--head naive is the plain single-process reference: run it without --micro_batch and without torchrun")
+    return micro
+
+
+def train(cfg, model_cfg, ranks=ONE):
     meta, name = load_meta(cfg.data), run_name(cfg)
+    master = ranks.rank == 0  # logs, evaluates and saves
     out_dir = os.path.join(cfg.out, name)
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    micro_bs = split_step(cfg, ranks)
     model = build_model(cfg, meta, model_cfg)
     T = model.config.block_size
     if cfg.mode == "base" and "base" not in meta["tokens"]:
         die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
             f"model with --init_from CKPT, or from scratch without it")
+    n_web = meta["tokens"]["web"]  # runs that read no reference scores get zeros, which take no memory
+    zeros = np.broadcast_to(np.float32(0), (n_web,))
     if cfg.mode in ("base", "ref"):  # CLM on the general corpus, or on the high-quality one
-        train_w, lo, hi = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T), 0, None
+        train_w = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T)
+        train_w.extras = (np.broadcast_to(np.float32(0), (len(train_w.tokens),)),)
+        lo, hi = 0, None
     else:
-        n_web = meta["tokens"]["web"]  # CLM and the random control read no reference scores: zeros, no memory
         needs_ref = cfg.mode == "slm" and cfg.select in ("excess", "ref", "sample")
-        extras = [load_ref_scores(cfg, meta, T) if needs_ref else np.broadcast_to(np.float32(0), (n_web,))]
+        extras = [load_ref_scores(cfg, meta, T) if needs_ref else zeros]
         if "labels" in meta:  # demo only: ground-truth noise labels, for auditing the selection
             extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
         train_w = windows(cfg.data, "web.bin", meta, T, extras)
         lo, hi = 0, web_split(train_w.n)
     ev = Evaluator(cfg, meta, T, train_w.extras[0] if cfg.mode in ("clm", "slm") else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise
+    gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise: the same on every process
     n_labels = labels_for(cfg, meta)
     state = {"history": [], "losses": [], "tokens_seen": 0, "tokens_trained": 0, "wall_s": 0.0,
              "sel_by_label": [0] * n_labels, "seen_by_label": [0] * n_labels, "tokens": {"hq": [], "web": [], "sel": []}}
@@ -607,42 +823,54 @@ def train(cfg, model_cfg):
         model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"]); gen.set_state(ckpt["rng"])
         start, state = ckpt["step"], ckpt["state"]
         state.setdefault("tokens", {"hq": [], "web": [], "sel": []})  # checkpoints from before token records
-        print(f"{name}: resumed from {ckpt_path} at step {start}")
-    elif cfg.resume:
+        if master:
+            print(f"{name}: resumed from {ckpt_path} at step {start}")
+    elif cfg.resume and master:
         print(f"{name}: no checkpoint at {ckpt_path} to resume; starting from step 0")
-    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.steps} steps of "
-          f"{cfg.batch_size}x{T} tokens, {cfg.mode}" + (f" k={cfg.k} select={cfg.select} scope={cfg.scope}" if cfg.mode == "slm" else ""))
+    fwd = torch.compile(model) if cfg.compile else model
+    ddp = DDP(fwd, device_ids=[ranks.local] if cfg.device.startswith("cuda") else None) if ranks.world > 1 else fwd
+    split = f", {ranks.world} processes x {cfg.batch_size // ranks.world // micro_bs} micro-batches of {micro_bs}" \
+        if micro_bs * ranks.world < cfg.batch_size else ""
+    if master:
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.steps} steps of "
+              f"{cfg.batch_size}x{T} tokens{split}, {cfg.mode}" + (f" k={cfg.k} select={cfg.select} scope={cfg.scope}" if cfg.mode == "slm" else ""))
     t_last, interval = time.time(), new_interval(n_labels)
     for step in range(start, cfg.steps):
         model.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        x, y, *extras = train_w.batch(step, cfg.batch_size, cfg.seed, cfg.device, lo, hi)
-        loss, tok_loss, sel = step_loss(model, x, y, extras[0] if extras else None, cfg, gen)
+        micro = train_w.micro_batches(step, cfg.batch_size, cfg.seed, cfg.device, lo, hi, ranks, micro_bs)
+        opt.zero_grad(set_to_none=True)
+        loss, sels = train_step(model, fwd, ddp, micro, cfg, gen, ranks)
         if not torch.isfinite(loss):
             die(f"{name}: loss became {loss.item()} at step {step}; the last good checkpoint is {ckpt_path} "
                 f"(resume with --resume after lowering --lr)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        state["tokens_seen"] += y.numel()
-        state["tokens_trained"] += int(sel.sum())
+        state["tokens_seen"] += cfg.batch_size * T
+        state["tokens_trained"] += int(sum_ranks(sum(s.sum() for s in sels), ranks))
         state["losses"].append(loss.item())
-        interval["n"] += 1; interval["tokens"] += y.numel(); interval["loss"] += loss.item()
-        if n_labels:
-            count_labels(interval, extras[-1], sel, n_labels)
+        interval["n"] += 1; interval["tokens"] += cfg.batch_size * T; interval["loss"] += loss.item()
+        for (_, y, *extras), sel in zip(micro, sels):
+            if n_labels:
+                count_labels(interval, extras[-1], sel, n_labels)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             now = time.time()
             state["wall_s"] += now - t_last
-            measures, records = ev.evaluate(model)
-            record(state, interval, measures, step + 1, cfg, name, now - t_last, meta.get("labels"))
-            for key, v in records.items():
-                state["tokens"][key].append(v)
-            save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
+            if n_labels:  # every process counted its own share
+                interval["sel"], interval["seen"] = (sum_ranks(torch.tensor(interval[c]), ranks).tolist() for c in ("sel", "seen"))
+            if master:
+                measures, records = ev.evaluate(model)
+                record(state, interval, measures, step + 1, cfg, name, now - t_last, meta.get("labels"))
+                for key, v in records.items():
+                    state["tokens"][key].append(v)
+                save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
             t_last, interval = time.time(), new_interval(n_labels)
+    info = score_web(model, meta, cfg, ranks) if cfg.mode == "ref" else None  # every process scores its share
+    if not master:
+        return None
     write_token_losses(os.path.join(out_dir, "tokens.npz"), state, ev)
-    return finish(cfg, meta, name, state, out_dir, model)
+    return finish(cfg, meta, name, state, out_dir, model, info)
 
 
 def write_token_losses(path, state, ev):
@@ -705,7 +933,7 @@ def record(state, interval, measures, step, cfg, name, dt, labels):
     print(line + f" | {tok_s / 1000:.1f}k tok/s | eta {left:.0f}s", flush=True)
 
 
-def finish(cfg, meta, name, state, out_dir, model):
+def finish(cfg, meta, name, state, out_dir, model, score_info=None):
     last = state["history"][-1]
     metrics = {"run": name, "mode": cfg.mode, "k": cfg.k if cfg.mode == "slm" else 1.0,
                "select": cfg.select if cfg.mode == "slm" else "all", "scope": cfg.scope, "steps": cfg.steps,
@@ -716,9 +944,8 @@ def finish(cfg, meta, name, state, out_dir, model):
     if labels_for(cfg, meta):
         metrics["noise_in_selected"] = noise_share(state["sel_by_label"], meta["labels"])
         metrics["noise_share_corpus"] = noise_share(state["seen_by_label"], meta["labels"])
-    if cfg.mode == "ref":
-        info = score_web(model, meta, cfg)
-        metrics.update(score_s=info["score_s"], score_tok_s=info["score_tok_s"])
+    if score_info:
+        metrics.update(score_s=score_info["score_s"], score_tok_s=score_info["score_tok_s"])
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} acc {last['accuracy']:.1%} "
           f"-> {out_dir}/metrics.json")
@@ -1334,6 +1561,11 @@ def parse_args(argv=None):
     p.add_argument("--head", default=d.head, choices=["fused", "naive"], help="fused head (default) or the plain full-logits loss it is tested against")
     p.add_argument("--scope", default=d.scope, choices=["batch", "sequence"], help="top-k over all tokens of the step (default) or within each sequence")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the model init, batch order and random selection")
+    p.add_argument("--micro_batch", type=int, default=0, help="sequences per forward on each process (gradient accumulation); "
+                   "default: batch_size / processes. The top-k still spans the whole step")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    p.add_argument("--score_batch", type=int, default=d.score_batch, help="windows per forward when scoring the web corpus")
     p.add_argument("--eval_every", type=int, default=d.eval_every, help="steps between evaluations and checkpoints")
     p.add_argument("--eval_problems", type=int, default=d.eval_problems, help="eval problems for answer accuracy")
     p.add_argument("--init_from", default="", help="start from a checkpoint: a ckpt.pt path, or a run name in --out (e.g. base)")
@@ -1345,8 +1577,10 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if not 0 < a.k <= 1:
         p.error(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
-    if a.steps < 1 or a.batch_size < 1 or a.eval_every < 1:
-        p.error("--steps, --batch_size and --eval_every must be positive")
+    if a.steps < 1 or a.batch_size < 1 or a.eval_every < 1 or a.score_batch < 1 or a.micro_batch < 0:
+        p.error("--steps, --batch_size, --eval_every and --score_batch must be positive (--micro_batch: positive, or 0 for the whole step)")
+    if a.dtype == "auto":
+        a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     mode = next(m for m in ("base", "ref", "score", "clm", "slm", "compare", "report", "bench") if getattr(a, m))
     cfg = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig) if hasattr(a, f.name)}, mode=mode)
     return cfg, GPTConfig(**{f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"})
@@ -1360,13 +1594,18 @@ def main(argv=None):
         return report(cfg)
     if cfg.mode == "bench":
         return bench(cfg)
-    if cfg.mode == "score":
-        meta = load_meta(cfg.data)
-        ckpt = load_checkpoint(os.path.join(cfg.out, "ref", "ckpt.pt"), meta, "reference model")
-        model = GPT(GPTConfig(**ckpt["model_config"])).to(cfg.device)
-        model.load_state_dict(ckpt["model"])
-        return score_web(model, meta, cfg)
-    return train(cfg, model_cfg)
+    ranks = init_ranks(cfg)  # one process, or one of torchrun's
+    try:
+        if cfg.mode == "score":
+            meta = load_meta(cfg.data)
+            ckpt = load_checkpoint(os.path.join(cfg.out, "ref", "ckpt.pt"), meta, "reference model")
+            model = GPT(GPTConfig(**ckpt["model_config"])).to(cfg.device)
+            model.load_state_dict(ckpt["model"])
+            return score_web(model, meta, cfg, ranks)
+        return train(cfg, model_cfg, ranks)
+    finally:
+        if ranks.world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
