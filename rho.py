@@ -752,7 +752,7 @@ def selection_pass(fwd, micro, cfg, gen, ranks):
         with autocast(cfg):
             loss = torch.cat([model_token_loss(fwd, x, yy) for x, yy, *_ in micro])
     sel, n = select_step(loss, y, r, k, cfg.scope, cfg.select, gen, ranks)
-    return sel.split(len(micro[0][1])), n
+    return list(sel.split(len(micro[0][1]))), n
 
 
 def train_step(model, fwd, ddp, micro, cfg, gen, ranks):
@@ -829,7 +829,7 @@ def train(cfg, model_cfg, ranks=ONE):
         print(f"{name}: no checkpoint at {ckpt_path} to resume; starting from step 0")
     fwd = torch.compile(model) if cfg.compile else model
     ddp = DDP(fwd, device_ids=[ranks.local] if cfg.device.startswith("cuda") else None) if ranks.world > 1 else fwd
-    split = f", {ranks.world} processes x {cfg.batch_size // ranks.world // micro_bs} micro-batches of {micro_bs}" \
+    split = f", {ranks.world} process{'es' * (ranks.world > 1)} x {cfg.batch_size // ranks.world // micro_bs} micro-batches of {micro_bs}" \
         if micro_bs * ranks.world < cfg.batch_size else ""
     if master:
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.steps} steps of "

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -379,6 +380,119 @@ def test_resume_equals_uninterrupted(demo, tmp_path, monkeypatch):
     za, zb = (np.load(tmp_path / d / "x" / "tokens.npz") for d in ("full", "killed"))  # per-token records survive
     assert list(za["step"]) == [2, 4, 6] and set(za.files) == set(zb.files)
     assert all(np.array_equal(za[f], zb[f]) for f in za.files)
+
+
+# -----------------------------------------------------------------------------
+# many processes (torchrun, DDP on gloo) and split steps select the same tokens as one process
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def recording_selection(monkeypatch=None):
+    """Wraps rho.train_step to keep each step's selected tokens of this process (its rows, in order)."""
+    masks, real = [], rho.train_step
+
+    def train_step(*a):
+        loss, sels = real(*a)
+        masks.append(torch.cat(sels).clone())
+        return loss, sels
+    if monkeypatch:
+        monkeypatch.setattr(rho, "train_step", train_step)
+    else:
+        rho.train_step = train_step
+    return masks
+
+
+def torchrun_child(rank, world, port, argv, record):
+    """One of `world` processes, as torchrun would start it."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    masks = recording_selection()
+    rho.main(argv)
+    torch.save(masks, f"{record}.{rank}.pt")
+
+
+def torchrun(world, argv, record):
+    """rho.main(argv) in `world` CPU processes on the gloo backend; returns each step's selection, all ranks' rows."""
+    torch.multiprocessing.spawn(torchrun_child, args=(world, free_port(), argv, record), nprocs=world)
+    per_rank = [torch.load(f"{record}.{r}.pt") for r in range(world)]
+    return [torch.cat(steps) for steps in zip(*per_rank)]
+
+
+@pytest.fixture(scope="module")
+def one_process(demo, tmp_path_factory):
+    """Reference scores, then a 3-step SLM run (and its random control) in one process, whole steps."""
+    out = tmp_path_factory.mktemp("one")
+    run(demo, out, "--ref", "--steps", "2", "--eval_every", "2")
+    runs = {}
+    for select in ("excess", "random"):
+        mp = pytest.MonkeyPatch()
+        masks = recording_selection(mp)
+        run(demo, out, "--slm", "--select", select, "--batch_size", "8", "--steps", "3", "--eval_every", "3", "--name", select)
+        mp.undo()
+        runs[select] = masks
+    return out, runs
+
+
+def assert_same_run(a, b, masks_a, masks_b):
+    """The same tokens selected at every step; losses and weights equal up to float summation order."""
+    assert len(masks_a) == len(masks_b) == 3 and all(torch.equal(x, y) for x, y in zip(masks_a, masks_b))
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["tokens_trained"] == mb["tokens_trained"] and ma["noise_in_selected"] == mb["noise_in_selected"]
+    np.testing.assert_allclose(ma["losses"], mb["losses"], rtol=1e-5)
+    wa, wb = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (a, b))
+    assert all(torch.allclose(wa[n], wb[n], rtol=1e-4, atol=1e-6) for n in wa)
+
+
+@pytest.mark.parametrize("world,micro,select", [(1, 2, "excess"), (2, 2, "excess"), (2, 4, "excess"), (2, 2, "random")])
+def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, world, micro, select, tmp_path, monkeypatch):
+    """world=1, micro=2: 4 micro-batches of gradient accumulation; world=2: two gloo processes (DDP), with
+    2 micro-batches each (micro 2) or a whole share in one forward (micro 4)."""
+    out, runs = one_process
+    os.symlink(out / "ref", tmp_path / "ref")
+    argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--select", select, "--batch_size", "8",
+            "--steps", "3", "--eval_every", "3", "--name", select, "--micro_batch", str(micro)]
+    if world == 1:
+        masks = recording_selection(monkeypatch)
+        rho.main(argv)
+    else:
+        masks = torchrun(world, argv, tmp_path / "sel")
+    assert_same_run(out / select, tmp_path / select, runs[select], masks)
+
+
+def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_process, tmp_path, monkeypatch):
+    out, _ = one_process
+    whole = np.fromfile(out / "ref" / "ref_loss.bin", np.float32)  # one process, in one go
+    os.makedirs(tmp_path / "ref")
+    os.symlink(out / "ref" / "ckpt.pt", tmp_path / "ref" / "ckpt.pt")
+    argv = ["--data", str(demo / "data"), "--out", str(tmp_path), "--score", "--score_batch", "16"]
+    real, calls = rho.model_token_loss, []
+
+    def killed_after_5_blocks(*a):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(rho, "model_token_loss", killed_after_5_blocks)
+    monkeypatch.setattr(time, "time", iter(range(0, 10**6, 31)).__next__)  # every block is synced to disk
+    with pytest.raises(KeyboardInterrupt):
+        rho.main(argv)
+    assert not (tmp_path / "ref" / "ref_loss.bin").exists() and np.fromfile(tmp_path / "ref" / "ref_loss.bin.done", np.uint8).sum() == 5
+    with pytest.raises(SystemExit, match="scoring was interrupted"):
+        rho.load_ref_scores(rho.RunConfig(out=str(tmp_path)), rho.load_meta(str(demo / "data")), 32)
+    calls.clear()
+    monkeypatch.undo()
+    rho.main(argv)  # resumes: only the blocks not marked done
+    assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_loss.bin", np.float32), whole, equal_nan=True)
+    assert not (tmp_path / "ref" / "ref_loss.bin.partial").exists()
+    os.remove(tmp_path / "ref" / "ref_loss.bin")
+    torchrun(2, argv, tmp_path / "sel")  # two processes, blocks round-robin, written in place
+    assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_loss.bin", np.float32), whole, equal_nan=True)
+    assert json.loads((tmp_path / "ref" / "ref_loss.bin.json").read_text())["processes"] == 2
 
 
 def test_loss_category_rule():
