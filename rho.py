@@ -15,6 +15,8 @@ Reads top to bottom in the order the data flows: config -> model -> data -> the 
 SLM head -> reference scoring -> training -> evaluation -> comparison -> analysis report -> benchmark -> main.
 """
 import argparse
+import contextlib
+import io
 import hashlib
 import json
 import math
@@ -22,7 +24,6 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -78,8 +79,22 @@ class RunConfig:
     eval_every: int = 50
     eval_problems: int = 100
     init_from: str = ""
+    preset: str = ""  # see PRESETS
+    cases: str = "head,step"  # --bench: which measurements
     resume: bool = False
     device: str = "cpu"
+
+
+GPT2_SMALL = dict(block_size=1024, n_layer=12, n_head=12, n_embd=768)  # vocab_size 50257, tiktoken's gpt2
+
+PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags win), then per stage
+    "gpt2-owm": {  # the paper's setting at small scale: GPT-2 124M from OpenAI's weights, a GSM8K/MetaMath-like
+        # hq corpus, OpenWebMath-like web; 2000 steps of 512 x 1024 tokens = 1.05B tokens of continual pretraining
+        "init_from": "gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100, "eval_every": 250,
+        "eval_problems": 200, "compile": True, "k": 0.6,
+        "ref": {"steps": 600, "lr": 1e-4},  # 315M tokens: 3 epochs of ~100M hq tokens (the paper: 3 epochs)
+        "clm": {"steps": 2000, "lr": 1e-4}, "slm": {"steps": 2000, "lr": 1e-4}},
+}
 
 
 # -----------------------------------------------------------------------------
@@ -765,7 +780,7 @@ def train_step(model, fwd, ddp, micro, cfg, gen, ranks):
     total = []
     for i, (x, y, r, *_) in enumerate(micro):
         sync = ranks.world == 1 or i == len(micro) - 1  # DDP all-reduces the gradients once, after the last
-        with nullcontext() if sync else ddp.no_sync():
+        with contextlib.nullcontext() if sync else ddp.no_sync():
             loss, _, sels[i] = step_loss(ddp, model.lm_head.weight, x, y, r, cfg, gen, ranks, sels[i], n)
             (loss * ranks.world if ranks.world > 1 else loss).backward()  # DDP averages over processes
         total.append(loss.detach())
@@ -1477,6 +1492,42 @@ def bench_step(impl, cfg, k, device, warmup, repeats):
     return timed(score if impl == "score" else step, device, warmup, repeats)
 
 
+def bench_train(impl, mcfg, B, k, device, warmup, repeats):
+    """One optimizer step exactly as train() runs it (fused head; bfloat16 autocast on CUDA): clm (k = 1),
+    slm (stored reference losses, the step in one forward) or slm_split (the same step in two micro-batches,
+    so a no-grad selection pass comes first: the cost of gradient accumulation under a step-wide top-k)."""
+    torch.manual_seed(0)
+    cfg = RunConfig(mode="clm" if impl == "clm" else "slm", k=k, device=str(device), dtype="bfloat16" if device.type == "cuda" else "float32")
+    model, T = GPT(mcfg).to(device), mcfg.block_size
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(device) for _ in range(2))
+    r = torch.rand(B, T, generator=g).to(device)
+    micro = [(x, y, r)] if impl != "slm_split" else [(x[i::2], y[i::2], r[i::2]) for i in range(2)]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        train_step(model, model, model, micro, cfg, g, ONE)
+        opt.step()
+    return timed(step, device, warmup, repeats)
+
+
+def bench_scale(n_tokens, device, warmup, repeats):
+    """Scoring n_tokens random web tokens with a demo-sized model through score_web: its cost per token."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(os.path.join(d, "ref"))
+        np.random.default_rng(0).integers(0, 257, n_tokens, dtype=np.uint16).tofile(os.path.join(d, "web.bin"))
+        meta = {"encoding": "bytes", "dtype": "uint16", "sha256": "bench"}
+        cfg = RunConfig(data=d, out=d, device=str(device), dtype="bfloat16" if device.type == "cuda" else "float32")
+        torch.manual_seed(0)
+        model = GPT(GPTConfig()).to(device)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            score_web(model, meta, cfg)
+        return 1000 * (time.perf_counter() - t0), mem_peak(device) - 0
+
+
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense, datasheets
 
 
@@ -1485,11 +1536,23 @@ def gpu_peak_tflops():
     return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
+def flops_per_token(mcfg):
+    """Model FLOPs of a training step per token: 6 N (N: parameters, position embeddings left out) plus
+    attention's 12 L d T (the PaLM / nanoGPT MFU convention); selection changes neither."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in GPT(mcfg).parameters()) - mcfg.block_size * mcfg.n_embd
+    return 6 * n + 12 * mcfg.n_layer * mcfg.n_embd * mcfg.block_size
+
+
 def bench_one(case, impl, shape, device, warmup, repeats):
     device, (N, d, V, k) = torch.device(device), shape
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if case == "head":
         ms, peak = bench_head(impl, N, d, V, k, device, dtype, warmup, repeats)
+    elif case == "train":  # GPT-2 small, as --preset gpt2-owm trains it
+        ms, peak = bench_train(impl, GPTConfig(vocab_size=V, **GPT2_SMALL), N // GPT2_SMALL["block_size"], k, device, warmup, repeats)
+    elif case == "scale":
+        ms, peak = bench_scale(N, device, warmup, repeats)
     else:
         cfg = GPTConfig(vocab_size=V, n_embd=d, n_head=max(1, d // 64), n_layer=4 if d <= 256 else 12)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -1497,39 +1560,80 @@ def bench_one(case, impl, shape, device, warmup, repeats):
     return {"case": case, "impl": impl, "device": str(device), "N": N, "d": d, "V": V, "k": k, "ms": round(ms, 2), "peak_mb": round(peak / 2**20, 1)}
 
 
+BENCH_CASES = ("head", "step", "train", "scale")
+
+
+def bench_plan(cases, k, gpu):
+    plan = []
+    if "head" in cases:  # the demo model's head; GPT-2 small's
+        impls = ("naive_clm", "naive_slm", "fused_slm") + (() if gpu else ("fused_slm_compiled",))
+        plan += [("head", impl, (N, d, V, k)) for N, d, V in [(4096, 128, 320), (8192, 768, 50304)] for impl in impls]
+    if "step" in cases:  # the demo model's step, and its scoring
+        plan += [("step", impl, (16 * 256, 128, 320, k)) for impl in ("clm", "slm_stored", "slm_online", "score")]
+    if "train" in cases:  # GPT-2 small at T = 1024: the preset's micro-batch on a GPU, 2 sequences on a CPU
+        B = PRESETS["gpt2-owm"]["micro_batch"] if gpu else 2
+        plan += [("train", impl, (B * 1024, 768, 50257, k)) for impl in ("clm", "slm", "slm_split")]
+    if "scale" in cases:  # scoring 2^18, 2^19, 2^20 tokens: the cost per token should not move
+        plan += [("scale", "score", (2**e, 128, 320, k)) for e in (18, 19, 20)]
+    return plan
+
+
 def bench(cfg):
-    """python rho.py --bench: one JSON line per measurement, then a table; ratios against CLM of the same
-    case and shape. Each measurement runs in a fresh process, so CPU peak memory (max RSS) is its own."""
+    """python rho.py --bench [--cases head,step,train,scale]: one JSON line per measurement, then a table;
+    ratios against CLM of the same case and shape (scale: against the smallest size). Each measurement
+    runs in a fresh process, so CPU peak memory (max RSS) is its own."""
     import multiprocessing as mp
     device = torch.device(cfg.device)
     gpu = device.type == "cuda"
-    k, heads = cfg.k, [(4096, 128, 320), (8192, 768, 50304)]  # the demo model's head; GPT-2 small's
-    impls = ("naive_clm", "naive_slm", "fused_slm") + (() if gpu else ("fused_slm_compiled",))
-    plan = [("head", impl, (N, d, V, k)) for N, d, V in heads for impl in impls]
-    plan += [("step", impl, (16 * 256, 128, 320, k)) for impl in ("clm", "slm_stored", "slm_online")]
-    plan += [("score", "score", (16 * 256, 128, 320, k))]
+    cases = cfg.cases.split(",")
+    if not set(cases) <= set(BENCH_CASES):
+        die(f"--cases {cfg.cases}: choose from {','.join(BENCH_CASES)}")
     rows, ctx = [], mp.get_context("spawn")
-    for case, impl, shape in plan:
+    for case, impl, shape in bench_plan(cases, cfg.k, gpu):
         with ctx.Pool(1) as pool:
-            big = not gpu and shape[2] > 1000  # GPT-2's head on CPU: ~14 s a repeat
-            row = pool.apply(bench_one, (case, impl, shape, cfg.device, 1 if big else 5, 3 if big else 21))
-        base_case = "head" if case == "head" else "step"  # scoring is compared with the CLM training step
-        base = next((b for b in rows if b["case"] == base_case and b["impl"] in ("naive_clm", "clm")
-                     and (b["N"], b["d"], b["V"]) == shape[:3]), row)
-        if case == "score":  # scoring tokens/s against training tokens/s (the CLM step of the same model)
-            row["tok_s"], row["tok_s_ratio"] = round(shape[0] / row["ms"] * 1000), round(base["ms"] / row["ms"], 2)
+            big = not gpu and (shape[2] > 1000 or case == "scale")  # GPT-2 on CPU: seconds a repeat
+            row = pool.apply(bench_one, (case, impl, shape, cfg.device, 1 if big else 5, 2 if big else 21))
+        base = next((b for b in rows if b["case"] == case and (case == "scale" or b["impl"] in ("naive_clm", "clm")
+                     and (b["N"], b["d"], b["V"]) == shape[:3])), row)  # CLM of the same shape; scale: the smallest
+        if impl == "score":  # scoring tokens/s, against training tokens/s (the CLM step of the same model)
+            row["tok_s"] = round(shape[0] / row["ms"] * 1000)
+            if case == "step":
+                row["tok_s_ratio"] = round(base["ms"] / row["ms"], 2)
+            else:
+                row["ms_per_mtok"] = round(row["ms"] / shape[0] * 1e6, 1)
         row["ms_ratio"], row["mem_ratio"] = round(row["ms"] / base["ms"], 3), round(row["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
+        if case == "scale":  # time per token against the smallest size: 1.0 is linear
+            row["per_token_ratio"] = round(row["ms"] / shape[0] / (base["ms"] / base["N"]), 3)
         if impl.startswith("fused"):  # the head's useful work: (2 + 6k) N d V FLOPs
-            row["tflops"] = round((2 + 6 * k) * shape[0] * shape[1] * shape[2] / row["ms"] / 1e9, 3)
-            if gpu:
-                row["tflops_peak_bf16"] = gpu_peak_tflops()
+            row["tflops"] = round((2 + 6 * cfg.k) * shape[0] * shape[1] * shape[2] / row["ms"] / 1e9, 3)
+        if case == "train":
+            row["tok_s"] = round(shape[0] / row["ms"] * 1000)
+            row["tflops"] = round(flops_per_token(GPTConfig(vocab_size=shape[2], **GPT2_SMALL)) * row["tok_s"] / 1e12, 3)
+        if gpu and "tflops" in row:
+            row["tflops_peak_bf16"] = gpu_peak_tflops()
+            row["mfu"] = round(row["tflops"] / row["tflops_peak_bf16"], 3) if row["tflops_peak_bf16"] else None
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(f"\n{'case':<6}{'impl':<20}{'N':>6}{'d':>5}{'V':>7}{'ms':>10}{'peak MB':>10}{'ms/CLM':>8}{'mem/CLM':>9}{'TFLOP/s':>9}")
+    print(f"\n{'case':<6}{'impl':<20}{'N':>8}{'d':>5}{'V':>7}{'ms':>10}{'peak MB':>10}{'ms/CLM':>8}{'mem/CLM':>9}{'TFLOP/s':>9}")
     for r in rows:
-        print(f"{r['case']:<6}{r['impl']:<20}{r['N']:>6}{r['d']:>5}{r['V']:>7}{r['ms']:>10.1f}{r['peak_mb']:>10.1f}"
+        print(f"{r['case']:<6}{r['impl']:<20}{r['N']:>8}{r['d']:>5}{r['V']:>7}{r['ms']:>10.1f}{r['peak_mb']:>10.1f}"
               f"{r['ms_ratio']:>8.2f}{r['mem_ratio']:>9.3f}{r.get('tflops', ''):>9}")
+    preset_time(rows, cfg)
     return rows
+
+
+def preset_time(rows, cfg):
+    """The --preset gpt2-owm runs' expected time on this device, from the measured GPT-2 small steps."""
+    tok_s = {r["impl"]: r["tok_s"] for r in rows if r["case"] == "train"}
+    if not tok_s:
+        return
+    p = PRESETS["gpt2-owm"]
+    tokens = {stage: p[stage]["steps"] * p["batch_size"] * p["block_size"] for stage in ("ref", "clm", "slm")}
+    split = "slm_split" if p["batch_size"] > p["micro_batch"] else "slm"  # one device: gradient accumulation
+    hours = {"ref": tokens["ref"] / tok_s["clm"], "clm": tokens["clm"] / tok_s["clm"], "slm": tokens["slm"] / tok_s[split]}
+    print(f"\npreset gpt2-owm on one {cfg.device} device, from these tok/s: " + ", ".join(
+        f"{stage} {tokens[stage] / 1e9:.2f}B tokens {h / 3600:.1f} h" for stage, h in hours.items())
+        + f" (SLM at the {split} rate: {tok_s[split]:,} tok/s); scoring the web corpus is a forward: about 1/3 of a CLM step per token")
 
 
 # -----------------------------------------------------------------------------
@@ -1546,7 +1650,7 @@ def parse_args(argv=None):
     job.add_argument("--slm", action="store_true", help="continual pretraining on web with the SLM loss")
     job.add_argument("--compare", action="store_true", help="print one table of every run in --out")
     job.add_argument("--report", action="store_true", help="write <out>/report.html and report.json from the runs in --out")
-    job.add_argument("--bench", action="store_true", help="benchmark the head and a training step: naive vs fused, CLM vs SLM")
+    job.add_argument("--bench", action="store_true", help="benchmark the head and a training step: naive vs fused, CLM vs SLM (--cases)")
     d = RunConfig()
     p.add_argument("--data", default=d.data, help="prepared data folder (default data/demo)")
     p.add_argument("--out", default=d.out, help="runs folder (default out)")
@@ -1560,12 +1664,14 @@ def parse_args(argv=None):
                         "training loss), sample (RHO-LOSS: whole sequences by mean excess loss)")
     p.add_argument("--head", default=d.head, choices=["fused", "naive"], help="fused head (default) or the plain full-logits loss it is tested against")
     p.add_argument("--scope", default=d.scope, choices=["batch", "sequence"], help="top-k over all tokens of the step (default) or within each sequence")
+    p.add_argument("--preset", default="", choices=["", *sorted(PRESETS)], help="defaults for the paper's setting at small scale (see PRESETS); explicit flags win")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the model init, batch order and random selection")
     p.add_argument("--micro_batch", type=int, default=0, help="sequences per forward on each process (gradient accumulation); "
                    "default: batch_size / processes. The top-k still spans the whole step")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     p.add_argument("--score_batch", type=int, default=d.score_batch, help="windows per forward when scoring the web corpus")
+    p.add_argument("--cases", default="head,step", help=f"--bench: which of {','.join(BENCH_CASES)} (train: GPT-2 small steps; scale: scoring cost vs size)")
     p.add_argument("--eval_every", type=int, default=d.eval_every, help="steps between evaluations and checkpoints")
     p.add_argument("--eval_problems", type=int, default=d.eval_problems, help="eval problems for answer accuracy")
     p.add_argument("--init_from", default="", help="start from a checkpoint: a ckpt.pt path, or a run name in --out (e.g. base)")
@@ -1575,13 +1681,19 @@ def parse_args(argv=None):
         if f.name != "vocab_size":
             p.add_argument(f"--{f.name}", type=int, default=f.default, help=f"model {f.name} (default {f.default})")
     a = p.parse_args(argv)
+    mode = next(m for m in ("base", "ref", "score", "clm", "slm", "compare", "report", "bench") if getattr(a, m))
+    if a.preset:
+        given = {t.split("=")[0][2:] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
+        preset = {**PRESETS[a.preset], **PRESETS[a.preset].get(mode, {})}
+        for key, v in preset.items():
+            if not isinstance(v, dict) and key not in given:
+                setattr(a, key, v)
     if not 0 < a.k <= 1:
         p.error(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
     if a.steps < 1 or a.batch_size < 1 or a.eval_every < 1 or a.score_batch < 1 or a.micro_batch < 0:
         p.error("--steps, --batch_size, --eval_every and --score_batch must be positive (--micro_batch: positive, or 0 for the whole step)")
     if a.dtype == "auto":
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
-    mode = next(m for m in ("base", "ref", "score", "clm", "slm", "compare", "report", "bench") if getattr(a, m))
     cfg = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig) if hasattr(a, f.name)}, mode=mode)
     return cfg, GPTConfig(**{f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"})
 
