@@ -3,11 +3,13 @@ prepare.py: text in, token files out.
 
     python prepare.py                                  # the embedded demo corpus -> data/demo/
     python prepare.py --hq hq.jsonl --web web.txt --out data/mine [--val val.jsonl] [--encoding gpt2] [--procs N]
+    python prepare.py --hq hf:openai/gsm8k:main@train --val hf:openai/gsm8k:main@test --web web.parquet --out data/mine
 
 Sources: .txt (documents separated by blank lines), .jsonl or .jsonl.gz (a "text" field, or "question" and
-"answer"). Each source is read once, in order, by this process; a pool of --procs workers parses and tokenizes
-it in tasks of about 2 MB of text, and the tokens are written in order, so the output is byte-identical for any
---procs.
+"answer"), .parquet (the same columns; needs pyarrow), or hf:NAME[:CONFIG][@SPLIT], a Hugging Face dataset
+streamed by name (needs datasets and the network; the split defaults to train). Each source is read once, in
+order, by this process; a pool of --procs workers parses and tokenizes it in tasks of about 2 MB of text, and the
+tokens are written in order, so the output is byte-identical for any --procs.
 
 Writes, into the output folder:
     hq_train.bin, hq_val.bin   high-quality corpus of the target distribution (train / validation)
@@ -15,7 +17,8 @@ Writes, into the output folder:
     web_labels.bin             demo only: a uint8 label per web token (0 = clean, else a noise kind);
                                for auditing the selection, never read by training
     eval.json                  held-out problems {"prompt", "answer"} for answer accuracy
-    meta.json                  encoding, vocab size, dtype, token counts, sources and their sha256
+    meta.json                  encoding, vocab size, dtype, token counts, sources and their sha256 (for a Hugging
+                               Face dataset: its name, config and split)
 Token files are flat numpy memmaps (uint16 when the vocabulary fits, else uint32); documents are
 separated by the end-of-text token. Every file is written to a temp file and renamed into place.
 """
@@ -23,6 +26,7 @@ import argparse
 import collections
 import gzip
 import hashlib
+import importlib
 import io
 import json
 import multiprocessing
@@ -275,7 +279,7 @@ def prepare_demo(out, enc, seed, n_hq=3000, n_val=300, n_eval=200, web_tokens=1_
 
 # -----------------------------------------------------------------------------
 # real corpora, each read once: .txt (documents separated by blank lines), .jsonl / .jsonl.gz ("text", or "question"
-# + "answer")
+# + "answer"), .parquet (the same columns; needs pyarrow), or a Hugging Face dataset streamed by name (needs datasets)
 
 TASK_CHARS = 2_000_000  # text per pool task: pickling is cheap next to tokenizing, and 2N tasks in flight stay small
 N_EVAL = 500  # eval problems kept from the validation source (or hq)
@@ -291,17 +295,42 @@ def short(e):
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl"}
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
 
 
 def source_kind(spec):
-    """txt or jsonl, once the source is found."""
+    """txt, jsonl, parquet or hf, once the source is found and its reader is installed."""
+    if spec.startswith("hf:"):
+        hf_source(spec)  # checks the syntax
+        need("datasets", spec, "streaming a Hugging Face dataset")
+        return "hf"
     if not os.path.isfile(spec):
         raise BadInput(f"{spec}: no such file")
     kind = next((k for ext, k in FORMATS.items() if spec.endswith(ext)), None)
     if kind is None:
-        raise BadInput(f"{spec}: unsupported format; use .txt (documents separated by blank lines), .jsonl or .jsonl.gz")
+        raise BadInput(f"{spec}: unsupported format; use .txt (documents separated by blank lines), .jsonl, .jsonl.gz, "
+                       f".parquet, or hf:NAME[:CONFIG][@SPLIT] for a Hugging Face dataset")
+    if kind == "parquet":
+        need("pyarrow.parquet", spec, "reading parquet", "pyarrow")
     return kind
+
+
+def need(module, spec, what, package=None):
+    """Imports an optional dependency, or fails with one line saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = package or module
+        raise BadInput(f"{spec}: {what} needs {package}: pip install {package}") from None
+
+
+def hf_source(spec):
+    """hf:NAME[:CONFIG][@SPLIT] -> its meta.json record, e.g. hf:openai/gsm8k:main@test. The split defaults to train."""
+    rest, _, split = spec[3:].partition("@")
+    name, _, config = rest.partition(":")
+    if not name:
+        raise BadInput(f"{spec}: a Hugging Face dataset is hf:NAME[:CONFIG][@SPLIT], e.g. hf:openai/gsm8k:main@train")
+    return {"dataset": name, "config": config or None, "split": split or "train"}
 
 
 class HashedFile(io.RawIOBase):
@@ -348,11 +377,54 @@ def read_lines(path, kind, src):
     src["sha256"], src["pos"] = raw.sha.hexdigest(), raw.pos
 
 
+def read_parquet(path, src):
+    """Yields (row number, record) in record batches (bounded memory), reading only the text/question/answer columns."""
+    pq = need("pyarrow.parquet", path, "reading parquet", "pyarrow")
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if "text" not in names and not {"question", "answer"} <= set(names):
+            raise BadInput(f'{path}: needs a "text" column, or "question" and "answer" columns (GSM8K style); it has {names}')
+        n, rows = 0, max(pf.metadata.num_rows, 1)
+        for batch in pf.iter_batches(batch_size=1024, columns=[c for c in ("text", "question", "answer") if c in names]):
+            for rec in batch.to_pylist():
+                n += 1
+                yield n, rec
+            src["pos"] = src["bytes"] * n // rows
+    except BadInput:
+        raise
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
+        raise BadInput(f"{path}: cannot read it as parquet ({short(e)}); check that the file is complete") from None
+    # pyarrow reads the footer first and skips unused columns, so the bytes are hashed in a pass of their own
+    src["sha256"] = file_sha256(path)
+
+
+def file_sha256(path):
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def read_hf(spec, src):
+    """Yields (row number, record) of a Hugging Face dataset, streamed: nothing is downloaded whole."""
+    datasets = need("datasets", spec, "streaming a Hugging Face dataset")
+    try:
+        yield from enumerate(datasets.load_dataset(src["dataset"], src["config"], split=src["split"], streaming=True), 1)
+    except Exception as e:  # no network, an unknown name, config or split, ...
+        raise BadInput(f"{spec}: could not stream it ({short(e)}); check the name, config and split. Streaming needs "
+                       f"huggingface.co: run where the network is, or download the data and pass a local .jsonl or .parquet file") from None
+
+
 def open_source(spec):
     """(kind, the source's meta.json record, its items as they are read)."""
     kind = source_kind(spec)
+    if kind == "hf":
+        src = hf_source(spec)
+        return kind, src, read_hf(spec, src)
     src = {"path": os.path.abspath(spec), "sha256": None, "bytes": os.path.getsize(spec)}
-    return kind, src, read_lines(spec, kind, src)
+    return kind, src, read_parquet(spec, src) if kind == "parquet" else read_lines(spec, kind, src)
 
 
 def make_tasks(spec, kind, items, src, val_every):
@@ -362,12 +434,19 @@ def make_tasks(spec, kind, items, src, val_every):
     task, chars, first = [], 0, 0
     for item in items:
         task.append(item)
-        chars += len(item[1])
+        chars += text_size(item[1])
         if chars >= TASK_CHARS:
             yield (spec, kind, first, val_every, task), (src.get("pos"), first + len(task))
             task, chars, first = [], 0, first + len(task)
     if task:
         yield (spec, kind, first, val_every, task), (src.get("pos"), first + len(task))
+
+
+def text_size(x):
+    """Characters of a document, a .jsonl line, or the text fields of a record."""
+    if isinstance(x, str):
+        return len(x)
+    return sum(len(v) for v in x.values() if isinstance(v, str)) if isinstance(x, dict) else 1
 
 
 # -----------------------------------------------------------------------------
@@ -416,8 +495,8 @@ def encode_task(task):
     train, val, problems = [], [], []
     for i, (n, x) in enumerate(items, first):
         if kind != "txt":
-            rec = jsonl_record(x, path, n)
-            x = record_text(rec, f"{path}:{n}")
+            rec = jsonl_record(x, path, n) if kind == "jsonl" else x
+            x = record_text(rec, f"{path}:{n}" if kind == "jsonl" else f"{path}: record {n}")
             problem = eval_problem(rec)
             if problem:
                 problems.append(problem)
@@ -551,7 +630,8 @@ def checked(f, *args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize the high-quality and web corpora into token files. A source is a "
-                                "file: .txt, .jsonl or .jsonl.gz.")
+                                "file (.txt, .jsonl, .jsonl.gz, .parquet) or hf:NAME[:CONFIG][@SPLIT], a Hugging Face "
+                                "dataset streamed by name (split default train), e.g. hf:openai/gsm8k:main@test.")
     p.add_argument("--hq", help="high-quality corpus of the target distribution (a source, as above)")
     p.add_argument("--web", help="large web-like corpus for continual pretraining (a source)")
     p.add_argument("--val", help="validation split of the target distribution (a source; default: 1 in 50 hq documents)")
