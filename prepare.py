@@ -4,6 +4,7 @@ prepare.py: text in, token files out.
     python prepare.py                                  # the embedded demo corpus -> data/demo/
     python prepare.py --hq hq.jsonl --web web.txt --out data/mine [--val val.jsonl] [--encoding gpt2] [--procs N]
     python prepare.py --hq hf:openai/gsm8k:main@train --val hf:openai/gsm8k:main@test --web web.parquet --out data/mine
+    python prepare.py --bench                          # tokenizing time against data size and processes
 
 Sources: .txt (documents separated by blank lines), .jsonl or .jsonl.gz (a "text" field, or "question" and
 "answer"), .parquet (the same columns; needs pyarrow), or hf:NAME[:CONFIG][@SPLIT], a Hugging Face dataset
@@ -34,6 +35,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 import zlib
 
@@ -618,6 +620,67 @@ def prepare_files(args, enc):
 
 
 # -----------------------------------------------------------------------------
+# --bench: the cost of tokenizing against data size and processes, on synthetic web-like text
+
+BENCH_MB = 20
+
+
+def bench_files(folder, seed, base_mb):
+    """Web-like .txt files of 1x, 2x and 4x base_mb MB: the demo's web pages; the larger files repeat the 1x text
+    (tiktoken keeps no cache between documents, so a repeated document costs what a new one does)."""
+    rng, docs, n = random.Random(seed), [], 0
+    while n < base_mb * 1e6:
+        docs.append("".join(t for t, _ in web_document(rng)))
+        n += len(docs[-1]) + 2
+    text, files = "\n\n".join(docs) + "\n\n", {}
+    for m in (1, 2, 4):
+        files[m] = os.path.join(folder, f"web_{m}x.txt")
+        with open(files[m], "w") as f:
+            f.writelines([text] * m)
+    return files
+
+
+def bench_one(path, size, procs, pool, args, dtype):
+    load, w, t0 = os.getloadavg()[0], TokenWriter(path + ".bin", dtype), time.time()
+    tokenize_source(path, w, pool, 2 * procs)
+    n, dt = w.close(), time.time() - t0
+    os.remove(path + ".bin")
+    return {"size": f"{size}x", "mb": round(os.path.getsize(path) / 1e6, 1), "procs": procs, "encoding": args.encoding,
+            "tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt), "s_per_mtok": round(dt * 1e6 / n, 4),
+            "load_avg": round(load, 2)}  # the 1-minute load average as it started: other work on the machine
+
+
+def bench(args, enc):
+    """Times tokenizing each file with 1 and with --procs processes (workers started before the clock starts).
+    Linear cost: seconds per token stay flat from 1x to 4x. Scaling: seconds drop with processes."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = bench_files(tmp, args.seed, BENCH_MB)
+        for procs in sorted({1, args.procs}):
+            pool = start_pool(procs, args.encoding)
+            try:
+                if pool:
+                    pool.map(abs, range(4 * procs), chunksize=1)  # warm-up: every worker has started
+                for size, path in files.items():
+                    rows.append(bench_one(path, size, procs, pool, args, token_dtype(enc.n_vocab)))
+                    print(json.dumps(rows[-1]), flush=True)
+            finally:
+                if pool:
+                    pool.terminate()
+    print_bench_table(rows)
+    return rows
+
+
+def print_bench_table(rows):
+    per_tok_1x = {r["procs"]: r["s_per_mtok"] for r in rows if r["size"] == "1x"}
+    seconds_1p = {r["size"]: r["seconds"] for r in rows if r["procs"] == 1}
+    print(f"{'size':<5}{'MB':>7}{'procs':>6}{'tokens':>13}{'seconds':>9}{'s/Mtok':>8}{'s/tok vs 1x':>13}{'speedup':>9}")
+    for r in rows:
+        print(f"{r['size']:<5}{r['mb']:>7.1f}{r['procs']:>6}{r['tokens']:>13,}{r['seconds']:>9.2f}{r['s_per_mtok']:>8.3f}"
+              f"{r['s_per_mtok'] / per_tok_1x[r['procs']]:>13.2f}{seconds_1p[r['size']] / r['seconds']:>8.2f}x")
+
+
+# -----------------------------------------------------------------------------
 
 
 def checked(f, *args):
@@ -641,12 +704,16 @@ def main(argv=None):
     p.add_argument("--web_tokens", type=int, default=1_600_000, help="size of the demo web corpus in tokens")
     p.add_argument("--base_tokens", type=int, default=800_000, help="size of the demo base corpus (general web) in tokens")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores; 1: no pool)")
+    p.add_argument("--bench", action="store_true", help=f"time tokenizing {BENCH_MB}, {2 * BENCH_MB} and {4 * BENCH_MB} MB of "
+                   "synthetic web text with 1 and with --procs processes")
     args = p.parse_args(argv)
     if bool(args.hq) != bool(args.web):
         p.error("--hq and --web go together (or neither, for the embedded demo)")
     if args.procs < 1:
         p.error("--procs must be 1 or more")
     enc = get_encoding(args.encoding)
+    if args.bench:
+        return checked(bench, args, enc)
     if args.hq:
         if not args.out:
             p.error("--out DIR is required with --hq/--web")
