@@ -425,7 +425,7 @@ def open_source(spec):
     if kind == "hf":
         src = hf_source(spec)
         return kind, src, read_hf(spec, src)
-    src = {"path": os.path.abspath(spec), "sha256": None, "bytes": os.path.getsize(spec)}
+    src = {"path": os.path.abspath(spec), "sha256": None, "bytes": os.path.getsize(spec), "pos": 0}  # pos: read so far
     return kind, src, read_parquet(spec, src) if kind == "parquet" else read_lines(spec, kind, src)
 
 
