@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import tiktoken
@@ -461,7 +463,7 @@ def init_worker(encoding):
     global _enc
     try:
         _enc = get_encoding(encoding)
-    except SystemExit as e:  # a failing initializer makes the pool restart workers forever: fail in the first task instead
+    except SystemExit as e:  # fail in the first task, with the message, rather than as a broken pool
         _enc = BadInput(str(e).removeprefix("error: "))
 
 
@@ -512,29 +514,31 @@ def encode_task(task):
 def start_pool(procs, encoding):
     """None for --procs 1: tasks then run in this process. Workers are spawned, not forked: each is a fresh interpreter
     that imports only this file (numpy, tiktoken), so no lock or thread of the parent (torch's, a test runner's) is
-    copied half-held into it. Starting costs well under a second, and it is what macOS and Windows do anyway."""
+    copied half-held into it; starting costs well under a second, and it is what macOS and Windows do anyway.
+    ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (out of memory) fails the run with
+    BrokenProcessPool, where Pool would wait for its result forever."""
     if procs == 1:
         init_worker(encoding)
         return None
-    return multiprocessing.get_context("spawn").Pool(procs, initializer=init_worker, initargs=(encoding,))
+    return ProcessPoolExecutor(procs, multiprocessing.get_context("spawn"), initializer=init_worker, initargs=(encoding,))
 
 
 def run_tasks(tasks, pool, depth):
-    """Yields (result, mark) of each task, in order. At most `depth` tasks are in flight, so memory stays bounded:
-    Pool.imap would not do, its feeder thread reads the whole source ahead."""
+    """Yields (result, mark) of each task, in order. At most `depth` tasks are in flight, so memory stays bounded
+    (Pool.imap or Executor.map would not do: they read the whole source ahead)."""
     if pool is None:
         for task, mark in tasks:
             yield encode_task(task), mark
         return
     inflight = collections.deque()
     for task, mark in tasks:
-        inflight.append((pool.apply_async(encode_task, (task,)), mark))
+        inflight.append((pool.submit(encode_task, task), mark))
         if len(inflight) >= depth:
-            result, mark = inflight.popleft()
-            yield result.get(), mark
+            future, mark = inflight.popleft()
+            yield future.result(), mark
     while inflight:
-        result, mark = inflight.popleft()
-        yield result.get(), mark
+        future, mark = inflight.popleft()
+        yield future.result(), mark
 
 
 class Progress:
@@ -587,9 +591,11 @@ def tokenize_source(spec, writer, pool, depth, val_writer=None, val_every=0):
                 val_writer.write(val)
             problems += found[:N_EVAL - len(problems)]
             progress.update(mark, len(train) + len(val))
-    except BaseException:
+    except BaseException as e:
         if progress.width:  # a progress line is showing: end it, so that an error starts on a line of its own
             print(file=sys.stderr)
+        if isinstance(e, BrokenProcessPool):
+            raise BadInput(f"{spec}: a tokenizing process died ({short(e)}); if it ran out of memory, use fewer --procs") from None
         raise
     progress.done()
     src.pop("pos", None)
@@ -611,7 +617,7 @@ def prepare_files(args, enc):
         sources["web"], _ = tokenize_source(args.web, wb, pool, depth)
     finally:
         if pool:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
     counts = {"hq_train": tr.close(), "hq_val": va.close(), "web": wb.close()}
     if not counts["hq_val"]:
         sys.exit(f"error: {args.hq}: too few documents to hold out a validation split (1 in 50); pass --val FILE")
@@ -660,13 +666,13 @@ def bench(args, enc):
             pool = start_pool(procs, args.encoding)
             try:
                 if pool:
-                    pool.map(abs, range(4 * procs), chunksize=1)  # warm-up: every worker has started
+                    list(pool.map(abs, range(4 * procs)))  # warm-up: every worker has started
                 for size, path in files.items():
                     rows.append(bench_one(path, size, procs, pool, args, token_dtype(enc.n_vocab)))
                     print(json.dumps(rows[-1]), flush=True)
             finally:
                 if pool:
-                    pool.terminate()
+                    pool.shutdown()
     print_bench_table(rows)
     return rows
 
@@ -684,7 +690,7 @@ def print_bench_table(rows):
 
 
 def checked(f, *args):
-    """f(*args), with bad input (found while reading, or in a worker and passed back by the pool) as one line."""
+    """f(*args), with bad input (found while reading, or in a worker and passed back) as one line."""
     try:
         return f(*args)
     except BadInput as e:

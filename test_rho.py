@@ -561,9 +561,9 @@ def test_run_tasks_keeps_at_most_depth_tasks_in_flight():
     class Pool:  # runs nothing: counts the tasks submitted and not yet collected
         out = peak = 0
 
-        def apply_async(self, f, args):
+        def submit(self, f, task):
             Pool.out += 1; Pool.peak = max(Pool.peak, Pool.out)
-            return types.SimpleNamespace(get=lambda: (setattr(Pool, "out", Pool.out - 1), args[0])[1])
+            return types.SimpleNamespace(result=lambda: (setattr(Pool, "out", Pool.out - 1), task)[1])
 
     read = []
 
