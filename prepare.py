@@ -361,10 +361,10 @@ def read_lines(path, kind, src):
     raw, doc = HashedFile(path), []
     with io.BufferedReader(raw, 1 << 20) as buf:
         f = gzip.GzipFile(fileobj=buf) if path.endswith(".gz") else buf
+        lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="\n")  # lines end at "\n" only
         try:
-            for lineno, line in enumerate(f, 1):
+            for lineno, text in enumerate(lines, 1):
                 src["pos"] = raw.pos
-                text = line.decode("utf-8", errors="replace")
                 if kind == "jsonl":
                     if text.strip():
                         yield lineno, text
