@@ -2,7 +2,15 @@
 prepare.py: text in, token files out.
 
     python prepare.py                                  # the embedded demo corpus -> data/demo/
-    python prepare.py --hq hq.jsonl --web web.txt --out data/mine [--val val.jsonl] [--encoding gpt2]
+    python prepare.py --hq hq.jsonl --web web.txt --out data/mine [--val val.jsonl] [--encoding gpt2] [--procs N]
+    python prepare.py --hq hf:openai/gsm8k:main@train --val hf:openai/gsm8k:main@test --web web.parquet --out data/mine
+    python prepare.py --bench                          # tokenizing time against data size and processes
+
+Sources: .txt (documents separated by blank lines), .jsonl or .jsonl.gz (a "text" field, or "question" and
+"answer"), .parquet (the same columns; needs pyarrow), or hf:NAME[:CONFIG][@SPLIT], a Hugging Face dataset
+streamed by name (needs datasets and the network; the split defaults to train). Each source is read once, in
+order, by this process; a pool of --procs workers parses and tokenizes it in tasks of about 2 MB of text, and the
+tokens are written in order, so the output is byte-identical for any --procs.
 
 Writes, into the output folder:
     hq_train.bin, hq_val.bin   high-quality corpus of the target distribution (train / validation)
@@ -10,18 +18,28 @@ Writes, into the output folder:
     web_labels.bin             demo only: a uint8 label per web token (0 = clean, else a noise kind);
                                for auditing the selection, never read by training
     eval.json                  held-out problems {"prompt", "answer"} for answer accuracy
-    meta.json                  encoding, vocab size, dtype, token counts, sources and their sha256
+    meta.json                  encoding, vocab size, dtype, token counts, sources and their sha256 (for a Hugging
+                               Face dataset: its name, config and split)
 Token files are flat numpy memmaps (uint16 when the vocabulary fits, else uint32); documents are
 separated by the end-of-text token. Every file is written to a temp file and renamed into place.
 """
 import argparse
+import collections
 import gzip
 import hashlib
+import importlib
+import io
 import json
+import multiprocessing
 import os
 import random
 import re
 import sys
+import tempfile
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import tiktoken
@@ -264,138 +282,448 @@ def prepare_demo(out, enc, seed, n_hq=3000, n_val=300, n_eval=200, web_tokens=1_
 
 
 # -----------------------------------------------------------------------------
-# real corpora: .txt (documents separated by blank lines) or .jsonl ("text", or "question" + "answer")
+# real corpora, each read once: .txt (documents separated by blank lines), .jsonl / .jsonl.gz ("text", or "question"
+# + "answer"), .parquet (the same columns; needs pyarrow), or a Hugging Face dataset streamed by name (needs datasets)
+
+TASK_CHARS = 2_000_000  # text per pool task: pickling is cheap next to tokenizing, and 2N tasks in flight stay small
+N_EVAL = 500  # eval problems kept from the validation source (or hq)
 
 
-def check_source(path):
-    if not os.path.isfile(path):
-        sys.exit(f"error: {path}: no such file")
-    if not path.endswith((".txt", ".jsonl", ".jsonl.gz")):
-        sys.exit(f"error: {path}: unsupported format; use .txt (documents separated by blank lines) or .jsonl")
+class BadInput(Exception):
+    """A problem with the input data, raised while reading or in a worker; main prints it as one `error:` line."""
 
 
-def read_documents(path, progress):
-    """Yields documents one at a time, streaming the file."""
-    with open(path, "rb") as raw:
-        f, doc = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw, []
-        for lineno, line in enumerate(f, 1):
-            progress.update(raw.tell())
-            text = line.decode("utf-8", errors="replace")
-            if path.endswith(".txt"):
-                if text.strip():
+def short(e):
+    """An exception as one short line: its type and the first line of its message."""
+    msg = str(e).strip().split("\n")[0][:200]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
+
+
+def source_kind(spec):
+    """txt, jsonl, parquet or hf, once the source is found and its reader is installed."""
+    if spec.startswith("hf:"):
+        hf_source(spec)  # checks the syntax
+        need("datasets", spec, "streaming a Hugging Face dataset")
+        return "hf"
+    if not os.path.isfile(spec):
+        raise BadInput(f"{spec}: no such file")
+    kind = next((k for ext, k in FORMATS.items() if spec.endswith(ext)), None)
+    if kind is None:
+        raise BadInput(f"{spec}: unsupported format; use .txt (documents separated by blank lines), .jsonl, .jsonl.gz, "
+                       f".parquet, or hf:NAME[:CONFIG][@SPLIT] for a Hugging Face dataset")
+    if kind == "parquet":
+        need("pyarrow.parquet", spec, "reading parquet", "pyarrow")
+    return kind
+
+
+def need(module, spec, what, package=None):
+    """Imports an optional dependency, or fails with one line saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = package or module
+        raise BadInput(f"{spec}: {what} needs {package}: pip install {package}") from None
+
+
+def hf_source(spec):
+    """hf:NAME[:CONFIG][@SPLIT] -> its meta.json record, e.g. hf:openai/gsm8k:main@test. The split defaults to train."""
+    rest, _, split = spec[3:].partition("@")
+    name, _, config = rest.partition(":")
+    if not name:
+        raise BadInput(f"{spec}: a Hugging Face dataset is hf:NAME[:CONFIG][@SPLIT], e.g. hf:openai/gsm8k:main@train")
+    return {"dataset": name, "config": config or None, "split": split or "train"}
+
+
+class HashedFile(io.RawIOBase):
+    """A file whose bytes are hashed as they are read: the source is read from disk once and its sha256 comes free."""
+
+    def __init__(self, path):
+        self.f, self.sha, self.pos = open(path, "rb", buffering=0), hashlib.sha256(), 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = self.f.readinto(b)
+        self.sha.update(memoryview(b)[:n]); self.pos += n
+        return n
+
+    def close(self):
+        self.f.close(); super().close()
+
+
+def read_lines(path, kind, src):
+    """Yields (line number, text): a .txt document, or a .jsonl line (the workers parse it). src["pos"] follows the
+    bytes read from disk, and src["sha256"] is set at the end."""
+    raw, doc = HashedFile(path), []
+    with io.BufferedReader(raw, 1 << 20) as buf:
+        f = gzip.GzipFile(fileobj=buf) if path.endswith(".gz") else buf
+        lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="\n")  # lines end at "\n" only
+        try:
+            for lineno, text in enumerate(lines, 1):
+                src["pos"] = raw.pos
+                if kind == "jsonl":
+                    if text.strip():
+                        yield lineno, text
+                elif text.strip():
                     doc.append(text)
                 elif doc:
-                    yield "".join(doc).rstrip("\n"); doc = []
-            elif text.strip():
-                yield jsonl_text(text, path, lineno)
-        if doc:
-            yield "".join(doc).rstrip("\n")
-    progress.done(path)
+                    yield lineno, "".join(doc).rstrip("\n"); doc = []
+            while buf.read(1 << 20):  # hash any bytes the decoder did not need (gzip padding)
+                pass
+        except (OSError, EOFError, zlib.error) as e:
+            raise BadInput(f"{path}: cannot read it ({short(e)}); check that the file is complete and is what its name says")
+    if doc:
+        yield lineno, "".join(doc).rstrip("\n")
+    src["sha256"], src["pos"] = raw.sha.hexdigest(), raw.pos
 
 
-def jsonl_text(line, path, lineno):
+def read_parquet(path, src):
+    """Yields (row number, record) in record batches (bounded memory), reading only the text/question/answer columns."""
+    pq = need("pyarrow.parquet", path, "reading parquet", "pyarrow")
     try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:
-        sys.exit(f"error: {path}:{lineno}: not valid JSON; each line of a .jsonl file must be one JSON object")
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if "text" not in names and not {"question", "answer"} <= set(names):
+            raise BadInput(f'{path}: needs a "text" column, or "question" and "answer" columns (GSM8K style); it has {names}')
+        n, rows = 0, max(pf.metadata.num_rows, 1)
+        for batch in pf.iter_batches(batch_size=1024, columns=[c for c in ("text", "question", "answer") if c in names]):
+            for rec in batch.to_pylist():
+                n += 1
+                yield n, rec
+            src["pos"] = src["bytes"] * n // rows
+    except BadInput:
+        raise
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
+        raise BadInput(f"{path}: cannot read it as parquet ({short(e)}); check that the file is complete") from None
+    # pyarrow reads the footer first and skips unused columns, so the bytes are hashed in a pass of their own
+    src["sha256"] = file_sha256(path)
+
+
+def file_sha256(path):
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def read_hf(spec, src):
+    """Yields (row number, record) of a Hugging Face dataset, streamed: nothing is downloaded whole."""
+    datasets = need("datasets", spec, "streaming a Hugging Face dataset")
+    try:
+        yield from enumerate(datasets.load_dataset(src["dataset"], src["config"], split=src["split"], streaming=True), 1)
+    except Exception as e:  # no network, an unknown name, config or split, ...
+        raise BadInput(f"{spec}: could not stream it ({short(e)}); check the name, config and split. Streaming needs "
+                       f"huggingface.co: run where the network is, or download the data and pass a local .jsonl or .parquet file") from None
+
+
+def open_source(spec):
+    """(kind, the source's meta.json record, its items as they are read)."""
+    kind = source_kind(spec)
+    if kind == "hf":
+        src = hf_source(spec)
+        return kind, src, read_hf(spec, src)
+    src = {"path": os.path.abspath(spec), "sha256": None, "bytes": os.path.getsize(spec), "pos": 0}  # pos: read so far
+    return kind, src, read_parquet(spec, src) if kind == "parquet" else read_lines(spec, kind, src)
+
+
+def make_tasks(spec, kind, items, src, val_every):
+    """Groups the items into tasks of about TASK_CHARS characters. A task carries the global index of its first
+    document, so the 1-in-val_every validation split does not depend on where the tasks are cut.
+    Yields (task, (bytes read, documents read)) for the progress line."""
+    task, chars, first = [], 0, 0
+    for item in items:
+        task.append(item)
+        chars += text_size(item[1])
+        if chars >= TASK_CHARS:
+            yield (spec, kind, first, val_every, task), (src.get("pos"), first + len(task))
+            task, chars, first = [], 0, first + len(task)
+    if task:
+        yield (spec, kind, first, val_every, task), (src.get("pos"), first + len(task))
+
+
+def text_size(x):
+    """Characters of a document, a .jsonl line, or the text fields of a record."""
+    if isinstance(x, str):
+        return len(x)
+    return sum(len(v) for v in x.values() if isinstance(v, str)) if isinstance(x, dict) else 1
+
+
+# -----------------------------------------------------------------------------
+# tokenizing in a process pool: workers parse and encode, the main process reads and writes in order
+
+_enc = None  # the worker's encoding, built once per process by init_worker
+
+
+def init_worker(encoding):
+    global _enc
+    try:
+        _enc = get_encoding(encoding)
+    except SystemExit as e:  # fail in the first task, with the message, rather than as a broken pool
+        _enc = BadInput(str(e).removeprefix("error: "))
+
+
+def record_text(rec, where):
     if isinstance(rec, dict) and isinstance(rec.get("text"), str):
         return rec["text"]
     if isinstance(rec, dict) and "question" in rec and "answer" in rec:
         return f"Question: {rec['question']}\nAnswer: {rec['answer']}"
-    sys.exit(f"error: {path}:{lineno}: needs a \"text\" field, or \"question\" and \"answer\" fields (GSM8K style)")
+    raise BadInput(f"{where}: needs a \"text\" field, or \"question\" and \"answer\" fields (GSM8K style)")
+
+
+def jsonl_record(line, path, lineno):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        raise BadInput(f"{path}:{lineno}: not valid JSON; each line of a .jsonl file must be one JSON object") from None
+
+
+def eval_problem(rec):
+    """A held-out problem {"prompt", "answer"} from a GSM8K-style record (answer ends in '#### N'), else None."""
+    if "question" not in rec:
+        return None
+    m = re.search(r"####\s*(-?[\d,.]+)\s*$", str(rec.get("answer", "")))
+    return {"prompt": f"Question: {rec['question']}\nAnswer:", "answer": m.group(1).replace(",", "")} if m else None
+
+
+def encode_task(task):
+    """Worker: the tokens of a task's documents, each followed by end-of-text, split into (train, val) by global
+    document index, and the eval problems among its records. One thread per process: --procs N uses N cores."""
+    path, kind, first, val_every, items = task
+    if isinstance(_enc, BadInput):
+        raise _enc
+    train, val, problems = [], [], []
+    for i, (n, x) in enumerate(items, first):
+        if kind != "txt":
+            rec = jsonl_record(x, path, n) if kind == "jsonl" else x
+            x = record_text(rec, f"{path}:{n}" if kind == "jsonl" else f"{path}: record {n}")
+            problem = eval_problem(rec)
+            if problem:
+                problems.append(problem)
+        ids = _enc.encode_ordinary(x)
+        ids.append(_enc.eot_token)
+        (val if val_every and i % val_every == val_every - 1 else train).extend(ids)
+    dtype = token_dtype(_enc.n_vocab)
+    return np.array(train, dtype), np.array(val, dtype), problems
+
+
+def start_pool(procs, encoding):
+    """None for --procs 1: tasks then run in this process. Workers are spawned, not forked: each is a fresh interpreter
+    that imports only this file (numpy, tiktoken), so no lock or thread of the parent (torch's, a test runner's) is
+    copied half-held into it; starting costs well under a second, and it is what macOS and Windows do anyway.
+    ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (out of memory) fails the run with
+    BrokenProcessPool, where Pool would wait for its result forever."""
+    if procs == 1:
+        init_worker(encoding)
+        return None
+    return ProcessPoolExecutor(procs, multiprocessing.get_context("spawn"), initializer=init_worker, initargs=(encoding,))
+
+
+def run_tasks(tasks, pool, depth):
+    """Yields (result, mark) of each task, in order. At most `depth` tasks are in flight, so memory stays bounded
+    (Pool.imap or Executor.map would not do: they read the whole source ahead)."""
+    if pool is None:
+        for task, mark in tasks:
+            yield encode_task(task), mark
+        return
+    inflight = collections.deque()
+    for task, mark in tasks:
+        inflight.append((pool.submit(encode_task, task), mark))
+        if len(inflight) >= depth:
+            future, mark = inflight.popleft()
+            yield future.result(), mark
+    while inflight:
+        future, mark = inflight.popleft()
+        yield future.result(), mark
 
 
 class Progress:
-    """A one-line progress report on stderr, and the sha256 of the bytes read."""
+    """One line on stderr, redrawn at most 4 times a second: MB done/total, percent, MB/s, tokens/s and ETA (for a
+    stream of unknown size: documents, tokens and tokens/s). Then a summary line."""
 
-    def __init__(self, path):
-        self.path, self.size, self.last = path, os.path.getsize(path), -1
-        self.sha = hashlib.sha256()
-        with open(path, "rb") as f:  # hashing is a separate streaming pass; cheap next to tokenizing
-            for block in iter(lambda: f.read(1 << 24), b""):
-                self.sha.update(block)
+    def __init__(self, name, size):
+        self.name, self.size, self.t0, self.shown, self.tokens, self.width = name, size, time.time(), 0.0, 0, 0
 
-    def update(self, pos):
-        pct = int(100 * pos / max(self.size, 1))
-        if pct != self.last:
-            self.last = pct
-            print(f"\rprepare: {self.path} {pos / 1e6:.1f}/{self.size / 1e6:.1f} MB ({pct}%)", end="", file=sys.stderr)
+    def update(self, mark, tokens):
+        (pos, docs), now = mark, time.time()
+        self.tokens += tokens
+        if now - self.shown < 0.25:
+            return
+        self.shown, dt = now, max(now - self.t0, 1e-6)
+        if self.size:
+            eta = (self.size - pos) * dt / max(pos, 1)
+            line = (f"{pos / 1e6:,.1f}/{self.size / 1e6:,.1f} MB ({pos / self.size:.0%}) | {pos / dt / 1e6:.1f} MB/s | "
+                    f"{rate(self.tokens / dt)} tok/s | eta {duration(eta)}")
+        else:
+            line = f"{docs:,} documents | {self.tokens:,} tokens | {rate(self.tokens / dt)} tok/s"
+        self.show(f"prepare: {self.name} {line}", end="")
 
-    def done(self, path):
-        print(file=sys.stderr)
+    def done(self):
+        dt = time.time() - self.t0
+        self.show(f"prepare: {self.name}: {self.tokens:,} tokens in {dt:.1f} s ({rate(self.tokens / max(dt, 1e-6))} tok/s)")
 
-
-def tokenize_file(path, writer, enc, batch=512, val_writer=None, val_every=0):
-    """Streams documents from path into writer (and every val_every-th one into val_writer)."""
-    check_source(path)
-    progress, docs, i = Progress(path), [], 0
-    for doc in read_documents(path, progress):
-        docs.append(doc)
-        if len(docs) == batch:
-            i = write_docs(docs, writer, enc, i, val_writer, val_every); docs = []
-    write_docs(docs, writer, enc, i, val_writer, val_every)
-    return {"path": os.path.abspath(path), "sha256": progress.sha.hexdigest(), "bytes": progress.size}
+    def show(self, line, end="\n"):
+        print("\r" + line.ljust(self.width), end=end, file=sys.stderr, flush=True)
+        self.width = 0 if end else len(line)  # the next line pads over this one
 
 
-def write_docs(docs, writer, enc, i, val_writer, val_every):
-    for ids in enc.encode_ordinary_batch(docs):
-        dest = val_writer if val_every and i % val_every == val_every - 1 else writer
-        dest.write(ids + [enc.eot_token])
-        i += 1
-    return i
+def rate(x):
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"
 
 
-def eval_from(path):
-    """Held-out problems for answer accuracy, from a GSM8K-style .jsonl (answer ends in '#### N')."""
-    if path is None or not path.endswith(".jsonl"):
-        return []
-    evals = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            rec = json.loads(line) if line.strip() else {}
-            m = re.search(r"####\s*(-?[\d,.]+)\s*$", str(rec.get("answer", "")))
-            if "question" in rec and m:
-                evals.append({"prompt": f"Question: {rec['question']}\nAnswer:", "answer": m.group(1).replace(",", "")})
-    return evals[:500]
+def duration(s):
+    return f"{s:.0f}s" if s < 90 else f"{s / 60:.0f}m" if s < 5400 else f"{s / 3600:.1f}h"
+
+
+def tokenize_source(spec, writer, pool, depth, val_writer=None, val_every=0):
+    """Reads one source once, tokenizes it in tasks, writes the tokens in order (every val_every-th document to
+    val_writer). Returns the source's meta.json record and its first N_EVAL eval problems."""
+    kind, src, items = open_source(spec)
+    progress, problems = Progress(spec, src.get("bytes")), []
+    try:
+        for (train, val, found), mark in run_tasks(make_tasks(spec, kind, items, src, val_every), pool, depth):
+            writer.write(train)
+            if val_every:
+                val_writer.write(val)
+            problems += found[:N_EVAL - len(problems)]
+            progress.update(mark, len(train) + len(val))
+    except BaseException as e:
+        if progress.width:  # a progress line is showing: end it, so that an error starts on a line of its own
+            print(file=sys.stderr)
+        if isinstance(e, BrokenProcessPool):
+            raise BadInput(f"{spec}: a tokenizing process died ({short(e)}); if it ran out of memory, use fewer --procs") from None
+        raise
+    progress.done()
+    src.pop("pos", None)
+    return src, problems
 
 
 def prepare_files(args, enc):
+    for spec in filter(None, (args.hq, args.val, args.web)):
+        source_kind(spec)  # every source is checked before any is read
     os.makedirs(args.out, exist_ok=True)
-    dtype, sources = token_dtype(enc.n_vocab), {}
+    dtype, sources, depth = token_dtype(enc.n_vocab), {}, 2 * args.procs
     tr, va = TokenWriter(os.path.join(args.out, "hq_train.bin"), dtype), TokenWriter(os.path.join(args.out, "hq_val.bin"), dtype)
-    sources["hq"] = tokenize_file(args.hq, tr, enc, val_writer=va, val_every=0 if args.val else 50)
-    if args.val:
-        sources["val"] = tokenize_file(args.val, va, enc)
     wb = TokenWriter(os.path.join(args.out, "web.bin"), dtype)
-    sources["web"] = tokenize_file(args.web, wb, enc)
+    pool = start_pool(args.procs, args.encoding)
+    try:
+        sources["hq"], problems = tokenize_source(args.hq, tr, pool, depth, va, 0 if args.val else 50)
+        if args.val:
+            sources["val"], problems = tokenize_source(args.val, va, pool, depth)
+        sources["web"], _ = tokenize_source(args.web, wb, pool, depth)
+    finally:
+        if pool:
+            pool.shutdown(wait=False, cancel_futures=True)
     counts = {"hq_train": tr.close(), "hq_val": va.close(), "web": wb.close()}
     if not counts["hq_val"]:
         sys.exit(f"error: {args.hq}: too few documents to hold out a validation split (1 in 50); pass --val FILE")
-    write_atomic(os.path.join(args.out, "eval.json"), json.dumps(eval_from(args.val or args.hq)).encode())
+    write_atomic(os.path.join(args.out, "eval.json"), json.dumps(problems).encode())  # GSM8K-style records only
     return counts, {"sources": sources}
+
+
+# -----------------------------------------------------------------------------
+# --bench: the cost of tokenizing against data size and processes, on synthetic web-like text
+
+BENCH_MB = 20
+
+
+def bench_files(folder, seed, base_mb):
+    """Web-like .txt files of 1x, 2x and 4x base_mb MB: the demo's web pages; the larger files repeat the 1x text
+    (tiktoken keeps no cache between documents, so a repeated document costs what a new one does)."""
+    rng, docs, n = random.Random(seed), [], 0
+    while n < base_mb * 1e6:
+        docs.append("".join(t for t, _ in web_document(rng)))
+        n += len(docs[-1]) + 2
+    text, files = "\n\n".join(docs) + "\n\n", {}
+    for m in (1, 2, 4):
+        files[m] = os.path.join(folder, f"web_{m}x.txt")
+        with open(files[m], "w") as f:
+            f.writelines([text] * m)
+    return files
+
+
+def bench_one(path, size, procs, pool, args, dtype):
+    load, w, t0 = os.getloadavg()[0], TokenWriter(path + ".bin", dtype), time.time()
+    tokenize_source(path, w, pool, 2 * procs)
+    n, dt = w.close(), time.time() - t0
+    os.remove(path + ".bin")
+    return {"size": f"{size}x", "mb": round(os.path.getsize(path) / 1e6, 1), "procs": procs, "encoding": args.encoding,
+            "tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt), "s_per_mtok": round(dt * 1e6 / n, 4),
+            "load_avg": round(load, 2)}  # the 1-minute load average as it started: other work on the machine
+
+
+def bench(args, enc):
+    """Times tokenizing each file with 1 and with --procs processes (workers started before the clock starts).
+    Linear cost: seconds per token stay flat from 1x to 4x. Scaling: seconds drop with processes."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = bench_files(tmp, args.seed, BENCH_MB)
+        for procs in sorted({1, args.procs}):
+            pool = start_pool(procs, args.encoding)
+            try:
+                if pool:
+                    list(pool.map(abs, range(4 * procs)))  # warm-up: every worker has started
+                for size, path in files.items():
+                    rows.append(bench_one(path, size, procs, pool, args, token_dtype(enc.n_vocab)))
+                    print(json.dumps(rows[-1]), flush=True)
+            finally:
+                if pool:
+                    pool.shutdown()
+    print_bench_table(rows)
+    return rows
+
+
+def print_bench_table(rows):
+    per_tok_1x = {r["procs"]: r["s_per_mtok"] for r in rows if r["size"] == "1x"}
+    seconds_1p = {r["size"]: r["seconds"] for r in rows if r["procs"] == 1}
+    print(f"{'size':<5}{'MB':>7}{'procs':>6}{'tokens':>13}{'seconds':>9}{'s/Mtok':>8}{'s/tok vs 1x':>13}{'speedup':>9}")
+    for r in rows:
+        print(f"{r['size']:<5}{r['mb']:>7.1f}{r['procs']:>6}{r['tokens']:>13,}{r['seconds']:>9.2f}{r['s_per_mtok']:>8.3f}"
+              f"{r['s_per_mtok'] / per_tok_1x[r['procs']]:>13.2f}{seconds_1p[r['size']] / r['seconds']:>8.2f}x")
 
 
 # -----------------------------------------------------------------------------
 
 
+def checked(f, *args):
+    """f(*args), with bad input (found while reading, or in a worker and passed back) as one line."""
+    try:
+        return f(*args)
+    except BadInput as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize the high-quality and web corpora into token files.")
-    p.add_argument("--hq", help="high-quality corpus of the target distribution (.txt or .jsonl)")
-    p.add_argument("--web", help="large web-like corpus for continual pretraining (.txt or .jsonl)")
-    p.add_argument("--val", help="validation split of the target distribution (default: 1 in 50 hq documents)")
+    p = argparse.ArgumentParser(description="Tokenize the high-quality and web corpora into token files. A source is a "
+                                "file (.txt, .jsonl, .jsonl.gz, .parquet) or hf:NAME[:CONFIG][@SPLIT], a Hugging Face "
+                                "dataset streamed by name (split default train), e.g. hf:openai/gsm8k:main@test.")
+    p.add_argument("--hq", help="high-quality corpus of the target distribution (a source, as above)")
+    p.add_argument("--web", help="large web-like corpus for continual pretraining (a source)")
+    p.add_argument("--val", help="validation split of the target distribution (a source; default: 1 in 50 hq documents)")
     p.add_argument("--out", help="output folder (default data/demo for the demo, required otherwise)")
     p.add_argument("--encoding", default="bytes", help="tiktoken encoding: bytes (default, built in, no download), gpt2, cl100k_base, ...")
     p.add_argument("--seed", type=int, default=1337, help="seed of the embedded demo corpus")
     p.add_argument("--web_tokens", type=int, default=1_600_000, help="size of the demo web corpus in tokens")
     p.add_argument("--base_tokens", type=int, default=800_000, help="size of the demo base corpus (general web) in tokens")
+    p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores; 1: no pool)")
+    p.add_argument("--bench", action="store_true", help=f"time tokenizing {BENCH_MB}, {2 * BENCH_MB} and {4 * BENCH_MB} MB of "
+                   "synthetic web text with 1 and with --procs processes")
     args = p.parse_args(argv)
     if bool(args.hq) != bool(args.web):
         p.error("--hq and --web go together (or neither, for the embedded demo)")
+    if args.procs < 1:
+        p.error("--procs must be 1 or more")
     enc = get_encoding(args.encoding)
+    if args.bench:
+        return checked(bench, args, enc)
     if args.hq:
         if not args.out:
             p.error("--out DIR is required with --hq/--web")
-        counts, extra = prepare_files(args, enc)
+        counts, extra = checked(prepare_files, args, enc)
     else:
         args.out = args.out or os.path.join("data", "demo")
         counts, extra = prepare_demo(args.out, enc, args.seed, web_tokens=args.web_tokens, base_tokens=args.base_tokens)

@@ -605,3 +605,154 @@ def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
     prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "hq.txt"), "--out", str(tmp_path / "real")])
     with pytest.raises(SystemExit, match=r"has no base corpus .*--init_from CKPT"):
         rho.main(["--base", "--data", str(tmp_path / "real"), "--out", str(tmp_path), *TINY])
+
+
+# --- prepare at scale
+import gzip  # noqa: E402
+import hashlib  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:
+    pa = pq = None
+
+OUTPUTS = ["hq_train.bin", "hq_val.bin", "web.bin", "eval.json", "meta.json"]
+
+
+def corpus(n=240, seed=0):
+    """Documents of mixed size and script; two are larger than a (shrunk) task."""
+    rng = random.Random(seed)
+    words = ["the", "sum", "of", "42", "é", "naïve", "✓", "π", "数学", "😀", "Ω≈ç", "<br/>", "\\frac{1}{2}", "#### 7"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 300))) for _ in range(n)]
+    docs[7] = docs[n // 2] = "\n".join(" ".join(rng.choice(words) for _ in range(20)) for _ in range(500))  # ~50k chars
+    return docs
+
+
+def write_source(path, docs):
+    lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    if path.suffix == ".txt":
+        path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        path.write_text(lines, encoding="utf-8")
+    elif path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(lines)
+    else:
+        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), path, row_group_size=50)
+    return str(path)
+
+
+def decode(out, name):
+    meta = json.loads((out / "meta.json").read_text())
+    return prepare.get_encoding(meta["encoding"]).decode(np.fromfile(out / name, dtype=meta["dtype"]).tolist()).split(prepare.EOT)[:-1]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "jsonl.gz", pytest.param("parquet", marks=pytest.mark.skipif(pq is None, reason="pyarrow not installed"))])
+def test_prepare_procs_1_and_2_byte_identical(fmt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "TASK_CHARS", 20_000)  # ~20 tasks per source: more than the 2N in flight
+    docs = corpus()
+    src = write_source(tmp_path / f"c.{fmt}", docs)
+    for procs in (1, 2):
+        prepare.main(["--hq", src, "--web", src, "--out", str(tmp_path / str(procs)), "--procs", str(procs)])
+    for name in OUTPUTS:
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
+    out = tmp_path / "2"
+    assert decode(out, "web.bin") == docs
+    assert decode(out, "hq_val.bin") == docs[49::50]  # the split follows the global document index, not the tasks
+    assert decode(out, "hq_train.bin") == [d for i, d in enumerate(docs) if i % 50 != 49]
+    meta = json.loads((out / "meta.json").read_text())
+    with open(src, "rb") as f:
+        assert meta["sources"]["web"] == {"path": os.path.abspath(src), "sha256": hashlib.sha256(f.read()).hexdigest(), "bytes": os.path.getsize(src)}
+    err = capsys.readouterr().err
+    assert f"prepare: {src}: {meta['tokens']['web']:,} tokens in " in err and " tok/s)" in err  # the summary line
+
+
+def test_run_tasks_keeps_at_most_depth_tasks_in_flight():
+    class Pool:  # runs nothing: counts the tasks submitted and not yet collected
+        out = peak = 0
+
+        def submit(self, f, task):
+            Pool.out += 1; Pool.peak = max(Pool.peak, Pool.out)
+            return types.SimpleNamespace(result=lambda: (setattr(Pool, "out", Pool.out - 1), task)[1])
+
+    read = []
+
+    def tasks():
+        for i in range(20):
+            read.append(i)
+            yield i, ("mark", i)
+
+    results = prepare.run_tasks(tasks(), Pool(), depth=4)
+    assert next(results) == (0, ("mark", 0)) and len(read) == 4  # reading waits while 4 tasks are in flight
+    assert [r for r, _ in results] == list(range(1, 20)) and Pool.peak == 4
+
+
+def fake_datasets(records, calls):
+    def load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        if name == "offline/x":
+            raise ConnectionError("Couldn't reach 'offline/x' on the Hub (LocalEntryNotFoundError)\nmore detail")
+        return iter(records)
+    return types.SimpleNamespace(load_dataset=load_dataset)
+
+
+def test_prepare_hf_streams_like_jsonl(tmp_path, monkeypatch):
+    records = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(60)]
+    records += [{"text": d, "url": "x"} for d in corpus(40)]
+    calls = []
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(records, calls))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare.main(["--hq", "hf:openai/gsm8k:main@test", "--web", "hf:someone/web", "--out", str(tmp_path / "hf"), "--procs", "1"])
+    prepare.main(["--hq", str(tmp_path / "c.jsonl"), "--web", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "jsonl"), "--procs", "1"])
+    for name in OUTPUTS[:4]:
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "jsonl" / name).read_bytes(), name
+    assert len(json.loads((tmp_path / "hf" / "eval.json").read_text())) == 60
+    assert calls == [("openai/gsm8k", "main", "test", True), ("someone/web", None, "train", True)]
+    sources = json.loads((tmp_path / "hf" / "meta.json").read_text())["sources"]
+    assert sources == {"hq": {"dataset": "openai/gsm8k", "config": "main", "split": "test"},
+                       "web": {"dataset": "someone/web", "config": None, "split": "train"}}
+
+
+def test_prepare_errors_at_scale(tmp_path, monkeypatch, capsys):
+    def fails(*args, procs=1):
+        with pytest.raises(SystemExit) as e:
+            prepare.main([*args, "--out", str(tmp_path / "o"), "--procs", str(procs)])
+        assert "\n" not in str(e.value) and "Traceback" not in capsys.readouterr().err
+        return str(e.value)
+
+    docs = corpus(120)
+    good = write_source(tmp_path / "good.jsonl", docs)
+    monkeypatch.setattr(prepare, "TASK_CHARS", 20_000)
+    (tmp_path / "bad.jsonl").write_text(open(good).read() + '{"text": "cut short\n')  # in the last task, in a worker
+    assert fails("--hq", good, "--web", str(tmp_path / "bad.jsonl"), procs=2) == f"error: {tmp_path / 'bad.jsonl'}:121: not valid JSON; each line of a .jsonl file must be one JSON object"
+    gz = write_source(tmp_path / "c.jsonl.gz", docs)
+    (tmp_path / "cut.jsonl.gz").write_bytes(open(gz, "rb").read()[:3000])
+    assert fails("--hq", good, "--web", str(tmp_path / "cut.jsonl.gz")).startswith(f"error: {tmp_path / 'cut.jsonl.gz'}: cannot read it (EOFError")
+    assert "no such file" in fails("--hq", good, "--web", str(tmp_path / "nope.jsonl"))
+    (tmp_path / "c.csv").write_text("a,b\n")
+    assert "unsupported format" in fails("--hq", good, "--web", str(tmp_path / "c.csv"))
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now fails
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert fails("--hq", good, "--web", str(tmp_path / "x.parquet")) == f"error: {tmp_path / 'x.parquet'}: reading parquet needs pyarrow: pip install pyarrow"
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    assert fails("--hq", good, "--web", "hf:someone/web") == "error: hf:someone/web: streaming a Hugging Face dataset needs datasets: pip install datasets"
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets([], []))
+    msg = fails("--hq", good, "--web", "hf:offline/x")
+    assert msg.startswith("error: hf:offline/x: could not stream it (ConnectionError: Couldn't reach") and "run where the network is" in msg
+    assert "hf:NAME[:CONFIG][@SPLIT]" in fails("--hq", good, "--web", "hf:")
+
+
+def test_prepare_bench_is_linear_in_size(monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "BENCH_MB", 0.05)
+    rows = prepare.main(["--bench", "--procs", "2"])
+    out = capsys.readouterr().out
+    assert [json.loads(line) for line in out.splitlines()[:6]] == rows and "s/tok vs 1x" in out
+    tokens = {(r["procs"], r["size"]): r["tokens"] for r in rows}
+    for p in (1, 2):
+        assert tokens[p, "2x"] == 2 * tokens[p, "1x"] and tokens[p, "4x"] == 4 * tokens[p, "1x"] == 4 * tokens[1, "1x"]
+    assert all(r["encoding"] == "bytes" and r["seconds"] > 0 and r["s_per_mtok"] > 0 for r in rows)
