@@ -156,6 +156,35 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
 
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 on the Hugging Face hub
+
+
+def gpt_from_hf(hf, block_size=None):
+    """Our GPT with the weights of a transformers GPT2LMHeadModel (nanoGPT's from_pretrained), its context
+    cropped to block_size. The vocabulary stays exactly HF's (50257), not padded to a multiple of 64: a padded
+    row would put a logit of 0 into every softmax of a model that never learned to push it down."""
+    c = hf.config
+    same_math = {"model_type": c.model_type == "gpt2", "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
+                 "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5, "tie_word_embeddings": c.tie_word_embeddings,
+                 "n_inner": c.n_inner in (None, 4 * c.n_embd), "scale_attn_weights": c.scale_attn_weights,
+                 "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx,
+                 "add_cross_attention": not c.add_cross_attention}  # reorder_and_upcast_attn: same math, in fp32
+    bad = [f"{key}={getattr(c, key)!r}" for key, ok in same_math.items() if not ok]
+    if bad:
+        die(f"{c.name_or_path or 'model'}: {', '.join(bad)}: rho's GPT is plain GPT-2 (gelu_new, layer_norm_epsilon 1e-5, "
+            f"tied embeddings, MLP of 4*n_embd, attention scaled by 1/sqrt(head size) only, no cross-attention)")
+    T = block_size or c.n_positions
+    if T > c.n_positions:
+        die(f"--block_size {T}: {c.name_or_path or 'model'} has {c.n_positions} positions; pass --block_size {c.n_positions} or less")
+    model = GPT(GPTConfig(block_size=T, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF's Conv1D stores (in, out)
+    sd = {key: v.t() if key.endswith(conv1d) else v for key, v in hf.state_dict().items()
+          if not key.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers of older transformers
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:T]  # nanoGPT's crop_block_size
+    model.load_state_dict(sd)  # strict: every weight mapped; lm_head and wte are one tensor, as in HF
+    return model
+
+
 # -----------------------------------------------------------------------------
 # data: token memmaps cut into fixed windows of T+1 tokens; window w holds tokens [w*T, w*T + T]
 
