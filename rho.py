@@ -594,7 +594,7 @@ def load_gpt2(name):
         die(f"--init_from {name}: could not load it ({reason}): run once with network to fill the Hugging Face cache "
             f"(HF_HUB_OFFLINE=1 then reads only the cache), or pass a directory saved with save_pretrained")
     if info["missing_keys"]:  # transformers would leave them randomly initialised
-        die(f"--init_from {name}: weights missing from the checkpoint: {', '.join(sorted(info['missing_keys'])[:4])}")
+        die(f"--init_from {name}: not a GPT-2 checkpoint, no weights for {', '.join(sorted(info['missing_keys'])[:3])}, ...")
     return hf
 
 
