@@ -178,6 +178,35 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
 
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 on the Hugging Face hub
+
+
+def gpt_from_hf(hf, block_size=None):
+    """Our GPT with the weights of a transformers GPT2LMHeadModel (nanoGPT's from_pretrained), its context
+    cropped to block_size. The vocabulary stays exactly HF's (50257), not padded to a multiple of 64: a padded
+    row would put a logit of 0 into every softmax of a model that never learned to push it down."""
+    c = hf.config
+    same_math = {"model_type": c.model_type == "gpt2", "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
+                 "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5, "tie_word_embeddings": c.tie_word_embeddings,
+                 "n_inner": c.n_inner in (None, 4 * c.n_embd), "scale_attn_weights": c.scale_attn_weights,
+                 "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx,
+                 "add_cross_attention": not c.add_cross_attention}  # reorder_and_upcast_attn: same math, in fp32
+    bad = [f"{key}={getattr(c, key)!r}" for key, ok in same_math.items() if not ok]
+    if bad:
+        die(f"{c.name_or_path or 'model'}: {', '.join(bad)}: rho's GPT is plain GPT-2 (gelu_new, layer_norm_epsilon 1e-5, "
+            f"tied embeddings, MLP of 4*n_embd, attention scaled by 1/sqrt(head size) only, no cross-attention)")
+    T = block_size or c.n_positions
+    if T > c.n_positions:
+        die(f"--block_size {T}: {c.name_or_path or 'model'} has {c.n_positions} positions; pass --block_size {c.n_positions} or less")
+    model = GPT(GPTConfig(block_size=T, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF's Conv1D stores (in, out)
+    sd = {key: v.t() if key.endswith(conv1d) else v for key, v in hf.state_dict().items()
+          if not key.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers of older transformers
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:T]  # nanoGPT's crop_block_size
+    model.load_state_dict(sd)  # strict: every weight mapped; lm_head and wte are one tensor, as in HF
+    return model
+
+
 # -----------------------------------------------------------------------------
 # processes: one, or torchrun's many (DDP, one per GPU); every process holds a contiguous share of a step
 
@@ -724,9 +753,40 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
     return ckpt
 
 
+def is_gpt2(init_from):
+    """--init_from names OpenAI's GPT-2 (gpt2 ... gpt2-xl) or a directory saved with transformers' save_pretrained."""
+    return init_from in GPT2_NAMES or (bool(init_from) and os.path.isfile(os.path.join(init_from, "config.json")))
+
+
+def load_gpt2(name):
+    """transformers' GPT2LMHeadModel: a hub name (through the Hugging Face cache) or a local directory."""
+    try:
+        from transformers import GPT2LMHeadModel  # lazily: only GPT-2 runs need transformers
+    except ImportError:
+        die(f"--init_from {name}: needs transformers: pip install transformers")
+    try:
+        hf, info = GPT2LMHeadModel.from_pretrained(name, output_loading_info=True)
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.path.isdir(name):
+            die(f"--init_from {name}: not a loadable GPT-2 directory ({reason})")
+        die(f"--init_from {name}: could not load it ({reason}): run once with network to fill the Hugging Face cache "
+            f"(HF_HUB_OFFLINE=1 then reads only the cache), or pass a directory saved with save_pretrained")
+    if info["missing_keys"]:  # transformers would leave them randomly initialised
+        die(f"--init_from {name}: not a GPT-2 checkpoint, no weights for {', '.join(sorted(info['missing_keys'])[:3])}, ...")
+    return hf
+
+
 def build_model(cfg, meta, model_cfg):
     torch.manual_seed(cfg.seed)
-    if cfg.init_from:  # a base checkpoint (a path, or the name of a run in --out): its architecture and weights
+    if is_gpt2(cfg.init_from):  # GPT-2's weights and shape; --block_size (if given) crops its context
+        if meta["encoding"] != "gpt2":
+            die(f"--init_from {cfg.init_from}: GPT-2 weights need data prepared with `python prepare.py ... --encoding gpt2`; "
+                f"{cfg.data} has encoding {meta['encoding']}")
+        model = gpt_from_hf(load_gpt2(cfg.init_from), model_cfg.block_size)
+        if model.config.vocab_size < meta["vocab_size"]:
+            die(f"--init_from {cfg.init_from}: {model.config.vocab_size} token embeddings, but the data has {meta['vocab_size']} tokens")
+    elif cfg.init_from:  # a base checkpoint (a path, or the name of a run in --out): its architecture and weights
         run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")
         ckpt = load_checkpoint(run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from, meta, "base checkpoint")
         model = GPT(GPTConfig(**ckpt["model_config"]))
@@ -1674,12 +1734,14 @@ def parse_args(argv=None):
     p.add_argument("--cases", default="head,step", help=f"--bench: which of {','.join(BENCH_CASES)} (train: GPT-2 small steps; scale: scoring cost vs size)")
     p.add_argument("--eval_every", type=int, default=d.eval_every, help="steps between evaluations and checkpoints")
     p.add_argument("--eval_problems", type=int, default=d.eval_problems, help="eval problems for answer accuracy")
-    p.add_argument("--init_from", default="", help="start from a checkpoint: a ckpt.pt path, or a run name in --out (e.g. base)")
+    p.add_argument("--init_from", default="", help="start from a checkpoint: a ckpt.pt path, a run name in --out (e.g. base), "
+                   "or GPT-2 through transformers: gpt2 | gpt2-medium | gpt2-large | gpt2-xl or a directory saved with save_pretrained "
+                   "(a smaller --block_size crops its 1024 positions)")
     p.add_argument("--resume", action="store_true", help="continue <out>/<name>/ckpt.pt where it stopped")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     for f in fields(GPTConfig):
         if f.name != "vocab_size":
-            p.add_argument(f"--{f.name}", type=int, default=f.default, help=f"model {f.name} (default {f.default})")
+            p.add_argument(f"--{f.name}", type=int, default=None, help=f"model {f.name} (default {f.default}; with --init_from, the checkpoint's)")
     a = p.parse_args(argv)
     mode = next(m for m in ("base", "ref", "score", "clm", "slm", "compare", "report", "bench") if getattr(a, m))
     if a.preset:
@@ -1695,7 +1757,14 @@ def parse_args(argv=None):
     if a.dtype == "auto":
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     cfg = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig) if hasattr(a, f.name)}, mode=mode)
-    return cfg, GPTConfig(**{f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"})
+    shape = {f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}  # None: not given
+    if a.init_from:  # the checkpoint's shape (None stays None); only GPT-2's context can be cropped, by --block_size
+        ignored = [f"--{key}" for key, v in shape.items() if v is not None and (key != "block_size" or not is_gpt2(a.init_from))]
+        if ignored:
+            print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from --init_from {a.init_from}", file=sys.stderr)
+    else:
+        shape = {key: v for key, v in shape.items() if v is not None}  # the rest: GPTConfig's defaults
+    return cfg, GPTConfig(**shape)
 
 
 def main(argv=None):

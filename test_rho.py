@@ -1,8 +1,13 @@
 """Tests that fail if the method is wrong. Run: python -m pytest -q test_rho.py"""
+import gzip
+import hashlib
 import json
 import math
 import os
+import random
+import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -608,11 +613,6 @@ def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
 
 
 # --- prepare at scale
-import gzip  # noqa: E402
-import hashlib  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
 
 try:
     import pyarrow as pa
@@ -756,3 +756,139 @@ def test_prepare_bench_is_linear_in_size(monkeypatch, capsys):
     for p in (1, 2):
         assert tokens[p, "2x"] == 2 * tokens[p, "1x"] and tokens[p, "4x"] == 4 * tokens[p, "1x"] == 4 * tokens[1, "1x"]
     assert all(r["encoding"] == "bytes" and r["seconds"] > 0 and r["s_per_mtok"] > 0 for r in rows)
+
+
+# -----------------------------------------------------------------------------
+# --- GPT-2 weights: a tiny random transformers GPT2LMHeadModel mapped onto our GPT (offline, no download)
+
+
+def tiny_hf(vocab=50257, **kw):
+    """GPT-2's real vocabulary (unpadded, several head chunks), 2 layers of 32; every weight, bias and
+    LayerNorm perturbed so that a wrong transpose or a dropped bias shows."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, **kw)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+def test_gpt2_logits_equal_transformers():
+    hf = tiny_hf()
+    model = rho.gpt_from_hf(hf).eval()
+    assert model.config == rho.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(idx).logits
+        torch.testing.assert_close(model.lm_head(model(idx)), want, rtol=1e-5, atol=1e-5)
+        cropped = rho.gpt_from_hf(hf, block_size=16).eval()  # nanoGPT's crop_block_size: the first 16 positions
+        assert cropped.transformer.wpe.weight.shape == (16, 32)
+        torch.testing.assert_close(cropped.lm_head(cropped(idx[:, :16])), want[:, :16], rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit, match=r"--block_size 65: .*has 64 positions; pass --block_size 64 or less"):
+        rho.gpt_from_hf(hf, block_size=65)
+
+
+def test_gpt2_fused_head_loss_and_grads_equal_transformers():
+    hf = tiny_hf()
+    model = rho.gpt_from_hf(hf)
+    idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(2))  # 252 rows: 2 chunks of 166
+    labels = idx.clone()
+    labels[1, 10:20] = -100  # HF's ignore index; ours is IGNORE
+    y = labels[:, 1:].masked_fill(labels[:, 1:] == -100, rho.IGNORE)
+    hf_loss = hf(idx, labels=labels).loss
+    loss, _, _ = rho.fused_slm_loss(model(idx[:, :-1]), model.lm_head.weight, y, torch.zeros(y.shape), 1.0)
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+    hf_loss.backward()
+    loss.backward()
+    torch.testing.assert_close(model.transformer.wte.weight.grad, hf.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.grad, hf.transformer.h[0].attn.c_attn.weight.grad.t(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(activation_function="relu"), dict(layer_norm_epsilon=1e-6),
+                                 dict(scale_attn_by_inverse_layer_idx=True), dict(n_inner=64)])
+def test_gpt2_error_config_not_our_math(bad):
+    hf = tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0, **bad)
+    key, value = next(iter(bad.items()))
+    with pytest.raises(SystemExit, match=rf"{key}={value!r}: rho's GPT is plain GPT-2"):
+        rho.gpt_from_hf(hf)
+
+
+def test_gpt2_init_from_local_directory(tmp_path, capsys):
+    hf = tiny_hf()
+    hf.save_pretrained(tmp_path / "tiny-gpt2")
+    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32", "--device", "cpu"])
+    assert model_cfg.block_size == 32 and model_cfg.n_layer is None and "warning" not in capsys.readouterr().err
+    model = rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg).eval()
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(model(idx)), hf(idx).logits, rtol=1e-5, atol=1e-5)
+    transformers = pytest.importorskip("transformers")
+    cfg_llama = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=320)
+    transformers.LlamaForCausalLM(cfg_llama).save_pretrained(tmp_path / "llama")
+    cfg.init_from = str(tmp_path / "llama")  # transformers would load it with random GPT-2 weights, and only warn
+    with pytest.raises(SystemExit, match=r"llama: not a GPT-2 checkpoint, no weights for transformer.h.0.attn"):
+        rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
+    cfg.init_from = str(tmp_path / "tiny-gpt2")
+    (tmp_path / "tiny-gpt2" / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable GPT-2 directory \(.*model.safetensors"):
+        rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
+
+
+def test_gpt2_shape_flags_with_init_from(capsys):
+    _, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2"])
+    assert model_cfg.block_size is None and "warning" not in capsys.readouterr().err  # GPT-2's own 1024
+    _, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--block_size", "512", "--n_layer", "2"])
+    assert model_cfg.block_size == 512 and "warning: --n_layer ignored" in capsys.readouterr().err
+    rho.parse_args(["--clm", "--init_from", "base", "--block_size", "64"])  # a rho checkpoint: its own context, as before
+    assert "warning: --block_size ignored: the model's shape comes from --init_from base" in capsys.readouterr().err
+    _, model_cfg = rho.parse_args(["--clm"])
+    assert model_cfg == rho.GPTConfig()
+
+
+def test_gpt2_error_wrong_encoding(demo, tmp_path):
+    with pytest.raises(SystemExit, match=r"GPT-2 weights need data prepared with `python prepare.py ... --encoding gpt2`; .* has encoding bytes"):
+        rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from", "gpt2"])
+
+
+def test_gpt2_error_transformers_missing_or_offline(tmp_path, monkeypatch):
+    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--device", "cpu"])
+    meta = {"encoding": "gpt2", "vocab_size": 50257}
+    import sys
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(SystemExit, match=r"^error: --init_from gpt2: needs transformers: pip install transformers$"):
+        rho.build_model(cfg, meta, model_cfg)
+    monkeypatch.undo()
+    transformers = pytest.importorskip("transformers")
+
+    def offline(*args, **kwargs):  # what from_pretrained raises with no network and an empty cache
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.\nCheck ...")
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", offline)
+    with pytest.raises(SystemExit, match=r"gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
+                                         r"Hugging Face cache \(HF_HUB_OFFLINE=1 .*save_pretrained$"):
+        rho.build_model(cfg, meta, model_cfg)
+
+
+def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypatch):
+    """A tiny GPT-2 continually pretrained on gpt2-labelled data: resume equals an uninterrupted run, and the
+    checkpoint is an ordinary rho checkpoint (weights_only, --init_from <run>)."""
+    tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "tiny-gpt2")  # a small head: fast evals
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (demo / "data").iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "encoding": "gpt2"}))  # the byte ids pass for gpt2 ids
+    monkeypatch.setattr(rho, "get_encoding", lambda name: prepare.byte_encoding())  # no tiktoken download
+    args = ["--clm", "--data", str(data), "--out", str(tmp_path / "out"), "--batch_size", "4", "--eval_every", "2",
+            "--eval_problems", "0", "--lr", "1e-3", "--device", "cpu"]
+    gpt2 = [*args, "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32"]
+    full = rho.main([*gpt2, "--steps", "4", "--name", "full"])
+    rho.main([*gpt2, "--steps", "2", "--name", "cut"])
+    cut = rho.main([*gpt2, "--steps", "4", "--name", "cut", "--resume"])
+    assert cut["losses"] == full["losses"] and full["model_config"] == {"block_size": 32, "vocab_size": 320, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    assert torch.load(tmp_path / "out" / "full" / "ckpt.pt", weights_only=True)["encoding"] == "gpt2"
+    cont = rho.main([*args, "--init_from", "full", "--steps", "2", "--name", "cont"])  # a rho checkpoint now
+    assert cont["model_config"] == full["model_config"] and cont["losses"][0] < full["losses"][0]  # starts where full ended
