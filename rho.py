@@ -904,8 +904,9 @@ def train(cfg, model_cfg, ranks=ONE):
         print(f"{name}: no checkpoint at {ckpt_path} to resume; starting from step 0")
     fwd = torch.compile(model) if cfg.compile else model
     ddp = DDP(fwd, device_ids=[ranks.local] if cfg.device.startswith("cuda") else None) if ranks.world > 1 else fwd
-    split = f", {ranks.world} process{'es' * (ranks.world > 1)} x {cfg.batch_size // ranks.world // micro_bs} micro-batches of {micro_bs}" \
-        if micro_bs * ranks.world < cfg.batch_size else ""
+    n_micro = cfg.batch_size // ranks.world // micro_bs
+    split = f", {ranks.world} process{'es' * (ranks.world > 1)} x {n_micro} micro-batch{'es' * (n_micro > 1)} of {micro_bs}" \
+        if micro_bs < cfg.batch_size else ""
     if master:
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.steps} steps of "
               f"{cfg.batch_size}x{T} tokens{split}, {cfg.mode}" + (f" k={cfg.k} select={cfg.select} scope={cfg.scope}" if cfg.mode == "slm" else ""))
@@ -1582,10 +1583,12 @@ def bench_scale(n_tokens, device, warmup, repeats):
         cfg = RunConfig(data=d, out=d, device=str(device), dtype="bfloat16" if device.type == "cuda" else "float32")
         torch.manual_seed(0)
         model = GPT(GPTConfig()).to(device)
+        x = torch.from_numpy(np.fromfile(os.path.join(d, "web.bin"), np.uint16)[:cfg.score_batch * 256].astype(np.int64))
+        model_token_loss(model.eval(), x.view(cfg.score_batch, 256).to(device), x.view(cfg.score_batch, 256).to(device))  # warm up
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             score_web(model, meta, cfg)
-        return 1000 * (time.perf_counter() - t0), mem_peak(device) - 0
+        return 1000 * (time.perf_counter() - t0), mem_peak(device)
 
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense, datasheets
