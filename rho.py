@@ -1553,12 +1553,12 @@ def bench_step(impl, cfg, k, device, warmup, repeats):
     return timed(score if impl == "score" else step, device, warmup, repeats)
 
 
-def bench_train(impl, mcfg, B, k, device, warmup, repeats):
+def bench_train(impl, mcfg, B, k, device, dtype, warmup, repeats):
     """One optimizer step exactly as train() runs it (fused head; bfloat16 autocast on CUDA): clm (k = 1),
     slm (stored reference losses, the step in one forward) or slm_split (the same step in two micro-batches,
     so a no-grad selection pass comes first: the cost of gradient accumulation under a step-wide top-k)."""
     torch.manual_seed(0)
-    cfg = RunConfig(mode="clm" if impl == "clm" else "slm", k=k, device=str(device), dtype="bfloat16" if device.type == "cuda" else "float32")
+    cfg = RunConfig(mode="clm" if impl == "clm" else "slm", k=k, device=str(device), dtype=dtype)
     model, T = GPT(mcfg).to(device), mcfg.block_size
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -1573,18 +1573,16 @@ def bench_train(impl, mcfg, B, k, device, warmup, repeats):
     return timed(step, device, warmup, repeats)
 
 
-def bench_scale(n_tokens, device, warmup, repeats):
-    """Scoring n_tokens random web tokens with a demo-sized model through score_web: its cost per token."""
+def bench_scale(n_tokens, device, dtype):
+    """Scoring n_tokens random web tokens with a demo-sized model through score_web, once: its cost per token."""
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         os.makedirs(os.path.join(d, "ref"))
         np.random.default_rng(0).integers(0, 257, n_tokens, dtype=np.uint16).tofile(os.path.join(d, "web.bin"))
         meta = {"encoding": "bytes", "dtype": "uint16", "sha256": "bench"}
-        cfg = RunConfig(data=d, out=d, device=str(device), dtype="bfloat16" if device.type == "cuda" else "float32")
+        cfg = RunConfig(data=d, out=d, device=str(device), dtype=dtype)
         torch.manual_seed(0)
         model = GPT(GPTConfig()).to(device)
-        x = torch.from_numpy(np.fromfile(os.path.join(d, "web.bin"), np.uint16)[:cfg.score_batch * 256].astype(np.int64))
-        model_token_loss(model.eval(), x.view(cfg.score_batch, 256).to(device), x.view(cfg.score_batch, 256).to(device))  # warm up
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             score_web(model, meta, cfg)
@@ -1607,20 +1605,21 @@ def flops_per_token(mcfg):
     return 6 * n + 12 * mcfg.n_layer * mcfg.n_embd * mcfg.block_size
 
 
-def bench_one(case, impl, shape, device, warmup, repeats):
+def bench_one(case, impl, shape, device, dtype, warmup, repeats):
     device, (N, d, V, k) = torch.device(device), shape
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if case == "head":
-        ms, peak = bench_head(impl, N, d, V, k, device, dtype, warmup, repeats)
+        ms, peak = bench_head(impl, N, d, V, k, device, getattr(torch, dtype), warmup, repeats)
     elif case == "train":  # GPT-2 small, as --preset gpt2-owm trains it
-        ms, peak = bench_train(impl, GPTConfig(vocab_size=V, **GPT2_SMALL), N // GPT2_SMALL["block_size"], k, device, warmup, repeats)
+        ms, peak = bench_train(impl, GPTConfig(vocab_size=V, **GPT2_SMALL), N // GPT2_SMALL["block_size"], k, device, dtype, warmup, repeats)
     elif case == "scale":
-        ms, peak = bench_scale(N, device, warmup, repeats)
+        bench_scale(2**17, device, dtype)  # warm-up: a first scoring run in this process
+        ms, peak = bench_scale(N, device, dtype)
     else:
         cfg = GPTConfig(vocab_size=V, n_embd=d, n_head=max(1, d // 64), n_layer=4 if d <= 256 else 12)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
             ms, peak = bench_step(impl, cfg, k, device, warmup, repeats)
-    return {"case": case, "impl": impl, "device": str(device), "N": N, "d": d, "V": V, "k": k, "ms": round(ms, 2), "peak_mb": round(peak / 2**20, 1)}
+    return {"case": case, "impl": impl, "device": str(device), "dtype": dtype, "N": N, "d": d, "V": V, "k": k,
+            "ms": round(ms, 2), "peak_mb": round(peak / 2**20, 1)}
 
 
 BENCH_CASES = ("head", "step", "train", "scale")
@@ -1655,7 +1654,7 @@ def bench(cfg):
     for case, impl, shape in bench_plan(cases, cfg.k, gpu):
         with ctx.Pool(1) as pool:
             big = not gpu and (shape[2] > 1000 or case == "scale")  # GPT-2 on CPU: seconds a repeat
-            row = pool.apply(bench_one, (case, impl, shape, cfg.device, 1 if big else 5, 2 if big else 21))
+            row = pool.apply(bench_one, (case, impl, shape, cfg.device, cfg.dtype, 1 if big else 5, 2 if big else 21))
         base = next((b for b in rows if b["case"] == case and (case == "scale" or b["impl"] in ("naive_clm", "clm")
                      and (b["N"], b["d"], b["V"]) == shape[:3])), row)  # CLM of the same shape; scale: the smallest
         if impl == "score":  # scoring tokens/s, against training tokens/s (the CLM step of the same model)

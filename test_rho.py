@@ -599,8 +599,15 @@ def test_error_init_from_missing(demo, tmp_path):
 
 @pytest.mark.parametrize("impl", ["naive_clm", "naive_slm", "fused_slm"])
 def test_bench_head_measures_each_impl(impl):
-    row = rho.bench_one("head", impl, (64, 16, 37, 0.5), "cpu", 0, 1)
+    row = rho.bench_one("head", impl, (64, 16, 37, 0.5), "cpu", "float32", 0, 1)
     assert row["case"] == "head" and row["impl"] == impl and row["ms"] > 0 and "peak_mb" in row  # memory: only --bench's fresh processes measure it
+
+
+@pytest.mark.parametrize("impl", ["clm", "slm", "slm_split"])
+def test_bench_train_step_and_scoring_scale_run(impl):
+    tiny = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
+    ms, _ = rho.bench_train(impl, tiny, 4, 0.5, torch.device("cpu"), "float32", 0, 1)
+    assert ms > 0 and rho.bench_scale(4096, torch.device("cpu"), "float32")[0] > 0
 
 
 def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
