@@ -1635,8 +1635,8 @@ def bench_plan(cases, k, gpu):
     if "train" in cases:  # GPT-2 small at T = 1024: the preset's micro-batch on a GPU, 2 sequences on a CPU
         B = PRESETS["gpt2-owm"]["micro_batch"] if gpu else 2
         plan += [("train", impl, (B * 1024, 768, 50257, k)) for impl in ("clm", "slm", "slm_split")]
-    if "scale" in cases:  # scoring 2^18, 2^19, 2^20 tokens: the cost per token should not move
-        plan += [("scale", "score", (2**e, 128, 320, k)) for e in (18, 19, 20)]
+    if "scale" in cases:  # scoring 2^18, 2^19, 2^20 tokens, there and back (a drifting machine cancels out)
+        plan += [("scale", "score", (2**e, 128, 320, k)) for e in (18, 19, 20, 20, 19, 18)]
     return plan
 
 
@@ -1664,8 +1664,6 @@ def bench(cfg):
             else:
                 row["ms_per_mtok"] = round(row["ms"] / shape[0] * 1e6, 1)
         row["ms_ratio"], row["mem_ratio"] = round(row["ms"] / base["ms"], 3), round(row["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
-        if case == "scale":  # time per token against the smallest size: 1.0 is linear
-            row["per_token_ratio"] = round(row["ms"] / shape[0] / (base["ms"] / base["N"]), 3)
         if impl.startswith("fused"):  # the head's useful work: (2 + 6k) N d V FLOPs
             row["tflops"] = round((2 + 6 * cfg.k) * shape[0] * shape[1] * shape[2] / row["ms"] / 1e9, 3)
         if case == "train":
@@ -1680,8 +1678,21 @@ def bench(cfg):
     for r in rows:
         print(f"{r['case']:<6}{r['impl']:<20}{r['N']:>8}{r['d']:>5}{r['V']:>7}{r['ms']:>10.1f}{r['peak_mb']:>10.1f}"
               f"{r['ms_ratio']:>8.2f}{r['mem_ratio']:>9.3f}{r.get('tflops', ''):>9}")
+    scale_summary(rows)
     preset_time(rows, cfg)
     return rows
+
+
+def scale_summary(rows):
+    """Scoring cost per token at each size, the faster of its two measurements: flat means linear in data."""
+    best = {}
+    for r in rows:
+        if r["case"] == "scale":
+            best[r["N"]] = min(best.get(r["N"], r["ms"]), r["ms"])
+    if best:
+        n0 = min(best)
+        print("\nscale: scoring time per token against the smallest size (the faster of each pair): " + ", ".join(
+            f"{n / 2**20:g} Mi tokens {best[n] / n / (best[n0] / n0):.2f}" for n in sorted(best)))
 
 
 def preset_time(rows, cfg):
