@@ -603,7 +603,7 @@ def tokenize_source(spec, writer, pool, depth, val_writer=None, val_every=0):
 
 
 def prepare_files(args, enc):
-    for spec in filter(None, (args.hq, args.val, args.web)):
+    for spec in filter(None, (args.hq, args.val, *args.web)):
         source_kind(spec)  # every source is checked before any is read
     os.makedirs(args.out, exist_ok=True)
     dtype, sources, depth = token_dtype(enc.n_vocab), {}, 2 * args.procs
@@ -614,7 +614,8 @@ def prepare_files(args, enc):
         sources["hq"], problems = tokenize_source(args.hq, tr, pool, depth, va, 0 if args.val else 50)
         if args.val:
             sources["val"], problems = tokenize_source(args.val, va, pool, depth)
-        sources["web"], _ = tokenize_source(args.web, wb, pool, depth)
+        web = [tokenize_source(spec, wb, pool, depth)[0] for spec in args.web]  # shards, in the order given
+        sources["web"] = web[0] if len(web) == 1 else web
     finally:
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -709,7 +710,8 @@ def main(argv=None):
                                 "file (.txt, .jsonl, .jsonl.gz, .parquet) or hf:NAME[:CONFIG][@SPLIT], a Hugging Face "
                                 "dataset streamed by name (split default train), e.g. hf:openai/gsm8k:main@test.")
     p.add_argument("--hq", help="high-quality corpus of the target distribution (a source, as above)")
-    p.add_argument("--web", help="large web-like corpus for continual pretraining (a source)")
+    p.add_argument("--web", nargs="+", help="large web-like corpus for continual pretraining: one source or several "
+                   "(shards, e.g. owm/*.parquet), tokenized in the order given into one web.bin")
     p.add_argument("--val", help="validation split of the target distribution (a source; default: 1 in 50 hq documents)")
     p.add_argument("--out", help="output folder (default data/demo for the demo, required otherwise)")
     p.add_argument("--encoding", default="bytes", help="tiktoken encoding: bytes (default, built in, no download), gpt2, cl100k_base, ...")

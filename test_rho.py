@@ -678,6 +678,15 @@ def test_prepare_procs_1_and_2_byte_identical(fmt, tmp_path, monkeypatch, capsys
     assert f"prepare: {src}: {meta['tokens']['web']:,} tokens in " in err and " tok/s)" in err  # the summary line
 
 
+def test_prepare_web_shards_equal_one_file(tmp_path):
+    docs = corpus(60)
+    one, a, b = (write_source(tmp_path / f"{n}.jsonl", d) for n, d in (("one", docs), ("a", docs[:25]), ("b", docs[25:])))
+    prepare.main(["--hq", one, "--web", one, "--out", str(tmp_path / "one"), "--procs", "1"])
+    prepare.main(["--hq", one, "--web", a, b, "--out", str(tmp_path / "shards"), "--procs", "2"])
+    assert (tmp_path / "one" / "web.bin").read_bytes() == (tmp_path / "shards" / "web.bin").read_bytes()
+    assert [s["path"] for s in json.loads((tmp_path / "shards" / "meta.json").read_text())["sources"]["web"]] == [a, b]
+
+
 def test_run_tasks_keeps_at_most_depth_tasks_in_flight():
     class Pool:  # runs nothing: counts the tasks submitted and not yet collected
         out = peak = 0
