@@ -286,6 +286,7 @@ def prepare_demo(out, enc, seed, n_hq=3000, n_val=300, n_eval=200, web_tokens=1_
 # + "answer"), .parquet (the same columns; needs pyarrow), or a Hugging Face dataset streamed by name (needs datasets)
 
 TASK_CHARS = 2_000_000  # text per pool task: pickling is cheap next to tokenizing, and 2N tasks in flight stay small
+PAIRS = (("question", "answer"), ("query", "response"))  # GSM8K's fields, MetaMathQA's: one "Question: ...\nAnswer: ..." text
 N_EVAL = 500  # eval problems kept from the validation source (or hq)
 
 
@@ -387,10 +388,11 @@ def read_parquet(path, src):
     try:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
-        if "text" not in names and not {"question", "answer"} <= set(names):
-            raise BadInput(f'{path}: needs a "text" column, or "question" and "answer" columns (GSM8K style); it has {names}')
+        if "text" not in names and not any(set(pair) <= set(names) for pair in PAIRS):
+            raise BadInput(f'{path}: needs a "text" column, or "question" and "answer" columns (GSM8K style, or MetaMathQA\'s '
+                           f'"query" and "response"); it has {names}')
         n, rows = 0, max(pf.metadata.num_rows, 1)
-        for batch in pf.iter_batches(batch_size=1024, columns=[c for c in ("text", "question", "answer") if c in names]):
+        for batch in pf.iter_batches(batch_size=1024, columns=[c for c in ("text", *sum(PAIRS, ())) if c in names]):
             for rec in batch.to_pylist():
                 n += 1
                 yield n, rec
@@ -470,9 +472,11 @@ def init_worker(encoding):
 def record_text(rec, where):
     if isinstance(rec, dict) and isinstance(rec.get("text"), str):
         return rec["text"]
-    if isinstance(rec, dict) and "question" in rec and "answer" in rec:
-        return f"Question: {rec['question']}\nAnswer: {rec['answer']}"
-    raise BadInput(f"{where}: needs a \"text\" field, or \"question\" and \"answer\" fields (GSM8K style)")
+    for q, a in PAIRS:
+        if isinstance(rec, dict) and q in rec and a in rec:
+            return f"Question: {rec[q]}\nAnswer: {rec[a]}"
+    raise BadInput(f"{where}: needs a \"text\" field, or \"question\" and \"answer\" fields (GSM8K style, or MetaMathQA's "
+                   f"\"query\" and \"response\")")
 
 
 def jsonl_record(line, path, lineno):
@@ -496,7 +500,7 @@ def encode_task(task):
     path, kind, first, val_every, items = task
     if isinstance(_enc, BadInput):
         raise _enc
-    train, val, problems = [], [], []
+    train, val, problems, t0 = [], [], [], time.process_time()
     for i, (n, x) in enumerate(items, first):
         if kind != "txt":
             rec = jsonl_record(x, path, n) if kind == "jsonl" else x
@@ -508,7 +512,7 @@ def encode_task(task):
         ids.append(_enc.eot_token)
         (val if val_every and i % val_every == val_every - 1 else train).extend(ids)
     dtype = token_dtype(_enc.n_vocab)
-    return np.array(train, dtype), np.array(val, dtype), problems
+    return np.array(train, dtype), np.array(val, dtype), problems, time.process_time() - t0  # CPU seconds: for --bench
 
 
 def start_pool(procs, encoding):
@@ -547,6 +551,7 @@ class Progress:
 
     def __init__(self, name, size):
         self.name, self.size, self.t0, self.shown, self.tokens, self.width = name, size, time.time(), 0.0, 0, 0
+        self.cpu = 0.0  # CPU seconds spent tokenizing, in whichever process ran the tasks
 
     def update(self, mark, tokens):
         (pos, docs), now = mark, time.time()
@@ -579,18 +584,23 @@ def duration(s):
     return f"{s:.0f}s" if s < 90 else f"{s / 60:.0f}m" if s < 5400 else f"{s / 3600:.1f}h"
 
 
-def tokenize_source(spec, writer, pool, depth, val_writer=None, val_every=0):
+def tokenize_source(spec, writer, pool, depth, val_writer=None, val_every=0, limit=0):
     """Reads one source once, tokenizes it in tasks, writes the tokens in order (every val_every-th document to
-    val_writer). Returns the source's meta.json record and its first N_EVAL eval problems."""
+    val_writer). With a limit, stops after the task that brings writer to `limit` tokens: a task boundary, the
+    same for any number of processes. Returns the source's meta.json record and its first N_EVAL eval problems."""
     kind, src, items = open_source(spec)
     progress, problems = Progress(spec, src.get("bytes")), []
     try:
-        for (train, val, found), mark in run_tasks(make_tasks(spec, kind, items, src, val_every), pool, depth):
+        for (train, val, found, cpu), mark in run_tasks(make_tasks(spec, kind, items, src, val_every), pool, depth):
+            progress.cpu += cpu
             writer.write(train)
             if val_every:
                 val_writer.write(val)
             problems += found[:N_EVAL - len(problems)]
             progress.update(mark, len(train) + len(val))
+            if limit and writer.n >= limit:
+                src.update(sha256=None, stopped_at_tokens=writer.n, bytes_read=mark[0], documents_read=mark[1])  # a prefix
+                break
     except BaseException as e:
         if progress.width:  # a progress line is showing: end it, so that an error starts on a line of its own
             print(file=sys.stderr)
@@ -599,7 +609,7 @@ def tokenize_source(spec, writer, pool, depth, val_writer=None, val_every=0):
         raise
     progress.done()
     src.pop("pos", None)
-    return src, problems
+    return src, problems, progress.cpu
 
 
 def prepare_files(args, enc):
@@ -611,10 +621,14 @@ def prepare_files(args, enc):
     wb = TokenWriter(os.path.join(args.out, "web.bin"), dtype)
     pool = start_pool(args.procs, args.encoding)
     try:
-        sources["hq"], problems = tokenize_source(args.hq, tr, pool, depth, va, 0 if args.val else 50)
+        sources["hq"], problems, _ = tokenize_source(args.hq, tr, pool, depth, va, 0 if args.val else 50)
         if args.val:
-            sources["val"], problems = tokenize_source(args.val, va, pool, depth)
-        web = [tokenize_source(spec, wb, pool, depth)[0] for spec in args.web]  # shards, in the order given
+            sources["val"], problems, _ = tokenize_source(args.val, va, pool, depth)
+        web = []
+        for spec in args.web:  # shards, in the order given, until --max_web_tokens
+            if args.max_web_tokens and wb.n >= args.max_web_tokens:
+                break
+            web.append(tokenize_source(spec, wb, pool, depth, limit=args.max_web_tokens)[0])
         sources["web"] = web[0] if len(web) == 1 else web
     finally:
         if pool:
@@ -648,12 +662,14 @@ def bench_files(folder, seed, base_mb):
 
 
 def bench_one(path, size, procs, pool, args, dtype):
-    load, w, t0 = os.getloadavg()[0], TokenWriter(path + ".bin", dtype), time.time()
-    tokenize_source(path, w, pool, 2 * procs)
+    load, w, t0, c0 = os.getloadavg()[0], TokenWriter(path + ".bin", dtype), time.time(), time.process_time()
+    _, _, task_cpu = tokenize_source(path, w, pool, 2 * procs)
     n, dt = w.close(), time.time() - t0
+    cpu = time.process_time() - c0 + (task_cpu if pool else 0)  # this process (reading, writing), plus the workers'
     os.remove(path + ".bin")
     return {"size": f"{size}x", "mb": round(os.path.getsize(path) / 1e6, 1), "procs": procs, "encoding": args.encoding,
             "tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt), "s_per_mtok": round(dt * 1e6 / n, 4),
+            "cpu_s": round(cpu, 3), "cpu_s_per_mtok": round(cpu * 1e6 / n, 4),
             "load_avg": round(load, 2)}  # the 1-minute load average as it started: other work on the machine
 
 
@@ -680,18 +696,21 @@ def bench(args, enc):
 
 
 def print_bench_table(rows):
-    """The faster of each (size, procs) pair of measurements."""
+    """The faster of each (size, procs) pair of measurements; CPU seconds (all processes) are the cost, wall
+    seconds the speed."""
     best = {}
     for r in rows:
         key = (r["procs"], r["size"])
         best[key] = min(best.get(key, r), r, key=lambda b: b["seconds"])
     rows = list(best.values())
-    per_tok_1x = {r["procs"]: r["s_per_mtok"] for r in rows if r["size"] == "1x"}
+    wall_1x = {r["procs"]: r["s_per_mtok"] for r in rows if r["size"] == "1x"}
+    cpu_1x = {r["procs"]: r["cpu_s_per_mtok"] for r in rows if r["size"] == "1x"}
     seconds_1p = {r["size"]: r["seconds"] for r in rows if r["procs"] == 1}
-    print(f"{'size':<5}{'MB':>7}{'procs':>6}{'tokens':>13}{'seconds':>9}{'s/Mtok':>8}{'s/tok vs 1x':>13}{'speedup':>9}")
+    print(f"{'size':<5}{'MB':>7}{'procs':>6}{'tokens':>13}{'seconds':>9}{'s/Mtok':>8}{'vs 1x':>7}{'cpu s/Mtok':>11}{'vs 1x':>7}{'speedup':>9}")
     for r in rows:
         print(f"{r['size']:<5}{r['mb']:>7.1f}{r['procs']:>6}{r['tokens']:>13,}{r['seconds']:>9.2f}{r['s_per_mtok']:>8.3f}"
-              f"{r['s_per_mtok'] / per_tok_1x[r['procs']]:>13.2f}{seconds_1p[r['size']] / r['seconds']:>8.2f}x")
+              f"{r['s_per_mtok'] / wall_1x[r['procs']]:>7.2f}{r['cpu_s_per_mtok']:>11.3f}{r['cpu_s_per_mtok'] / cpu_1x[r['procs']]:>7.2f}"
+              f"{seconds_1p[r['size']] / r['seconds']:>8.2f}x")
 
 
 # -----------------------------------------------------------------------------
@@ -716,6 +735,8 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default data/demo for the demo, required otherwise)")
     p.add_argument("--encoding", default="bytes", help="tiktoken encoding: bytes (default, built in, no download), gpt2, cl100k_base, ...")
     p.add_argument("--seed", type=int, default=1337, help="seed of the embedded demo corpus")
+    p.add_argument("--max_web_tokens", type=int, default=0, help="stop reading the web sources after about this many "
+                   "tokens (a large stream or many shards; meta.json records where it stopped); default: read them all")
     p.add_argument("--web_tokens", type=int, default=1_600_000, help="size of the demo web corpus in tokens")
     p.add_argument("--base_tokens", type=int, default=800_000, help="size of the demo base corpus (general web) in tokens")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores; 1: no pool)")

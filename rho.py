@@ -1583,10 +1583,10 @@ def bench_scale(n_tokens, device, dtype):
         cfg = RunConfig(data=d, out=d, device=str(device), dtype=dtype)
         torch.manual_seed(0)
         model = GPT(GPTConfig()).to(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             score_web(model, meta, cfg)
-        return 1000 * (time.perf_counter() - t0), mem_peak(device)
+        return 1000 * (time.perf_counter() - t0), mem_peak(device), 1000 * (time.process_time() - c0)
 
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense, datasheets
@@ -1613,13 +1613,16 @@ def bench_one(case, impl, shape, device, dtype, warmup, repeats):
         ms, peak = bench_train(impl, GPTConfig(vocab_size=V, **GPT2_SMALL), N // GPT2_SMALL["block_size"], k, device, dtype, warmup, repeats)
     elif case == "scale":
         bench_scale(2**17, device, dtype)  # warm-up: a first scoring run in this process
-        ms, peak = bench_scale(N, device, dtype)
+        ms, peak, cpu_ms = bench_scale(N, device, dtype)
     else:
         cfg = GPTConfig(vocab_size=V, n_embd=d, n_head=max(1, d // 64), n_layer=4 if d <= 256 else 12)
         with torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
             ms, peak = bench_step(impl, cfg, k, device, warmup, repeats)
-    return {"case": case, "impl": impl, "device": str(device), "dtype": dtype, "N": N, "d": d, "V": V, "k": k,
-            "ms": round(ms, 2), "peak_mb": round(peak / 2**20, 1)}
+    row = {"case": case, "impl": impl, "device": str(device), "dtype": dtype, "N": N, "d": d, "V": V, "k": k,
+           "ms": round(ms, 2), "peak_mb": round(peak / 2**20, 1)}
+    if case == "scale":  # CPU time of every thread: the cost, less sensitive than wall time to a shared machine
+        row["cpu_ms"] = round(cpu_ms, 1)
+    return row
 
 
 BENCH_CASES = ("head", "step", "train", "scale")
@@ -1684,15 +1687,18 @@ def bench(cfg):
 
 
 def scale_summary(rows):
-    """Scoring cost per token at each size, the faster of its two measurements: flat means linear in data."""
+    """Scoring time per token at each size against the smallest, the faster of its two measurements, in wall
+    time and in CPU time: flat means linear in data."""
     best = {}
     for r in rows:
         if r["case"] == "scale":
-            best[r["N"]] = min(best.get(r["N"], r["ms"]), r["ms"])
+            b = best.setdefault(r["N"], {"ms": r["ms"], "cpu_ms": r["cpu_ms"]})
+            b["ms"], b["cpu_ms"] = min(b["ms"], r["ms"]), min(b["cpu_ms"], r["cpu_ms"])
     if best:
         n0 = min(best)
-        print("\nscale: scoring time per token against the smallest size (the faster of each pair): " + ", ".join(
-            f"{n / 2**20:g} Mi tokens {best[n] / n / (best[n0] / n0):.2f}" for n in sorted(best)))
+        per = lambda n, key: best[n][key] / n / (best[n0][key] / n0)
+        print("\nscale: scoring time per token against the smallest size, wall / CPU (the faster of each pair): " + ", ".join(
+            f"{n / 2**20:g} Mi tokens {per(n, 'ms'):.2f} / {per(n, 'cpu_ms'):.2f}" for n in sorted(best)))
 
 
 def preset_time(rows, cfg):
