@@ -11,8 +11,12 @@ rho.py: Selective Language Modeling (Rho-1, Lin et al. 2024, arXiv 2404.07965) i
     python rho.py --report                  # out/report.html: efficiency, selection audit, token dynamics, cost, k sweep
     python rho.py --bench                   # the fused head and a training step, measured side by side
 
-Reads top to bottom in the order the data flows: config -> model -> data -> the SLM loss -> the fused
-SLM head -> reference scoring -> training -> evaluation -> comparison -> analysis report -> benchmark -> main.
+At scale (see the README's "Run it on real data"): the same commands on GPT-2's weights and many GPUs,
+    torchrun --standalone --nproc_per_node 8 rho.py --slm --preset gpt2-owm --data data/owm --out out-owm
+
+Reads top to bottom in the order the data flows: config -> model -> processes -> data -> the SLM loss ->
+the fused SLM head -> reference scoring -> training -> evaluation -> comparison -> analysis report ->
+benchmark -> main.
 """
 import argparse
 import contextlib
@@ -49,7 +53,7 @@ def die(msg):
 @dataclass
 class GPTConfig:
     block_size: int = 256
-    vocab_size: int = 320  # the data's vocabulary, padded up to a multiple of 64
+    vocab_size: int = 320  # the data's vocabulary, padded up to a multiple of 64 (GPT-2's weights: exactly 50257)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -807,10 +811,10 @@ def lr_at(step, cfg):
 def step_loss(fwd, w, x, y, r, cfg, gen, ranks=ONE, sel=None, n=None):
     """The one place where the runs differ: which tokens carry the loss. CLM and the reference model are
     the k = 1 case. fwd: the model's forward (maybe compiled, maybe DDP); w: the head weight."""
+    k = cfg.k if cfg.mode == "slm" else 1.0
     with autocast(cfg):
-        h, k = fwd(x), (cfg.k if cfg.mode == "slm" else 1.0)  # (B, T, C)
-    if cfg.head == "fused":
-        with autocast(cfg):
+        h = fwd(x)  # (B, T, C)
+        if cfg.head == "fused":
             return fused_slm_loss(h, w, y, r, k, cfg.scope, cfg.select, gen, ranks=ranks, sel=sel, n=n)
     logits = F.linear(h, w)  # (B, T, V)
     return slm_loss(logits, y, r, k, cfg.scope, cfg.select, gen) if k < 1 else clm_loss(logits, y)
