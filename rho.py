@@ -1632,15 +1632,15 @@ def bench_one(case, impl, shape, device, dtype, warmup, repeats):
 BENCH_CASES = ("head", "step", "train", "scale")
 
 
-def bench_plan(cases, k, gpu):
+def bench_plan(cases, k, gpu, micro_batch=0):
     plan = []
     if "head" in cases:  # the demo model's head; GPT-2 small's
         impls = ("naive_clm", "naive_slm", "fused_slm") + (() if gpu else ("fused_slm_compiled",))
         plan += [("head", impl, (N, d, V, k)) for N, d, V in [(4096, 128, 320), (8192, 768, 50304)] for impl in impls]
     if "step" in cases:  # the demo model's step, and its scoring
         plan += [("step", impl, (16 * 256, 128, 320, k)) for impl in ("clm", "slm_stored", "slm_online", "score")]
-    if "train" in cases:  # GPT-2 small at T = 1024: the preset's micro-batch on a GPU, 2 sequences on a CPU
-        B = PRESETS["gpt2-owm"]["micro_batch"] if gpu else 2
+    if "train" in cases:  # GPT-2 small at T = 1024: --micro_batch, else the preset's on a GPU, 2 sequences on a CPU
+        B = micro_batch or (PRESETS["gpt2-owm"]["micro_batch"] if gpu else 2)
         plan += [("train", impl, (B * 1024, 768, 50257, k)) for impl in ("clm", "slm", "slm_split")]
     if "scale" in cases:  # scoring 2^18, 2^19, 2^20 tokens, there and back (a drifting machine cancels out)
         plan += [("scale", "score", (2**e, 128, 320, k)) for e in (18, 19, 20, 20, 19, 18)]
@@ -1658,7 +1658,7 @@ def bench(cfg):
     if not set(cases) <= set(BENCH_CASES):
         die(f"--cases {cfg.cases}: choose from {','.join(BENCH_CASES)}")
     rows, ctx = [], mp.get_context("spawn")
-    for case, impl, shape in bench_plan(cases, cfg.k, gpu):
+    for case, impl, shape in bench_plan(cases, cfg.k, gpu, cfg.micro_batch):
         with ctx.Pool(1) as pool:
             big = not gpu and (shape[2] > 1000 or case == "scale")  # GPT-2 on CPU: seconds a repeat
             row = pool.apply(bench_one, (case, impl, shape, cfg.device, cfg.dtype, 1 if big else 5, 2 if big else 21))
@@ -1754,7 +1754,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     p.add_argument("--score_batch", type=int, default=d.score_batch, help="windows per forward when scoring the web corpus")
-    p.add_argument("--cases", default="head,step", help=f"--bench: which of {','.join(BENCH_CASES)} (train: GPT-2 small steps; scale: scoring cost vs size)")
+    p.add_argument("--cases", default="head,step", help=f"--bench: which of {','.join(BENCH_CASES)} (train: GPT-2 small steps of --micro_batch sequences; scale: scoring cost vs size)")
     p.add_argument("--eval_every", type=int, default=d.eval_every, help="steps between evaluations and checkpoints")
     p.add_argument("--eval_problems", type=int, default=d.eval_problems, help="eval problems for answer accuracy")
     p.add_argument("--init_from", default="", help="start from a checkpoint: a ckpt.pt path, a run name in --out (e.g. base), "
