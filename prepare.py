@@ -3,12 +3,13 @@ prepare.py: text in, token files out.
 
     python prepare.py                                  # the embedded demo corpus -> data/demo/
     python prepare.py --hq hq.jsonl --web web.txt --out data/mine [--val val.jsonl] [--encoding gpt2] [--procs N]
-    python prepare.py --hq hf:openai/gsm8k:main@train --val hf:openai/gsm8k:main@test --web web.parquet --out data/mine
+    python prepare.py --hq hf:openai/gsm8k:main@train --val hf:openai/gsm8k:main@test --web owm/*.parquet --out data/mine
     python prepare.py --bench                          # tokenizing time against data size and processes
 
 Sources: .txt (documents separated by blank lines), .jsonl or .jsonl.gz (a "text" field, or "question" and
-"answer"), .parquet (the same columns; needs pyarrow), or hf:NAME[:CONFIG][@SPLIT], a Hugging Face dataset
-streamed by name (needs datasets and the network; the split defaults to train). Each source is read once, in
+"answer", or MetaMathQA's "query" and "response"), .parquet (the same columns; needs pyarrow), or
+hf:NAME[:CONFIG][@SPLIT], a Hugging Face dataset streamed by name (needs datasets and the network; the split
+defaults to train). --web takes several sources, and --max_web_tokens N stops after about N. Each source is read once, in
 order, by this process; a pool of --procs workers parses and tokenizes it in tasks of about 2 MB of text, and the
 tokens are written in order, so the output is byte-identical for any --procs.
 
@@ -674,8 +675,8 @@ def bench_one(path, size, procs, pool, args, dtype):
 
 
 def bench(args, enc):
-    """Times tokenizing each file twice (1x 2x 4x 4x 2x 1x) with 1 and with --procs processes (workers started
-    before the clock starts); the table keeps the faster of each pair. Linear cost: seconds per token stay flat
+    """Times tokenizing each file three times (1x 2x 4x, three rounds) with 1 and with --procs processes (workers
+    started before the clock starts); the table keeps the fastest of each size. Linear cost: seconds per token stay flat
     from 1x to 4x. Scaling: seconds drop with processes."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -685,7 +686,7 @@ def bench(args, enc):
             try:
                 if pool:
                     list(pool.map(abs, range(4 * procs)))  # warm-up: every worker has started
-                for size in (1, 2, 4, 4, 2, 1):  # there and back: a machine that speeds up or slows down cancels out
+                for size in (1, 2, 4) * 3:  # three rounds: a slow spell of a shared machine hits one round, not all
                     rows.append(bench_one(files[size], size, procs, pool, args, token_dtype(enc.n_vocab)))
                     print(json.dumps(rows[-1]), flush=True)
             finally:
@@ -696,8 +697,7 @@ def bench(args, enc):
 
 
 def print_bench_table(rows):
-    """The faster of each (size, procs) pair of measurements; CPU seconds (all processes) are the cost, wall
-    seconds the speed."""
+    """The fastest measurement of each (size, procs); CPU seconds (all processes) are the cost, wall seconds the speed."""
     best = {}
     for r in rows:
         key = (r["procs"], r["size"])

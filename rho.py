@@ -700,7 +700,7 @@ def score_web(model, meta, cfg, ranks=ONE):
                     print(f"score: {i + 1}/{len(todo)} blocks, {rate:,.0f} tok/s, eta {(len(todo) - i - 1) * B * T / rate:.0f}s",
                           file=sys.stderr, flush=True)
     elapsed = time.time() - t0
-    n_scored = int(sum_ranks(torch.tensor(n_scored), ranks))
+    n_scored = int(sum_ranks(torch.tensor(n_scored, device=cfg.device), ranks))  # NCCL reduces GPU tensors only
     if ranks.world > 1:
         dist.barrier()
     info = {"n_tokens": n_tokens, "encoding": meta["encoding"], "data": cfg.data, "data_sha256": meta["sha256"],
@@ -938,7 +938,8 @@ def train(cfg, model_cfg, ranks=ONE):
             now = time.time()
             state["wall_s"] += now - t_last
             if n_labels:  # every process counted its own share
-                interval["sel"], interval["seen"] = (sum_ranks(torch.tensor(interval[c]), ranks).tolist() for c in ("sel", "seen"))
+                interval["sel"], interval["seen"] = (sum_ranks(torch.tensor(interval[c], device=cfg.device), ranks).tolist()
+                                                     for c in ("sel", "seen"))
             if master:
                 measures, records = ev.evaluate(model)
                 record(state, interval, measures, step + 1, cfg, name, now - t_last, meta.get("labels"))

@@ -784,7 +784,7 @@ def test_prepare_bench_is_linear_in_size(monkeypatch, capsys):
     monkeypatch.setattr(prepare, "BENCH_MB", 0.05)
     rows = prepare.main(["--bench", "--procs", "2"])
     out = capsys.readouterr().out
-    assert [json.loads(line) for line in out.splitlines()[:12]] == rows and "cpu s/Mtok" in out
+    assert [json.loads(line) for line in out.splitlines()[:18]] == rows and "cpu s/Mtok" in out
     tokens = {(r["procs"], r["size"]): r["tokens"] for r in rows}
     for p in (1, 2):
         assert tokens[p, "2x"] == 2 * tokens[p, "1x"] and tokens[p, "4x"] == 4 * tokens[p, "1x"] == 4 * tokens[1, "1x"]
