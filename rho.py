@@ -20,8 +20,8 @@ benchmark -> main.
 """
 import argparse
 import contextlib
-import io
 import hashlib
+import io
 import json
 import math
 import os
@@ -877,15 +877,14 @@ def train(cfg, model_cfg, ranks=ONE):
     if cfg.mode == "base" and "base" not in meta["tokens"]:
         die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
             f"model with --init_from CKPT, or from scratch without it")
-    n_web = meta["tokens"]["web"]  # runs that read no reference scores get zeros, which take no memory
-    zeros = np.broadcast_to(np.float32(0), (n_web,))
+    zeros = lambda n: np.broadcast_to(np.float32(0), (n,))  # in place of reference losses a run does not read: no memory
     if cfg.mode in ("base", "ref"):  # CLM on the general corpus, or on the high-quality one
         train_w = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T)
-        train_w.extras = (np.broadcast_to(np.float32(0), (len(train_w.tokens),)),)
+        train_w.extras = (zeros(len(train_w.tokens)),)
         lo, hi = 0, None
     else:
         needs_ref = cfg.mode == "slm" and cfg.select in ("excess", "ref", "sample")
-        extras = [load_ref_scores(cfg, meta, T) if needs_ref else zeros]
+        extras = [load_ref_scores(cfg, meta, T) if needs_ref else zeros(meta["tokens"]["web"])]
         if "labels" in meta:  # demo only: ground-truth noise labels, for auditing the selection
             extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
         train_w = windows(cfg.data, "web.bin", meta, T, extras)
@@ -931,9 +930,9 @@ def train(cfg, model_cfg, ranks=ONE):
         state["tokens_trained"] += int(sum_ranks(sum(s.sum() for s in sels), ranks))
         state["losses"].append(loss.item())
         interval["n"] += 1; interval["tokens"] += cfg.batch_size * T; interval["loss"] += loss.item()
-        for (_, y, *extras), sel in zip(micro, sels):
-            if n_labels:
-                count_labels(interval, extras[-1], sel, n_labels)
+        if n_labels:  # micro-batches of web runs on the demo: (x, y, reference losses, labels)
+            for (_, _, _, labels), sel in zip(micro, sels):
+                count_labels(interval, labels, sel, n_labels)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             now = time.time()
             state["wall_s"] += now - t_last
@@ -1559,7 +1558,7 @@ def bench_step(impl, cfg, k, device, warmup, repeats):
 
 
 def bench_train(impl, mcfg, B, k, device, dtype, warmup, repeats):
-    """One optimizer step exactly as train() runs it (fused head; bfloat16 autocast on CUDA): clm (k = 1),
+    """One optimizer step exactly as train() runs it (fused head, --dtype autocast): clm (k = 1),
     slm (stored reference losses, the step in one forward) or slm_split (the same step in two micro-batches,
     so a no-grad selection pass comes first: the cost of gradient accumulation under a step-wide top-k)."""
     torch.manual_seed(0)
