@@ -1741,6 +1741,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="sequences per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warmup, then cosine to 10%%)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"steps of linear warmup (default {d.warmup})")
+    p.add_argument("--weight_decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay})")
     p.add_argument("--k", type=float, default=d.k, help="share of tokens selected by SLM, in (0, 1]")
     p.add_argument("--select", default=d.select, choices=["excess", "random", "ref", "train", "sample"],
                    help="excess loss (the paper), random (the control), ref (lowest reference loss), train (highest "
