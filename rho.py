@@ -372,8 +372,9 @@ def excess_loss(train_loss, ref_loss):
 
 
 def n_select(k, n):
-    """ceil(k * n); rounded first so that k*n = 6.000000000000001 gives 6."""
-    return math.ceil(round(k * n, 6))
+    """ceil(k * n) of a count, or of a tensor of counts (per row, with no sync); rounded to 6 decimals first
+    so that k*n = 6.000000000000001 gives 6."""
+    return torch.ceil(torch.round(k * torch.as_tensor(n, dtype=torch.float64) * 1e6) / 1e6)
 
 
 def select_topk(score, valid, k, scope="batch"):
@@ -385,8 +386,7 @@ def select_topk(score, valid, k, scope="batch"):
     key = torch.where(valid, score.clamp(min=-3e38), float("-inf"))  # invalid strictly below every valid score
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # stable: equal scores keep index order
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
-    n = torch.ceil(torch.round(k * valid.sum(-1, keepdim=True).double() * 1e6) / 1e6)  # n_select, per row, no sync
-    return ((rank < n) & valid).reshape(shape)
+    return ((rank < n_select(k, valid.sum(-1, keepdim=True))) & valid).reshape(shape)
 
 
 def select_tokens(loss, targets, ref_loss, k, scope="batch", select="excess", gen=None):
