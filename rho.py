@@ -330,6 +330,11 @@ def web_split(n_windows):
     return n_windows - n_val
 
 
+def no_ref(n):
+    """Zeros in place of the reference losses of n tokens, for runs that read none: a view, no memory."""
+    return np.broadcast_to(np.float32(0), (n,))
+
+
 def ref_scores_path(cfg):
     return os.path.join(cfg.out, "ref", "ref_loss.bin")
 
@@ -730,10 +735,7 @@ def run_name(cfg):
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2).encode())
 
 
 def save_checkpoint(path, model, opt, gen, step, cfg, meta, state):
@@ -877,14 +879,13 @@ def train(cfg, model_cfg, ranks=ONE):
     if cfg.mode == "base" and "base" not in meta["tokens"]:
         die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
             f"model with --init_from CKPT, or from scratch without it")
-    zeros = lambda n: np.broadcast_to(np.float32(0), (n,))  # in place of reference losses a run does not read: no memory
     if cfg.mode in ("base", "ref"):  # CLM on the general corpus, or on the high-quality one
         train_w = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T)
-        train_w.extras = (zeros(len(train_w.tokens)),)
+        train_w.extras = (no_ref(len(train_w.tokens)),)
         lo, hi = 0, None
     else:
         needs_ref = cfg.mode == "slm" and cfg.select in ("excess", "ref", "sample")
-        extras = [load_ref_scores(cfg, meta, T) if needs_ref else zeros(meta["tokens"]["web"])]
+        extras = [load_ref_scores(cfg, meta, T) if needs_ref else no_ref(meta["tokens"]["web"])]
         if "labels" in meta:  # demo only: ground-truth noise labels, for auditing the selection
             extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
         train_w = windows(cfg.data, "web.bin", meta, T, extras)
@@ -958,15 +959,13 @@ def write_token_losses(path, state, ev):
     seen of each eval, the web val windows (tokens, reference losses, labels) they belong to. Atomic."""
     if not state["tokens"]["web"]:
         return
-    ws = ev.web_val()
-    x = np.stack([ev.web.tokens[w * ev.web.T: w * ev.web.T + ev.web.T + 1] for w in ws]).astype(np.int32)  # (n_val, T+1)
+    x, y, ref, *labels = ev.web_ref.get(ev.web_val(), "cpu")
     arrays = {key: torch.stack(v).numpy() for key, v in state["tokens"].items()}  # (evals, windows, T)
     evals = state["history"][-len(state["tokens"]["web"]):]  # a run resumed from an older checkpoint has fewer
     arrays.update(step=np.array([h["step"] for h in evals]), tokens_seen=np.array([h["tokens_seen"] for h in evals]),
-                  web_x=x, web_ref=ev.web_ref.get(ws, "cpu")[2].numpy())
-    labels = os.path.join(ev.cfg.data, "web_labels.bin")
-    if os.path.isfile(labels):  # demo: ground-truth noise label of every web target
-        arrays["web_labels"] = np.stack([memmap(ev.cfg.data, "web_labels.bin", np.uint8)[w * ev.web.T + 1: w * ev.web.T + ev.web.T + 1] for w in ws])
+                  web_x=torch.cat([x, y[:, -1:]], 1).int().numpy(), web_ref=ref.numpy())  # web_x: (n_val, T+1) tokens
+    if labels:  # demo: ground-truth noise label of every web target
+        arrays["web_labels"] = labels[0].numpy()
     with open(path + ".tmp", "wb") as f:
         np.savez(f, **arrays)
     os.replace(path + ".tmp", path)
@@ -1040,8 +1039,9 @@ class Evaluator:
     def __init__(self, cfg, meta, T, ref=None):
         self.cfg, self.enc = cfg, get_encoding(meta["encoding"])
         self.hq, self.web = windows(cfg.data, "hq_val.bin", meta, T), windows(cfg.data, "web.bin", meta, T)
-        zeros = np.broadcast_to(np.float32(0), (len(self.web.tokens),))
-        self.web_ref = Windows(self.web.tokens, T, (zeros if ref is None else ref,), self.web.name)  # web val + L_RM
+        labels = [memmap(cfg.data, "web_labels.bin", np.uint8)] if "labels" in meta else []  # demo: noise labels
+        self.web_ref = Windows(self.web.tokens, T, (no_ref(len(self.web.tokens)) if ref is None else ref, *labels),
+                               self.web.name)  # web val windows with L_RM (and labels) aligned
         with open(os.path.join(cfg.data, "eval.json")) as f:
             self.problems = json.load(f)[:cfg.eval_problems]
 
@@ -1062,7 +1062,7 @@ class Evaluator:
         the web val windows; float16) with the web val tokens this run's rule would select now."""
         model.eval()
         cfg, k = self.cfg, (self.cfg.k if self.cfg.mode == "slm" else 1.0)
-        x, y, r = self.web_ref.get(self.web_val(), cfg.device)  # at most 32 windows (web_split): one batch
+        x, y, r, *_ = self.web_ref.get(self.web_val(), cfg.device)  # at most 32 windows (web_split): one batch
         web = model_token_loss(model, x, y)  # (n_val, T)
         measures = {"val_loss_hq": round(self.val_loss(model, self.hq, list(range(min(self.hq.n, 128)))), 4),
                     "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
@@ -1464,9 +1464,7 @@ def report(cfg):
             f"<body><h1>rho report: {html_escape(cfg.out)}</h1><p>Runs: {', '.join(r['run'] for r in runs)}. "
             f"Written by <code>python rho.py --report --out {html_escape(cfg.out)}</code>.</p>\n{body}</body></html>")
     path = os.path.join(cfg.out, "report.html")
-    with open(path + ".tmp", "w") as f:
-        f.write(page)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, page.encode())  # utf-8, as the page declares
     write_json(os.path.join(cfg.out, "report.json"), {"runs": [r["run"] for r in runs], **{key: data for key, _, (_, data) in sections}})
     print(f"report: {path} and {os.path.join(cfg.out, 'report.json')}")
     return path
