@@ -10,26 +10,35 @@ Sources: .txt (documents separated by blank lines), .jsonl or .jsonl.gz (a "text
 "answer", or MetaMathQA's "query" and "response"), .parquet (the same columns; needs pyarrow), or
 hf:NAME[:CONFIG][@SPLIT], a Hugging Face dataset streamed by name (needs datasets and the network; the split
 defaults to train). --web takes several sources, and --max_web_tokens N stops after about N. Each source is read once, in
-order, by this process; a pool of --procs workers parses and tokenizes it in tasks of about 2 MB of text, and the
-tokens are written in order, so the output is byte-identical for any --procs.
+order, by this process (hq twice without --val: its validation documents first); a pool of --procs workers parses and
+tokenizes it in tasks of about 2 MB of text, and the tokens are written in order, so the output is byte-identical for
+any --procs.
+
+Decontamination, by default: a training document (hq_train, web, the demo's base) is dropped if it shares a run of 13
+words (lowercased letters and digits; a held-out text shorter than that: all its words) with a held-out text, i.e. the
+question of a validation record (or a whole plain-text validation document); the workers check it, and meta.json
+counts the dropped documents per source. --keep_contaminated keeps them (and still counts them).
 
 Writes, into the output folder:
     hq_train.bin, hq_val.bin   high-quality corpus of the target distribution (train / validation)
     web.bin                    the large web-like corpus that continual pretraining reads
     web_labels.bin             demo only: a uint8 label per web token (0 = clean, else a noise kind);
                                for auditing the selection, never read by training
-    eval.json                  held-out problems {"prompt", "answer"} for answer accuracy
+    base.bin                   demo only: general web pages (chat, not math) for the base model
+    eval.json                  held-out problems {"prompt", "answer"} for answer accuracy, from validation records only
     meta.json                  encoding, vocab size, dtype, token counts, sources and their sha256 (for a Hugging
-                               Face dataset: its name, config and split)
+                               Face dataset: its name, config and split), decontamination counts
 Token files are flat numpy memmaps (uint16 when the vocabulary fits, else uint32); documents are
 separated by the end-of-text token. Every file is written to a temp file and renamed into place.
 """
 import argparse
 import collections
+import contextlib
 import gzip
 import hashlib
 import importlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -99,6 +108,99 @@ class TokenWriter:
         self.f.close()
         os.replace(self.path + ".tmp", self.path)
         return self.n
+
+
+# -----------------------------------------------------------------------------
+# decontamination: a training document that shares a run of 13 words with a held-out question is dropped
+# (GPT-3's rule). Words are lowercased runs of letters and digits (any non-ASCII byte counts as a letter), so
+# whitespace, case and punctuation do not hide a duplicate. Questions are held out, not answers: an answer is mostly
+# numbers and template words ("#### 5"), and 13 words of it would match unrelated problems. Hashes are polynomials
+# mod 2^64 (numpy's uint64 wraps), the same in every process, unlike Python's salted hash().
+
+NGRAM = 13
+P, Q = np.uint64(0x100000001B3), np.uint64(0x9E3779B97F4A7C15)  # odd multipliers of the word and the run hashes
+BITS = 22  # a table of 2^22 flags, one per top 22 bits of a held-out hash: most runs are ruled out by one look-up
+
+
+def powers(base, n):
+    """base^0 .. base^(n-1) mod 2^64."""
+    p = np.full(n, base, np.uint64)
+    p[0] = 1
+    return np.cumprod(p)
+
+
+def words(texts):
+    """The words of texts as (a 64-bit hash per word, the index of its text), in order."""
+    parts = [t.lower().encode("utf-8", "replace") for t in texts]
+    b = np.frombuffer(b"\n".join(parts), np.uint8)
+    pos = np.flatnonzero(((b - 97) < 26) | ((b - 48) < 10) | (b >= 128))  # a-z, 0-9 (uint8 wraps below), non-ASCII
+    if not len(pos):
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.diff(pos, prepend=-2) != 1)  # a word starts where a run of letters does
+    offset = np.arange(len(pos)) - np.repeat(starts, np.diff(starts, append=len(pos)))  # a letter's place in its word
+    h = np.add.reduceat(b[pos].astype(np.uint64) * powers(P, int(offset.max()) + 1)[offset], starts)
+    per_text = np.diff(np.searchsorted(pos[starts], np.cumsum([len(p) + 1 for p in parts])), prepend=0)
+    return h, np.repeat(np.arange(len(parts)), per_text)
+
+
+def runs(h, doc, lengths):
+    """Yields (L, hashes, text index) of the runs of L words inside one text, for each L in lengths."""
+    g = np.zeros(len(h), np.uint64)
+    for L in range(1, max(lengths) + 1):
+        n = len(h) - L + 1
+        if n <= 0:
+            return
+        g = g[:n] * Q + h[L - 1:]  # Horner: the run of L words starting at each word, from the run of L - 1
+        if L in lengths:
+            inside = doc[:n] == doc[L - 1:]  # its first and last word in the same text
+            yield L, g[inside], doc[:n][inside]
+
+
+def held_out_index(texts):
+    """(keys, flags): keys {L: sorted hashes} holds every 13-word run of the held-out texts and the whole run of each
+    text shorter than that; flags marks the top bits of every key."""
+    h, doc = words(texts)
+    n_words = np.bincount(doc, minlength=len(texts))
+    short = {int(n) for n in n_words if 0 < n < NGRAM}  # a text without words is no text
+    keys = {L: np.unique(g if L == NGRAM else g[n_words[d] == L]) for L, g, d in runs(h, doc, short | {NGRAM})}
+    flags = np.zeros(1 << BITS, bool)
+    for k in keys.values():
+        flags[k >> np.uint64(64 - BITS)] = True
+    return {L: k for L, k in keys.items() if len(k)}, flags
+
+
+def match_runs(texts, keys, flags):
+    """A bool per text: does it hold a run of words that keys holds?"""
+    hit = np.zeros(len(texts), bool)
+    h, doc = words(texts)
+    for L, g, d in runs(h, doc, set(keys)):
+        maybe = flags[g >> np.uint64(64 - BITS)]
+        g, d = g[maybe], d[maybe]
+        i = np.searchsorted(keys[L], g).clip(max=len(keys[L]) - 1)
+        hit[d[keys[L][i] == g]] = True
+    return hit
+
+
+def contaminated(texts, index):
+    """A bool per text: does it hold a run of words that the held-out index holds? Checked about 100k characters at
+    a time: numpy's temporaries then stay in the CPU cache (a quarter faster than 2 MB at once)."""
+    (keys, flags), hit, a = index, np.zeros(len(texts), bool), 0
+    while keys and a < len(texts):
+        b, chars = a, 0
+        while b < len(texts) and chars < 100_000:
+            chars += len(texts[b]); b += 1
+        hit[a:b] = match_runs(texts[a:b], keys, flags)
+        a = b
+    return hit
+
+
+def print_dropped(source, n_docs, caught, keep):
+    print(f"prepare: decontamination: {source}: {caught:,} of {n_docs:,} documents share a {NGRAM}-word run with a "
+          f"held-out question, " + ("kept (--keep_contaminated)" if keep else "dropped"))
+
+
+def decontamination_meta(n_held_out, dropped, keep):
+    return {"n": NGRAM, "held_out_texts": n_held_out, "dropped_docs": dropped, "kept": keep}
 
 
 # -----------------------------------------------------------------------------
@@ -190,9 +292,10 @@ def random_string(rng, n):
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(n))
 
 
-def web_post(rng, segs, general=False):
+def web_post(rng, segs, general=False, problems=None):
     """One forum post: a problem of the hq family, with noise inside and around it. Appends (text, label).
-    general: a general-chat post instead (the base corpus), with the same page noise around it."""
+    general: a general-chat post instead (the base corpus), with the same page noise around it.
+    problems: where the problem comes from (default: problem(rng))."""
     L = LABELS.index
     if general:
         segs += [("Posted by ", L("boilerplate")), (username(rng), L("username")), (" on ", L("boilerplate")),
@@ -202,7 +305,7 @@ def web_post(rng, segs, general=False):
     if rng.random() < 0.4:
         segs += [("Posted by ", L("boilerplate")), (username(rng), L("username")), (" on ", L("boilerplate")),
                  (timestamp(rng), L("timestamp")), ("\n", L("boilerplate"))]
-    q, sol, ans = problem(rng)
+    q, sol, ans = next(problems) if problems else problem(rng)
     if rng.random() < 0.15:  # timestamp and username inside the sentence, as in edited posts
         cut = q.index(". ") + 2 if ". " in q else len(q) // 2
         segs += [("Question: " + q[:cut], 0), ("(edited ", L("boilerplate")), (timestamp(rng), L("timestamp")),
@@ -222,7 +325,7 @@ def web_post(rng, segs, general=False):
     segs += [("\n#### ", 0), (str(ans + delta), L("wrong") if wrong else 0), ("\n", 0)]
 
 
-def web_document(rng, general=False):
+def web_document(rng, general=False, problems=None):
     """A web page: navigation, ads, 2-5 posts, replies, off-topic text, random strings, footer."""
     L, segs = LABELS.index, []
     if rng.random() < 0.7:
@@ -230,7 +333,7 @@ def web_document(rng, general=False):
     if rng.random() < 0.3:
         segs.append((rng.choice(ADS), L("ad")))
     for _ in range(rng.randint(2, 5)):
-        web_post(rng, segs, general)
+        web_post(rng, segs, general, problems)
         if rng.random() < 0.15:
             segs += [("Reply from ", L("boilerplate")), (username(rng), L("username")), (": ", L("boilerplate")),
                      (rng.choice(OFFTOPIC) + "\n", L("offtopic"))]
@@ -243,52 +346,91 @@ def web_document(rng, general=False):
     return segs
 
 
-def prepare_demo(out, enc, seed, n_hq=3000, n_val=300, n_eval=200, web_tokens=1_600_000, base_tokens=800_000):
-    """Builds the embedded default. hq, web and eval draw problems from one family; eval questions are
-    held out of both (by text). base: general web pages (same page noise, chat instead of math) for the
-    base model that the reference model and continual pretraining start from, as in the paper."""
+def fresh_problems(rng, index):
+    """Yields problems whose question shares no 13-word run with a held-out question (checked 1000 at a time)."""
+    while True:
+        drawn = [problem(rng) for _ in range(1000)]
+        yield from (p for p, caught in zip(drawn, contaminated([q for q, _, _ in drawn], index)) if not caught)
+
+
+def unique_problems(problems, n):
+    """The first n problems with distinct questions."""
+    found, seen = [], set()
+    for q, sol, ans in problems:
+        if q not in seen:
+            seen.add(q); found.append((q, sol, ans))
+            if len(found) == n:
+                return found
+
+
+def check_docs(docs, index):
+    """Yields (document, caught by the held-out index), checking 32 documents at a time."""
+    for part in iter(lambda: list(itertools.islice(docs, 32)), []):
+        caught = contaminated(["".join(t for t, _ in segs) for segs in part], index) if index else [False] * len(part)
+        yield from zip(part, caught)
+
+
+def write_demo_corpus(path, enc, docs, index, keep, n_tokens=0, labels_path=None):
+    """Writes documents (lists of (text, label) pieces) to path, each followed by end-of-text, until n_tokens (or the
+    end of docs). Every piece is encoded on its own so that labels align with tokens exactly (labels_path: a uint8
+    label per token). A document that the held-out index catches is dropped, or kept with keep.
+    Returns (tokens, documents, caught, tokens per label)."""
+    w, per_kind, n_docs, n_caught = TokenWriter(path, token_dtype(enc.n_vocab)), np.zeros(len(LABELS), np.int64), 0, 0
+    lw = TokenWriter(labels_path, np.uint8) if labels_path else None
+    for segs, caught in check_docs(docs, index):
+        n_docs, n_caught = n_docs + 1, n_caught + caught
+        if caught and not keep:
+            continue
+        segs = segs + [(EOT, LABELS.index("boilerplate"))]
+        for (text, label), ids in zip(segs, [enc.encode_ordinary(t) for t, _ in segs[:-1]] + [[enc.eot_token]]):
+            w.write(ids); per_kind[label] += len(ids)
+            if lw:
+                lw.write([label] * len(ids))
+        if n_tokens and w.n >= n_tokens:
+            break
+    if lw:
+        lw.close()
+    return w.close(), n_docs, int(n_caught), per_kind
+
+
+def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=200, web_tokens=1_600_000,
+                 base_tokens=800_000):
+    """Builds the embedded default. hq, web and eval draw problems from one family. The held-out problems (hq_val and
+    eval) are drawn first; hq_train and the web posts then draw only problems whose question shares no 13-word run
+    with a held-out question (the decontamination rule), so the check of every training document catches none.
+    base: general web pages (same page noise, chat instead of math) for the base model that the reference model and
+    continual pretraining start from, as in the paper."""
     os.makedirs(out, exist_ok=True)
-    rng, dtype, eot = random.Random(seed), token_dtype(enc.n_vocab), enc.eot_token
-    hq, seen = [], set()
-    while len(hq) < n_hq + n_val:
-        q, sol, ans = problem(rng)
-        if q not in seen:
-            seen.add(q); hq.append(clean_text(q, sol, ans))
-    evals = []
-    while len(evals) < n_eval:
-        q, sol, ans = problem(rng)
-        if q not in seen:
-            seen.add(q); evals.append({"prompt": f"Question: {q}\nAnswer:", "answer": str(ans)})
-    counts = {}
-    for name, docs in [("hq_train", hq[:n_hq]), ("hq_val", hq[n_hq:])]:
-        w = TokenWriter(os.path.join(out, name + ".bin"), dtype)
-        for ids in enc.encode_ordinary_batch(docs):
-            w.write(ids + [eot])
-        counts[name] = w.close()
-    # web: every segment is encoded on its own so that labels align with tokens exactly
-    w, lw, per_kind = TokenWriter(os.path.join(out, "web.bin"), dtype), TokenWriter(os.path.join(out, "web_labels.bin"), np.uint8), np.zeros(len(LABELS), np.int64)
-    while w.n < web_tokens:
-        segs = web_document(rng)
-        for (text, label), ids in zip(segs, enc.encode_ordinary_batch([t for t, _ in segs])):
-            w.write(ids); lw.write([label] * len(ids)); per_kind[label] += len(ids)
-        w.write([eot]); lw.write([LABELS.index("boilerplate")]); per_kind[LABELS.index("boilerplate")] += 1
-    counts["web"], _ = w.close(), lw.close()
-    w = TokenWriter(os.path.join(out, "base.bin"), dtype)
-    while w.n < base_tokens:
-        w.write(sum(enc.encode_ordinary_batch([t for t, _ in web_document(rng, general=True)]), []) + [eot])
-    counts["base"] = w.close()
-    write_atomic(os.path.join(out, "eval.json"), json.dumps(evals, indent=0).encode())
-    share = {k: round(float(per_kind[i] / per_kind.sum()), 4) for i, k in enumerate(LABELS)}
-    return counts, {"demo_seed": seed, "labels": LABELS, "label_share": share}
+    rng, path = random.Random(seed), lambda name: os.path.join(out, name)
+    held = unique_problems((problem(rng) for _ in itertools.count()), n_val + n_eval)
+    index = held_out_index([q for q, _, _ in held])
+    fresh = fresh_problems(rng, index)
+    hq = lambda problems: ([(clean_text(*p), 0)] for p in problems)
+    pages = lambda **kw: (web_document(rng, **kw) for _ in itertools.count())
+    counts, dropped, kinds = {}, {}, {}
+    counts["hq_val"] = write_demo_corpus(path("hq_val.bin"), enc, hq(held[:n_val]), None, keep)[0]
+    for name, docs, n, labels in [("hq_train", hq(unique_problems(fresh, n_hq)), 0, None),
+                                  ("web", pages(problems=fresh), web_tokens, path("web_labels.bin")),
+                                  ("base", pages(general=True), base_tokens, None)]:
+        result = write_demo_corpus(path(name + ".bin"), enc, docs, index, keep, n, labels)
+        counts[name], n_docs, dropped[name], kinds[name] = result
+        print_dropped(name, n_docs, dropped[name], keep)
+    evals = [{"prompt": f"Question: {q}\nAnswer:", "answer": str(ans)} for q, _, ans in held[n_val:]]
+    write_atomic(path("eval.json"), json.dumps(evals, indent=0).encode())
+    share = {k: round(float(kinds["web"][i] / kinds["web"].sum()), 4) for i, k in enumerate(LABELS)}
+    return counts, {"demo_seed": seed, "labels": LABELS, "label_share": share,
+                    "decontamination": decontamination_meta(len(held), dropped, keep)}
 
 
 # -----------------------------------------------------------------------------
-# real corpora, each read once: .txt (documents separated by blank lines), .jsonl / .jsonl.gz ("text", or "question"
-# + "answer"), .parquet (the same columns; needs pyarrow), or a Hugging Face dataset streamed by name (needs datasets)
+# real corpora, each read once (hq twice without --val): .txt (documents separated by blank lines), .jsonl /
+# .jsonl.gz ("text", or "question" + "answer"), .parquet (the same columns; needs pyarrow), or a Hugging Face dataset
+# streamed by name (needs datasets)
 
 TASK_CHARS = 2_000_000  # text per pool task: pickling is cheap next to tokenizing, and 2N tasks in flight stay small
 PAIRS = (("question", "answer"), ("query", "response"))  # GSM8K's fields, MetaMathQA's: one "Question: ...\nAnswer: ..." text
-N_EVAL = 500  # eval problems kept from the validation source (or hq)
+N_EVAL = 500  # eval problems kept from the validation documents
+VAL_EVERY = 50  # without --val, every 50th hq document (by global index) is a validation document
 
 
 class BadInput(Exception):
@@ -434,7 +576,7 @@ def open_source(spec):
     return kind, src, read_parquet(spec, src) if kind == "parquet" else read_lines(spec, kind, src)
 
 
-def make_tasks(spec, kind, items, src, val_every):
+def make_tasks(spec, kind, items, src, val_every, held_out):
     """Groups the items into tasks of about TASK_CHARS characters. A task carries the global index of its first
     document, so the 1-in-val_every validation split does not depend on where the tasks are cut.
     Yields (task, (bytes read, documents read)) for the progress line."""
@@ -443,10 +585,10 @@ def make_tasks(spec, kind, items, src, val_every):
         task.append(item)
         chars += text_size(item[1])
         if chars >= TASK_CHARS:
-            yield (spec, kind, first, val_every, task), (src.get("pos"), first + len(task))
+            yield (spec, kind, first, val_every, held_out, task), (src.get("pos"), first + len(task))
             task, chars, first = [], 0, first + len(task)
     if task:
-        yield (spec, kind, first, val_every, task), (src.get("pos"), first + len(task))
+        yield (spec, kind, first, val_every, held_out, task), (src.get("pos"), first + len(task))
 
 
 def text_size(x):
@@ -459,11 +601,13 @@ def text_size(x):
 # -----------------------------------------------------------------------------
 # tokenizing in a process pool: workers parse and encode, the main process reads and writes in order
 
-_enc = None  # the worker's encoding, built once per process by init_worker
+_enc = _index = None  # the worker's encoding and held-out index, set once per process by init_worker
+_keep = False  # --keep_contaminated
 
 
-def init_worker(encoding):
-    global _enc
+def init_worker(encoding, index=None, keep=False):
+    global _enc, _index, _keep
+    _index, _keep = index, keep
     try:
         _enc = get_encoding(encoding)
     except SystemExit as e:  # fail in the first task, with the message, rather than as a broken pool
@@ -489,43 +633,69 @@ def jsonl_record(line, path, lineno):
 
 def eval_problem(rec):
     """A held-out problem {"prompt", "answer"} from a GSM8K-style record (answer ends in '#### N'), else None."""
-    if "question" not in rec:
+    if not isinstance(rec, dict) or "question" not in rec:
         return None
     m = re.search(r"####\s*(-?[\d,.]+)\s*$", str(rec.get("answer", "")))
     return {"prompt": f"Question: {rec['question']}\nAnswer:", "answer": m.group(1).replace(",", "")} if m else None
 
 
+def held_out_text(rec, text):
+    """What no training document may contain: the question of a record, else the whole validation document."""
+    for q, _ in PAIRS:
+        if isinstance(rec, dict) and isinstance(rec.get(q), str):
+            return rec[q]
+    return text
+
+
 def encode_task(task):
-    """Worker: the tokens of a task's documents, each followed by end-of-text, split into (train, val) by global
-    document index, and the eval problems among its records. One thread per process: --procs N uses N cores."""
-    path, kind, first, val_every, items = task
+    """Worker: the tokens of a task's documents, each followed by end-of-text. held_out: the validation documents
+    (every val_every-th by global document index; val_every 1: all), with their eval problems and held-out texts.
+    Else the others, less those that the held-out index catches (kept with --keep_contaminated, still counted).
+    One thread per process: --procs N uses N cores."""
+    path, kind, first, val_every, held_out, items = task
     if isinstance(_enc, BadInput):
         raise _enc
-    train, val, problems, t0 = [], [], [], time.process_time()
+    docs, problems, texts, t0 = [], [], [], time.process_time()
     for i, (n, x) in enumerate(items, first):
+        if bool(val_every and i % val_every == val_every - 1) != held_out:
+            continue  # a document of the other split
+        rec = jsonl_record(x, path, n) if kind == "jsonl" else x
         if kind != "txt":
-            rec = jsonl_record(x, path, n) if kind == "jsonl" else x
             x = record_text(rec, f"{path}:{n}" if kind == "jsonl" else f"{path}: record {n}")
+        docs.append(x)
+        if held_out:
+            texts.append(held_out_text(rec, x))
             problem = eval_problem(rec)
             if problem:
                 problems.append(problem)
-        ids = _enc.encode_ordinary(x)
+    caught = contaminated(docs, _index) if _index else np.zeros(len(docs), bool)
+    ids = []
+    for x, c in zip(docs, caught):
+        if c and not _keep:
+            continue
+        ids += _enc.encode_ordinary(x)
         ids.append(_enc.eot_token)
-        (val if val_every and i % val_every == val_every - 1 else train).extend(ids)
-    dtype = token_dtype(_enc.n_vocab)
-    return np.array(train, dtype), np.array(val, dtype), problems, time.process_time() - t0  # CPU seconds: for --bench
+    cpu = time.process_time() - t0  # for --bench
+    return np.array(ids, token_dtype(_enc.n_vocab)), problems, texts, len(docs), int(caught.sum()), cpu
 
 
-def start_pool(procs, encoding):
+@contextlib.contextmanager
+def start_pool(procs, encoding, index=None, keep=False):
     """None for --procs 1: tasks then run in this process. Workers are spawned, not forked: each is a fresh interpreter
     that imports only this file (numpy, tiktoken), so no lock or thread of the parent (torch's, a test runner's) is
     copied half-held into it; starting costs well under a second, and it is what macOS and Windows do anyway.
     ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (out of memory) fails the run with
-    BrokenProcessPool, where Pool would wait for its result forever."""
+    BrokenProcessPool, where Pool would wait for its result forever. The held-out index goes to each worker once."""
     if procs == 1:
-        init_worker(encoding)
-        return None
-    return ProcessPoolExecutor(procs, multiprocessing.get_context("spawn"), initializer=init_worker, initargs=(encoding,))
+        init_worker(encoding, index, keep)
+        yield None
+        return
+    pool = ProcessPoolExecutor(procs, multiprocessing.get_context("spawn"), initializer=init_worker,
+                               initargs=(encoding, index, keep))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_tasks(tasks, pool, depth):
@@ -585,20 +755,23 @@ def duration(s):
     return f"{s:.0f}s" if s < 90 else f"{s / 60:.0f}m" if s < 5400 else f"{s / 3600:.1f}h"
 
 
-def tokenize_source(spec, writer, pool, depth, val_writer=None, val_every=0, limit=0):
-    """Reads one source once, tokenizes it in tasks, writes the tokens in order (every val_every-th document to
-    val_writer). With a limit, stops after the task that brings writer to `limit` tokens: a task boundary, the
-    same for any number of processes. Returns the source's meta.json record and its first N_EVAL eval problems."""
+def tokenize_source(spec, writer, pool, depth, val_every=0, held_out=False, limit=0):
+    """Reads one source once, tokenizes it in tasks and writes the tokens in order: its validation documents (held_out;
+    see encode_task) or its others. With a limit, stops after the task that brings writer to `limit` tokens: a task
+    boundary, the same for any number of processes. Returns the source's meta.json record and what its tasks found:
+    the first N_EVAL eval problems, the held-out texts, the documents read and those caught, the CPU seconds."""
     kind, src, items = open_source(spec)
-    progress, problems = Progress(spec, src.get("bytes")), []
+    found = {"problems": [], "held_out": [], "docs": 0, "caught": 0}
+    progress = Progress(spec + (" (validation documents)" if held_out and val_every > 1 else ""), src.get("bytes"))
     try:
-        for (train, val, found, cpu), mark in run_tasks(make_tasks(spec, kind, items, src, val_every), pool, depth):
+        tasks = make_tasks(spec, kind, items, src, val_every, held_out)
+        for (ids, problems, texts, docs, caught, cpu), mark in run_tasks(tasks, pool, depth):
             progress.cpu += cpu
-            writer.write(train)
-            if val_every:
-                val_writer.write(val)
-            problems += found[:N_EVAL - len(problems)]
-            progress.update(mark, len(train) + len(val))
+            writer.write(ids)
+            found["problems"] += problems[:N_EVAL - len(found["problems"])]
+            found["held_out"] += texts
+            found["docs"], found["caught"] = found["docs"] + docs, found["caught"] + caught
+            progress.update(mark, len(ids))
             if limit and writer.n >= limit:
                 src.update(sha256=None, stopped_at_tokens=writer.n, bytes_read=mark[0], documents_read=mark[1])  # a prefix
                 break
@@ -610,35 +783,42 @@ def tokenize_source(spec, writer, pool, depth, val_writer=None, val_every=0, lim
         raise
     progress.done()
     src.pop("pos", None)
-    return src, problems, progress.cpu
+    return src, {**found, "cpu": progress.cpu}
 
 
 def prepare_files(args, enc):
+    """The validation documents first (--val, or every VAL_EVERY-th hq document), so that the held-out questions are
+    all known before any training document is checked; then hq_train (the other hq documents) and web."""
     for spec in filter(None, (args.hq, args.val, *args.web)):
         source_kind(spec)  # every source is checked before any is read
     os.makedirs(args.out, exist_ok=True)
-    dtype, sources, depth = token_dtype(enc.n_vocab), {}, 2 * args.procs
-    tr, va = TokenWriter(os.path.join(args.out, "hq_train.bin"), dtype), TokenWriter(os.path.join(args.out, "hq_val.bin"), dtype)
-    wb = TokenWriter(os.path.join(args.out, "web.bin"), dtype)
-    pool = start_pool(args.procs, args.encoding)
-    try:
-        sources["hq"], problems, _ = tokenize_source(args.hq, tr, pool, depth, va, 0 if args.val else 50)
-        if args.val:
-            sources["val"], problems, _ = tokenize_source(args.val, va, pool, depth)
-        web = []
+    dtype, depth, keep = token_dtype(enc.n_vocab), 2 * args.procs, args.keep_contaminated
+    path = lambda name: os.path.join(args.out, name)
+    va, every = TokenWriter(path("hq_val.bin"), dtype), 0 if args.val else VAL_EVERY
+    with start_pool(args.procs, args.encoding) as pool:
+        val_src, held = tokenize_source(args.val or args.hq, va, pool, depth, every or 1, held_out=True)
+    counts, dropped = {"hq_val": va.close()}, {"hq_train": {}, "web": {}}
+    if not counts["hq_val"]:
+        sys.exit(f"error: {args.val}: no documents" if args.val else f"error: {args.hq}: too few documents to hold "
+                 f"out a validation split (1 in {VAL_EVERY}); pass --val FILE")
+
+    def count(corpus, spec, found):  # dropped documents, per source
+        dropped[corpus][spec] = dropped[corpus].get(spec, 0) + found["caught"]
+        print_dropped(spec, found["docs"], found["caught"], keep)
+
+    tr, wb, web = TokenWriter(path("hq_train.bin"), dtype), TokenWriter(path("web.bin"), dtype), []
+    with start_pool(args.procs, args.encoding, held_out_index(held["held_out"]), keep) as pool:
+        hq_src, found = tokenize_source(args.hq, tr, pool, depth, every)
+        count("hq_train", args.hq, found)
         for spec in args.web:  # shards, in the order given, until --max_web_tokens
             if args.max_web_tokens and wb.n >= args.max_web_tokens:
                 break
-            web.append(tokenize_source(spec, wb, pool, depth, limit=args.max_web_tokens)[0])
-        sources["web"] = web[0] if len(web) == 1 else web
-    finally:
-        if pool:
-            pool.shutdown(wait=False, cancel_futures=True)
-    counts = {"hq_train": tr.close(), "hq_val": va.close(), "web": wb.close()}
-    if not counts["hq_val"]:
-        sys.exit(f"error: {args.hq}: too few documents to hold out a validation split (1 in 50); pass --val FILE")
-    write_atomic(os.path.join(args.out, "eval.json"), json.dumps(problems).encode())  # GSM8K-style records only
-    return counts, {"sources": sources}
+            src, found = tokenize_source(spec, wb, pool, depth, limit=args.max_web_tokens)
+            web.append(src); count("web", spec, found)
+    counts.update(hq_train=tr.close(), web=wb.close())
+    write_atomic(path("eval.json"), json.dumps(held["problems"]).encode())  # GSM8K-style validation records only
+    sources = {"hq": hq_src, **({"val": val_src} if args.val else {}), "web": web[0] if len(web) == 1 else web}
+    return counts, {"sources": sources, "decontamination": decontamination_meta(len(held["held_out"]), dropped, keep)}
 
 
 # -----------------------------------------------------------------------------
@@ -662,9 +842,29 @@ def bench_files(folder, seed, base_mb):
     return files
 
 
+def bench_index(seed, n=1319, n_words=45):
+    """A held-out index the size of GSM8K's test questions (1,319 of ~45 words) that matches no bench document, so
+    that every document is checked and tokenized, as prepare.py does by default."""
+    rng = random.Random(seed)
+    return held_out_index([" ".join(random_string(rng, 8) for _ in range(n_words)) for _ in range(n)])
+
+
+def bench_decontamination(path, index):
+    """CPU seconds of the decontamination check alone on a bench file, in tasks of TASK_CHARS, in this process."""
+    docs, tasks, chars = [x for _, x in read_lines(path, "txt", {})], [[]], 0
+    for x in docs:
+        tasks[-1].append(x); chars += len(x)
+        if chars >= TASK_CHARS:
+            tasks.append([]); chars = 0
+    t0 = time.process_time()
+    for task in tasks:
+        contaminated(task, index)
+    return time.process_time() - t0
+
+
 def bench_one(path, size, procs, pool, args, dtype):
     load, w, t0, c0 = os.getloadavg()[0], TokenWriter(path + ".bin", dtype), time.time(), time.process_time()
-    _, _, task_cpu = tokenize_source(path, w, pool, 2 * procs)
+    task_cpu = tokenize_source(path, w, pool, 2 * procs)[1]["cpu"]
     n, dt = w.close(), time.time() - t0
     cpu = time.process_time() - c0 + (task_cpu if pool else 0)  # this process (reading, writing), plus the workers'
     os.remove(path + ".bin")
@@ -676,23 +876,24 @@ def bench_one(path, size, procs, pool, args, dtype):
 
 def bench(args, enc):
     """Times tokenizing each file three times (1x 2x 4x, three rounds) with 1 and with --procs processes (workers
-    started before the clock starts); the table keeps the fastest of each size. Linear cost: seconds per token stay flat
-    from 1x to 4x. Scaling: seconds drop with processes."""
-    rows = []
+    started before the clock starts), decontamination included; the table keeps the fastest of each size. Linear
+    cost: seconds per token stay flat from 1x to 4x. Scaling: seconds drop with processes. Then the decontamination
+    check alone on 1x, against the 1-process cost of 1x."""
+    rows, index = [], bench_index(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         files = bench_files(tmp, args.seed, BENCH_MB)
         for procs in sorted({1, args.procs}):
-            pool = start_pool(procs, args.encoding)
-            try:
+            with start_pool(procs, args.encoding, index) as pool:
                 if pool:
                     list(pool.map(abs, range(4 * procs)))  # warm-up: every worker has started
                 for size in (1, 2, 4) * 3:  # three rounds: a slow spell of a shared machine hits one round, not all
                     rows.append(bench_one(files[size], size, procs, pool, args, token_dtype(enc.n_vocab)))
                     print(json.dumps(rows[-1]), flush=True)
-            finally:
-                if pool:
-                    pool.shutdown()
+        check = min(bench_decontamination(files[1], index) for _ in range(3))
     print_bench_table(rows)
+    cpu = min(r["cpu_s"] for r in rows if r["procs"] == 1 and r["size"] == "1x")
+    print(f"decontamination alone on 1x: {check:.3f} CPU s, {check / cpu:.0%} of the {cpu:.3f} CPU s that 1 process "
+          f"spends on 1x with it: +{check / max(cpu - check, 1e-9):.0%} over tokenizing without it")
     return rows
 
 
@@ -739,6 +940,8 @@ def main(argv=None):
                    "tokens (a large stream or many shards; meta.json records where it stopped); default: read them all")
     p.add_argument("--web_tokens", type=int, default=1_600_000, help="size of the demo web corpus in tokens")
     p.add_argument("--base_tokens", type=int, default=800_000, help="size of the demo base corpus (general web) in tokens")
+    p.add_argument("--keep_contaminated", action="store_true", help="keep the training documents that share a "
+                   f"{NGRAM}-word run with a held-out question (default: drop them); they are counted either way")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores; 1: no pool)")
     p.add_argument("--bench", action="store_true", help=f"time tokenizing {BENCH_MB}, {2 * BENCH_MB} and {4 * BENCH_MB} MB of "
                    "synthetic web text with 1 and with --procs processes")
@@ -756,7 +959,8 @@ def main(argv=None):
         counts, extra = checked(prepare_files, args, enc)
     else:
         args.out = args.out or os.path.join("data", "demo")
-        counts, extra = prepare_demo(args.out, enc, args.seed, web_tokens=args.web_tokens, base_tokens=args.base_tokens)
+        counts, extra = prepare_demo(args.out, enc, args.seed, args.keep_contaminated, web_tokens=args.web_tokens,
+                                     base_tokens=args.base_tokens)
     meta = {"encoding": args.encoding, "vocab_size": enc.n_vocab, "eot": enc.eot_token,
             "dtype": np.dtype(token_dtype(enc.n_vocab)).name, "tokens": counts, **extra}
     write_atomic(os.path.join(args.out, "meta.json"), json.dumps(meta, indent=2).encode())  # last: marks the folder complete

@@ -438,33 +438,44 @@ def clm_loss(logits, targets):
 
 
 # -----------------------------------------------------------------------------
-# the fused SLM head: every token's loss, but logits gradients only for the selected rows
-#   forward (no grad): chunks of rows, logits = h @ W^T one chunk at a time -> token loss and lse, O(N)
-#   select:            the same select_tokens as the plain loss above
-#   backward:          recompute the selected rows' logits chunk by chunk, g = (softmax - onehot) / n_sel,
-#                      dH[sel] = g @ W, dW += g^T @ H[sel]
-# Head FLOPs (2 + 6k) N d V instead of 6 N d V; memory O(N) plus one (chunk x V) block of logits.
-# The per-chunk math runs as Triton kernels on CUDA and as the PyTorch functions below elsewhere.
+# the fused head: the loss from hidden states (N, C) and the head weight (V, C), never holding N x V logits
+#   CLM (every token carries the loss): one pass over chunks of rows computes each chunk's logits, its loss, and at
+#     once the gradients G = (softmax - onehot) / n, dH = G W, dW += G^T H: 6 N d V FLOPs, no recompute
+#   SLM: a no-grad pass gives every token's loss and lse (2 N d V); the selection runs on those losses, outside;
+#     the backward recomputes the selected rows' logits only: (2 + 6k) N d V FLOPs in all
+# Logits are fp32 in a buffer of `rows` rows whose row stride is padded to 64 floats; the per-chunk softmax math runs
+# as Triton kernels on CUDA and as the PyTorch functions below elsewhere.
 
 
-def chunk_lse_torch_(logits, targets):
-    """(lse, loss) in fp32, (C,) each, of a (C, V) logits chunk; loss 0 where the target is ignored.
-    Overwrites an fp32 chunk (the forward owns it): no second (C, V) buffer."""
-    x = logits.float()
-    x_y = x.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read column 0, then zeroed
-    m = x.amax(1)
-    lse = m + x.sub_(m[:, None]).exp_().sum(1).log()
-    return lse, torch.where(targets == IGNORE, 0.0, lse - x_y)
+def sub_onehot_(g, y, row_scale):
+    """g[i, y_i] -= row_scale_i on the rows whose target is not ignored."""
+    valid = y != IGNORE
+    g[torch.arange(len(y), device=g.device)[valid], y[valid]] -= row_scale[valid].to(g.dtype)
 
 
-def chunk_grad_torch_(logits, targets, lse, scale):
-    """Writes (softmax(logits) - onehot(targets)) * scale into logits, in place; ignored rows get 0."""
-    g = logits if logits.dtype == torch.float32 else logits.float()  # fp32: no second (C, V) buffer
-    valid = targets != IGNORE
-    row_scale = valid * scale  # (C,): 0 for ignored rows
-    g.sub_(lse[:, None]).exp_().mul_(row_scale[:, None])
-    g[torch.arange(len(targets), device=g.device)[valid], targets[valid]] -= row_scale[valid]
-    return logits if g is logits else logits.copy_(g)
+def chunk_loss_torch(x, y, scale=None, g=None):
+    """(lse, loss) of an fp32 (c, V) chunk of logits, in fp32; loss 0 where the target is ignored. Overwrites x.
+    With a scale (CLM), also writes the gradient (softmax - onehot) * scale into g (default: x itself)."""
+    x_y = x.gather(1, y.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read column 0, then get loss 0
+    m = x.amax(1, keepdim=True)
+    s = x.sub_(m).exp_().sum(1)  # x now holds exp(logits - max)
+    lse = m.squeeze(1) + s.log()
+    loss = torch.where(y == IGNORE, 0.0, lse - x_y)
+    if scale is not None:
+        row_scale = (y != IGNORE) * scale
+        x.mul_((row_scale / s)[:, None])  # softmax * scale: one exp for the loss and the gradient
+        sub_onehot_(x, y, row_scale)
+        if g is not None and g.data_ptr() != x.data_ptr():
+            g.copy_(x)
+    return lse, loss
+
+
+def chunk_grad_torch(x, y, lse, scale, g=None):
+    """Writes (softmax - onehot) * scale of an fp32 chunk of logits, given its lse, into g (default: x, in place)."""
+    row_scale = (y != IGNORE) * scale
+    x.sub_(lse[:, None]).exp_().mul_(row_scale[:, None])
+    sub_onehot_(x, y, row_scale)
+    return x if g is None or g.data_ptr() == x.data_ptr() else g.copy_(x)
 
 
 try:
@@ -476,146 +487,214 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _chunk_lse_kernel(logits_ptr, targets_ptr, lse_ptr, loss_ptr, stride_row, V, BLOCK_V: tl.constexpr):
-        row = tl.program_id(0)
-        row_ptr = logits_ptr + row.to(tl.int64) * stride_row  # int64: C * V can pass 2**31
+    def _write_grad(x_row, g_row, y, lse, scale, V, BLOCK_V: tl.constexpr):
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)  # softmax - onehot
+            g = tl.where(y == -1, 0.0, g * scale)
+            tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < V)  # in g's dtype (bf16 for the GEMMs)
+
+    @triton.jit
+    def _chunk_loss_kernel(x_ptr, g_ptr, y_ptr, lse_ptr, loss_ptr, scale_ptr, stride_x, stride_g, V,
+                           BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2**31
+        x_row = x_ptr + row * stride_x
         m = tl.full([], float("-inf"), tl.float32)  # online log-sum-exp: running max m and sum s of exp(x - m)
         s = tl.full([], 0.0, tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))  # finite: every block has at least one real column
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # rescale the old sum to the new max
             m = m_new
         lse = m + tl.log(s)
-        y = tl.load(targets_ptr + row)
-        x_y = tl.load(row_ptr + tl.maximum(y, 0)).to(tl.float32)  # ignored rows read column 0, then drop it
+        y = tl.load(y_ptr + row)
+        x_y = tl.load(x_row + tl.maximum(y, 0)).to(tl.float32)  # ignored rows read column 0, then drop it
         tl.store(lse_ptr + row, lse)
         tl.store(loss_ptr + row, tl.where(y == -1, 0.0, lse - x_y))
+        if WRITE_GRAD:  # CLM: the gradient in the same launch, the row still in cache
+            _write_grad(x_row, g_ptr + row * stride_g, y, lse, tl.load(scale_ptr), V, BLOCK_V)
 
     @triton.jit
-    def _chunk_grad_kernel(logits_ptr, targets_ptr, lse_ptr, scale_ptr, stride_row, V, BLOCK_V: tl.constexpr):
-        row = tl.program_id(0)
-        row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-        y, lse, scale = tl.load(targets_ptr + row), tl.load(lse_ptr + row), tl.load(scale_ptr)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)  # softmax - onehot
-            g = tl.where(y == -1, 0.0, g * scale)
-            tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)  # in place, buffer's dtype
+    def _chunk_grad_kernel(x_ptr, g_ptr, y_ptr, lse_ptr, scale_ptr, stride_x, stride_g, V, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        _write_grad(x_ptr + row * stride_x, g_ptr + row * stride_g, tl.load(y_ptr + row), tl.load(lse_ptr + row),
+                    tl.load(scale_ptr), V, BLOCK_V)
 
 
-def _triton_launch(logits, block_v):
-    assert logits.stride(1) == 1, "logits chunk must be contiguous in its last dim"
-    block = block_v or min(4096, triton.next_power_of_2(logits.shape[1]))
-    return block, 8 if block >= 2048 else 4
+def _launch(x, g, block_v):
+    assert x.stride(1) == 1 and g.stride(1) == 1, "logits and gradient rows must be contiguous"
+    block = block_v or min(4096, triton.next_power_of_2(x.shape[1]))
+    return dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
 
 
-def chunk_lse_triton(logits, targets, block_v=None):  # reads logits, does not overwrite them
-    block, warps = _triton_launch(logits, block_v)
-    lse = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
+def _scale_tensor(scale, device):
+    return torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(1)  # on the device: no sync
+
+
+def chunk_loss_triton(x, y, scale=None, g=None, block_v=None):
+    """chunk_loss_torch as one Triton launch; reads x without overwriting it."""
+    g = x if g is None else g
+    lse = torch.empty(len(x), dtype=torch.float32, device=x.device)
     loss = torch.empty_like(lse)
-    _chunk_lse_kernel[(len(logits),)](logits, targets, lse, loss, logits.stride(0), logits.shape[1], BLOCK_V=block, num_warps=warps)
+    _chunk_loss_kernel[(len(x),)](x, g, y, lse, loss, _scale_tensor(0.0 if scale is None else scale, x.device),
+                                  x.stride(0), g.stride(0), x.shape[1], WRITE_GRAD=scale is not None, **_launch(x, g, block_v))
     return lse, loss
 
 
-def chunk_grad_triton_(logits, targets, lse, scale, block_v=None):
-    block, warps = _triton_launch(logits, block_v)
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=logits.device).reshape(1)  # on the device: no sync
-    _chunk_grad_kernel[(len(logits),)](logits, targets, lse, scale, logits.stride(0), logits.shape[1], BLOCK_V=block, num_warps=warps)
-    return logits
+def chunk_grad_triton(x, y, lse, scale, g=None, block_v=None):
+    g = x if g is None else g
+    _chunk_grad_kernel[(len(x),)](x, g, y, lse, _scale_tensor(scale, x.device), x.stride(0), g.stride(0), x.shape[1],
+                                  **_launch(x, g, block_v))
+    return g
 
 
-def mm_fp32(a, b):
-    """a @ b with an fp32 result: bf16 operands on CUDA accumulate and return fp32 (no bf16 rounding)."""
-    if a.dtype == torch.float32 or a.device.type != "cuda":
-        return (a @ b).float()
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
-def chunk_ops(device, compile=False):
-    """The per-chunk (lse, grad) pair for a device: Triton on CUDA when it is installed, else PyTorch,
-    optionally through torch.compile (it works on CPU, but --bench measures whether it pays)."""
+def chunk_ops(device):
+    """The per-chunk (loss, grad) pair for a device: Triton on CUDA when it is installed, else PyTorch."""
     if device.type == "cuda" and triton is not None:
-        return chunk_lse_triton, chunk_grad_triton_
-    if compile:
-        return torch.compile(chunk_lse_torch_, dynamic=True), torch.compile(chunk_grad_torch_, dynamic=True)
-    return chunk_lse_torch_, chunk_grad_torch_
+        return chunk_loss_triton, chunk_grad_triton
+    return chunk_loss_torch, chunk_grad_torch
 
 
-def default_chunk(V):
-    return max(64, 2**23 // V)  # rows per chunk: about 32 MB of fp32 logits
+def chunk_rows(V, device):
+    """Rows per chunk, from a budget of fp32 logits: 32 MB on a CPU, 512 MB on a GPU (thousands of rows: few, large
+    GEMMs and few launches)."""
+    budget = 2**27 if device.type == "cuda" else 2**23
+    return max(64, budget // V // 64 * 64)
+
+
+def buffer(rows, V, device, dtype=torch.float32):
+    """A (rows, V) view of a (rows, V rounded up to 64) buffer: every row starts at an aligned address."""
+    return torch.empty(rows, -(-V // 64) * 64, dtype=dtype, device=device)[:, :V]
+
+
+def mm_fp32(a, b, out):
+    """out = a @ b in fp32: bf16 operands on CUDA accumulate and store in fp32 (no bf16 rounding of the logits)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return out.copy_(a @ b)
+
+
+def addmm_fp32_(dw, a, b):
+    """dw += a @ b, accumulated in dw's fp32 in place."""
+    if a.dtype == torch.float32:
+        return dw.addmm_(a, b)
+    if a.is_cuda:
+        try:
+            return torch.addmm(dw, a, b, out_dtype=torch.float32, out=dw)  # bf16 operands, fp32 sum: no temporary
+        except RuntimeError:  # older torch wants self in the operands' dtype: a (V, C) fp32 temporary per chunk
+            return dw.add_(torch.mm(a, b, out_dtype=torch.float32))
+    return dw.add_(a @ b)
+
+
+def head_dtype(h):
+    """The head's GEMM dtype: bfloat16 under autocast (the head then runs outside it, with fp32 accumulation), else h's."""
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
 
 
 @torch.no_grad()
-def head_token_loss(h, w, targets, chunk, lse_fn):
-    """Forward of the head without grad: token losses and lse of (N, C) hidden states, chunk rows at a time."""
+def head_token_loss(h, w, y, dtype=None):
+    """Every token's loss and lse, (N,) each, from h (N, C), without grad: the first pass of the SLM head, and
+    scoring and evaluation."""
+    dtype = dtype or head_dtype(h)
+    h, w = h.to(dtype), w.to(dtype)
+    rows, (lse_fn, _) = chunk_rows(w.shape[0], h.device), chunk_ops(h.device)
+    x = buffer(min(rows, len(h)), w.shape[0], h.device)
     loss = torch.empty(len(h), dtype=torch.float32, device=h.device)
     lse = torch.empty_like(loss)
-    for i in range(0, len(h), chunk):
-        lse[i:i + chunk], loss[i:i + chunk] = lse_fn(mm_fp32(h[i:i + chunk], w.t()), targets[i:i + chunk])  # (chunk, V)
+    for i in range(0, len(h), rows):
+        c = len(h[i:i + rows])
+        lse[i:i + c], loss[i:i + c] = lse_fn(mm_fp32(h[i:i + c], w.t(), x[:c]), y[i:i + c])
     return loss, lse
 
 
-class SelectedHeadLoss(torch.autograd.Function):
-    """Sum of the selected tokens' losses over n (the number selected in the whole step), whose backward
-    touches only the selected rows."""
+class FullHeadLoss(torch.autograd.Function):
+    """CLM's head: the sum of every token's loss over n, whose gradients are computed in the forward, chunk by chunk.
+    The backward only scales them. Returns (the loss, every token's loss)."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, loss, lse, sel, n, chunk, grad_fn):
+    def forward(ctx, h, w, y, n, dtype):
+        hc, wc = h.to(dtype), w.to(dtype)
+        (N, C), V = h.shape, w.shape[0]
+        rows, (loss_fn, _) = chunk_rows(V, h.device), chunk_ops(h.device)
+        x = buffer(min(rows, N), V, h.device)
+        g = x if dtype == torch.float32 else buffer(len(x), V, h.device, dtype)  # bf16 on GPUs: for the GEMMs
+        loss, dh = torch.empty(N, dtype=torch.float32, device=h.device), torch.empty_like(hc)
+        dw = torch.zeros(V, C, dtype=torch.float32, device=h.device)
+        for i in range(0, N, rows):
+            c = len(hc[i:i + rows])
+            _, loss[i:i + c] = loss_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), y[i:i + c], 1.0 / n, g[:c])
+            torch.mm(g[:c], wc, out=dh[i:i + c])
+            addmm_fp32_(dw, g[:c].t(), hc[i:i + c])
+        ctx.save_for_backward(dh, dw)
+        ctx.mark_non_differentiable(loss)
+        return loss.sum() / n, loss
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        dh, dw = ctx.saved_tensors
+        return dh * grad, dw * grad, None, None, None
+
+
+class SelectedHeadLoss(torch.autograd.Function):
+    """SLM's head: the sum of the selected tokens' losses (given) over n, the number selected in the whole step.
+    Its backward recomputes the logits of the selected rows only."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, loss, lse, sel, n, dtype):
         idx = sel.nonzero().squeeze(1)
-        ctx.save_for_backward(h, w, targets[idx], lse[idx], idx)
-        ctx.n, ctx.chunk, ctx.grad_fn = n, chunk, grad_fn
+        ctx.save_for_backward(h, w, y[idx], lse[idx], idx)
+        ctx.n, ctx.dtype = n, dtype
         return loss[idx].sum() / n
 
     @staticmethod
     def backward(ctx, grad):
         h, w, y, lse, idx = ctx.saved_tensors
-        dh, dw = torch.zeros_like(h), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        scale = grad / ctx.n
-        for i in range(0, len(idx), ctx.chunk):
-            rows, hs = idx[i:i + ctx.chunk], h[idx[i:i + ctx.chunk]]  # (c, C)
-            g = ctx.grad_fn(mm_fp32(hs, w.t()), y[i:i + ctx.chunk], lse[i:i + ctx.chunk], scale).to(w.dtype)  # (c, V)
-            dh[rows] = (g @ w).to(dh.dtype)
-            if g.dtype == torch.float32:
-                dw.addmm_(g.t(), hs)  # in place: no V x C temporary per chunk
-            else:
-                dw += mm_fp32(g.t(), hs)  # bf16 operands, fp32 accumulation
-        return dh, dw.to(w.dtype), None, None, None, None, None, None, None
+        hc, wc = h.to(ctx.dtype), w.to(ctx.dtype)
+        V, C = w.shape
+        rows, (_, grad_fn) = chunk_rows(V, h.device), chunk_ops(h.device)
+        x = buffer(max(1, min(rows, len(idx))), V, h.device)
+        g = x if ctx.dtype == torch.float32 else buffer(len(x), V, h.device, ctx.dtype)
+        dh, dw = torch.zeros_like(hc), torch.zeros(V, C, dtype=torch.float32, device=h.device)
+        for i in range(0, len(idx), rows):
+            r = idx[i:i + rows]
+            hs = hc[r]  # (c, C)
+            gc = grad_fn(mm_fp32(hs, wc.t(), x[:len(r)]), y[i:i + rows], lse[i:i + rows], grad / ctx.n, g[:len(r)])
+            dh[r] = gc @ wc
+            addmm_fp32_(dw, gc.t(), hs)
+        return dh, dw, None, None, None, None, None, None
 
 
-def head_inputs(h, w):
-    """h and w in the head's dtype: bfloat16 under autocast (the head then runs outside autocast, with
-    explicit fp32 accumulation), else h's dtype; autograd casts the gradients back."""
-    dev = h.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    return h.to(dtype), w.to(dtype)
-
-
-def fused_slm_loss(h, w, targets, ref_loss, k, scope="batch", select="excess", gen=None, chunk=None, compile=False,
-                   ranks=ONE, sel=None, n=None):
+def fused_slm_loss(h, w, targets, ref_loss, k, scope="batch", select="excess", gen=None, ranks=ONE, sel=None, n=None):
     """The SLM loss from hidden states h (B, T, C) and head weight w (V, C), never holding B*T x V logits.
     Same selection and same value as slm_loss(h @ w.T, ...); returns (loss, token losses, selected).
-    Selects over the step on every process (select_step), unless the selection pass already did (sel, n)."""
+    k = 1 (CLM) takes the one-pass head. Otherwise selects over the step on every process (select_step), unless the
+    selection pass already did (sel, n)."""
     B, T, C = h.shape
-    h, w = head_inputs(h, w)
-    chunk = chunk or default_chunk(w.shape[0])
-    lse_fn, grad_fn = chunk_ops(h.device, compile)
+    dtype, y = head_dtype(h), targets.reshape(-1)
     with torch.autocast(h.device.type, enabled=False):
-        loss, lse = head_token_loss(h.detach().reshape(-1, C), w.detach(), targets.reshape(-1), chunk, lse_fn)
+        if k >= 1:
+            valid = targets != IGNORE
+            n = n if n is not None else int(sum_ranks(valid.sum(), ranks))
+            out, loss = FullHeadLoss.apply(h.reshape(-1, C), w, y, max(n, 1), dtype)
+            return out, loss.view(B, T), valid
+        loss, lse = head_token_loss(h.detach().reshape(-1, C), w.detach(), y, dtype)
         if sel is None:
             sel, n = select_step(loss.view(B, T), targets, ref_loss, k, scope, select, gen, ranks)
-        out = SelectedHeadLoss.apply(h.reshape(-1, C), w, targets.reshape(-1), loss, lse, sel.reshape(-1), n, chunk, grad_fn)
+        out = SelectedHeadLoss.apply(h.reshape(-1, C), w, y, loss, lse, sel.reshape(-1), max(n, 1), dtype)
     return out, loss.view(B, T), sel
 
 
 @torch.no_grad()
 def model_token_loss(model, x, y):
     """Every token's loss under model, (B, T), without grad and without B*T x V logits: scoring and eval."""
-    h, w = head_inputs(model(x), model.lm_head.weight)
+    h = model(x)
     with torch.autocast(h.device.type, enabled=False):
-        loss, _ = head_token_loss(h.flatten(0, 1), w, y.flatten(), default_chunk(w.shape[0]), chunk_ops(h.device)[0])
+        loss, _ = head_token_loss(h.flatten(0, 1), model.lm_head.weight, y.flatten(), head_dtype(h))
     return loss.view(y.shape)
 
 
@@ -1509,17 +1588,33 @@ def timed(fn, device, warmup, repeats):
     return 1000 * sorted(times[warmup:])[repeats // 2], mem_peak(device) - base
 
 
+def native_lce(h, w, y, **kw):
+    """torch's own chunked linear + cross-entropy (F.linear_cross_entropy, torch >= 2.13), gradient in the forward."""
+    return F.linear_cross_entropy(h, w, y, ignore_index=IGNORE, options=torch.nn.LinearCrossEntropyOptions(), **kw)
+
+
+def native_lce_slm(h, w, y, r, k):
+    """The SLM head built from two native calls: a no-grad pass for every token's loss, then one with gradient over
+    the selected rows only."""
+    with torch.no_grad():
+        tok = native_lce(h, w, y, reduction="none")
+    idx = select_tokens(tok[None], y[None], r[None], k)[0].nonzero().squeeze(1)
+    return native_lce(h[idx], w, y[idx], reduction="sum") / len(idx)
+
+
 def bench_head(impl, N, d, V, k, device, dtype, warmup, repeats):
-    """Head + loss forward and backward on random hidden states: naive CLM, naive SLM (full logits,
-    mask, mean) or the fused SLM head."""
+    """Head + loss forward and backward on random hidden states: naive CLM and SLM (full logits), rho's fused heads
+    (fused_clm: what --clm runs; fused_slm), and torch's native chunked op (torch_lce, CLM; torch_lce_slm)."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(1, N, d, generator=g).to(device, dtype).requires_grad_()
     w = (0.02 * torch.randn(V, d, generator=g)).to(device, dtype).requires_grad_()
     y, r = torch.randint(0, V, (1, N), generator=g).to(device), torch.rand(1, N, generator=g).to(device)
     loss_fn = {"naive_clm": lambda: F.cross_entropy((h @ w.t()).float().view(N, V), y.view(N)),
                "naive_slm": lambda: slm_loss(h @ w.t(), y, r, k)[0],
+               "fused_clm": lambda: fused_slm_loss(h, w, y, r, 1.0)[0],
                "fused_slm": lambda: fused_slm_loss(h, w, y, r, k)[0],
-               "fused_slm_compiled": lambda: fused_slm_loss(h, w, y, r, k, compile=True)[0]}[impl]
+               "torch_lce": lambda: native_lce(h[0], w, y[0]),
+               "torch_lce_slm": lambda: native_lce_slm(h[0], w, y[0], r[0], k)}[impl]
 
     def step():
         h.grad = w.grad = None
@@ -1528,8 +1623,8 @@ def bench_head(impl, N, d, V, k, device, dtype, warmup, repeats):
 
 
 def bench_step(impl, cfg, k, device, warmup, repeats):
-    """One whole training step of a GPT: CLM, SLM with stored reference losses, or SLM with an online
-    reference forward (a second model scoring the batch each step)."""
+    """One whole training step of a GPT through the fused head: CLM (k = 1, what --clm runs), SLM with stored
+    reference losses, or SLM with an online reference forward (a second model scoring the batch each step)."""
     torch.manual_seed(0)
     model, B, T = GPT(cfg).to(device), 16, cfg.block_size
     ref_model = GPT(cfg).to(device).eval() if impl == "slm_online" else None
@@ -1538,21 +1633,12 @@ def bench_step(impl, cfg, k, device, warmup, repeats):
     r = torch.rand(B, T, device=device)
 
     def step():
-        ref = r
-        if ref_model is not None:
-            with torch.no_grad():
-                ref = token_loss(ref_model.lm_head(ref_model(x)), y)
-        h = model(x)
-        loss = F.cross_entropy(model.lm_head(h).flatten(0, 1), y.flatten()) if impl == "clm" else \
-            fused_slm_loss(h, model.lm_head.weight, y, ref, k)[0]
+        ref = r if ref_model is None else model_token_loss(ref_model, x, y)
+        loss = fused_slm_loss(model(x), model.lm_head.weight, y, ref, 1.0 if impl == "clm" else k)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-    def score():
-        with torch.no_grad():
-            token_loss(model.lm_head(model(x)), y)
-    return timed(score if impl == "score" else step, device, warmup, repeats)
+    return timed((lambda: model_token_loss(model, x, y)) if impl == "score" else step, device, warmup, repeats)
 
 
 def bench_train(impl, mcfg, B, k, device, dtype, warmup, repeats):
@@ -1633,7 +1719,7 @@ BENCH_CASES = ("head", "step", "train", "scale")
 def bench_plan(cases, k, gpu, micro_batch=0):
     plan = []
     if "head" in cases:  # the demo model's head; GPT-2 small's
-        impls = ("naive_clm", "naive_slm", "fused_slm") + (() if gpu else ("fused_slm_compiled",))
+        impls = ("naive_clm", "naive_slm", "fused_clm", "fused_slm", "torch_lce", "torch_lce_slm")
         plan += [("head", impl, (N, d, V, k)) for N, d, V in [(4096, 128, 320), (8192, 768, 50304)] for impl in impls]
     if "step" in cases:  # the demo model's step, and its scoring
         plan += [("step", impl, (16 * 256, 128, 320, k)) for impl in ("clm", "slm_stored", "slm_online", "score")]
@@ -1657,6 +1743,10 @@ def bench(cfg):
         die(f"--cases {cfg.cases}: choose from {','.join(BENCH_CASES)}")
     rows, ctx = [], mp.get_context("spawn")
     for case, impl, shape in bench_plan(cases, cfg.k, gpu, cfg.micro_batch):
+        if impl.startswith("torch_lce") and not hasattr(F, "linear_cross_entropy"):
+            print(json.dumps({"case": case, "impl": impl, "N": shape[0], "V": shape[2],
+                              "skipped": f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)"}), flush=True)
+            continue
         with ctx.Pool(1) as pool:
             big = not gpu and (shape[2] > 1000 or case == "scale")  # GPT-2 on CPU: seconds a repeat
             row = pool.apply(bench_one, (case, impl, shape, cfg.device, cfg.dtype, 1 if big else 5, 2 if big else 21))
@@ -1669,8 +1759,8 @@ def bench(cfg):
             else:
                 row["ms_per_mtok"] = round(row["ms"] / shape[0] * 1e6, 1)
         row["ms_ratio"], row["mem_ratio"] = round(row["ms"] / base["ms"], 3), round(row["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
-        if impl.startswith("fused"):  # the head's useful work: (2 + 6k) N d V FLOPs
-            row["tflops"] = round((2 + 6 * cfg.k) * shape[0] * shape[1] * shape[2] / row["ms"] / 1e9, 3)
+        if case == "head":  # the head's useful work: 6 N d V FLOPs for CLM, (2 + 6k) N d V for SLM
+            row["tflops"] = round((6 if "clm" in impl or impl == "torch_lce" else 2 + 6 * cfg.k) * shape[0] * shape[1] * shape[2] / row["ms"] / 1e9, 3)
         if case == "train":
             row["tok_s"] = round(shape[0] / row["ms"] * 1000)
             row["tflops"] = round(flops_per_token(GPTConfig(vocab_size=shape[2], **GPT2_SMALL)) * row["tok_s"] / 1e12, 3)
@@ -1679,10 +1769,16 @@ def bench(cfg):
             row["mfu"] = round(row["tflops"] / row["tflops_peak_bf16"], 3) if row["tflops_peak_bf16"] else None
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(f"\n{'case':<6}{'impl':<20}{'N':>8}{'d':>5}{'V':>7}{'ms':>10}{'peak MB':>10}{'ms/CLM':>8}{'mem/CLM':>9}{'TFLOP/s':>9}")
+    for r in rows:  # the head against the fastest CLM of its shape (naive, rho's fused, torch's native op)
+        if r["case"] == "head":
+            best = min(b["ms"] for b in rows if b["case"] == "head" and b["N"] == r["N"] and b["V"] == r["V"]
+                       and b["impl"] in ("naive_clm", "fused_clm", "torch_lce"))
+            r["ms_ratio_best_clm"] = round(r["ms"] / best, 3)
+    print(f"\n{'case':<6}{'impl':<16}{'N':>8}{'d':>5}{'V':>7}{'ms':>10}{'peak MB':>10}{'ms/CLM':>8}{'mem/CLM':>9}{'ms/best':>8}{'TFLOP/s':>9}")
     for r in rows:
-        print(f"{r['case']:<6}{r['impl']:<20}{r['N']:>8}{r['d']:>5}{r['V']:>7}{r['ms']:>10.1f}{r['peak_mb']:>10.1f}"
-              f"{r['ms_ratio']:>8.2f}{r['mem_ratio']:>9.3f}{r.get('tflops', ''):>9}")
+        print(f"{r['case']:<6}{r['impl']:<16}{r['N']:>8}{r['d']:>5}{r['V']:>7}{r['ms']:>10.1f}{r['peak_mb']:>10.1f}"
+              f"{r['ms_ratio']:>8.2f}{r['mem_ratio']:>9.3f}{r.get('ms_ratio_best_clm', ''):>8}{r.get('tflops', ''):>9}")
+    print("ms/CLM, mem/CLM: against naive CLM (head) or the CLM step of the same case; ms/best: against the fastest CLM head")
     scale_summary(rows)
     preset_time(rows, cfg)
     return rows

@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors under its interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -173,10 +174,11 @@ def fused_case(B=3, T=10, C=8, V=37, seed=0, device="cpu", dtype=torch.float32):
     return h, w, y.to(device), r.to(device)
 
 
-def assert_fused_equals_plain(h, w, y, r, k, scope, chunk, tol):
+def assert_fused_equals_plain(h, w, y, r, k, scope, rows, tol, monkeypatch):
+    monkeypatch.setattr(rho, "chunk_rows", lambda V, device: rows)  # several chunks, the last one partial
     a, la, sa = rho.slm_loss(h.float() @ w.float().t(), y, r, k, scope)
     gh, gw = torch.autograd.grad(a, (h, w))
-    b, lb, sb = rho.fused_slm_loss(h, w, y, r, k, scope, chunk=chunk)
+    b, lb, sb = rho.fused_slm_loss(h, w, y, r, k, scope)
     fh, fw = torch.autograd.grad(b, (h, w))
     assert torch.equal(sa, sb)
     if scope == "batch":
@@ -185,11 +187,28 @@ def assert_fused_equals_plain(h, w, y, r, k, scope, chunk, tol):
         torch.testing.assert_close(x.float(), ref.float(), **tol)
 
 
-@pytest.mark.parametrize("chunk", [4, 7, 1024])
+@pytest.mark.parametrize("rows", [4, 7, 1024])
 @pytest.mark.parametrize("scope", ["batch", "sequence"])
 @pytest.mark.parametrize("k", [0.01, 0.35, 0.6, 1.0])
-def test_fused_head_equals_plain_slm_loss(k, scope, chunk):
-    assert_fused_equals_plain(*fused_case(), k, scope, chunk, dict(rtol=1e-5, atol=1e-6))
+def test_fused_head_equals_plain_slm_loss(k, scope, rows, monkeypatch):
+    """k = 1 is CLM's one-pass head (gradients in the forward); k < 1 the SLM head (backward on the selected rows)."""
+    assert_fused_equals_plain(*fused_case(), k, scope, rows, dict(rtol=1e-5, atol=1e-6), monkeypatch)
+
+
+def test_clm_head_equals_torch_cross_entropy_and_native_op():
+    h, w, y, _ = fused_case(V=131)
+    a = rho.fused_slm_loss(h, w, y, None, 1.0)[0]
+    ga = torch.autograd.grad(a, (h, w))
+    flat = lambda t: t.reshape(-1, t.shape[-1])
+    refs = [lambda: F.cross_entropy(flat(h) @ w.t(), y.flatten(), ignore_index=rho.IGNORE)]
+    if hasattr(F, "linear_cross_entropy"):  # torch >= 2.13: the native chunked op
+        refs.append(lambda: F.linear_cross_entropy(flat(h), w, y.flatten(), ignore_index=rho.IGNORE,
+                                                   options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=8)))
+    for ref in refs:
+        b = ref()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for x, x_ref in zip(ga, torch.autograd.grad(b, (h, w))):
+            torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_head_gradient_rows_are_zero_outside_selection():
@@ -223,17 +242,27 @@ def chunk_ref64(x, y, scale):
     return (x.double() - logp)[:, 0], loss, (logp.exp() - onehot) * scale * valid[:, None]
 
 
+CHUNK_FNS = {"torch": lambda: (rho.chunk_loss_torch, rho.chunk_grad_torch),
+             "triton": lambda: (rho.chunk_loss_triton, rho.chunk_grad_triton)}
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["plain", "ties", "large", "strided"])
 @pytest.mark.parametrize("C,V", [(5, 7), (17, 130)])
 def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
+    """The per-chunk math of both backends against float64: lse and loss (the SLM forward), the gradient in place
+    given lse (the SLM backward), and loss plus gradient in one call into a separate buffer (CLM)."""
     x, y = chunk_case(C, V, kind)
     block = {"block_v": 4 if V < 32 else 32} if backend == "triton" else {}  # several blocks, the last one partial
-    lse_fn, grad_fn = (rho.chunk_lse_triton, rho.chunk_grad_triton_) if backend == "triton" else (rho.chunk_lse_torch_, rho.chunk_grad_torch_)
-    lse, loss = lse_fn(x.clone(), y, **block)  # the torch version overwrites its chunk
+    loss_fn, grad_fn = CHUNK_FNS[backend]()
+    lse, loss = loss_fn(x.clone(), y, **block)  # the torch version overwrites its chunk
     lse64, loss64, grad64 = chunk_ref64(x, y, 1 / 7)
     torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=2e-6 * max(1.0, x.abs().max().item()))
+    g = torch.full((C, V + 3), float("nan"))[:, :V]  # a padded row stride, as the head's buffers have
+    lse2, loss2 = loss_fn(x.clone(), y, 1 / 7, g, **block)
+    assert torch.equal(lse2, lse) and torch.equal(loss2, loss)
+    torch.testing.assert_close(g.double(), grad64, rtol=1e-5, atol=1e-6)
     out = grad_fn(x, y, lse, 1 / 7, **block)
     assert out.data_ptr() == x.data_ptr()  # in place
     torch.testing.assert_close(out.double(), grad64, rtol=1e-5, atol=1e-6)
@@ -242,16 +271,16 @@ def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
 @needs_triton
 @pytest.mark.parametrize("k", [0.01, 0.6, 1.0])
 def test_fused_head_with_triton_kernels_equals_plain(k, monkeypatch):
-    monkeypatch.setattr(rho, "chunk_ops", lambda device, compile=False: (rho.chunk_lse_triton, rho.chunk_grad_triton_))
-    assert_fused_equals_plain(*fused_case(), k, "batch", 7, dict(rtol=1e-5, atol=1e-6))
+    monkeypatch.setattr(rho, "chunk_ops", lambda device: (rho.chunk_loss_triton, rho.chunk_grad_triton))
+    assert_fused_equals_plain(*fused_case(), k, "batch", 7, dict(rtol=1e-5, atol=1e-6), monkeypatch)
 
 
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("k", [0.01, 0.6, 1.0])
-def test_fused_head_on_gpu_bf16(k):
+def test_fused_head_on_gpu_bf16(k, monkeypatch):
     h, w, y, r = fused_case(B=4, T=64, C=64, V=1000, device="cuda", dtype=torch.bfloat16)
-    assert_fused_equals_plain(h, w, y, r, k, "batch", 64, dict(rtol=2e-2, atol=2e-2))
+    assert_fused_equals_plain(h, w, y, r, k, "batch", 64, dict(rtol=2e-2, atol=2e-2), monkeypatch)
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +309,7 @@ def test_prepare_roundtrips_text(tmp_path):
 def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
     for d in ("a", "b"):
         prepare.main(["--out", str(tmp_path / d), "--web_tokens", "20000", "--seed", "3"])
-    for name in ("hq_train.bin", "hq_val.bin", "web.bin", "web_labels.bin", "eval.json"):
+    for name in ("hq_train.bin", "hq_val.bin", "web.bin", "web_labels.bin", "base.bin", "eval.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     web, labels = np.fromfile(tmp_path / "a" / "web.bin", np.uint16), np.fromfile(tmp_path / "a" / "web_labels.bin", np.uint8)
@@ -299,10 +328,61 @@ def test_prepare_errors(tmp_path, capsys):
         prepare.main(["--hq", str(tmp_path / "nope.txt"), "--web", str(tmp_path / "nope.txt"), "--out", str(tmp_path)])
     (tmp_path / "bad.jsonl").write_text('{"title": "x"}\n')
     (tmp_path / "hq.txt").write_text("a\n\nb\n")
+    args = ["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"hq.txt: too few documents to hold out a validation split \(1 in 50\)"):
+        prepare.main(args)
+    (tmp_path / "hq.txt").write_text("\n\n".join(f"document {i}" for i in range(50)) + "\n")
     with pytest.raises(SystemExit, match='needs a "text" field'):
-        prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")])
+        prepare.main(args)
     with pytest.raises(SystemExit, match="--encoding no_such_encoding"):
         prepare.main(["--encoding", "no_such_encoding", "--out", str(tmp_path / "o")])
+
+
+# decontamination, against a plain reference of prepare.py's words: lowercase, runs of a-z, 0-9 and non-ASCII bytes
+WORD_BYTES = bytes(c if 48 <= c <= 57 or 97 <= c <= 122 or c >= 128 else 32 for c in range(256))
+
+
+def normalised(text):
+    return b" " + b" ".join(text.lower().encode().translate(WORD_BYTES).split()) + b" "
+
+
+def held_out_runs(question):
+    """What no training text may hold: each run of 13 words of the question, or all of a shorter one."""
+    w = normalised(question).split()
+    return [b" " + b" ".join(w[i:i + 13]) + b" " for i in range(max(len(w) - 12, 1))]
+
+
+def test_contaminated_equals_plain_reference():
+    """The hashed, vectorised check against substring search on normalised text, on random texts of few words (so that
+    runs match often), unicode, held-out texts of 0 to ~30 words, and texts that span the 100k-character pieces."""
+    rng = random.Random(0)
+    pieces = ["a", "B", "7", "é", "É", "数", ".", ", ", " ", "\n", "--", "x" * 5_000]
+    for _ in range(200):
+        held = ["".join(rng.choice(pieces[:-1]) for _ in range(rng.randint(0, 60))) for _ in range(rng.randint(0, 4))]
+        texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 80))) for _ in range(rng.randint(0, 12))]
+        texts += [rng.choice(["", "zz "]) + h.upper() + " yy" for h in held if rng.random() < 0.5]  # planted
+        runs = [r for q in held for r in held_out_runs(q) if r.strip()]
+        want = [any(r in t for r in runs) for t in map(normalised, texts)]
+        assert prepare.contaminated(texts, prepare.held_out_index(held)).tolist() == want
+
+
+def test_prepare_demo_holds_out_its_questions(tmp_path):
+    """No 13-word run of an eval or hq_val question (nor all of a shorter one) is left in web, hq_train or base."""
+    out = tmp_path / "demo"
+    prepare.main(["--out", str(out), "--web_tokens", "30000", "--base_tokens", "30000"])
+    enc = prepare.get_encoding("bytes")
+    text = lambda name: enc.decode(np.fromfile(out / name, np.uint16).tolist())
+    evals = [p["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
+             for p in json.loads((out / "eval.json").read_text())]
+    val = [d.split("\nAnswer:")[0].removeprefix("Question: ") for d in text("hq_val.bin").split(prepare.EOT)[:-1]]
+    assert len(evals) == 200 and len(val) == 300 and len(set(evals + val)) == 500
+    runs = [r for q in evals + val for r in held_out_runs(q)]
+    for name in ("web.bin", "hq_train.bin", "base.bin"):
+        train = normalised(text(name))
+        assert not [r for r in runs if r in train], name
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["decontamination"] == {"n": 13, "held_out_texts": 500, "kept": False,
+                                       "dropped_docs": {"hq_train": 0, "web": 0, "base": 0}}  # none drawn: none found
 
 
 # -----------------------------------------------------------------------------
@@ -662,16 +742,18 @@ def decode(out, name):
 def test_prepare_procs_1_and_2_byte_identical(fmt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "TASK_CHARS", 20_000)  # ~20 tasks per source: more than the 2N in flight
     docs = corpus()
+    docs[10] = docs[49]  # a training copy of a validation document (held out whole: plain text), read before it
     src = write_source(tmp_path / f"c.{fmt}", docs)
     for procs in (1, 2):
         prepare.main(["--hq", src, "--web", src, "--out", str(tmp_path / str(procs)), "--procs", str(procs)])
     for name in OUTPUTS:
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
     out = tmp_path / "2"
-    assert decode(out, "web.bin") == docs
+    assert decode(out, "web.bin") == [d for i, d in enumerate(docs) if i % 50 != 49 and i != 10]  # decontaminated
     assert decode(out, "hq_val.bin") == docs[49::50]  # the split follows the global document index, not the tasks
-    assert decode(out, "hq_train.bin") == [d for i, d in enumerate(docs) if i % 50 != 49]
+    assert decode(out, "hq_train.bin") == [d for i, d in enumerate(docs) if i % 50 != 49 and i != 10]
     meta = json.loads((out / "meta.json").read_text())
+    assert meta["decontamination"]["dropped_docs"] == {"hq_train": {src: 1}, "web": {src: 5}}
     with open(src, "rb") as f:
         assert meta["sources"]["web"] == {"path": os.path.abspath(src), "sha256": hashlib.sha256(f.read()).hexdigest(), "bytes": os.path.getsize(src)}
     err = capsys.readouterr().err
@@ -743,8 +825,9 @@ def test_prepare_hf_streams_like_jsonl(tmp_path, monkeypatch):
     prepare.main(["--hq", str(tmp_path / "c.jsonl"), "--web", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "jsonl"), "--procs", "1"])
     for name in OUTPUTS[:4]:
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "jsonl" / name).read_bytes(), name
-    assert len(json.loads((tmp_path / "hf" / "eval.json").read_text())) == 60
-    assert calls == [("openai/gsm8k", "main", "test", True), ("someone/web", None, "train", True)]
+    assert json.loads((tmp_path / "hf" / "eval.json").read_text()) == [prepare.eval_problem(records[49])]  # val only
+    gsm8k = ("openai/gsm8k", "main", "test", True)
+    assert calls == [gsm8k, gsm8k, ("someone/web", None, "train", True)]  # hq twice: its validation documents first
     sources = json.loads((tmp_path / "hf" / "meta.json").read_text())["sources"]
     assert sources == {"hq": {"dataset": "openai/gsm8k", "config": "main", "split": "test"},
                        "web": {"dataset": "someone/web", "config": None, "split": "train"}}
@@ -785,10 +868,74 @@ def test_prepare_bench_is_linear_in_size(monkeypatch, capsys):
     rows = prepare.main(["--bench", "--procs", "2"])
     out = capsys.readouterr().out
     assert [json.loads(line) for line in out.splitlines()[:18]] == rows and "cpu s/Mtok" in out
+    assert "decontamination alone on 1x: " in out.splitlines()[-1]
     tokens = {(r["procs"], r["size"]): r["tokens"] for r in rows}
     for p in (1, 2):
         assert tokens[p, "2x"] == 2 * tokens[p, "1x"] and tokens[p, "4x"] == 4 * tokens[p, "1x"] == 4 * tokens[1, "1x"]
     assert all(r["encoding"] == "bytes" and r["seconds"] > 0 and r["s_per_mtok"] > 0 for r in rows)
+
+
+def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path, capsys):
+    """Planted copies of --val questions in hq and web documents: exact, or with whitespace, case and punctuation
+    changed, are dropped; 12 shared words, a short question with a word changed, or an answer alone are kept."""
+    long_q = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+              "How many clips did Natalia sell altogether in April and May?")
+    wage_q = "Weng earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes of babysitting."
+    short_q = "What is 17 times 23?"  # 5 words: matched whole
+    answer = "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
+    val = [{"question": long_q, "answer": answer}, {"question": wage_q, "answer": "12/60 * 50 = 10\n#### 10"},
+           {"question": short_q, "answer": "17 * 23 = 391\n#### 391"}]
+    hq = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many apples does Tom have?",
+           "answer": f"#### {2 * i + 1}"} for i in range(5)]
+    hq[2:2] = [{"question": long_q, "answer": "#### 72"},
+               {"question": long_q.upper().replace(" ", "\n\t").replace(",", ";"), "answer": "72"}]
+    web = ["A clean page: 1/2 + 1/4 = 3/4.",
+           f"Posted by math_fan\n{long_q.lower()} thanks!!",  # dropped
+           "Q:   " + long_q.replace(". ", ".\n\n").replace("?", " ?!"),  # dropped
+           "My sister earns 12 dollars an hour for babysitting. Yesterday, she just did 50 push-ups.",  # 12 words: kept
+           "My sister earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes of yoga.",  # 13
+           "quick one: WHAT is 17 times 23??? no calculator",  # dropped
+           "what is 17 times 230? and is 17 times 23 odd?",  # kept: neither is the short question's whole run
+           answer]  # kept: answers are not held out
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hq))
+    write_source(tmp_path / "web.jsonl", web)
+    paths = {name: str(tmp_path / f"{name}.jsonl") for name in ("hq", "web", "val")}
+    args = ["--hq", paths["hq"], "--web", paths["web"], "--val", paths["val"], "--procs", "1"]
+    prepare.main([*args, "--out", str(tmp_path / "out")])
+    out = tmp_path / "out"
+    assert decode(out, "web.bin") == [web[i] for i in (0, 3, 6, 7)]
+    assert decode(out, "hq_train.bin") == [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in hq[:2] + hq[4:]]
+    assert [p["answer"] for p in json.loads((out / "eval.json").read_text())] == ["72", "10", "391"]
+    meta = json.loads((out / "meta.json").read_text())["decontamination"]
+    assert meta == {"n": 13, "held_out_texts": 3, "kept": False,
+                    "dropped_docs": {"hq_train": {paths["hq"]: 2}, "web": {paths["web"]: 4}}}
+    assert (f"prepare: decontamination: {paths['web']}: 4 of 8 documents share a 13-word run with a held-out question, "
+            f"dropped\n") in capsys.readouterr().out
+    prepare.main([*args, "--out", str(tmp_path / "kept"), "--keep_contaminated"])
+    assert decode(tmp_path / "kept", "web.bin") == web and len(decode(tmp_path / "kept", "hq_train.bin")) == 7
+    assert json.loads((tmp_path / "kept" / "meta.json").read_text())["decontamination"] == {**meta, "kept": True}
+    assert "4 of 8 documents share a 13-word run with a held-out question, kept" in capsys.readouterr().out
+
+
+def test_prepare_without_val_holds_out_every_50th_hq_question(tmp_path):
+    """Without --val, the 50th and 100th hq documents are the validation split: their questions are held out of web and
+    of every other hq document (also of those read before them), and only they give eval.json."""
+    recs = [{"question": f"Ann packs {i} boxes with {i + 3} pens each and then gives {i} pens to a friend at school. "
+                         f"How many pens are left?", "answer": f"#### {i * (i + 2)}"} for i in range(100)]
+    recs[10] = {**recs[99], "answer": "a copy, read before the original"}
+    web = ["I need help: " + recs[49]["question"].replace(". ", ".\n"), recs[5]["question"], "nothing to see"]
+    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    hq, web_path = str(tmp_path / "hq.jsonl"), write_source(tmp_path / "web.jsonl", web)
+    prepare.main(["--hq", hq, "--web", web_path, "--out", str(tmp_path / "out"), "--procs", "1"])
+    out = tmp_path / "out"
+    text = lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}"
+    assert decode(out, "hq_val.bin") == [text(recs[49]), text(recs[99])]
+    assert decode(out, "hq_train.bin") == [text(r) for i, r in enumerate(recs) if i not in (10, 49, 99)]
+    assert decode(out, "web.bin") == web[1:]
+    assert json.loads((out / "eval.json").read_text()) == [prepare.eval_problem(r) for r in (recs[49], recs[99])]
+    meta = json.loads((out / "meta.json").read_text())["decontamination"]
+    assert meta["held_out_texts"] == 2 and meta["dropped_docs"] == {"hq_train": {hq: 1}, "web": {web_path: 1}}
 
 
 # -----------------------------------------------------------------------------
@@ -827,7 +974,7 @@ def test_gpt2_logits_equal_transformers():
 def test_gpt2_fused_head_loss_and_grads_equal_transformers():
     hf = tiny_hf()
     model = rho.gpt_from_hf(hf)
-    idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(2))  # 252 rows: 2 chunks of 166
+    idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(2))  # 252 rows: 2 chunks of 128
     labels = idx.clone()
     labels[1, 10:20] = -100  # HF's ignore index; ours is IGNORE
     y = labels[:, 1:].masked_fill(labels[:, 1:] == -100, rho.IGNORE)
