@@ -4,7 +4,6 @@ prepare.py: text in, token files out.
     python prepare.py                                  # the embedded demo corpus -> data/demo/
     python prepare.py --hq hq.jsonl --web web.txt --out data/mine [--val val.jsonl] [--encoding gpt2] [--procs N]
     python prepare.py --hq hf:openai/gsm8k:main@train --val hf:openai/gsm8k:main@test --web owm/*.parquet --out data/mine
-    python prepare.py --bench                          # tokenizing time against data size and processes
 
 Sources: .txt (documents separated by blank lines), .jsonl or .jsonl.gz (a "text" field, or "question" and
 "answer", or MetaMathQA's "query" and "response"), .parquet (the same columns; needs pyarrow), or
@@ -45,7 +44,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -675,7 +673,7 @@ def encode_task(task):
             continue
         ids += _enc.encode_ordinary(x)
         ids.append(_enc.eot_token)
-    cpu = time.process_time() - t0  # for --bench
+    cpu = time.process_time() - t0  # for bench.py
     return np.array(ids, token_dtype(_enc.n_vocab)), problems, texts, len(docs), int(caught.sum()), cpu
 
 
@@ -822,99 +820,6 @@ def prepare_files(args, enc):
 
 
 # -----------------------------------------------------------------------------
-# --bench: the cost of tokenizing against data size and processes, on synthetic web-like text
-
-BENCH_MB = 20
-
-
-def bench_files(folder, seed, base_mb):
-    """Web-like .txt files of 1x, 2x and 4x base_mb MB: the demo's web pages; the larger files repeat the 1x text
-    (tiktoken keeps no cache between documents, so a repeated document costs what a new one does)."""
-    rng, docs, n = random.Random(seed), [], 0
-    while n < base_mb * 1e6:
-        docs.append("".join(t for t, _ in web_document(rng)))
-        n += len(docs[-1]) + 2
-    text, files = "\n\n".join(docs) + "\n\n", {}
-    for m in (1, 2, 4):
-        files[m] = os.path.join(folder, f"web_{m}x.txt")
-        with open(files[m], "w") as f:
-            f.writelines([text] * m)
-    return files
-
-
-def bench_index(seed, n=1319, n_words=45):
-    """A held-out index the size of GSM8K's test questions (1,319 of ~45 words) that matches no bench document, so
-    that every document is checked and tokenized, as prepare.py does by default."""
-    rng = random.Random(seed)
-    return held_out_index([" ".join(random_string(rng, 8) for _ in range(n_words)) for _ in range(n)])
-
-
-def bench_decontamination(path, index):
-    """CPU seconds of the decontamination check alone on a bench file, in tasks of TASK_CHARS, in this process."""
-    docs, tasks, chars = [x for _, x in read_lines(path, "txt", {})], [[]], 0
-    for x in docs:
-        tasks[-1].append(x); chars += len(x)
-        if chars >= TASK_CHARS:
-            tasks.append([]); chars = 0
-    t0 = time.process_time()
-    for task in tasks:
-        contaminated(task, index)
-    return time.process_time() - t0
-
-
-def bench_one(path, size, procs, pool, args, dtype):
-    load, w, t0, c0 = os.getloadavg()[0], TokenWriter(path + ".bin", dtype), time.time(), time.process_time()
-    task_cpu = tokenize_source(path, w, pool, 2 * procs)[1]["cpu"]
-    n, dt = w.close(), time.time() - t0
-    cpu = time.process_time() - c0 + (task_cpu if pool else 0)  # this process (reading, writing), plus the workers'
-    os.remove(path + ".bin")
-    return {"size": f"{size}x", "mb": round(os.path.getsize(path) / 1e6, 1), "procs": procs, "encoding": args.encoding,
-            "tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt), "s_per_mtok": round(dt * 1e6 / n, 4),
-            "cpu_s": round(cpu, 3), "cpu_s_per_mtok": round(cpu * 1e6 / n, 4),
-            "load_avg": round(load, 2)}  # the 1-minute load average as it started: other work on the machine
-
-
-def bench(args, enc):
-    """Times tokenizing each file three times (1x 2x 4x, three rounds) with 1 and with --procs processes (workers
-    started before the clock starts), decontamination included; the table keeps the fastest of each size. Linear
-    cost: seconds per token stay flat from 1x to 4x. Scaling: seconds drop with processes. Then the decontamination
-    check alone on 1x, against the 1-process cost of 1x."""
-    rows, index = [], bench_index(args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = bench_files(tmp, args.seed, BENCH_MB)
-        for procs in sorted({1, args.procs}):
-            with start_pool(procs, args.encoding, index) as pool:
-                if pool:
-                    list(pool.map(abs, range(4 * procs)))  # warm-up: every worker has started
-                for size in (1, 2, 4) * 3:  # three rounds: a slow spell of a shared machine hits one round, not all
-                    rows.append(bench_one(files[size], size, procs, pool, args, token_dtype(enc.n_vocab)))
-                    print(json.dumps(rows[-1]), flush=True)
-        check = min(bench_decontamination(files[1], index) for _ in range(3))
-    print_bench_table(rows)
-    cpu = min(r["cpu_s"] for r in rows if r["procs"] == 1 and r["size"] == "1x")
-    print(f"decontamination alone on 1x: {check:.3f} CPU s, {check / cpu:.0%} of the {cpu:.3f} CPU s that 1 process "
-          f"spends on 1x with it: +{check / max(cpu - check, 1e-9):.0%} over tokenizing without it")
-    return rows
-
-
-def print_bench_table(rows):
-    """The fastest measurement of each (size, procs); CPU seconds (all processes) are the cost, wall seconds the speed."""
-    best = {}
-    for r in rows:
-        key = (r["procs"], r["size"])
-        best[key] = min(best.get(key, r), r, key=lambda b: b["seconds"])
-    rows = list(best.values())
-    wall_1x = {r["procs"]: r["s_per_mtok"] for r in rows if r["size"] == "1x"}
-    cpu_1x = {r["procs"]: r["cpu_s_per_mtok"] for r in rows if r["size"] == "1x"}
-    seconds_1p = {r["size"]: r["seconds"] for r in rows if r["procs"] == 1}
-    print(f"{'size':<5}{'MB':>7}{'procs':>6}{'tokens':>13}{'seconds':>9}{'s/Mtok':>8}{'vs 1x':>7}{'cpu s/Mtok':>11}{'vs 1x':>7}{'speedup':>9}")
-    for r in rows:
-        print(f"{r['size']:<5}{r['mb']:>7.1f}{r['procs']:>6}{r['tokens']:>13,}{r['seconds']:>9.2f}{r['s_per_mtok']:>8.3f}"
-              f"{r['s_per_mtok'] / wall_1x[r['procs']]:>7.2f}{r['cpu_s_per_mtok']:>11.3f}{r['cpu_s_per_mtok'] / cpu_1x[r['procs']]:>7.2f}"
-              f"{seconds_1p[r['size']] / r['seconds']:>8.2f}x")
-
-
-# -----------------------------------------------------------------------------
 
 
 def checked(f, *args):
@@ -943,16 +848,12 @@ def main(argv=None):
     p.add_argument("--keep_contaminated", action="store_true", help="keep the training documents that share a "
                    f"{NGRAM}-word run with a held-out question (default: drop them); they are counted either way")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores; 1: no pool)")
-    p.add_argument("--bench", action="store_true", help=f"time tokenizing {BENCH_MB}, {2 * BENCH_MB} and {4 * BENCH_MB} MB of "
-                   "synthetic web text with 1 and with --procs processes")
     args = p.parse_args(argv)
     if bool(args.hq) != bool(args.web):
         p.error("--hq and --web go together (or neither, for the embedded demo)")
     if args.procs < 1:
         p.error("--procs must be 1 or more")
     enc = get_encoding(args.encoding)
-    if args.bench:
-        return checked(bench, args, enc)
     if args.hq:
         if not args.out:
             p.error("--out DIR is required with --hq/--web")

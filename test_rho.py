@@ -1,10 +1,14 @@
-"""Tests that fail if the method is wrong. Run: python -m pytest -q test_rho.py"""
+"""Tests that fail if the method is wrong. Run: python -m pytest -q test_rho.py
+
+The sections follow rho.py (model, data, the SLM loss, the fused head, scoring, evaluation, training, main), then
+prepare.py and the instruments; each opens with a line that says what is compared against what."""
 import gzip
 import hashlib
 import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 import types
@@ -17,18 +21,134 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors under its interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import bench  # noqa: E402
 import prepare  # noqa: E402
+import report  # noqa: E402
 import rho  # noqa: E402
 
 needs_triton = pytest.mark.skipif(rho.triton is None, reason="triton not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
-        "--eval_problems", "4"]
+        "--eval_problems", "4", "--init_from", "scratch"]
+
+
+def cfg_of(k, scope="batch", select="excess"):
+    return rho.RunConfig(k=k, scope=scope, select=select)
+
+
+def ref_of(*shape, generator=None, scale=1.0):
+    """Reference scores (..., 2): L_RM and H_RM, random."""
+    return torch.rand(*shape, 2, generator=generator) * scale
 
 
 # -----------------------------------------------------------------------------
-# the SLM loss against a hand-written reference
+# model: our GPT against transformers' GPT-2 (a tiny random one built here: no download)
+
+
+def tiny_hf(vocab=50257, **kw):
+    """GPT-2's real vocabulary (unpadded, several head chunks), 2 layers of 32; every weight, bias and
+    LayerNorm perturbed so that a wrong transpose or a dropped bias shows."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, **kw)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+def test_gpt2_logits_equal_transformers():
+    hf = tiny_hf()
+    model = rho.gpt_from_hf(hf).eval()
+    assert model.config == rho.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(idx).logits
+        torch.testing.assert_close(model.lm_head(model(idx)), want, rtol=1e-5, atol=1e-5)
+        cropped = rho.gpt_from_hf(hf, block_size=16).eval()  # nanoGPT's crop_block_size: the first 16 positions
+        assert cropped.transformer.wpe.weight.shape == (16, 32)
+        torch.testing.assert_close(cropped.lm_head(cropped(idx[:, :16])), want[:, :16], rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit, match=r"--block_size 65: .*has 64 positions; pass --block_size 64 or less"):
+        rho.gpt_from_hf(hf, block_size=65)
+
+
+def test_gpt2_fused_head_loss_and_grads_equal_transformers():
+    hf = tiny_hf()
+    model = rho.gpt_from_hf(hf)
+    idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(2))  # 252 rows: 2 chunks of 128 (at V = 50257)
+    labels = idx.clone()
+    labels[1, 10:20] = -100  # HF's ignore index; ours is IGNORE
+    y = labels[:, 1:].masked_fill(labels[:, 1:] == -100, rho.IGNORE)
+    hf_loss = hf(idx, labels=labels).loss
+    loss, _, _ = rho.fused_slm_loss(model(idx[:, :-1]), model.lm_head.weight, y, None, cfg_of(1.0))
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+    hf_loss.backward()
+    loss.backward()
+    torch.testing.assert_close(model.transformer.wte.weight.grad, hf.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.grad, hf.transformer.h[0].attn.c_attn.weight.grad.t(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(activation_function="relu"), dict(layer_norm_epsilon=1e-6),
+                                 dict(scale_attn_by_inverse_layer_idx=True), dict(n_inner=64)])
+def test_gpt2_error_config_not_our_math(bad):
+    hf = tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0, **bad)
+    key, value = next(iter(bad.items()))
+    with pytest.raises(SystemExit, match=rf"{key}={value!r}: rho's GPT is plain GPT-2"):
+        rho.gpt_from_hf(hf)
+
+
+def test_gpt2_init_from_local_directory(tmp_path, capsys):
+    hf = tiny_hf()
+    hf.save_pretrained(tmp_path / "tiny-gpt2")
+    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32", "--device", "cpu"])
+    assert model_cfg.block_size == 32 and model_cfg.n_layer is None and "warning" not in capsys.readouterr().err
+    model = rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg).eval()
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(model(idx)), hf(idx).logits, rtol=1e-5, atol=1e-5)
+    transformers = pytest.importorskip("transformers")
+    cfg_llama = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=320)
+    transformers.LlamaForCausalLM(cfg_llama).save_pretrained(tmp_path / "llama")
+    cfg.init_from = str(tmp_path / "llama")  # transformers would load it with random GPT-2 weights, and only warn
+    with pytest.raises(SystemExit, match=r"llama: not a GPT-2 checkpoint, no weights for transformer.h.0.attn"):
+        rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
+    cfg.init_from = str(tmp_path / "tiny-gpt2")
+    (tmp_path / "tiny-gpt2" / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable GPT-2 directory \(.*model.safetensors"):
+        rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
+
+
+def test_gpt2_shape_flags_with_init_from(capsys):
+    _, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2"])
+    assert model_cfg.block_size is None and "warning" not in capsys.readouterr().err  # GPT-2's own 1024
+    _, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--block_size", "512", "--n_layer", "2"])
+    assert model_cfg.block_size == 512 and "warning: --n_layer ignored" in capsys.readouterr().err
+    rho.parse_args(["--clm", "--init_from", "base", "--block_size", "64"])  # a rho checkpoint: its own context, as before
+    assert "warning: --block_size ignored: the model's shape comes from --init_from base" in capsys.readouterr().err
+    _, model_cfg = rho.parse_args(["--clm"])
+    assert model_cfg == rho.GPTConfig()
+
+
+# -----------------------------------------------------------------------------
+# data: batches against their definition (a function of seed and step; web val never trained on)
+
+
+def test_same_batches_for_every_run_and_no_web_val_in_training():
+    w = rho.Windows(np.arange(32 * 40 + 1, dtype=np.uint16), 32)
+    hi = rho.web_split(w.n)
+    starts = lambda: [w.get(w.step_windows(s, 4, 7, hi), "cpu")[0][:, 0] // 32 for s in range(2 * (hi // 4))]
+    first, second = starts(), starts()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # a function of (seed, step) alone
+    epoch = torch.cat(first[:hi // 4]).tolist()
+    assert len(set(epoch)) == len(epoch) == hi // 4 * 4  # one epoch: every window at most once
+    assert max(torch.cat(first).tolist()) < hi  # web validation windows are never trained on
+
+
+# -----------------------------------------------------------------------------
+# the SLM loss against a hand-written, token-by-token reference of Rho-1's equation
 
 
 def reference_slm(logits, targets, ref, k, scope):
@@ -42,7 +162,7 @@ def reference_slm(logits, targets, ref, k, scope):
     for g in groups:
         valid = [bt for bt in g if bt in loss]
         n = math.ceil(k * len(valid) - 1e-9)
-        chosen += sorted(valid, key=lambda bt: (-(loss[bt].item() - ref[bt].item()), g.index(bt)))[:n]
+        chosen += sorted(valid, key=lambda bt: (-(loss[bt].item() - ref[bt][0].item()), g.index(bt)))[:n]
     return sum(loss[bt] for bt in chosen) / len(chosen), set(chosen)
 
 
@@ -54,7 +174,7 @@ def test_slm_loss_matches_reference(scope, k):
     logits = torch.randn(B, T, V, generator=g, dtype=torch.float64).float().requires_grad_()
     targets = torch.randint(0, V, (B, T), generator=g)
     targets[0, 2] = targets[2, 5] = targets[1, 0] = rho.IGNORE
-    ref = torch.rand(B, T, generator=g) * 3
+    ref = ref_of(B, T, generator=g, scale=3)
     loss, tok, sel = rho.slm_loss(logits, targets, ref, k, scope)
     loss.backward()
     grad = logits.grad.clone()
@@ -99,37 +219,60 @@ def test_n_select_rounding():
     assert rho.n_select(0.001, 10) == 1
 
 
-def test_k1_equals_clm_exactly():
+def test_tiny_k_selects_one_token_and_nan_scores_never():
+    """A k so small that ceil(k * n) rounds to 0 still selects one valid token (a finite loss, not 0/0); a NaN score
+    (a reference loss that was never computed) is never selected, even when it would sort first."""
+    g = torch.Generator().manual_seed(0)
+    logits, y, ref = torch.randn(2, 8, 5, generator=g), torch.randint(0, 5, (2, 8), generator=g), ref_of(2, 8)
+    for scope in ("batch", "sequence"):
+        loss, _, sel = rho.slm_loss(logits, y, ref, 1e-12, scope)
+        assert torch.isfinite(loss) and sel.sum().item() == (1 if scope == "batch" else 2)
+    score = torch.tensor([[float("nan"), 1.0, float("nan"), 0.5]])
+    assert rho.select_topk(score, torch.ones(1, 4, dtype=torch.bool), 0.5).tolist() == [[False, True, False, False]]
+    assert rho.select_topk(score, torch.ones(1, 4, dtype=torch.bool), 1.0 - 1e-9).sum() == 2  # of the 2 non-NaN
+    ref[0, 3, 0] = float("nan")  # excess, ref and ref_entropy: the token with no reference loss is never chosen
+    for select in ("excess", "ref", "ref_entropy"):
+        assert not rho.select_tokens(torch.zeros(2, 8), y, ref, 0.99, select=select)[0, 3]
+
+
+def test_k1_equals_cross_entropy():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 9, 13, generator=g).requires_grad_()
     targets = torch.randint(0, 13, (2, 9), generator=g)
     targets[1, -3:] = rho.IGNORE
-    ref = torch.randn(2, 9, generator=g)
-    a, _, sel = rho.slm_loss(logits, targets, ref, 1.0)
+    a, _, sel = rho.slm_loss(logits, targets, ref_of(2, 9, generator=g), 1.0)
     ga, = torch.autograd.grad(a, logits)
-    b, _, valid = rho.clm_loss(logits, targets)
+    b = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=rho.IGNORE)
     gb, = torch.autograd.grad(b, logits)
-    assert torch.equal(a, b) and torch.equal(ga, gb) and torch.equal(sel, valid)
-    c = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=rho.IGNORE)
-    torch.testing.assert_close(a, c)
+    assert torch.equal(sel, targets != rho.IGNORE)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
 
 
 def test_random_select_is_seeded_and_uniform():
-    logits, targets, ref = torch.zeros(4, 50, 5), torch.zeros(4, 50, dtype=torch.long), torch.zeros(4, 50)
+    logits, targets, ref = torch.zeros(4, 50, 5), torch.zeros(4, 50, dtype=torch.long), torch.zeros(4, 50, 2)
     pick = lambda seed: rho.slm_loss(logits, targets, ref, 0.3, select="random", gen=torch.Generator().manual_seed(seed))[2]
     assert torch.equal(pick(0), pick(0)) and not torch.equal(pick(0), pick(1))
     assert pick(0).sum() == 60
 
 
-def test_selection_variants():
+def test_selection_rules():
+    """Every --select against selections worked out by hand, in the paper's Table 3 and App. H forms."""
     loss = torch.tensor([[3.0, 1.0, 2.0, 5.0], [0.5, 4.0, 4.0, 0.1], [2.0, 2.0, 2.0, 2.0]])
-    ref = torch.tensor([[1.0, 0.2, 2.5, 4.0], [0.4, 0.1, 3.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
+    ref_loss = torch.tensor([[1.0, 0.2, 2.5, 4.0], [0.4, 0.1, 3.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
+    entropy = torch.tensor([[0.5, 3.0, 0.1, 2.0], [1.0, 0.2, 4.0, 0.0], [0.3, 2.5, 0.4, 0.6]])
+    ref = torch.stack([ref_loss, entropy], -1)
     y = torch.zeros(3, 4, dtype=torch.long)
     y[1, 3] = rho.IGNORE
     sel = lambda select, k: rho.select_tokens(loss, y, ref, k, select=select).nonzero().tolist()
     assert sel("ref", 3 / 11) == [[2, 0], [2, 1], [2, 2]]  # lowest reference loss; the ignored (1, 3) never, though 0.0
     assert sel("train", 3 / 11) == [[0, 3], [1, 1], [1, 2]]  # highest training loss
     assert sel("excess", 3 / 11) == [[0, 0], [1, 1], [2, 0]]  # excess 2.0, 3.9, 2.0: ties by index
+    assert sel("entropy", 3 / 11) == [[0, 2], [1, 1], [2, 0]]  # lowest entropy: 0.1, 0.2, 0.3
+    # ref_entropy: places by reference loss (0 = lowest) and by entropy; a token's score is the worse of the two:
+    #   (2,0): 0 and 2 -> 2; (2,1): 1 and 9 -> 9; (2,2): 2 and 3 -> 3; (1,1): 4 and 1 -> 4; (0,0): 7 and 4 -> 7
+    assert sel("ref_entropy", 3 / 11) == [[1, 1], [2, 0], [2, 2]]  # the three best of those: 2, 3, 4
+    assert sel("ref_entropy", 1 / 11) == [[2, 0]]
     # sample (RHO-LOSS): mean excess per sequence is 0.825, 1.667, -0.25 -> the top ceil(k * 3) whole sequences
     assert sel("sample", 0.34) == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2]]
     assert sel("sample", 0.2) == [[1, 0], [1, 1], [1, 2]]
@@ -140,25 +283,15 @@ def test_reference_model_gets_no_gradient():
     cfg = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
     ref_model, model = rho.GPT(cfg), rho.GPT(cfg)
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
-    ref_loss = rho.token_loss(ref_model.lm_head(ref_model(x)), y)  # graph kept on purpose
+    ref_loss = rho.token_loss(ref_model.lm_head(ref_model(x)), y)[..., None].expand(2, 16, 2)  # graph kept
     loss, _, _ = rho.slm_loss(model.lm_head(model(x)), y, ref_loss, 0.5)
     loss.backward()
     assert all(p.grad is None for p in ref_model.parameters())
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_batched_generation_equals_one_by_one():
-    torch.manual_seed(0)
-    model = rho.GPT(rho.GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
-    batched = rho.generate(model, prompts, 6)
-    assert batched == [rho.generate(model, [p], 6)[0] for p in prompts]
-    with torch.no_grad():  # and the first generated token is the plain forward's argmax
-        assert batched[0][0] == model.lm_head(model(torch.tensor([prompts[0]])))[0, -1].argmax().item()
-
-
 # -----------------------------------------------------------------------------
-# the fused head against the plain SLM loss on full logits
+# the fused head against slm_loss on full logits; its chunk kernels against float64
 
 
 def fused_case(B=3, T=10, C=8, V=37, seed=0, device="cpu", dtype=torch.float32):
@@ -167,7 +300,7 @@ def fused_case(B=3, T=10, C=8, V=37, seed=0, device="cpu", dtype=torch.float32):
     w = torch.randn(V, C, generator=g).to(device, dtype).requires_grad_()
     y = torch.randint(0, V, (B, T), generator=g)
     y[0, 3] = y[2, 0] = y[2, 1] = y[1, -1] = rho.IGNORE
-    r = torch.rand(B, T, generator=g)
+    r = ref_of(B, T, generator=g)
     with torch.no_grad():  # ties: rows 1 and 2 of sequence 0 are identical tokens with identical contexts
         h[0, 2] = h[0, 1]
     y[0, 2], r[0, 2] = y[0, 1], r[0, 1]
@@ -178,7 +311,7 @@ def assert_fused_equals_plain(h, w, y, r, k, scope, rows, tol, monkeypatch):
     monkeypatch.setattr(rho, "chunk_rows", lambda V, device: rows)  # several chunks, the last one partial
     a, la, sa = rho.slm_loss(h.float() @ w.float().t(), y, r, k, scope)
     gh, gw = torch.autograd.grad(a, (h, w))
-    b, lb, sb = rho.fused_slm_loss(h, w, y, r, k, scope)
+    b, lb, sb = rho.fused_slm_loss(h, w, y, r, cfg_of(k, scope))
     fh, fw = torch.autograd.grad(b, (h, w))
     assert torch.equal(sa, sb)
     if scope == "batch":
@@ -197,7 +330,7 @@ def test_fused_head_equals_plain_slm_loss(k, scope, rows, monkeypatch):
 
 def test_clm_head_equals_torch_cross_entropy_and_native_op():
     h, w, y, _ = fused_case(V=131)
-    a = rho.fused_slm_loss(h, w, y, None, 1.0)[0]
+    a = rho.fused_slm_loss(h, w, y, None, cfg_of(1.0))[0]
     ga = torch.autograd.grad(a, (h, w))
     flat = lambda t: t.reshape(-1, t.shape[-1])
     refs = [lambda: F.cross_entropy(flat(h) @ w.t(), y.flatten(), ignore_index=rho.IGNORE)]
@@ -213,7 +346,7 @@ def test_clm_head_equals_torch_cross_entropy_and_native_op():
 
 def test_fused_head_gradient_rows_are_zero_outside_selection():
     h, w, y, r = fused_case()
-    loss, _, sel = rho.fused_slm_loss(h, w, y, r, 0.3)
+    loss, _, sel = rho.fused_slm_loss(h, w, y, r, cfg_of(0.3))
     dh, = torch.autograd.grad(loss, h)
     assert (dh[~sel] == 0).all() and (dh[sel].abs().sum(-1) > 0).all()
 
@@ -234,12 +367,14 @@ def chunk_case(C, V, kind, seed=0):
 
 
 def chunk_ref64(x, y, scale):
+    """lse, loss, entropy and the gradient (softmax - onehot) * scale of a chunk, in float64."""
     logp = torch.log_softmax(x.double(), 1)
     valid = y != rho.IGNORE
     loss = torch.where(valid, -logp.gather(1, y.clamp(min=0)[:, None]).squeeze(1), 0.0)
     onehot = torch.zeros_like(logp)
     onehot[valid.nonzero().squeeze(1), y[valid]] = 1.0
-    return (x.double() - logp)[:, 0], loss, (logp.exp() - onehot) * scale * valid[:, None]
+    entropy = -(logp.exp() * logp).sum(1)
+    return (x.double() - logp)[:, 0], loss, entropy, (logp.exp() - onehot) * scale * valid[:, None]
 
 
 CHUNK_FNS = {"torch": lambda: (rho.chunk_loss_torch, rho.chunk_grad_torch),
@@ -250,17 +385,20 @@ CHUNK_FNS = {"torch": lambda: (rho.chunk_loss_torch, rho.chunk_grad_torch),
 @pytest.mark.parametrize("kind", ["plain", "ties", "large", "strided"])
 @pytest.mark.parametrize("C,V", [(5, 7), (17, 130)])
 def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
-    """The per-chunk math of both backends against float64: lse and loss (the SLM forward), the gradient in place
-    given lse (the SLM backward), and loss plus gradient in one call into a separate buffer (CLM)."""
+    """The per-chunk math of both backends against float64: lse, loss and entropy (the SLM forward, and scoring), the
+    gradient in place given lse (the SLM backward), and loss plus gradient in one call into a separate buffer (CLM)."""
     x, y = chunk_case(C, V, kind)
     block = {"block_v": 4 if V < 32 else 32} if backend == "triton" else {}  # several blocks, the last one partial
     loss_fn, grad_fn = CHUNK_FNS[backend]()
-    lse, loss = loss_fn(x.clone(), y, **block)  # the torch version overwrites its chunk
-    lse64, loss64, grad64 = chunk_ref64(x, y, 1 / 7)
+    lse, loss, ent = loss_fn(x.clone(), y, entropy=True, **block)  # the torch version overwrites its chunk
+    lse64, loss64, ent64, grad64 = chunk_ref64(x, y, 1 / 7)
     torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=2e-6 * max(1.0, x.abs().max().item()))
+    torch.testing.assert_close(ent.double(), ent64, rtol=1e-5, atol=1e-5)
+    lse1, loss1, none = loss_fn(x.clone(), y, **block)
+    assert torch.equal(lse1, lse) and torch.equal(loss1, loss) and none is None  # the entropy changes nothing else
     g = torch.full((C, V + 3), float("nan"))[:, :V]  # a padded row stride, as the head's buffers have
-    lse2, loss2 = loss_fn(x.clone(), y, 1 / 7, g, **block)
+    lse2, loss2, _ = loss_fn(x.clone(), y, 1 / 7, g, **block)
     assert torch.equal(lse2, lse) and torch.equal(loss2, loss)
     torch.testing.assert_close(g.double(), grad64, rtol=1e-5, atol=1e-6)
     out = grad_fn(x, y, lse, 1 / 7, **block)
@@ -284,109 +422,7 @@ def test_fused_head_on_gpu_bf16(k, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# prepare.py
-
-
-def test_prepare_roundtrips_text(tmp_path):
-    docs = ["First document.\nIt has two lines.", "Second, with unicode: é ✓ π", "Third"]
-    (tmp_path / "hq.txt").write_text("\n\n".join(docs * 30) + "\n")
-    (tmp_path / "web.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (tmp_path / "val.jsonl").write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
-    out = tmp_path / "data"
-    prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "web.jsonl"), "--val", str(tmp_path / "val.jsonl"), "--out", str(out)])
-    meta = json.loads((out / "meta.json").read_text())
-    enc = prepare.get_encoding(meta["encoding"])
-    decode = lambda name: enc.decode(np.fromfile(out / name, dtype=meta["dtype"]).tolist()).split(prepare.EOT)[:-1]
-    assert decode("web.bin") == docs
-    assert decode("hq_train.bin") == docs * 30
-    assert decode("hq_val.bin") == ["Question: What is 2 + 3?\nAnswer: 2 + 3 = 5\n#### 5"]
-    assert json.loads((out / "eval.json").read_text()) == [{"prompt": "Question: What is 2 + 3?\nAnswer:", "answer": "5"}]
-    assert meta["tokens"]["web"] == os.path.getsize(out / "web.bin") // 2 and meta["dtype"] == "uint16"
-    assert len(meta["sources"]["web"]["sha256"]) == 64
-    assert not list(out.glob("*.tmp"))
-
-
-def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
-    for d in ("a", "b"):
-        prepare.main(["--out", str(tmp_path / d), "--web_tokens", "20000", "--seed", "3"])
-    for name in ("hq_train.bin", "hq_val.bin", "web.bin", "web_labels.bin", "base.bin", "eval.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
-    web, labels = np.fromfile(tmp_path / "a" / "web.bin", np.uint16), np.fromfile(tmp_path / "a" / "web_labels.bin", np.uint8)
-    assert len(web) == len(labels) == meta["tokens"]["web"]
-    enc = prepare.get_encoding("bytes")
-    clean = enc.decode(web[(labels == 0) & (web != enc.eot_token)][:2000].tolist())
-    assert "Question:" in clean and "Posted by" not in clean and "sid=" not in clean
-    assert 0.2 < 1 - meta["label_share"]["clean"] < 0.5  # the documented noise share
-    hq_text = enc.decode(np.fromfile(tmp_path / "a" / "hq_train.bin", np.uint16).tolist())
-    for p in json.loads((tmp_path / "a" / "eval.json").read_text()):
-        assert p["prompt"] not in hq_text  # eval problems are held out
-
-
-def test_prepare_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="no such file"):
-        prepare.main(["--hq", str(tmp_path / "nope.txt"), "--web", str(tmp_path / "nope.txt"), "--out", str(tmp_path)])
-    (tmp_path / "bad.jsonl").write_text('{"title": "x"}\n')
-    (tmp_path / "hq.txt").write_text("a\n\nb\n")
-    args = ["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")]
-    with pytest.raises(SystemExit, match=r"hq.txt: too few documents to hold out a validation split \(1 in 50\)"):
-        prepare.main(args)
-    (tmp_path / "hq.txt").write_text("\n\n".join(f"document {i}" for i in range(50)) + "\n")
-    with pytest.raises(SystemExit, match='needs a "text" field'):
-        prepare.main(args)
-    with pytest.raises(SystemExit, match="--encoding no_such_encoding"):
-        prepare.main(["--encoding", "no_such_encoding", "--out", str(tmp_path / "o")])
-
-
-# decontamination, against a plain reference of prepare.py's words: lowercase, runs of a-z, 0-9 and non-ASCII bytes
-WORD_BYTES = bytes(c if 48 <= c <= 57 or 97 <= c <= 122 or c >= 128 else 32 for c in range(256))
-
-
-def normalised(text):
-    return b" " + b" ".join(text.lower().encode().translate(WORD_BYTES).split()) + b" "
-
-
-def held_out_runs(question):
-    """What no training text may hold: each run of 13 words of the question, or all of a shorter one."""
-    w = normalised(question).split()
-    return [b" " + b" ".join(w[i:i + 13]) + b" " for i in range(max(len(w) - 12, 1))]
-
-
-def test_contaminated_equals_plain_reference():
-    """The hashed, vectorised check against substring search on normalised text, on random texts of few words (so that
-    runs match often), unicode, held-out texts of 0 to ~30 words, and texts that span the 100k-character pieces."""
-    rng = random.Random(0)
-    pieces = ["a", "B", "7", "é", "É", "数", ".", ", ", " ", "\n", "--", "x" * 5_000]
-    for _ in range(200):
-        held = ["".join(rng.choice(pieces[:-1]) for _ in range(rng.randint(0, 60))) for _ in range(rng.randint(0, 4))]
-        texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 80))) for _ in range(rng.randint(0, 12))]
-        texts += [rng.choice(["", "zz "]) + h.upper() + " yy" for h in held if rng.random() < 0.5]  # planted
-        runs = [r for q in held for r in held_out_runs(q) if r.strip()]
-        want = [any(r in t for r in runs) for t in map(normalised, texts)]
-        assert prepare.contaminated(texts, prepare.held_out_index(held)).tolist() == want
-
-
-def test_prepare_demo_holds_out_its_questions(tmp_path):
-    """No 13-word run of an eval or hq_val question (nor all of a shorter one) is left in web, hq_train or base."""
-    out = tmp_path / "demo"
-    prepare.main(["--out", str(out), "--web_tokens", "30000", "--base_tokens", "30000"])
-    enc = prepare.get_encoding("bytes")
-    text = lambda name: enc.decode(np.fromfile(out / name, np.uint16).tolist())
-    evals = [p["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
-             for p in json.loads((out / "eval.json").read_text())]
-    val = [d.split("\nAnswer:")[0].removeprefix("Question: ") for d in text("hq_val.bin").split(prepare.EOT)[:-1]]
-    assert len(evals) == 200 and len(val) == 300 and len(set(evals + val)) == 500
-    runs = [r for q in evals + val for r in held_out_runs(q)]
-    for name in ("web.bin", "hq_train.bin", "base.bin"):
-        train = normalised(text(name))
-        assert not [r for r in runs if r in train], name
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["decontamination"] == {"n": 13, "held_out_texts": 500, "kept": False,
-                                       "dropped_docs": {"hq_train": 0, "web": 0, "base": 0}}  # none drawn: none found
-
-
-# -----------------------------------------------------------------------------
-# end to end on a tiny demo, determinism, resume and the documented errors
+# reference scoring: resumed and split scoring against one uninterrupted pass
 
 
 @pytest.fixture(scope="module")
@@ -398,77 +434,6 @@ def demo(tmp_path_factory):
 
 def run(demo, out, *args):
     return rho.main(["--data", str(demo / "data"), "--out", str(out), *TINY, *args])
-
-
-def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
-    run(demo, tmp_path, "--ref", "--steps", "4", "--eval_every", "2")
-    scores = np.fromfile(tmp_path / "ref" / "ref_loss.bin", np.float32)
-    meta = json.loads((demo / "data" / "meta.json").read_text())
-    assert len(scores) == meta["tokens"]["web"] and np.isnan(scores[0]) and np.isfinite(scores[1:32]).all()
-    run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
-    run(demo, tmp_path, "--slm", "--k", "0.6", "--steps", "4", "--eval_every", "2")
-    m = json.loads((tmp_path / "slm-k0.6" / "metrics.json").read_text())
-    assert m["run"] == "slm-k0.6" and m["k"] == 0.6 and m["steps"] == 4 and len(m["history"]) == 2
-    assert m["tokens_seen"] == 4 * 4 * 32 and m["tokens_trained"] == 4 * math.ceil(0.6 * 4 * 32)
-    assert set(m["final"]) == {"val_loss_hq", "val_loss_web", "accuracy"}
-    assert "timestamp" in m["noise_in_selected"] and "all" in m["noise_share_corpus"]
-    assert "score_s" in json.loads((tmp_path / "ref" / "metrics.json").read_text())
-    capsys.readouterr()
-    rho.main(["--compare", "--out", str(tmp_path)])
-    table = capsys.readouterr().out
-    assert "slm-k0.6" in table and "clm" in table and "to CLM loss" in table
-
-
-def test_same_batches_for_every_run_and_no_web_val_in_training():
-    w = rho.Windows(np.arange(32 * 40 + 1, dtype=np.uint16), 32)
-    hi = rho.web_split(w.n)
-    starts = lambda: [w.batch(s, 4, 7, "cpu", 0, hi)[0][:, 0] // 32 for s in range(2 * (hi // 4))]
-    first, second = starts(), starts()
-    assert all(torch.equal(a, b) for a, b in zip(first, second))  # a function of (seed, step) alone
-    epoch = torch.cat(first[:hi // 4]).tolist()
-    assert len(set(epoch)) == len(epoch) == hi // 4 * 4  # one epoch: every window at most once
-    assert max(torch.cat(first).tolist()) < hi  # web validation windows are never trained on
-
-
-def test_fixed_seed_is_bitwise_reproducible(demo, tmp_path):
-    run(demo, tmp_path / "a", "--clm", "--steps", "4", "--eval_every", "2")  # clm needs no reference scores
-    run(demo, tmp_path / "b", "--clm", "--steps", "4", "--eval_every", "2")
-    a, b = (json.loads((tmp_path / d / "clm" / "metrics.json").read_text()) for d in ("a", "b"))
-    assert a["losses"] == b["losses"] and len(a["losses"]) == 4
-    assert [h["val_loss_hq"] for h in a["history"]] == [h["val_loss_hq"] for h in b["history"]]
-
-
-def test_resume_equals_uninterrupted(demo, tmp_path, monkeypatch):
-    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2")
-    args = ("--slm", "--select", "random", "--steps", "6", "--eval_every", "2")  # random: resumes the RNG too
-    run(demo, tmp_path / "full", *args, "--name", "x")
-    os.makedirs(tmp_path / "killed", exist_ok=True)
-    os.symlink(tmp_path / "ref", tmp_path / "killed" / "ref")
-    real_lr_at = rho.lr_at
-
-    def killed_at_step_5(step, cfg):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real_lr_at(step, cfg)
-
-    monkeypatch.setattr(rho, "lr_at", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        run(demo, tmp_path / "killed", *args, "--name", "x")
-    monkeypatch.setattr(rho, "lr_at", real_lr_at)
-    assert torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["step"] == 4
-    run(demo, tmp_path / "killed", *args, "--name", "x", "--resume")
-    full, resumed = (json.loads((tmp_path / d / "x" / "metrics.json").read_text()) for d in ("full", "killed"))
-    assert full["losses"] == resumed["losses"] and full["history"][-1]["val_loss_hq"] == resumed["history"][-1]["val_loss_hq"]
-    a = torch.load(tmp_path / "full" / "x" / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    za, zb = (np.load(tmp_path / d / "x" / "tokens.npz") for d in ("full", "killed"))  # per-token records survive
-    assert list(za["step"]) == [2, 4, 6] and set(za.files) == set(zb.files)
-    assert all(np.array_equal(za[f], zb[f]) for f in za.files)
-
-
-# -----------------------------------------------------------------------------
-# many processes (torchrun, DDP on gloo) and split steps select the same tokens as one process
 
 
 def free_port():
@@ -517,24 +482,149 @@ def one_process(demo, tmp_path_factory):
     for select in ("excess", "random"):
         mp = pytest.MonkeyPatch()
         masks = recording_selection(mp)
-        run(demo, out, "--slm", "--select", select, "--batch_size", "8", "--steps", "3", "--eval_every", "3", "--name", select)
+        run(demo, out, "--slm", "--select", select, "--batch_size", "8", "--steps", "3", "--eval_every", "3",
+            "--name", select)
         mp.undo()
         runs[select] = masks
     return out, runs
 
 
-def assert_same_run(a, b, masks_a, masks_b):
-    """The same tokens selected at every step; losses and weights equal up to float summation order."""
-    assert len(masks_a) == len(masks_b) == 3 and all(torch.equal(x, y) for x, y in zip(masks_a, masks_b))
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
-    assert ma["tokens_trained"] == mb["tokens_trained"] and ma["noise_in_selected"] == mb["noise_in_selected"]
-    np.testing.assert_allclose(ma["losses"], mb["losses"], rtol=1e-5)
-    wa, wb = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (a, b))
-    assert all(torch.allclose(wa[n], wb[n], rtol=1e-4, atol=1e-6) for n in wa)
+def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_process, tmp_path, monkeypatch):
+    out, _ = one_process
+    whole = np.fromfile(out / "ref" / "ref_scores.bin", np.float32)  # one process, in one go
+    os.makedirs(tmp_path / "ref")
+    os.symlink(out / "ref" / "ckpt.pt", tmp_path / "ref" / "ckpt.pt")
+    argv = ["--data", str(demo / "data"), "--out", str(tmp_path), "--score", "--score_batch", "16"]
+    real, calls = rho.model_token_loss, []
+
+    def killed_after_5_blocks(*a, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(rho, "model_token_loss", killed_after_5_blocks)
+    monkeypatch.setattr(time, "time", iter(range(0, 10**6, 31)).__next__)  # every block is synced to disk
+    with pytest.raises(KeyboardInterrupt):
+        rho.main(argv)
+    assert not (tmp_path / "ref" / "ref_scores.bin").exists()
+    assert np.fromfile(tmp_path / "ref" / "ref_scores.bin.done", np.uint8).sum() == 5
+    with pytest.raises(SystemExit, match="scoring was interrupted"):
+        rho.load_ref_scores(rho.RunConfig(out=str(tmp_path)), rho.load_meta(str(demo / "data")), 32)
+    calls.clear()
+    monkeypatch.undo()
+    rho.main(argv)  # resumes: only the blocks not marked done
+    assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float32), whole, equal_nan=True)
+    assert not (tmp_path / "ref" / "ref_scores.bin.partial").exists()
+    os.remove(tmp_path / "ref" / "ref_scores.bin")
+    torchrun(2, argv, tmp_path / "sel")  # two processes, blocks round-robin, written in place
+    assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float32), whole, equal_nan=True)
+    assert json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())["processes"] == 2
+
+
+# -----------------------------------------------------------------------------
+# evaluation: batched generation against one prompt at a time
+
+
+def test_batched_generation_equals_one_by_one():
+    torch.manual_seed(0)
+    model = rho.GPT(rho.GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
+    batched = rho.generate(model, prompts, 6)
+    assert batched == [rho.generate(model, [p], 6)[0] for p in prompts]
+    with torch.no_grad():  # and the first generated token is the plain forward's argmax
+        assert batched[0][0] == model.lm_head(model(torch.tensor([prompts[0]])))[0, -1].argmax().item()
+
+
+def test_wilson_interval():
+    lo, hi = rho.wilson(0.5, 200)
+    assert abs(lo - 0.4314) < 1e-3 and abs(hi - 0.5686) < 1e-3  # the textbook values
+    assert rho.wilson(0.0, 200)[0] == 0.0 and 0.0 < rho.wilson(0.0, 200)[1] < 0.02 and rho.wilson(1.0, 10)[1] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# training: end to end; a fixed seed bitwise; resume against an uninterrupted run; many processes against one
+
+
+def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
+    run(demo, tmp_path, "--ref", "--steps", "4", "--eval_every", "2")
+    scores = np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float32).reshape(-1, 2)
+    meta = json.loads((demo / "data" / "meta.json").read_text())
+    assert len(scores) == meta["tokens"]["web"] and np.isnan(scores[0]).all() and np.isfinite(scores[1:32]).all()
+    assert (scores[1:32, 1] > 0).all()  # the reference model's entropy, beside its loss
+    run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
+    run(demo, tmp_path, "--slm", "--k", "0.6", "--steps", "4", "--eval_every", "2")
+    m = json.loads((tmp_path / "slm-k0.6" / "metrics.json").read_text())
+    assert m["run"] == "slm-k0.6" and m["k"] == 0.6 and m["steps"] == 4 and len(m["history"]) == 2
+    assert m["tokens_seen"] == 4 * 4 * 32 and m["tokens_trained"] == 4 * math.ceil(0.6 * 4 * 32)
+    assert set(m["final"]) == {"val_loss_hq", "val_loss_web", "accuracy"}
+    assert "timestamp" in m["noise_in_selected"] and "all" in m["noise_share_corpus"]
+    assert "score_s" in json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    capsys.readouterr()
+    rho.main(["--compare", "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "slm-k0.6" in table and "clm" in table and "to CLM loss" in table and "to CLM acc" in table
+
+
+def test_fixed_seed_is_bitwise_reproducible_across_processes(demo, tmp_path):
+    """The same command in two fresh processes, from other folders: bitwise the same losses and evaluations."""
+    argv = [*TINY, "--clm", "--steps", "4", "--eval_every", "2", "--data", str(demo / "data"), "--out", "out"]
+    for d in ("a", "bbbbbbbbbbbbbbbbbbbb"):  # other paths, other environments
+        (tmp_path / d).mkdir()
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(rho.__file__)), "X": d * 1000}
+        subprocess.run([sys.executable, "-m", "rho", *argv], cwd=tmp_path / d, env=env, check=True, capture_output=True)
+    a, b = (json.loads((tmp_path / d / "out" / "clm" / "metrics.json").read_text()) for d in ("a", "bbbbbbbbbbbbbbbbbbbb"))
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 4 and a["env"] == b["env"]
+    assert [h["val_loss_hq"] for h in a["history"]] == [h["val_loss_hq"] for h in b["history"]]
+    assert a["env"]["threads"] == torch.get_num_threads() and a["env"]["processes"] == 1
+
+
+def test_resume_equals_uninterrupted(demo, tmp_path, monkeypatch):
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2")
+    args = ("--slm", "--select", "random", "--steps", "6", "--eval_every", "2")  # random: resumes the RNG too
+    run(demo, tmp_path / "full", *args, "--name", "x")
+    os.makedirs(tmp_path / "killed", exist_ok=True)
+    os.symlink(tmp_path / "ref", tmp_path / "killed" / "ref")
+    real_lr_at = rho.lr_at
+
+    def killed_at_step_5(step, cfg):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(rho, "lr_at", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(demo, tmp_path / "killed", *args, "--name", "x")
+    monkeypatch.setattr(rho, "lr_at", real_lr_at)
+    assert torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["step"] == 4
+    run(demo, tmp_path / "killed", *args, "--name", "x", "--resume")
+    full, resumed = (json.loads((tmp_path / d / "x" / "metrics.json").read_text()) for d in ("full", "killed"))
+    assert full["losses"] == resumed["losses"] and full["history"][-1]["val_loss_hq"] == resumed["history"][-1]["val_loss_hq"]
+    a = torch.load(tmp_path / "full" / "x" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    za, zb = (np.load(tmp_path / d / "x" / "tokens.npz") for d in ("full", "killed"))  # per-token records survive
+    assert list(za["step"]) == [2, 4, 6] and set(za.files) == set(zb.files)
+    assert all(np.array_equal(za[f], zb[f]) for f in za.files)
+
+
+def test_resume_refuses_a_changed_run(demo, tmp_path, capsys):
+    """--resume with a flag that defines the run changed: one line naming the flag and both values; the checkpoint is
+    left as it was. Flags that change how, not what, a run computes (--micro_batch, --device, ...) may change."""
+    run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--name", "x")
+    ckpt = (tmp_path / "x" / "ckpt.pt").read_bytes()
+    for flag, value, saved in (("--lr", "0.001", "0.002"), ("--seed", "7", "1337"), ("--batch_size", "2", "4"),
+                               ("--steps", "8", "4"), ("--n_layer", "2", "1")):
+        with pytest.raises(SystemExit, match=rf"^error: --resume: {flag} is {value}\S* here but {saved}\S* in .*ckpt.pt"):
+            run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--name", "x", "--resume", flag, value)
+    with pytest.raises(SystemExit, match=r"^error: --resume: this is a --slm run, but .* holds a --clm run"):
+        run(demo, tmp_path, "--slm", "--select", "random", "--steps", "4", "--eval_every", "2", "--name", "x", "--resume")
+    assert (tmp_path / "x" / "ckpt.pt").read_bytes() == ckpt
+    run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--name", "x", "--resume", "--micro_batch", "2")
 
 
 @pytest.mark.parametrize("world,micro,select", [(1, 2, "excess"), (2, 2, "excess"), (2, 4, "excess"), (2, 2, "random")])
-def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, world, micro, select, tmp_path, monkeypatch):
+def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, world, micro, select, tmp_path,
+                                                            monkeypatch):
     """world=1, micro=2: 4 micro-batches of gradient accumulation; world=2: two gloo processes (DDP), with
     2 micro-batches each (micro 2) or a whole share in one forward (micro 4)."""
     out, runs = one_process
@@ -549,90 +639,62 @@ def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, wo
     assert_same_run(out / select, tmp_path / select, runs[select], masks)
 
 
-def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_process, tmp_path, monkeypatch):
-    out, _ = one_process
-    whole = np.fromfile(out / "ref" / "ref_loss.bin", np.float32)  # one process, in one go
-    os.makedirs(tmp_path / "ref")
-    os.symlink(out / "ref" / "ckpt.pt", tmp_path / "ref" / "ckpt.pt")
-    argv = ["--data", str(demo / "data"), "--out", str(tmp_path), "--score", "--score_batch", "16"]
-    real, calls = rho.model_token_loss, []
-
-    def killed_after_5_blocks(*a):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real(*a)
-    monkeypatch.setattr(rho, "model_token_loss", killed_after_5_blocks)
-    monkeypatch.setattr(time, "time", iter(range(0, 10**6, 31)).__next__)  # every block is synced to disk
-    with pytest.raises(KeyboardInterrupt):
-        rho.main(argv)
-    assert not (tmp_path / "ref" / "ref_loss.bin").exists() and np.fromfile(tmp_path / "ref" / "ref_loss.bin.done", np.uint8).sum() == 5
-    with pytest.raises(SystemExit, match="scoring was interrupted"):
-        rho.load_ref_scores(rho.RunConfig(out=str(tmp_path)), rho.load_meta(str(demo / "data")), 32)
-    calls.clear()
-    monkeypatch.undo()
-    rho.main(argv)  # resumes: only the blocks not marked done
-    assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_loss.bin", np.float32), whole, equal_nan=True)
-    assert not (tmp_path / "ref" / "ref_loss.bin.partial").exists()
-    os.remove(tmp_path / "ref" / "ref_loss.bin")
-    torchrun(2, argv, tmp_path / "sel")  # two processes, blocks round-robin, written in place
-    assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_loss.bin", np.float32), whole, equal_nan=True)
-    assert json.loads((tmp_path / "ref" / "ref_loss.bin.json").read_text())["processes"] == 2
+def assert_same_run(a, b, masks_a, masks_b):
+    """The same tokens selected at every step; losses and weights equal up to float summation order."""
+    assert len(masks_a) == len(masks_b) == 3 and all(torch.equal(x, y) for x, y in zip(masks_a, masks_b))
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["tokens_trained"] == mb["tokens_trained"] and ma["noise_in_selected"] == mb["noise_in_selected"]
+    np.testing.assert_allclose(ma["losses"], mb["losses"], rtol=1e-5)
+    wa, wb = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (a, b))
+    assert all(torch.allclose(wa[n], wb[n], rtol=1e-4, atol=1e-6) for n in wa)
 
 
-def test_loss_category_rule():
-    t = [0, 1, 2]  # one token per column: L->L, H->L, L->H, H->H, then dL of exactly +0.2 and -0.2, and just over 0.2
-    losses = np.array([[1.0, 3.0, 1.0, 4.0, 1.0, 2.0, 1.0],
-                       [1.0, 2.0, 2.0, 4.0, 1.1, 1.9, 1.1001],
-                       [1.0, 1.0, 3.0, 4.0, 1.2, 1.8, 1.2002]])  # mean final loss 1.886
-    cats = [rho.CATEGORIES[c] for c in rho.loss_category(losses, t)]
-    assert cats == ["L->L", "H->L", "L->H", "H->H", "L->L", "L->L", "L->H"]
-    assert rho.CATEGORIES[rho.loss_category(np.array([[3.0], [3.1], [3.2]]), t)[0]] == "L->L"  # one token: final = mean
-    noisy = np.array([[1.0], [0.5], [1.3]])  # the fit, not the endpoints: 1.0 -> 1.3 but the line rises by 0.3
-    assert rho.CATEGORIES[rho.loss_category(noisy, t)[0]] == "L->H"
+def test_init_from_starts_from_base_weights(demo, tmp_path):
+    run(demo, tmp_path, "--base", "--steps", "10", "--eval_every", "10", "--lr", "1e-2")
+    base = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    assert base["run"] == "base" and "noise_in_selected" not in base
+    for init in ("base", str(tmp_path / "base" / "ckpt.pt")):  # a run name in --out, or a path
+        run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "2", "--name", "cont", "--init_from", init)
+        cont = json.loads((tmp_path / "cont" / "metrics.json").read_text())
+        assert cont["losses"][0] < base["losses"][0] - 0.1  # starts where the base ended, not from scratch
 
 
-def test_report_on_tiny_runs(demo, tmp_path):
-    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2")
-    run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
-    run(demo, tmp_path, "--slm", "--k", "0.6", "--steps", "4", "--eval_every", "2")
-    run(demo, tmp_path, "--report")
-    html, rep = (tmp_path / "report.html").read_text(), json.loads((tmp_path / "report.json").read_text())
-    assert set(rep) == {"runs", "efficiency", "selection", "dynamics", "highlight", "cost", "k_sweep"}
-    assert abs(sum(rep["dynamics"]["categories_web"].values()) - 1) < 1e-3 and rep["k_sweep"]["best_k"] in (0.6, 1.0)
-    assert "slm-k0.6 selected" in rep["dynamics"]["slm_selected_vs_unselected"] and rep["highlight"]["docs"]
-    assert html.count("<svg") >= 5 and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
-    for r in ("clm", "slm-k0.6"):  # runs from before the token records: the report says so, and does not crash
-        os.remove(tmp_path / r / "tokens.npz")
-    run(demo, tmp_path, "--report")
-    assert "rerun" in (tmp_path / "report.html").read_text() and json.loads((tmp_path / "report.json").read_text())["dynamics"] == {}
+def test_demo_runs_start_from_the_base_run(demo, tmp_path, capsys):
+    """On data with a base corpus, --ref, --clm and --slm start from <out>/base without a flag, and say so; without
+    it, one line that says what to run."""
+    with pytest.raises(SystemExit, match=r"base/ckpt.pt: no base model: --clm on .* starts from the base run; run "
+                                         r"`python rho.py --base --out .*` first, or pass --init_from scratch"):
+        rho.main(["--data", str(demo / "data"), "--out", str(tmp_path), *TINY[:-2], "--clm", "--steps", "1"])
+    run(demo, tmp_path, "--base", "--steps", "2", "--eval_every", "2")
+    m = rho.main(["--data", str(demo / "data"), "--out", str(tmp_path), *TINY[:-2], "--clm", "--steps", "2",
+                  "--eval_every", "2"])
+    assert m["config"]["init_from"] == "base" and "clm: starting from the base run" in capsys.readouterr().out
 
 
-def test_error_data_not_prepared(tmp_path):
-    with pytest.raises(SystemExit, match=r"data not prepared .*python prepare.py --hq FILE --web FILE"):
-        rho.main(["--clm", "--data", str(tmp_path / "nothing")])
-
-
-def test_error_k_out_of_range(capsys):
-    for k in ("0", "1.5", "-0.2"):
-        with pytest.raises(SystemExit):
-            rho.main(["--slm", "--k", k])
-        assert "must be in (0, 1]" in capsys.readouterr().err
+def test_reference_runs_own_their_scores(demo, tmp_path):
+    """--ref --name myref scores into <out>/myref/, and --slm --ref_run myref reads them; --slm alone asks for ref."""
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--name", "myref")
+    assert (tmp_path / "myref" / "ref_scores.bin").is_file() and not (tmp_path / "ref").exists()
+    with pytest.raises(SystemExit, match=r"ref/ref_scores.bin: reference scores missing: run `python rho.py --ref`"):
+        run(demo, tmp_path, "--slm", "--steps", "1")
+    m = run(demo, tmp_path, "--slm", "--steps", "2", "--eval_every", "2", "--ref_run", "myref")
+    assert m["config"]["ref_run"] == "myref"
+    run(demo, tmp_path, "--score", "--name", "myref")  # re-scoring names the run too
 
 
 def test_error_reference_scores_missing_or_mismatched(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"reference scores missing: run `python rho.py --ref`"):
         run(demo, tmp_path, "--slm", "--steps", "1")
     run(demo, tmp_path, "--ref", "--steps", "1")
-    path = tmp_path / "ref" / "ref_loss.bin"
-    info = json.loads((tmp_path / "ref" / "ref_loss.bin.json").read_text())
+    path = tmp_path / "ref" / "ref_scores.bin"
+    info = json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(SystemExit, match=r"hold \d+ tokens but .* has \d+: re-run `python rho.py --score"):
         run(demo, tmp_path, "--slm", "--steps", "1")
     run(demo, tmp_path, "--score")  # re-scoring repairs it
     with pytest.raises(SystemExit, match=r"windows of 32 tokens, this run uses 16: pass --block_size 32"):
         run(demo, tmp_path, "--slm", "--steps", "1", "--block_size", "16")
-    (tmp_path / "ref" / "ref_loss.bin.json").write_text(json.dumps({**info, "encoding": "gpt2"}))
+    (tmp_path / "ref" / "ref_scores.bin.json").write_text(json.dumps({**info, "encoding": "gpt2"}))
     with pytest.raises(SystemExit, match=r"computed for other data .*encoding gpt2"):
         run(demo, tmp_path, "--slm", "--steps", "1")
 
@@ -662,36 +724,14 @@ def test_error_nan_loss_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
     assert not (tmp_path / "clm" / "metrics.json").exists()
 
 
-def test_init_from_starts_from_base_weights(demo, tmp_path):
-    run(demo, tmp_path, "--base", "--steps", "10", "--eval_every", "10", "--lr", "1e-2")
-    base = json.loads((tmp_path / "base" / "metrics.json").read_text())
-    assert base["run"] == "base" and "noise_in_selected" not in base
-    for init in ("base", str(tmp_path / "base" / "ckpt.pt")):  # a run name in --out, or a path
-        run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "2", "--name", "cont", "--init_from", init)
-        cont = json.loads((tmp_path / "cont" / "metrics.json").read_text())
-        assert cont["losses"][0] < base["losses"][0] - 0.1  # starts where the base ended, not from scratch
-
-
 def test_error_init_from_missing(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"nope: no such base checkpoint"):
         run(demo, tmp_path, "--clm", "--steps", "1", "--init_from", "nope")
 
 
-@pytest.mark.parametrize("impl", ["naive_clm", "naive_slm", "fused_slm"])
-def test_bench_head_measures_each_impl(impl):
-    row = rho.bench_one("head", impl, (64, 16, 37, 0.5), "cpu", "float32", 0, 1)
-    assert row["case"] == "head" and row["impl"] == impl and row["ms"] > 0 and "peak_mb" in row  # memory: only --bench's fresh processes measure it
-
-
-@pytest.mark.parametrize("impl", ["clm", "slm", "slm_split"])
-def test_bench_train_step_and_scoring_scale_run(impl):
-    tiny = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
-    ms, _ = rho.bench_train(impl, tiny, 4, 0.5, torch.device("cpu"), "float32", 0, 1)
-    assert ms > 0 and min(rho.bench_scale(4096, torch.device("cpu"), "float32")) > 0
-
-
 def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
-    with pytest.raises(SystemExit, match=r"hq_train.bin: \d+ training windows of 33 tokens, fewer than one batch: lower --batch_size"):
+    with pytest.raises(SystemExit, match=r"hq_train.bin: \d+ training windows of 33 tokens, fewer than one batch: "
+                                         r"lower --batch_size"):
         run(demo, tmp_path, "--ref", "--steps", "1", "--batch_size", "100000")
     (tmp_path / "hq.txt").write_text("\n\n".join(f"document {i} " * 20 for i in range(60)))
     prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "hq.txt"), "--out", str(tmp_path / "real")])
@@ -699,7 +739,251 @@ def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
         rho.main(["--base", "--data", str(tmp_path / "real"), "--out", str(tmp_path), *TINY])
 
 
-# --- prepare at scale
+def test_gpt2_error_wrong_encoding(demo, tmp_path):
+    with pytest.raises(SystemExit, match=r"GPT-2 weights need data prepared with `python prepare.py ... --encoding gpt2`; .* has encoding bytes"):
+        rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from", "gpt2"])
+
+
+def test_gpt2_error_transformers_missing_or_offline(tmp_path, monkeypatch):
+    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--device", "cpu"])
+    meta = {"encoding": "gpt2", "vocab_size": 50257}
+    import sys
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(SystemExit, match=r"^error: --init_from gpt2: needs transformers: pip install transformers$"):
+        rho.build_model(cfg, meta, model_cfg)
+    monkeypatch.undo()
+    transformers = pytest.importorskip("transformers")
+
+    def offline(*args, **kwargs):  # what from_pretrained raises with no network and an empty cache
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.\nCheck ...")
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", offline)
+    with pytest.raises(SystemExit, match=r"gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
+                                         r"Hugging Face cache \(HF_HUB_OFFLINE=1 .*save_pretrained$"):
+        rho.build_model(cfg, meta, model_cfg)
+
+
+def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypatch):
+    """A tiny GPT-2 continually pretrained on gpt2-labelled data: resume equals an uninterrupted run, and the
+    checkpoint is an ordinary rho checkpoint (weights_only, --init_from <run>)."""
+    tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "tiny-gpt2")  # a small head: fast evals
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (demo / "data").iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "encoding": "gpt2"}))  # the byte ids pass for gpt2 ids
+    monkeypatch.setattr(rho, "get_encoding", lambda name: prepare.byte_encoding())  # no tiktoken download
+    args = ["--clm", "--data", str(data), "--out", str(tmp_path / "out"), "--batch_size", "4", "--eval_every", "2",
+            "--eval_problems", "0", "--lr", "1e-3", "--device", "cpu"]
+    gpt2 = [*args, "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32"]
+    full = rho.main([*gpt2, "--steps", "4", "--name", "full"])
+    real_lr_at = rho.lr_at
+    monkeypatch.setattr(rho, "lr_at", lambda step, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else
+                        real_lr_at(step, cfg))  # killed after the checkpoint of step 2
+    with pytest.raises(KeyboardInterrupt):
+        rho.main([*gpt2, "--steps", "4", "--name", "cut"])
+    monkeypatch.setattr(rho, "lr_at", real_lr_at)
+    cut = rho.main([*gpt2, "--steps", "4", "--name", "cut", "--resume"])
+    assert cut["losses"] == full["losses"]
+    assert full["model_config"] == {"block_size": 32, "vocab_size": 320, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    assert torch.load(tmp_path / "out" / "full" / "ckpt.pt", weights_only=True)["encoding"] == "gpt2"
+    cont = rho.main([*args, "--init_from", "full", "--steps", "2", "--name", "cont"])  # a rho checkpoint now
+    assert cont["model_config"] == full["model_config"] and cont["losses"][0] < full["losses"][0]  # starts where full ended
+
+
+# -----------------------------------------------------------------------------
+# main: bad flags against the one line each must give
+
+
+def test_error_data_not_prepared(tmp_path):
+    with pytest.raises(SystemExit, match=r"data not prepared .*python prepare.py --hq FILE --web FILE"):
+        rho.main(["--clm", "--data", str(tmp_path / "nothing")])
+
+
+def test_error_bad_flags_one_line_each():
+    for argv, msg in ((["--slm", "--k", "0"], r"--k 0.0: k is the share of tokens selected and must be in \(0, 1\]"),
+                      (["--slm", "--k", "1.5"], r"--k 1.5: .*must be in \(0, 1\]"), (["--clm", "--lr", "-1"], r"--lr -1.0: must be positive"),
+                      (["--clm", "--steps", "0"], r"--steps 0: must be positive"),
+                      (["--clm", "--warmup", "-1"], r"--warmup -1: must be 0 or more"),
+                      (["--slm", "--select", "sample", "--scope", "sequence"], r"--select sample ranks whole sequences"),
+                      (["--clm", "--batch", "64"], r"unrecognized arguments: --batch 64 .*abbreviations"),
+                      (["--clm", "--preset", "gpt2-owm", "--batch", "64"], r"unrecognized arguments: --batch 64")):
+        with pytest.raises(SystemExit, match=rf"^error: {msg}") as e:
+            rho.main(argv)
+        assert "\n" not in str(e.value)
+
+
+def test_preset_values_are_defaults_that_flags_beat():
+    cfg, model_cfg = rho.parse_args(["--slm", "--preset", "gpt2-owm", "--batch_size", "64", "--device", "cpu"])
+    assert (cfg.batch_size, cfg.micro_batch, cfg.steps, cfg.lr, cfg.init_from) == (64, 32, 2000, 1e-4, "gpt2")
+    cfg, _ = rho.parse_args(["--ref", "--preset", "gpt2-owm", "--steps", "10", "--device", "cpu"])
+    assert (cfg.batch_size, cfg.steps, cfg.lr, cfg.k, cfg.select) == (512, 10, 1e-4, 1.0, "all")
+
+
+# -----------------------------------------------------------------------------
+# prepare.py: text in, tokens out; its decontamination against a plain substring search
+
+
+def test_prepare_roundtrips_text(tmp_path):
+    docs = ["First document.\nIt has two lines.", "Second, with unicode: é ✓ π", "Third"]
+    (tmp_path / "hq.txt").write_text("\n\n".join(docs * 30) + "\n")
+    (tmp_path / "web.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    out = tmp_path / "data"
+    prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "web.jsonl"), "--val", str(tmp_path / "val.jsonl"), "--out", str(out)])
+    meta = json.loads((out / "meta.json").read_text())
+    enc = prepare.get_encoding(meta["encoding"])
+    decode = lambda name: enc.decode(np.fromfile(out / name, dtype=meta["dtype"]).tolist()).split(prepare.EOT)[:-1]
+    assert decode("web.bin") == docs
+    assert decode("hq_train.bin") == docs * 30
+    assert decode("hq_val.bin") == ["Question: What is 2 + 3?\nAnswer: 2 + 3 = 5\n#### 5"]
+    assert json.loads((out / "eval.json").read_text()) == [{"prompt": "Question: What is 2 + 3?\nAnswer:", "answer": "5"}]
+    assert meta["tokens"]["web"] == os.path.getsize(out / "web.bin") // 2 and meta["dtype"] == "uint16"
+    assert len(meta["sources"]["web"]["sha256"]) == 64
+    assert not list(out.glob("*.tmp"))
+
+
+def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
+    for d in ("a", "b"):
+        prepare.main(["--out", str(tmp_path / d), "--web_tokens", "20000", "--seed", "3"])
+    for name in ("hq_train.bin", "hq_val.bin", "web.bin", "web_labels.bin", "base.bin", "eval.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    web = np.fromfile(tmp_path / "a" / "web.bin", np.uint16)
+    labels = np.fromfile(tmp_path / "a" / "web_labels.bin", np.uint8)
+    assert len(web) == len(labels) == meta["tokens"]["web"]
+    enc = prepare.get_encoding("bytes")
+    clean = enc.decode(web[(labels == 0) & (web != enc.eot_token)][:2000].tolist())
+    assert "Question:" in clean and "Posted by" not in clean and "sid=" not in clean
+    assert 0.2 < 1 - meta["label_share"]["clean"] < 0.5  # the documented noise share
+    hq_text = enc.decode(np.fromfile(tmp_path / "a" / "hq_train.bin", np.uint16).tolist())
+    for p in json.loads((tmp_path / "a" / "eval.json").read_text()):
+        assert p["prompt"] not in hq_text  # eval problems are held out
+
+
+def test_prepare_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such file"):
+        prepare.main(["--hq", str(tmp_path / "nope.txt"), "--web", str(tmp_path / "nope.txt"), "--out", str(tmp_path)])
+    (tmp_path / "bad.jsonl").write_text('{"title": "x"}\n')
+    (tmp_path / "hq.txt").write_text("a\n\nb\n")
+    args = ["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"hq.txt: too few documents to hold out a validation split \(1 in 50\)"):
+        prepare.main(args)
+    (tmp_path / "hq.txt").write_text("\n\n".join(f"document {i}" for i in range(50)) + "\n")
+    with pytest.raises(SystemExit, match='needs a "text" field'):
+        prepare.main(args)
+    with pytest.raises(SystemExit, match="--encoding no_such_encoding"):
+        prepare.main(["--encoding", "no_such_encoding", "--out", str(tmp_path / "o")])
+
+
+WORD_BYTES = bytes(c if 48 <= c <= 57 or 97 <= c <= 122 or c >= 128 else 32 for c in range(256))  # prepare's words
+
+
+def normalised(text):
+    return b" " + b" ".join(text.lower().encode().translate(WORD_BYTES).split()) + b" "
+
+
+def held_out_runs(question):
+    """What no training text may hold: each run of 13 words of the question, or all of a shorter one."""
+    w = normalised(question).split()
+    return [b" " + b" ".join(w[i:i + 13]) + b" " for i in range(max(len(w) - 12, 1))]
+
+
+def test_contaminated_equals_plain_reference():
+    """The hashed, vectorised check against substring search on normalised text, on random texts of few words (so that
+    runs match often), unicode, held-out texts of 0 to ~30 words, and texts that span the 100k-character pieces."""
+    rng = random.Random(0)
+    pieces = ["a", "B", "7", "é", "É", "数", ".", ", ", " ", "\n", "--", "x" * 5_000]
+    for _ in range(200):
+        held = ["".join(rng.choice(pieces[:-1]) for _ in range(rng.randint(0, 60))) for _ in range(rng.randint(0, 4))]
+        texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 80))) for _ in range(rng.randint(0, 12))]
+        texts += [rng.choice(["", "zz "]) + h.upper() + " yy" for h in held if rng.random() < 0.5]  # planted
+        runs = [r for q in held for r in held_out_runs(q) if r.strip()]
+        want = [any(r in t for r in runs) for t in map(normalised, texts)]
+        assert prepare.contaminated(texts, prepare.held_out_index(held)).tolist() == want
+
+
+def test_prepare_demo_holds_out_its_questions(tmp_path):
+    """No 13-word run of an eval or hq_val question (nor all of a shorter one) is left in web, hq_train or base."""
+    out = tmp_path / "demo"
+    prepare.main(["--out", str(out), "--web_tokens", "30000", "--base_tokens", "30000"])
+    enc = prepare.get_encoding("bytes")
+    text = lambda name: enc.decode(np.fromfile(out / name, np.uint16).tolist())
+    evals = [p["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
+             for p in json.loads((out / "eval.json").read_text())]
+    val = [d.split("\nAnswer:")[0].removeprefix("Question: ") for d in text("hq_val.bin").split(prepare.EOT)[:-1]]
+    assert len(evals) == 200 and len(val) == 300 and len(set(evals + val)) == 500
+    runs = [r for q in evals + val for r in held_out_runs(q)]
+    for name in ("web.bin", "hq_train.bin", "base.bin"):
+        train = normalised(text(name))
+        assert not [r for r in runs if r in train], name
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["decontamination"] == {"n": 13, "held_out_texts": 500, "kept": False,
+                                       "dropped_docs": {"hq_train": 0, "web": 0, "base": 0}}  # none drawn: none found
+
+
+def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path, capsys):
+    """Planted copies of --val questions in hq and web documents: exact, or with whitespace, case and punctuation
+    changed, are dropped; 12 shared words, a short question with a word changed, or an answer alone are kept."""
+    long_q = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+              "How many clips did Natalia sell altogether in April and May?")
+    wage_q = "Weng earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes of babysitting."
+    short_q = "What is 17 times 23?"  # 5 words: matched whole
+    answer = "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
+    val = [{"question": long_q, "answer": answer}, {"question": wage_q, "answer": "12/60 * 50 = 10\n#### 10"},
+           {"question": short_q, "answer": "17 * 23 = 391\n#### 391"}]
+    hq = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many apples does Tom have?",
+           "answer": f"#### {2 * i + 1}"} for i in range(5)]
+    hq[2:2] = [{"question": long_q, "answer": "#### 72"},
+               {"question": long_q.upper().replace(" ", "\n\t").replace(",", ";"), "answer": "72"}]
+    web = ["A clean page: 1/2 + 1/4 = 3/4.",
+           f"Posted by math_fan\n{long_q.lower()} thanks!!",  # dropped
+           "Q:   " + long_q.replace(". ", ".\n\n").replace("?", " ?!"),  # dropped
+           "My sister earns 12 dollars an hour for babysitting. Yesterday, she just did 50 push-ups.",  # 12 words: kept
+           "My sister earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes of yoga.",  # 13
+           "quick one: WHAT is 17 times 23??? no calculator",  # dropped
+           "what is 17 times 230? and is 17 times 23 odd?",  # kept: neither is the short question's whole run
+           answer]  # kept: answers are not held out
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hq))
+    write_source(tmp_path / "web.jsonl", web)
+    paths = {name: str(tmp_path / f"{name}.jsonl") for name in ("hq", "web", "val")}
+    args = ["--hq", paths["hq"], "--web", paths["web"], "--val", paths["val"], "--procs", "1"]
+    prepare.main([*args, "--out", str(tmp_path / "out")])
+    out = tmp_path / "out"
+    assert decode(out, "web.bin") == [web[i] for i in (0, 3, 6, 7)]
+    assert decode(out, "hq_train.bin") == [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in hq[:2] + hq[4:]]
+    assert [p["answer"] for p in json.loads((out / "eval.json").read_text())] == ["72", "10", "391"]
+    meta = json.loads((out / "meta.json").read_text())["decontamination"]
+    assert meta == {"n": 13, "held_out_texts": 3, "kept": False,
+                    "dropped_docs": {"hq_train": {paths["hq"]: 2}, "web": {paths["web"]: 4}}}
+    assert (f"prepare: decontamination: {paths['web']}: 4 of 8 documents share a 13-word run with a held-out question, "
+            f"dropped\n") in capsys.readouterr().out
+    prepare.main([*args, "--out", str(tmp_path / "kept"), "--keep_contaminated"])
+    assert decode(tmp_path / "kept", "web.bin") == web and len(decode(tmp_path / "kept", "hq_train.bin")) == 7
+    assert json.loads((tmp_path / "kept" / "meta.json").read_text())["decontamination"] == {**meta, "kept": True}
+    assert "4 of 8 documents share a 13-word run with a held-out question, kept" in capsys.readouterr().out
+
+
+def test_prepare_without_val_holds_out_every_50th_hq_question(tmp_path):
+    """Without --val, the 50th and 100th hq documents are the validation split: their questions are held out of web and
+    of every other hq document (also of those read before them), and only they give eval.json."""
+    recs = [{"question": f"Ann packs {i} boxes with {i + 3} pens each and then gives {i} pens to a friend at school. "
+                         f"How many pens are left?", "answer": f"#### {i * (i + 2)}"} for i in range(100)]
+    recs[10] = {**recs[99], "answer": "a copy, read before the original"}
+    web = ["I need help: " + recs[49]["question"].replace(". ", ".\n"), recs[5]["question"], "nothing to see"]
+    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    hq, web_path = str(tmp_path / "hq.jsonl"), write_source(tmp_path / "web.jsonl", web)
+    prepare.main(["--hq", hq, "--web", web_path, "--out", str(tmp_path / "out"), "--procs", "1"])
+    out = tmp_path / "out"
+    text = lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}"
+    assert decode(out, "hq_val.bin") == [text(recs[49]), text(recs[99])]
+    assert decode(out, "hq_train.bin") == [text(r) for i, r in enumerate(recs) if i not in (10, 49, 99)]
+    assert decode(out, "web.bin") == web[1:]
+    assert json.loads((out / "eval.json").read_text()) == [prepare.eval_problem(r) for r in (recs[49], recs[99])]
+    meta = json.loads((out / "meta.json").read_text())["decontamination"]
+    assert meta["held_out_texts"] == 2 and meta["dropped_docs"] == {"hq_train": {hq: 1}, "web": {web_path: 1}}
+
 
 try:
     import pyarrow as pa
@@ -863,9 +1147,87 @@ def test_prepare_errors_at_scale(tmp_path, monkeypatch, capsys):
     assert "hf:NAME[:CONFIG][@SPLIT]" in fails("--hq", good, "--web", "hf:")
 
 
-def test_prepare_bench_is_linear_in_size(monkeypatch, capsys):
-    monkeypatch.setattr(prepare, "BENCH_MB", 0.05)
-    rows = prepare.main(["--bench", "--procs", "2"])
+# -----------------------------------------------------------------------------
+# the instruments: report.py's rules against worked examples, bench.py on toy sizes
+
+
+def test_loss_category_rule():
+    t = [0, 1, 2]  # one token per column: L->L, H->L, L->H, H->H, then dL of exactly +0.2 and -0.2, and just over 0.2
+    losses = np.array([[1.0, 3.0, 1.0, 4.0, 1.0, 2.0, 1.0],
+                       [1.0, 2.0, 2.0, 4.0, 1.1, 1.9, 1.1001],
+                       [1.0, 1.0, 3.0, 4.0, 1.2, 1.8, 1.2002]])  # mean final loss 1.886
+    cats = [report.CATEGORIES[c] for c in report.loss_category(losses, t)]
+    assert cats == ["L->L", "H->L", "L->H", "H->H", "L->L", "L->L", "L->H"]
+    assert report.CATEGORIES[report.loss_category(np.array([[3.0], [3.1], [3.2]]), t)[0]] == "L->L"  # one token: final = mean
+    noisy = np.array([[1.0], [0.5], [1.3]])  # the fit, not the endpoints: 1.0 -> 1.3 but the line rises by 0.3
+    assert report.CATEGORIES[report.loss_category(noisy, t)[0]] == "L->H"
+
+
+def test_paired_differences_over_seeds():
+    runs = [{"final": {"val_loss_hq": v}} for v in (1.0, 2.0, 3.0)]
+    lower = [{"final": {"val_loss_hq": v}} for v in (0.9, 1.8, 2.95)]
+    mixed = [{"final": {"val_loss_hq": v}} for v in (0.9, 2.1, 2.95)]
+    s, verdict = report.paired(lower, runs, report.final("val_loss_hq"))
+    assert verdict.startswith("a difference") and s["n"] == 3 and abs(s["mean"] + 0.1167) < 1e-3
+    assert report.paired(mixed, runs, report.final("val_loss_hq"))[1] == "within the spread of 3 seeds"
+    assert report.paired(lower[:1], runs[:1], report.final("val_loss_hq"))[1].startswith("one seed")
+
+
+def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
+    for seed, out in ((1337, tmp_path / "a"), (7, tmp_path / "b")):
+        common = ("--eval_every", "2", "--seed", str(seed))
+        run(demo, out, "--ref", "--steps", "2", *common)
+        run(demo, out, "--clm", "--steps", "4", *common)
+        run(demo, out, "--slm", "--k", "0.6", "--steps", "4", *common)
+        run(demo, out, "--slm", "--k", "0.6", "--select", "entropy", "--steps", "4", *common)
+    report.report([str(tmp_path / "a")])
+    html, rep = (tmp_path / "a" / "report.html").read_text(), json.loads((tmp_path / "a" / "report.json").read_text())
+    assert {"efficiency", "selection", "dynamics", "highlight", "cost", "k_sweep", "rules", "scope"} <= set(rep)
+    assert abs(sum(rep["dynamics"]["categories_web"].values()) - 1) < 1e-3 and rep["k_sweep"]["best_k"] in (0.6, 1.0)
+    assert "slm-k0.6 selected" in rep["dynamics"]["slm_selected_vs_unselected"] and rep["highlight"]["docs"]
+    assert html.count("<svg") >= 5 and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert set(rep["rules"]) == {"clm", "slm-k0.6", "slm-k0.6-entropy"}
+    report.report([str(tmp_path / "a"), str(tmp_path / "b")])  # over two seeds: means, ranges, paired differences
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["efficiency"]["slm-k0.6"]["seeds"] == 2 and rep["efficiency"]["slm-k0.6"]["diff_val_loss_hq"]["n"] == 2
+    for r in ("clm", "slm-k0.6"):  # runs without their token records: the report says so, and does not crash
+        os.remove(tmp_path / "a" / r / "tokens.npz")
+        os.remove(tmp_path / "b" / r / "tokens.npz")
+    report.report([str(tmp_path / "a")])
+    assert "rerun" in (tmp_path / "a" / "report.html").read_text()
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["dynamics"] == {}
+
+
+@pytest.mark.parametrize("impl", ["naive_clm", "naive_slm", "fused_clm", "fused_slm", "torch_lce", "torch_lce_slm"])
+def test_bench_head_measures_each_impl(impl):
+    if bench.unavailable(impl, torch.device("cpu")):
+        pytest.skip(bench.unavailable(impl, torch.device("cpu")))
+    row = bench.bench_one("head", impl, (64, 16, 37, 0.5), "cpu", "float32", 0, 1)
+    assert row["case"] == "head" and row["impl"] == impl and row["ms"] > 0 and "peak_mb" in row
+
+
+@pytest.mark.parametrize("impl", ["clm", "slm", "slm_split"])
+def test_bench_train_step_and_scoring_scale_run(impl):
+    tiny = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
+    ms, _ = bench.bench_train(impl, tiny, 4, 0.5, torch.device("cpu"), "float32", 0, 1)
+    assert ms > 0 and min(bench.bench_scale(4096, torch.device("cpu"), "float32")) > 0
+
+
+def test_bench_gpu_script_runs_in_its_cpu_mode(tmp_path, monkeypatch, capsys):
+    """bench.py --gpu at toy sizes on a CPU: the whole plan runs and writes its rows (the tests it starts first are
+    this file's, run here anyway: faked)."""
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: types.SimpleNamespace(returncode=0, stdout="1 passed", stderr=""))
+    monkeypatch.setattr(bench, "measure", lambda todo, device, dtype, ceiling, repeats: [
+        {**bench.bench_one(c, i, s, device, dtype, 0, 1), "ms_ratio": 1.0, "mem_ratio": 1.0} for c, i, s in todo
+        if not (c == "head" and bench.unavailable(i, torch.device(device)))])  # in this process: no spawn
+    rows = bench.main(["--gpu", "--device", "cpu", "--json", str(tmp_path / "b.json")])
+    assert {r["impl"] for r in rows} >= {"naive_clm", "fused_clm", "fused_slm", "clm", "slm", "slm_split"}
+    assert json.loads((tmp_path / "b.json").read_text())["rows"] == rows and "1 passed" in capsys.readouterr().out
+
+
+def test_bench_prepare_is_linear_in_size(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "PREPARE_MB", 0.05)
+    rows = bench.bench_prepare(2, "bytes")
     out = capsys.readouterr().out
     assert [json.loads(line) for line in out.splitlines()[:18]] == rows and "cpu s/Mtok" in out
     assert "decontamination alone on 1x: " in out.splitlines()[-1]
@@ -875,200 +1237,3 @@ def test_prepare_bench_is_linear_in_size(monkeypatch, capsys):
     assert all(r["encoding"] == "bytes" and r["seconds"] > 0 and r["s_per_mtok"] > 0 for r in rows)
 
 
-def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path, capsys):
-    """Planted copies of --val questions in hq and web documents: exact, or with whitespace, case and punctuation
-    changed, are dropped; 12 shared words, a short question with a word changed, or an answer alone are kept."""
-    long_q = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-              "How many clips did Natalia sell altogether in April and May?")
-    wage_q = "Weng earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes of babysitting."
-    short_q = "What is 17 times 23?"  # 5 words: matched whole
-    answer = "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
-    val = [{"question": long_q, "answer": answer}, {"question": wage_q, "answer": "12/60 * 50 = 10\n#### 10"},
-           {"question": short_q, "answer": "17 * 23 = 391\n#### 391"}]
-    hq = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many apples does Tom have?",
-           "answer": f"#### {2 * i + 1}"} for i in range(5)]
-    hq[2:2] = [{"question": long_q, "answer": "#### 72"},
-               {"question": long_q.upper().replace(" ", "\n\t").replace(",", ";"), "answer": "72"}]
-    web = ["A clean page: 1/2 + 1/4 = 3/4.",
-           f"Posted by math_fan\n{long_q.lower()} thanks!!",  # dropped
-           "Q:   " + long_q.replace(". ", ".\n\n").replace("?", " ?!"),  # dropped
-           "My sister earns 12 dollars an hour for babysitting. Yesterday, she just did 50 push-ups.",  # 12 words: kept
-           "My sister earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes of yoga.",  # 13
-           "quick one: WHAT is 17 times 23??? no calculator",  # dropped
-           "what is 17 times 230? and is 17 times 23 odd?",  # kept: neither is the short question's whole run
-           answer]  # kept: answers are not held out
-    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
-    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hq))
-    write_source(tmp_path / "web.jsonl", web)
-    paths = {name: str(tmp_path / f"{name}.jsonl") for name in ("hq", "web", "val")}
-    args = ["--hq", paths["hq"], "--web", paths["web"], "--val", paths["val"], "--procs", "1"]
-    prepare.main([*args, "--out", str(tmp_path / "out")])
-    out = tmp_path / "out"
-    assert decode(out, "web.bin") == [web[i] for i in (0, 3, 6, 7)]
-    assert decode(out, "hq_train.bin") == [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in hq[:2] + hq[4:]]
-    assert [p["answer"] for p in json.loads((out / "eval.json").read_text())] == ["72", "10", "391"]
-    meta = json.loads((out / "meta.json").read_text())["decontamination"]
-    assert meta == {"n": 13, "held_out_texts": 3, "kept": False,
-                    "dropped_docs": {"hq_train": {paths["hq"]: 2}, "web": {paths["web"]: 4}}}
-    assert (f"prepare: decontamination: {paths['web']}: 4 of 8 documents share a 13-word run with a held-out question, "
-            f"dropped\n") in capsys.readouterr().out
-    prepare.main([*args, "--out", str(tmp_path / "kept"), "--keep_contaminated"])
-    assert decode(tmp_path / "kept", "web.bin") == web and len(decode(tmp_path / "kept", "hq_train.bin")) == 7
-    assert json.loads((tmp_path / "kept" / "meta.json").read_text())["decontamination"] == {**meta, "kept": True}
-    assert "4 of 8 documents share a 13-word run with a held-out question, kept" in capsys.readouterr().out
-
-
-def test_prepare_without_val_holds_out_every_50th_hq_question(tmp_path):
-    """Without --val, the 50th and 100th hq documents are the validation split: their questions are held out of web and
-    of every other hq document (also of those read before them), and only they give eval.json."""
-    recs = [{"question": f"Ann packs {i} boxes with {i + 3} pens each and then gives {i} pens to a friend at school. "
-                         f"How many pens are left?", "answer": f"#### {i * (i + 2)}"} for i in range(100)]
-    recs[10] = {**recs[99], "answer": "a copy, read before the original"}
-    web = ["I need help: " + recs[49]["question"].replace(". ", ".\n"), recs[5]["question"], "nothing to see"]
-    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    hq, web_path = str(tmp_path / "hq.jsonl"), write_source(tmp_path / "web.jsonl", web)
-    prepare.main(["--hq", hq, "--web", web_path, "--out", str(tmp_path / "out"), "--procs", "1"])
-    out = tmp_path / "out"
-    text = lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}"
-    assert decode(out, "hq_val.bin") == [text(recs[49]), text(recs[99])]
-    assert decode(out, "hq_train.bin") == [text(r) for i, r in enumerate(recs) if i not in (10, 49, 99)]
-    assert decode(out, "web.bin") == web[1:]
-    assert json.loads((out / "eval.json").read_text()) == [prepare.eval_problem(r) for r in (recs[49], recs[99])]
-    meta = json.loads((out / "meta.json").read_text())["decontamination"]
-    assert meta["held_out_texts"] == 2 and meta["dropped_docs"] == {"hq_train": {hq: 1}, "web": {web_path: 1}}
-
-
-# -----------------------------------------------------------------------------
-# --- GPT-2 weights: a tiny random transformers GPT2LMHeadModel mapped onto our GPT (offline, no download)
-
-
-def tiny_hf(vocab=50257, **kw):
-    """GPT-2's real vocabulary (unpadded, several head chunks), 2 layers of 32; every weight, bias and
-    LayerNorm perturbed so that a wrong transpose or a dropped bias shows."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, **kw)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return hf
-
-
-def test_gpt2_logits_equal_transformers():
-    hf = tiny_hf()
-    model = rho.gpt_from_hf(hf).eval()
-    assert model.config == rho.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
-    assert model.lm_head.weight is model.transformer.wte.weight
-    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = hf(idx).logits
-        torch.testing.assert_close(model.lm_head(model(idx)), want, rtol=1e-5, atol=1e-5)
-        cropped = rho.gpt_from_hf(hf, block_size=16).eval()  # nanoGPT's crop_block_size: the first 16 positions
-        assert cropped.transformer.wpe.weight.shape == (16, 32)
-        torch.testing.assert_close(cropped.lm_head(cropped(idx[:, :16])), want[:, :16], rtol=1e-5, atol=1e-5)
-    with pytest.raises(SystemExit, match=r"--block_size 65: .*has 64 positions; pass --block_size 64 or less"):
-        rho.gpt_from_hf(hf, block_size=65)
-
-
-def test_gpt2_fused_head_loss_and_grads_equal_transformers():
-    hf = tiny_hf()
-    model = rho.gpt_from_hf(hf)
-    idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(2))  # 252 rows: 2 chunks of 128
-    labels = idx.clone()
-    labels[1, 10:20] = -100  # HF's ignore index; ours is IGNORE
-    y = labels[:, 1:].masked_fill(labels[:, 1:] == -100, rho.IGNORE)
-    hf_loss = hf(idx, labels=labels).loss
-    loss, _, _ = rho.fused_slm_loss(model(idx[:, :-1]), model.lm_head.weight, y, torch.zeros(y.shape), 1.0)
-    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
-    hf_loss.backward()
-    loss.backward()
-    torch.testing.assert_close(model.transformer.wte.weight.grad, hf.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.grad, hf.transformer.h[0].attn.c_attn.weight.grad.t(), rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("bad", [dict(activation_function="relu"), dict(layer_norm_epsilon=1e-6),
-                                 dict(scale_attn_by_inverse_layer_idx=True), dict(n_inner=64)])
-def test_gpt2_error_config_not_our_math(bad):
-    hf = tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0, **bad)
-    key, value = next(iter(bad.items()))
-    with pytest.raises(SystemExit, match=rf"{key}={value!r}: rho's GPT is plain GPT-2"):
-        rho.gpt_from_hf(hf)
-
-
-def test_gpt2_init_from_local_directory(tmp_path, capsys):
-    hf = tiny_hf()
-    hf.save_pretrained(tmp_path / "tiny-gpt2")
-    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32", "--device", "cpu"])
-    assert model_cfg.block_size == 32 and model_cfg.n_layer is None and "warning" not in capsys.readouterr().err
-    model = rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg).eval()
-    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        torch.testing.assert_close(model.lm_head(model(idx)), hf(idx).logits, rtol=1e-5, atol=1e-5)
-    transformers = pytest.importorskip("transformers")
-    cfg_llama = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=320)
-    transformers.LlamaForCausalLM(cfg_llama).save_pretrained(tmp_path / "llama")
-    cfg.init_from = str(tmp_path / "llama")  # transformers would load it with random GPT-2 weights, and only warn
-    with pytest.raises(SystemExit, match=r"llama: not a GPT-2 checkpoint, no weights for transformer.h.0.attn"):
-        rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
-    cfg.init_from = str(tmp_path / "tiny-gpt2")
-    (tmp_path / "tiny-gpt2" / "model.safetensors").unlink()
-    with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable GPT-2 directory \(.*model.safetensors"):
-        rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
-
-
-def test_gpt2_shape_flags_with_init_from(capsys):
-    _, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2"])
-    assert model_cfg.block_size is None and "warning" not in capsys.readouterr().err  # GPT-2's own 1024
-    _, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--block_size", "512", "--n_layer", "2"])
-    assert model_cfg.block_size == 512 and "warning: --n_layer ignored" in capsys.readouterr().err
-    rho.parse_args(["--clm", "--init_from", "base", "--block_size", "64"])  # a rho checkpoint: its own context, as before
-    assert "warning: --block_size ignored: the model's shape comes from --init_from base" in capsys.readouterr().err
-    _, model_cfg = rho.parse_args(["--clm"])
-    assert model_cfg == rho.GPTConfig()
-
-
-def test_gpt2_error_wrong_encoding(demo, tmp_path):
-    with pytest.raises(SystemExit, match=r"GPT-2 weights need data prepared with `python prepare.py ... --encoding gpt2`; .* has encoding bytes"):
-        rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from", "gpt2"])
-
-
-def test_gpt2_error_transformers_missing_or_offline(tmp_path, monkeypatch):
-    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--device", "cpu"])
-    meta = {"encoding": "gpt2", "vocab_size": 50257}
-    import sys
-    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    with pytest.raises(SystemExit, match=r"^error: --init_from gpt2: needs transformers: pip install transformers$"):
-        rho.build_model(cfg, meta, model_cfg)
-    monkeypatch.undo()
-    transformers = pytest.importorskip("transformers")
-
-    def offline(*args, **kwargs):  # what from_pretrained raises with no network and an empty cache
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.\nCheck ...")
-    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", offline)
-    with pytest.raises(SystemExit, match=r"gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
-                                         r"Hugging Face cache \(HF_HUB_OFFLINE=1 .*save_pretrained$"):
-        rho.build_model(cfg, meta, model_cfg)
-
-
-def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypatch):
-    """A tiny GPT-2 continually pretrained on gpt2-labelled data: resume equals an uninterrupted run, and the
-    checkpoint is an ordinary rho checkpoint (weights_only, --init_from <run>)."""
-    tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "tiny-gpt2")  # a small head: fast evals
-    data = tmp_path / "data"
-    data.mkdir()
-    for f in (demo / "data").iterdir():
-        (data / f.name).write_bytes(f.read_bytes())
-    meta = json.loads((data / "meta.json").read_text())
-    (data / "meta.json").write_text(json.dumps({**meta, "encoding": "gpt2"}))  # the byte ids pass for gpt2 ids
-    monkeypatch.setattr(rho, "get_encoding", lambda name: prepare.byte_encoding())  # no tiktoken download
-    args = ["--clm", "--data", str(data), "--out", str(tmp_path / "out"), "--batch_size", "4", "--eval_every", "2",
-            "--eval_problems", "0", "--lr", "1e-3", "--device", "cpu"]
-    gpt2 = [*args, "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32"]
-    full = rho.main([*gpt2, "--steps", "4", "--name", "full"])
-    rho.main([*gpt2, "--steps", "2", "--name", "cut"])
-    cut = rho.main([*gpt2, "--steps", "4", "--name", "cut", "--resume"])
-    assert cut["losses"] == full["losses"] and full["model_config"] == {"block_size": 32, "vocab_size": 320, "n_layer": 2, "n_head": 2, "n_embd": 32}
-    assert torch.load(tmp_path / "out" / "full" / "ckpt.pt", weights_only=True)["encoding"] == "gpt2"
-    cont = rho.main([*args, "--init_from", "full", "--steps", "2", "--name", "cont"])  # a rho checkpoint now
-    assert cont["model_config"] == full["model_config"] and cont["losses"][0] < full["losses"][0]  # starts where full ended
