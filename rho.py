@@ -257,7 +257,7 @@ def init_processes(cfg):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (nccl on GPUs, gloo on CPUs)."""
     global RANK, WORLD, LOCAL
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        RANK, WORLD, LOCAL = (int(os.environ[key]) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        RANK, WORLD, LOCAL = (int(os.environ.get(key, 0)) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{LOCAL}"
             torch.cuda.set_device(cfg.device)
