@@ -52,9 +52,9 @@ def die(msg):
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256
+    block_size: int = 64
     vocab_size: int = 320  # the data's vocabulary, padded up to a multiple of 64 (GPT-2's weights: exactly 50257)
-    n_layer: int = 4
+    n_layer: int = 1
     n_head: int = 4
     n_embd: int = 128
 
@@ -66,9 +66,9 @@ class RunConfig:  # every field is a flag: --help
     out: str = "out"
     name: str = ""
     ref_run: str = "ref"
-    steps: int = 300
+    steps: int = 1200
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -80,8 +80,8 @@ class RunConfig:  # every field is a flag: --help
     dtype: str = "auto"
     compile: bool = False
     score_batch: int = 64
-    eval_every: int = 50
-    eval_problems: int = 100
+    eval_every: int = 100
+    eval_problems: int = 200
     init_from: str = ""
     preset: str = ""
     resume: bool = False
@@ -345,9 +345,10 @@ def windows(data, name, meta, T, extras=()):
     return Windows(memmap(data, name, meta["dtype"]), T, extras, os.path.join(data, name))
 
 
-def web_split(n_windows):
-    """The last 5% of web windows (at most 32) are web validation; continual pretraining trains on the rest."""
-    return n_windows - min(32, max(1, n_windows // 20))
+def web_split(n_windows, T):
+    """The last 5% of web windows (at most 32, or 8,192 tokens of short windows) are web validation; continual
+    pretraining trains on the rest."""
+    return n_windows - min(max(32, 8192 // T), max(1, n_windows // 20))
 
 
 def no_ref(n):
@@ -847,7 +848,7 @@ def eval_sets(cfg, meta, T, ref=None):
     with open(os.path.join(cfg.data, "eval.json")) as f:
         problems = json.load(f)[:cfg.eval_problems]
     return {"hq": windows(cfg.data, "hq_val.bin", meta, T), "web": Windows(web.tokens, T, extras, web.name),
-            "web_val": list(range(web_split(web.n), web.n)), "problems": problems,
+            "web_val": list(range(web_split(web.n, T), web.n)), "problems": problems,
             "enc": get_encoding(meta["encoding"])}
 
 
@@ -865,9 +866,9 @@ def evaluate(model, ev, cfg):
     """The measures of one evaluation, and per-token records of a fixed token set (the first 8 hq val windows, the
     web val windows; float16) with the web val tokens that this run's rule would select now."""
     model.eval()
-    x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # at most 32 windows (web_split): one batch
+    x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # at most 8,192 tokens (web_split): one batch
     web = model_token_loss(model, x, y)  # (n_val, T)
-    measures = {"val_loss_hq": round(val_loss(model, ev["hq"], list(range(min(ev["hq"].n, 128))), cfg.device), 4),
+    measures = {"val_loss_hq": round(val_loss(model, ev["hq"], list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T)))), cfg.device), 4),
                 "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
                 "accuracy": answer_accuracy(model, ev["problems"], ev["enc"])}
     x_hq, y_hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
@@ -1033,7 +1034,7 @@ def training_windows(cfg, meta, T):
     if "labels" in meta:  # demo only: the ground-truth noise label of every web token, for auditing the selection
         extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
     w = windows(cfg.data, "web.bin", meta, T, extras)
-    return w, web_split(w.n)
+    return w, web_split(w.n, T)
 
 
 def step_loss(fwd, w, x, y, ref, cfg, gen, sel=None, n=None):
@@ -1143,6 +1144,7 @@ def train(cfg, model_cfg):
                     interval[c] = sum_ranks(torch.tensor(interval[c], device=cfg.device)).tolist()
             if master:
                 measures, records = evaluate(model, ev, cfg)
+                measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s
                 record(state, interval, measures, step + 1, cfg, name, now - t_last, meta.get("labels"))
                 for key, v in records.items():
                     state["tokens"][key].append(v)
@@ -1216,7 +1218,7 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
     last = state["history"][-1]
     metrics = {"run": name, "mode": cfg.mode, "k": cfg.k, "select": cfg.select, "scope": cfg.scope, "steps": cfg.steps,
                "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
-               "wall_s": round(state["wall_s"], 2),
+               "wall_s": round(state["wall_s"], 2), "eval_s": round(sum(h["eval_s"] for h in state["history"]), 2),
                "final": {m: last[m] for m in ("val_loss_hq", "val_loss_web", "accuracy")},
                "history": state["history"], "losses": state["losses"], "config": asdict(cfg),
                "model_config": asdict(model.config), "n_params": sum(p.numel() for p in model.parameters()),

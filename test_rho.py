@@ -138,7 +138,7 @@ def test_gpt2_shape_flags_with_init_from(capsys):
 
 def test_same_batches_for_every_run_and_no_web_val_in_training():
     w = rho.Windows(np.arange(32 * 40 + 1, dtype=np.uint16), 32)
-    hi = rho.web_split(w.n)
+    hi = rho.web_split(w.n, 32)
     starts = lambda: [w.get(w.step_windows(s, 4, 7, hi), "cpu")[0][:, 0] // 32 for s in range(2 * (hi // 4))]
     first, second = starts(), starts()
     assert all(torch.equal(a, b) for a, b in zip(first, second))  # a function of (seed, step) alone
@@ -612,7 +612,7 @@ def test_resume_refuses_a_changed_run(demo, tmp_path, capsys):
     left as it was. Flags that change how, not what, a run computes (--micro_batch, --device, ...) may change."""
     run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--name", "x")
     ckpt = (tmp_path / "x" / "ckpt.pt").read_bytes()
-    for flag, value, saved in (("--lr", "0.001", "0.002"), ("--seed", "7", "1337"), ("--batch_size", "2", "4"),
+    for flag, value, saved in (("--lr", "0.001", "0.003"), ("--seed", "7", "1337"), ("--batch_size", "2", "4"),
                                ("--steps", "8", "4"), ("--n_layer", "2", "1")):
         with pytest.raises(SystemExit, match=rf"^error: --resume: {flag} is {value}\S* here but {saved}\S* in .*ckpt.pt"):
             run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--name", "x", "--resume", flag, value)
