@@ -250,7 +250,7 @@ def bench_one(case, impl, shape, device, dtype, warmup, repeats):
         bench_scale(2**17, device, dtype)  # warm-up: a first scoring run in this process
         ms, peak, cpu_ms = bench_scale(N, device, dtype)
     else:
-        mcfg = rho.GPTConfig(vocab_size=V, n_embd=d, n_head=max(1, d // 64), n_layer=4 if d <= 256 else 12)
+        mcfg = rho.GPTConfig(vocab_size=V)  # the demo's model
         with torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
             ms, peak = bench_step(impl, mcfg, k, device, warmup, repeats)
     row = {"case": case, "impl": impl, "device": str(device), "dtype": dtype, "N": N, "d": d, "V": V, "k": k,
@@ -265,16 +265,17 @@ def bench_one(case, impl, shape, device, dtype, warmup, repeats):
 
 
 CASES = ("head", "step", "train", "scale", "prepare")
+DEMO_N = 16 * rho.GPTConfig.block_size  # a step of the demo: 16 windows
 
 
 def plan(cases, k, gpu, micro_batch=0, compiled=False):
     """(case, impl, (N, d, V, k)) of every measurement, in order; CLM first in each group: the ratios' base."""
     rows = []
     if "head" in cases:  # the demo model's head; GPT-2 small's (the padded vocabulary; on a GPU the real one too)
-        shapes = [(4096, 128, 320), (8192, 768, 50304)] + ([(8192, 768, 50257), (32768, 768, 50257)] if gpu else [])
+        shapes = [(DEMO_N, 128, 320), (8192, 768, 50304)] + ([(8192, 768, 50257), (32768, 768, 50257)] if gpu else [])
         rows += [("head", impl, (N, d, V, k)) for N, d, V in shapes for impl in HEAD_IMPLS]
     if "step" in cases:  # the demo model's step, and its scoring
-        rows += [("step", impl, (16 * 256, 128, 320, k)) for impl in ("clm", "slm_stored", "slm_online", "score")]
+        rows += [("step", impl, (DEMO_N, 128, 320, k)) for impl in ("clm", "slm_stored", "slm_online", "score")]
     if "train" in cases:  # GPT-2 small at T = 1024: --micro_batch, else the preset's on a GPU, 2 sequences on a CPU
         B = micro_batch or (rho.PRESETS["gpt2-owm"]["micro_batch"] if gpu else 2)
         impls = ("clm", "slm", "slm_split") + (("clm_compiled", "slm_compiled", "slm_split_compiled") if compiled else ())

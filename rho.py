@@ -25,8 +25,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
-# one code path for MKL's and PyTorch's CPU kernels on any x86-64 CPU with AVX2 (AVX-512 ones too): a fixed seed
-# then gives bitwise the same losses on another machine, with the same number of threads (metrics.json records it)
+# one code path for MKL's and PyTorch's CPU kernels on any x86-64 CPU with AVX2, AVX-512 ones included, so that a
+# fixed seed can give the same losses on another machine with as many threads (metrics.json records them)
 os.environ.setdefault("MKL_CBWR", "AVX2")
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
@@ -443,7 +443,11 @@ def token_score(select, loss, ref, valid, scope, gen):
     if select == "ref_entropy":
         worse = torch.maximum(rank_of(-ref[..., 0], valid, scope), rank_of(-ref[..., 1], valid, scope))
         return (-worse.float()).masked_fill(ref.isnan().any(-1), float("nan"))
-    return {"ref": lambda: -ref[..., 0], "entropy": lambda: -ref[..., 1], "train": lambda: loss.detach()}[select]()
+    if select == "ref":
+        return -ref[..., 0]
+    if select == "entropy":
+        return -ref[..., 1]
+    return loss.detach()  # train
 
 
 def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=None):
@@ -469,8 +473,8 @@ def select_step(loss, targets, ref, cfg, gen=None):
     """I_k over the whole optimizer step, however it is split across processes and micro-batches: (this process's
     I_k, the number of tokens selected in the step), the same for any split."""
     rows = len(targets)
-    # the one place where processes exchange token losses: each gathers the whole step's (4 bytes a token), runs
-    # the same selection on it and keeps its own rows
+    # the one place where processes exchange token losses: each gathers the whole step's (loss, target, L_RM and
+    # H_RM: 20 bytes a token), runs the same selection on it and keeps its own rows
     sel = select_tokens(gather_rows(loss), gather_rows(targets), gather_rows(ref), cfg.k, cfg.scope, cfg.select, gen)
     return sel[RANK * rows:(RANK + 1) * rows], int(sel.sum())
 
@@ -866,9 +870,10 @@ def evaluate(model, ev, cfg):
     """The measures of one evaluation, and per-token records of a fixed token set (the first 8 hq val windows, the
     web val windows; float16) with the web val tokens that this run's rule would select now."""
     model.eval()
-    x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # at most 8,192 tokens (web_split): one batch
+    x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # web_split keeps them to one batch
     web = model_token_loss(model, x, y)  # (n_val, T)
-    measures = {"val_loss_hq": round(val_loss(model, ev["hq"], list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T)))), cfg.device), 4),
+    hq = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T))))  # 128 windows or 32k tokens, or all
+    measures = {"val_loss_hq": round(val_loss(model, ev["hq"], hq, cfg.device), 4),
                 "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
                 "accuracy": answer_accuracy(model, ev["problems"], ev["enc"])}
     x_hq, y_hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
@@ -992,7 +997,8 @@ def build_model(cfg, meta, model_cfg):
     return model.to(cfg.device)
 
 
-FREE_ON_RESUME = ("resume", "device", "compile", "micro_batch", "score_batch", "preset")  # how a run computes, not what
+# how a run computes or where it lives, not what it computes (the data itself is checked by its sha256)
+FREE_ON_RESUME = ("resume", "device", "compile", "micro_batch", "score_batch", "preset", "out", "name", "data")
 
 
 def check_resume(ckpt, cfg, model, meta, path):

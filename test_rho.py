@@ -557,6 +557,7 @@ def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
     assert m["run"] == "slm-k0.6" and m["k"] == 0.6 and m["steps"] == 4 and len(m["history"]) == 2
     assert m["tokens_seen"] == 4 * 4 * 32 and m["tokens_trained"] == 4 * math.ceil(0.6 * 4 * 32)
     assert set(m["final"]) == {"val_loss_hq", "val_loss_web", "accuracy"}
+    assert m["eval_s"] == round(sum(h["eval_s"] for h in m["history"]), 2) > 0  # what the evaluations cost
     assert "timestamp" in m["noise_in_selected"] and "all" in m["noise_share_corpus"]
     assert "score_s" in json.loads((tmp_path / "ref" / "metrics.json").read_text())
     capsys.readouterr()
@@ -620,6 +621,9 @@ def test_resume_refuses_a_changed_run(demo, tmp_path, capsys):
         run(demo, tmp_path, "--slm", "--select", "random", "--steps", "4", "--eval_every", "2", "--name", "x", "--resume")
     assert (tmp_path / "x" / "ckpt.pt").read_bytes() == ckpt
     run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--name", "x", "--resume", "--micro_batch", "2")
+    os.makedirs(tmp_path / "moved")
+    os.rename(tmp_path / "x", tmp_path / "moved" / "y")  # a run moved to another --out and --name is the same run
+    run(demo, tmp_path / "moved", "--clm", "--steps", "4", "--eval_every", "2", "--name", "y", "--resume")
 
 
 @pytest.mark.parametrize("world,micro,select", [(1, 2, "excess"), (2, 2, "excess"), (2, 4, "excess"), (2, 2, "random")])
