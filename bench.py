@@ -272,7 +272,7 @@ def bench_one(case, impl, shape, device, dtype, warmup, repeats):
     if case == "head":
         ms, peak = bench_head(impl, N, d, V, k, device, getattr(torch, dtype), warmup, repeats)
     elif case == "train":  # GPT-2 small, as --preset gpt2-owm trains it (or a toy GPT, for --gpu's CPU mode)
-        mcfg = rho.GPTConfig(vocab_size=V, **rho.GPT2_SMALL) if d == 768 else rho.GPTConfig(vocab_size=V, n_embd=d)
+        mcfg = rho.GPTConfig(vocab_size=V, **GPT2_SMALL) if d == 768 else rho.GPTConfig(vocab_size=V, n_embd=d)
         ms, peak = bench_train(impl, mcfg, N // mcfg.block_size, k, device, dtype, warmup, repeats)
     elif case == "scale":
         bench_scale(2**17, device, dtype)  # warm-up: a first scoring run in this process
@@ -294,6 +294,7 @@ def bench_one(case, impl, shape, device, dtype, warmup, repeats):
 
 CASES = ("head", "step", "train", "scale", "prepare")
 DEMO_N = 16 * rho.GPTConfig.block_size  # a step of the demo: 16 windows
+GPT2_SMALL = dict(block_size=1024, n_layer=12, n_head=12, n_embd=768)  # vocab_size 50257, tiktoken's gpt2
 
 
 def plan(cases, k, gpu, micro_batch=0, compiled=False):
@@ -337,7 +338,7 @@ def measure(rows_plan, device, dtype, ceiling=None, repeats=None):
             row["tflops"] = round(head_flops(impl, *shape) / row["ms"] / 1e9, 3)
         if case == "train":
             row["tok_s"] = round(shape[0] / row["ms"] * 1000)
-            mcfg = rho.GPTConfig(vocab_size=shape[2], **rho.GPT2_SMALL) if shape[1] == 768 else None
+            mcfg = rho.GPTConfig(vocab_size=shape[2], **GPT2_SMALL) if shape[1] == 768 else None
             row["tflops"] = round(flops_per_token(mcfg) * row["tok_s"] / 1e12, 3) if mcfg else None
         if ceiling and row.get("tflops"):
             row["share_of_ceiling"] = round(row["tflops"] / ceiling, 3)

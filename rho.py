@@ -105,8 +105,6 @@ HELP = {
     "(see PRESETS); flags given explicitly win", "resume": "continue <out>/<name>/ckpt.pt where it stopped",
     "device": "cpu or cuda"}
 
-GPT2_SMALL = dict(block_size=1024, n_layer=12, n_head=12, n_embd=768)  # vocab_size 50257, tiktoken's gpt2
-
 PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags win), then per stage
     "gpt2-owm": {  # the paper's setting at small scale: GPT-2 124M from OpenAI's weights, a GSM8K/MetaMath-like
         # hq corpus, OpenWebMath-like web; 2000 steps of 512 x 1024 tokens = 1.05B tokens of continual pretraining
@@ -201,6 +199,11 @@ class GPT(nn.Module):
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 on the Hugging Face hub
 
 
+def is_gpt2(init_from):
+    """--init_from names OpenAI's GPT-2 or a directory saved with transformers' save_pretrained."""
+    return init_from in GPT2_NAMES or (bool(init_from) and os.path.isfile(os.path.join(init_from, "config.json")))
+
+
 def gpt_from_hf(hf, block_size=None):
     """Our GPT with the weights of a transformers GPT2LMHeadModel (nanoGPT's from_pretrained), its context cropped
     to block_size. The vocabulary stays exactly HF's (50257), not padded to a multiple of 64: a padded row would put
@@ -236,14 +239,13 @@ def load_gpt2(name):
     try:
         hf, info = GPT2LMHeadModel.from_pretrained(name, output_loading_info=True)
     except OSError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if os.path.isdir(name):
-            die(f"--init_from {name}: not a loadable GPT-2 directory ({reason})")
-        die(f"--init_from {name}: could not load it ({reason}): run once with network to fill the Hugging Face "
-            f"cache (HF_HUB_OFFLINE=1 then reads only the cache), or pass a directory saved with save_pretrained")
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        die(f"--init_from {name}: " + (f"not a loadable GPT-2 directory ({why})" if os.path.isdir(name) else
+            f"could not load it ({why}): run once with network to fill the Hugging Face cache (HF_HUB_OFFLINE=1 then "
+            "reads only the cache), or pass a directory saved with save_pretrained"))
     if info["missing_keys"]:  # transformers would leave them randomly initialised
-        die(f"--init_from {name}: not a GPT-2 checkpoint, no weights for "
-            f"{', '.join(sorted(info['missing_keys'])[:3])}, ...")
+        die(f"--init_from {name}: not a GPT-2 checkpoint, no weights for {', '.join(sorted(info['missing_keys'])[:3])}"
+            ", ...")
     return hf
 
 
@@ -299,6 +301,15 @@ def load_meta(data):
     return {**json.loads(raw), "sha256": hashlib.sha256(raw).hexdigest()}  # the data's fingerprint
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2).encode())
+
+
 def memmap(data, name, dtype):
     path = os.path.join(data, name)
     if not os.path.isfile(path):
@@ -334,8 +345,7 @@ class Windows:
         return np.random.default_rng([seed, epoch]).permutation(hi)[i * B:(i + 1) * B]
 
     def micro_batches(self, step, B, seed, device, hi, micro):
-        """This process's share of a step (the RANK-th contiguous one) in micro-batches of `micro` sequences: all
-        processes' micro-batches, in order, are the step's batch."""
+        """This process's share of a step (the RANK-th contiguous one) in micro-batches of `micro` sequences."""
         share = B // WORLD
         ws = self.step_windows(step, B, seed, hi)[RANK * share:(RANK + 1) * share]
         return [self.get(ws[i:i + micro], device) for i in range(0, share, micro)]
@@ -366,8 +376,7 @@ def load_ref_scores(cfg, meta, T):
     if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
         ref = "" if cfg.ref_run == "ref" else f" --name {cfg.ref_run}"
         die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
-    with open(path + ".json") as f:
-        info = json.load(f)
+    info = read_json(path + ".json")
     if info["n_tokens"] != n_web or os.path.getsize(path) != 8 * n_web:
         die(f"{path}: reference scores hold {os.path.getsize(path) // 8} tokens but {cfg.data}/web.bin has {n_web}: "
             + redo)
@@ -648,18 +657,24 @@ def head_dtype(h):
 
 
 @torch.no_grad()
-def head_token_loss(h, w, y, dtype, entropy=False):
-    """(loss, lse, entropy or None), (N,) each, of every row of h (N, C), without grad: the SLM head's first pass,
-    scoring and evaluation."""
-    h, w = h.to(dtype), w.to(dtype)
-    (rows, x, _), loss_fn = buffers(len(h), w.shape[0], h.device, dtype), chunk_ops(h.device)[0]
-    out = torch.empty(3, len(h), dtype=torch.float32, device=h.device)  # loss, lse, entropy
-    for i in range(0, len(h), rows):
-        c = len(h[i:i + rows])
-        out[1, i:i + c], out[0, i:i + c], ent = loss_fn(mm_fp32(h[i:i + c], w.t(), x[:c]), y[i:i + c], entropy=entropy)
+def head_chunks(h, w, y, dtype, scale=None, entropy=False):
+    """The head over chunks of the rows of h (N, C), w (V, C): (loss, lse, entropy or None) of every row, fp32, and
+    with a scale (CLM) the gradients of scale * sum(loss) in the same pass, (dh, dw); else None."""
+    hc, wc = h.to(dtype), w.to(dtype)
+    (N, C), V = h.shape, w.shape[0]
+    (rows, x, g), loss_fn = buffers(N, V, h.device, dtype), chunk_ops(h.device)[0]
+    out = torch.empty(3, N, dtype=torch.float32, device=h.device)  # loss, lse, entropy
+    grads = None if scale is None else (torch.empty_like(hc), torch.zeros(V, C, dtype=torch.float32, device=h.device))
+    for i in range(0, N, rows):
+        c = len(hc[i:i + rows])
+        lse, out[0, i:i + c], ent = loss_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), y[i:i + c], scale, g[:c], entropy)
+        out[1, i:i + c] = lse
         if entropy:
             out[2, i:i + c] = ent
-    return out[0], out[1], (out[2] if entropy else None)
+        if grads:
+            torch.mm(g[:c], wc, out=grads[0][i:i + c])  # dH = G W
+            addmm_fp32_(grads[1], g[:c].t(), hc[i:i + c])  # dW += G^T H
+    return out[0], out[1], (out[2] if entropy else None), grads
 
 
 class FullHeadLoss(torch.autograd.Function):
@@ -668,17 +683,8 @@ class FullHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, y, n, dtype):
-        hc, wc = h.to(dtype), w.to(dtype)
-        (N, C), V = h.shape, w.shape[0]
-        (rows, x, g), loss_fn = buffers(N, V, h.device, dtype), chunk_ops(h.device)[0]
-        loss, dh = torch.empty(N, dtype=torch.float32, device=h.device), torch.empty_like(hc)
-        dw = torch.zeros(V, C, dtype=torch.float32, device=h.device)
-        for i in range(0, N, rows):
-            c = len(hc[i:i + rows])
-            _, loss[i:i + c], _ = loss_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), y[i:i + c], 1.0 / n, g[:c])
-            torch.mm(g[:c], wc, out=dh[i:i + c])
-            addmm_fp32_(dw, g[:c].t(), hc[i:i + c])
-        ctx.save_for_backward(dh, dw)
+        loss, _, _, grads = head_chunks(h, w, y, dtype, 1.0 / n)
+        ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(loss)
         return loss.sum() / n, loss
 
@@ -726,7 +732,7 @@ def fused_slm_loss(h, w, targets, ref, cfg, gen=None, sel=None, n=None):
             n = n if n is not None else int(sum_ranks(valid.sum()))
             out, loss = FullHeadLoss.apply(h.reshape(-1, C), w, y, max(n, 1), dtype)
             return out, loss.view(B, T), valid
-        loss, lse, _ = head_token_loss(h.detach().reshape(-1, C), w.detach(), y, dtype)  # every token, no grad
+        loss, lse, _, _ = head_chunks(h.detach().reshape(-1, C), w.detach(), y, dtype)  # every token, no grad
         if sel is None:
             sel, n = select_step(loss.view(B, T), targets, ref, cfg, gen)
         out = SelectedHeadLoss.apply(h.reshape(-1, C), w, y, loss, lse, sel.reshape(-1), max(n, 1), dtype)
@@ -736,9 +742,10 @@ def fused_slm_loss(h, w, targets, ref, cfg, gen=None, sel=None, n=None):
 @torch.no_grad()
 def model_token_loss(model, x, y, entropy=False):
     """Every token's loss under model, (B, T), without grad or B*T x V logits; with entropy, (loss, entropy)."""
-    h = model(x)
+    h = model(x).flatten(0, 1)
+    dtype = head_dtype(h)  # autocast's, read before the head leaves autocast
     with torch.autocast(h.device.type, enabled=False):
-        loss, _, ent = head_token_loss(h.flatten(0, 1), model.lm_head.weight, y.flatten(), head_dtype(h), entropy)
+        loss, _, ent, _ = head_chunks(h, model.lm_head.weight, y.flatten(), dtype, entropy=entropy)
     return (loss.view(y.shape), ent.view(y.shape)) if entropy else loss.view(y.shape)
 
 
@@ -761,11 +768,8 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
     info = {"n_tokens": n_tokens, "block_size": T, "score_batch": cfg.score_batch, "data_sha256": meta["sha256"],
             "weights_sha256": weights}
     if RANK == 0:
-        old = None
-        if os.path.isfile(path + ".partial.json"):
-            with open(path + ".partial.json") as f:
-                old = json.load(f)
-        if old and all(old[key] == info[key] for key in info if key != "score_batch") and \
+        old = read_json(path + ".partial.json") if os.path.isfile(path + ".partial.json") else {}
+        if all(old.get(key) == info[key] for key in info if key != "score_batch") and \
                 os.path.isfile(path + ".partial") and os.path.isfile(path + ".done"):
             info = old  # resume, with the block size it started with
         else:
@@ -782,8 +786,7 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
             write_json(path + ".partial.json", info)
     if WORLD > 1:
         dist.barrier()
-        with open(path + ".partial.json") as f:
-            info = json.load(f)
+        info = read_json(path + ".partial.json")
     return info["score_batch"], np.fromfile(path + ".done", np.uint8)
 
 
@@ -849,11 +852,9 @@ def eval_sets(cfg, meta, T, ref=None):
     web = windows(cfg.data, "web.bin", meta, T)
     extras = (no_ref(len(web.tokens)) if ref is None else ref,) + \
         ((memmap(cfg.data, "web_labels.bin", np.uint8),) if "labels" in meta else ())
-    with open(os.path.join(cfg.data, "eval.json")) as f:
-        problems = json.load(f)[:cfg.eval_problems]
     return {"hq": windows(cfg.data, "hq_val.bin", meta, T), "web": Windows(web.tokens, T, extras, web.name),
-            "web_val": list(range(web_split(web.n, T), web.n)), "problems": problems,
-            "enc": get_encoding(meta["encoding"])}
+            "web_val": list(range(web_split(web.n, T), web.n)), "enc": get_encoding(meta["encoding"]),
+            "problems": read_json(os.path.join(cfg.data, "eval.json"))[:cfg.eval_problems]}
 
 
 @torch.no_grad()
@@ -863,23 +864,6 @@ def val_loss(model, w, ws, device):
         x, y = w.get(ws[i:i + 32], device)[:2]
         total, n = total + model_token_loss(model, x, y).sum().item(), n + int((y != IGNORE).sum())
     return total / n
-
-
-@torch.no_grad()
-def evaluate(model, ev, cfg):
-    """The measures of one evaluation, and per-token records of a fixed token set (the first 8 hq val windows, the
-    web val windows; float16) with the web val tokens that this run's rule would select now."""
-    model.eval()
-    x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # web_split keeps them to one batch
-    web = model_token_loss(model, x, y)  # (n_val, T)
-    hq = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T))))  # 128 windows or 32k tokens, or all
-    measures = {"val_loss_hq": round(val_loss(model, ev["hq"], hq, cfg.device), 4),
-                "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
-                "accuracy": answer_accuracy(model, ev["problems"], ev["enc"])}
-    x_hq, y_hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
-    gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: the training RNG stays untouched
-    sel = select_tokens(web, y, ref, cfg.k, cfg.scope, cfg.select, gen)
-    return measures, {"hq": model_token_loss(model, x_hq, y_hq).half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
 
 
 @torch.no_grad()
@@ -913,12 +897,21 @@ def answer_accuracy(model, problems, enc, max_new=48):
     return round(correct / max(len(problems), 1), 4)
 
 
-def wilson(p, n, z=1.96):
-    """The 95% (Wilson) interval of a share p of n trials: answer accuracy over n problems."""
-    if not n:
-        return 0.0, 1.0
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+@torch.no_grad()
+def evaluate(model, ev, cfg):
+    """The measures of one evaluation, and per-token records of a fixed token set (the first 8 hq val windows, the
+    web val windows; float16) with the web val tokens that this run's rule would select now."""
+    model.eval()
+    x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # web_split keeps them to one batch
+    web = model_token_loss(model, x, y)  # (n_val, T)
+    hq = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T))))  # 128 windows or 32k tokens, or all
+    measures = {"val_loss_hq": round(val_loss(model, ev["hq"], hq, cfg.device), 4),
+                "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
+                "accuracy": answer_accuracy(model, ev["problems"], ev["enc"])}
+    x_hq, y_hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: the training RNG stays untouched
+    sel = select_tokens(web, y, ref, cfg.k, cfg.scope, cfg.select, gen)
+    return measures, {"hq": model_token_loss(model, x_hq, y_hq).half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
 
 
 # -----------------------------------------------------------------------------
@@ -930,10 +923,6 @@ def run_name(cfg):
         return cfg.name or ("ref" if cfg.mode == "score" else cfg.mode)
     return f"slm-k{cfg.k:g}" + ("" if cfg.select == "excess" else f"-{cfg.select}") + \
         ("" if cfg.scope == "batch" else f"-{cfg.scope}")
-
-
-def write_json(path, obj):
-    write_atomic(path, json.dumps(obj, indent=2).encode())
 
 
 def save_checkpoint(path, model, opt, gen, step, cfg, meta, state):
@@ -955,11 +944,6 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
             f"{meta['encoding']} ({meta['vocab_size']}): prepare the data with --encoding {ckpt['encoding']} or "
             f"train a new model")
     return ckpt
-
-
-def is_gpt2(init_from):
-    """--init_from names OpenAI's GPT-2 (gpt2 ... gpt2-xl) or a directory saved with transformers' save_pretrained."""
-    return init_from in GPT2_NAMES or (bool(init_from) and os.path.isfile(os.path.join(init_from, "config.json")))
 
 
 def start_from(cfg, meta):
@@ -1088,81 +1072,27 @@ def split_step(cfg):
     return cfg.micro_batch or share
 
 
-def train(cfg, model_cfg):
-    meta, name = load_meta(cfg.data), run_name(cfg)
-    master, out_dir = RANK == 0, os.path.join(cfg.out, name)  # the master logs, evaluates and saves
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path, micro_bs = os.path.join(out_dir, "ckpt.pt"), split_step(cfg)
-    cfg.init_from = start_from(cfg, meta)
-    model = build_model(cfg, meta, model_cfg)
-    T = model.config.block_size
-    train_w, hi = training_windows(cfg, meta, T)
-    ev = eval_sets(cfg, meta, T, train_w.extras[0] if cfg.mode in ("clm", "slm") else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise: the same on every process
-    n_labels = len(meta["labels"]) if "labels" in meta and cfg.mode in ("clm", "slm") else 0  # the demo's audit
-    state = {"history": [], "losses": [], "tokens_seen": 0, "tokens_trained": 0, "wall_s": 0.0, "sel_by_label":
-             [0] * n_labels, "seen_by_label": [0] * n_labels, "tokens": {"hq": [], "web": [], "sel": []}}
-    start = 0
-    if cfg.resume and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, meta)
-        check_resume(ckpt, cfg, model, meta, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["rng"])
-        start, state = ckpt["step"], ckpt["state"]
-    if master and cfg.resume:
-        print(f"{name}: " + (f"resumed from {ckpt_path} at step {start}" if start else "no checkpoint: from step 0"))
-    fwd = torch.compile(model) if cfg.compile else model
-    ddp = DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None) if WORLD > 1 else fwd
-    n_micro = cfg.batch_size // WORLD // micro_bs
-    if master:
-        split = f", {WORLD} process{'es' * (WORLD > 1)} x {n_micro} micro-batch{'es' * (n_micro > 1)} of {micro_bs}"
-        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.steps} steps of "
-              f"{cfg.batch_size}x{T} tokens{split if micro_bs < cfg.batch_size else ''}, {cfg.mode}"
-              + (f" k={cfg.k} select={cfg.select} scope={cfg.scope}" if cfg.mode == "slm" else ""))
-    t_last, interval = time.time(), new_interval(n_labels)
-    for step in range(start, cfg.steps):
-        model.train()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        micro = train_w.micro_batches(step, cfg.batch_size, cfg.seed, cfg.device, hi, micro_bs)
-        opt.zero_grad(set_to_none=True)
-        loss, sels = train_step(model, fwd, ddp, micro, cfg, gen)
-        if not torch.isfinite(loss):
-            die(f"{name}: loss became {loss.item()} at step {step}; the last good checkpoint is {ckpt_path} "
-                f"(resume with --resume after lowering --lr)")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        state["tokens_seen"] += cfg.batch_size * T
-        state["tokens_trained"] += int(sum_ranks(sum(s.sum() for s in sels)))
-        state["losses"].append(loss.item())
-        interval.update(n=interval["n"] + 1, tokens=interval["tokens"] + cfg.batch_size * T,
-                        loss=interval["loss"] + loss.item())
-        if n_labels:  # web runs on the demo: micro-batches of (x, y, ref, labels)
-            for m, sel in zip(micro, sels):
-                count_labels(interval, m[3], sel, n_labels)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            now = time.time()
-            state["wall_s"] += now - t_last
-            if n_labels:  # every process counted its own share
-                for c in ("sel", "seen"):
-                    interval[c] = sum_ranks(torch.tensor(interval[c], device=cfg.device)).tolist()
-            if master:
-                measures, records = evaluate(model, ev, cfg)
-                measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s
-                record(state, interval, measures, step + 1, cfg, name, now - t_last, meta.get("labels"))
-                for key, v in records.items():
-                    state["tokens"][key].append(v)
-                save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
-            t_last, interval = time.time(), new_interval(n_labels)
-    extra = {"eval_problems": len(ev["problems"])}
-    if cfg.mode == "ref":  # every process scores its share
-        info = score_web(model, meta, cfg, name)
-        extra.update(score_s=info["score_s"], score_tok_s=info["score_tok_s"])
-    if master:
-        write_token_losses(os.path.join(out_dir, "tokens.npz"), state, ev)
-        return finish(cfg, meta, name, state, out_dir, model, extra)
+def noise_share(counts, labels):
+    """The share of tokens that are noise, overall and per noise kind (label 0 is clean)."""
+    total = max(1, sum(counts))
+    return {"all": round(1 - counts[0] / total, 4),
+            **{labels[i]: round(c / total, 4) for i, c in enumerate(counts) if i}}
+
+
+def record(state, step, measures, counts, n, loss_sum, labels):
+    """Appends one evaluation to the history: the measures, the mean training loss of the n steps since the last
+    one, and (web runs on the demo) the noise share of the tokens they trained on, next to its share in the tokens
+    they saw (counts: tokens seen and selected per noise label). Returns its log line."""
+    e = {"step": step, "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
+         "wall_s": round(state["wall_s"], 2), "train_loss": round(loss_sum / n, 4), **measures}
+    line = (f"step {step} | loss {e['train_loss']:.3f} | sel {e['tokens_trained'] / e['tokens_seen']:.0%} | val hq "
+            f"{e['val_loss_hq']:.3f} web {e['val_loss_web']:.3f} | acc {e['accuracy']:.1%}")
+    if counts[0]:
+        e["noise_in_selected"], e["noise_share_corpus"] = (noise_share(c, labels) for c in counts[::-1])
+        state["by_label"] = [[a + b for a, b in zip(*pair)] for pair in zip(state["by_label"], counts)]
+        line += f" | noise-in-sel {e['noise_in_selected']['all']:.1%} (corpus {e['noise_share_corpus']['all']:.1%})"
+    state["history"].append(e)
+    return line
 
 
 def write_token_losses(path, state, ev):
@@ -1181,43 +1111,6 @@ def write_token_losses(path, state, ev):
     os.replace(path + ".tmp", path)
 
 
-def new_interval(n_labels):
-    """Counters between two evaluations."""
-    return {"sel": [0] * n_labels, "seen": [0] * n_labels, "n": 0, "tokens": 0, "loss": 0.0}
-
-
-def count_labels(interval, labels, sel, n_labels):
-    labels = labels.flatten().long()
-    for key, ids in (("seen", labels), ("sel", labels[sel.flatten()])):
-        interval[key] = [a + b for a, b in zip(interval[key], torch.bincount(ids, minlength=n_labels).tolist())]
-
-
-def noise_share(counts, labels):
-    """The share of tokens that are noise, overall and per noise kind (label 0 is clean)."""
-    total = max(1, sum(counts))
-    return {"all": round(1 - counts[0] / total, 4),
-            **{labels[i]: round(c / total, 4) for i, c in enumerate(counts) if i}}
-
-
-def record(state, interval, measures, step, cfg, name, dt, labels):
-    """Appends one evaluation to the history and prints the log line."""
-    entry = {"step": step, "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
-             "wall_s": round(state["wall_s"], 2), "train_loss": round(interval["loss"] / interval["n"], 4), **measures}
-    line = (f"{name} step {step} | loss {entry['train_loss']:.3f} | sel "
-            f"{state['tokens_trained'] / state['tokens_seen']:.0%} | val hq {measures['val_loss_hq']:.3f} web "
-            f"{measures['val_loss_web']:.3f} | acc {measures['accuracy']:.1%}")
-    if interval["sel"]:  # web runs on the demo: noise among the selected tokens, next to its share in the corpus
-        entry["noise_in_selected"] = noise_share(interval["sel"], labels)
-        entry["noise_share_corpus"] = noise_share(interval["seen"], labels)
-        for key, c in (("sel_by_label", "sel"), ("seen_by_label", "seen")):
-            state[key] = [a + b for a, b in zip(state[key], interval[c])]
-        line += (f" | noise-in-sel {entry['noise_in_selected']['all']:.1%} "
-                 f"(corpus {entry['noise_share_corpus']['all']:.1%})")
-    state["history"].append(entry)
-    left = (cfg.steps - step) * dt / max(1, interval["n"])
-    print(line + f" | {interval['tokens'] / dt / 1000:.1f}k tok/s | eta {left:.0f}s", flush=True)
-
-
 def finish(cfg, meta, name, state, out_dir, model, extra):
     """Writes <out>/<name>/metrics.json: the run's config, its evaluations, every step's loss, and what the bits of a
     CPU run depend on (torch, threads, CPU kernels)."""
@@ -1231,17 +1124,106 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
                "data": {"encoding": meta["encoding"], "sha256": meta["sha256"]}, **extra,
                "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "processes": WORLD,
                        "cpu": torch.backends.cpu.get_cpu_capability(), "device": cfg.device}}
-    if state["sel_by_label"]:
-        metrics["noise_in_selected"] = noise_share(state["sel_by_label"], meta["labels"])
-        metrics["noise_share_corpus"] = noise_share(state["seen_by_label"], meta["labels"])
+    if state["by_label"][0]:
+        metrics["noise_in_selected"], metrics["noise_share_corpus"] = \
+            (noise_share(c, meta["labels"]) for c in state["by_label"][::-1])
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} acc {last['accuracy']:.1%} "
           f"-> {out_dir}/metrics.json")
     return metrics
 
 
+def train(cfg, model_cfg):
+    meta, name = load_meta(cfg.data), run_name(cfg)
+    master, out_dir = RANK == 0, os.path.join(cfg.out, name)  # the master logs, evaluates and saves
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path, micro_bs = os.path.join(out_dir, "ckpt.pt"), split_step(cfg)
+    cfg.init_from = start_from(cfg, meta)
+    model = build_model(cfg, meta, model_cfg)
+    T = model.config.block_size
+    train_w, hi = training_windows(cfg, meta, T)
+    ev = eval_sets(cfg, meta, T, train_w.extras[0] if cfg.mode in ("clm", "slm") else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise: the same on every process
+    n_labels = len(meta["labels"]) if "labels" in meta and cfg.mode in ("clm", "slm") else 0  # the demo's audit
+    state = {"history": [], "losses": [], "tokens_seen": 0, "tokens_trained": 0, "wall_s": 0.0,
+             "by_label": [[0] * n_labels, [0] * n_labels], "tokens": {"hq": [], "web": [], "sel": []}}  # seen, selected
+    start = 0
+    if cfg.resume and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, meta)
+        check_resume(ckpt, cfg, model, meta, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"])
+        start, state = ckpt["step"], ckpt["state"]
+    if master and cfg.resume:
+        print(f"{name}: " + (f"resumed from {ckpt_path} at step {start}" if start else "no checkpoint: from step 0"))
+    fwd = torch.compile(model) if cfg.compile else model
+    ddp = DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None) if WORLD > 1 else fwd
+    n_micro = cfg.batch_size // WORLD // micro_bs
+    if master:
+        split = f", {WORLD} process{'es' * (WORLD > 1)} x {n_micro} micro-batch{'es' * (n_micro > 1)} of {micro_bs}"
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.steps} steps of "
+              f"{cfg.batch_size}x{T} tokens{split if micro_bs < cfg.batch_size else ''}, {cfg.mode}"
+              + (f" k={cfg.k} select={cfg.select} scope={cfg.scope}" if cfg.mode == "slm" else ""))
+    t_last, last, loss_sum = time.time(), start, 0.0  # since the last evaluation
+    counts = torch.zeros(2, n_labels, dtype=torch.long, device=cfg.device)  # tokens seen, selected, per noise label
+    for step in range(start, cfg.steps):
+        model.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        micro = train_w.micro_batches(step, cfg.batch_size, cfg.seed, cfg.device, hi, micro_bs)
+        opt.zero_grad(set_to_none=True)
+        loss, sels = train_step(model, fwd, ddp, micro, cfg, gen)
+        if not torch.isfinite(loss):
+            die(f"{name}: loss became {loss.item()} at step {step}; the last good checkpoint is {ckpt_path} "
+                f"(resume with --resume after lowering --lr)")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        state["tokens_seen"] += cfg.batch_size * T
+        state["tokens_trained"] += int(sum_ranks(sum(s.sum() for s in sels)))
+        state["losses"].append(loss.item())
+        loss_sum += state["losses"][-1]
+        for m, sel in zip(micro, sels) if n_labels else ():  # web runs on the demo: (x, y, ref, labels)
+            labels = m[3].flatten().long()
+            counts += torch.stack([torch.bincount(labels, minlength=n_labels),
+                                   torch.bincount(labels[sel.flatten()], minlength=n_labels)])
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            now = time.time()
+            state["wall_s"] += now - t_last
+            if n_labels:  # every process counted its own share
+                sum_ranks(counts)
+            if master:
+                measures, records = evaluate(model, ev, cfg)
+                measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s
+                n, dt = step + 1 - last, now - t_last
+                line = record(state, step + 1, measures, counts.tolist(), n, loss_sum, meta.get("labels"))
+                for key, v in records.items():
+                    state["tokens"][key].append(v)
+                save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
+                print(f"{name} {line} | {n * cfg.batch_size * T / dt / 1000:.1f}k tok/s | eta "
+                      f"{(cfg.steps - step - 1) * dt / n:.0f}s", flush=True)
+            t_last, last, loss_sum = time.time(), step + 1, 0.0
+            counts.zero_()
+    extra = {"eval_problems": len(ev["problems"])}
+    if cfg.mode == "ref":  # every process scores its share
+        info = score_web(model, meta, cfg, name)
+        extra.update(score_s=info["score_s"], score_tok_s=info["score_tok_s"])
+    if master:
+        write_token_losses(os.path.join(out_dir, "tokens.npz"), state, ev)
+        return finish(cfg, meta, name, state, out_dir, model, extra)
+
+
 # -----------------------------------------------------------------------------
 # comparison: one table of every run in --out (report.py compares several folders: seeds)
+
+
+def wilson(p, n, z=1.96):
+    """The 95% (Wilson) interval of a share p of n trials: answer accuracy over n problems."""
+    if not n:
+        return 0.0, 1.0
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
 def tokens_to_reach(history, target, key="tokens_seen", measure="val_loss_hq"):
@@ -1264,8 +1246,7 @@ def load_runs(out):
     runs = []
     for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
         if os.path.isfile(os.path.join(out, name, "metrics.json")):
-            with open(os.path.join(out, name, "metrics.json")) as f:
-                runs.append(json.load(f))
+            runs.append(read_json(os.path.join(out, name, "metrics.json")))
     if not runs:
         die(f"{out}: no runs with metrics.json: run `python rho.py --base`, `--ref`, `--clm`, `--slm --k 0.6` first")
     return sorted(runs, key=lambda r: (["base", "ref", "clm", "slm"].index(r["mode"]), r["run"]))
@@ -1330,6 +1311,19 @@ def arg_error(msg):
     die(f"{msg} (python rho.py --help lists the flags; abbreviations of them are not accepted)")
 
 
+def check_flags(a):
+    """Bad values, each as one line, before anything runs."""
+    if not 0 < a.k <= 1:
+        die(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
+    for flag, at_least in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("score_batch", 1), ("lr", 1e-30),
+                           ("grad_clip", 1e-30), ("micro_batch", 0), ("warmup", 0), ("weight_decay", 0),
+                           ("eval_problems", 0)):
+        if getattr(a, flag) < at_least:
+            die(f"--{flag} {getattr(a, flag)}: must be {'0 or more' if at_least == 0 else 'positive'}")
+    if a.select == "sample" and a.scope != "batch":
+        die("--select sample ranks whole sequences of the step: it has no --scope sequence; drop --scope")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Selective Language Modeling (Rho-1): the reference model, scoring, SLM "
                                 "and CLM continual pretraining.", allow_abbrev=False)  # --batch is not --batch_size
@@ -1370,19 +1364,6 @@ def parse_args(argv=None):
     else:
         shape = {key: v for key, v in shape.items() if v is not None}  # the rest: GPTConfig's defaults
     return cfg, GPTConfig(**shape)
-
-
-def check_flags(a):
-    """Bad values, each as one line, before anything runs."""
-    if not 0 < a.k <= 1:
-        die(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
-    for flag, at_least in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("score_batch", 1), ("lr", 1e-30),
-                           ("grad_clip", 1e-30), ("micro_batch", 0), ("warmup", 0), ("weight_decay", 0),
-                           ("eval_problems", 0)):
-        if getattr(a, flag) < at_least:
-            die(f"--{flag} {getattr(a, flag)}: must be {'0 or more' if at_least == 0 else 'positive'}")
-    if a.select == "sample" and a.scope != "batch":
-        die("--select sample ranks whole sequences of the step: it has no --scope sequence; drop --scope")
 
 
 def main(argv=None):
