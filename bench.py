@@ -72,14 +72,14 @@ import torch.nn.functional as F
 import prepare
 import rho
 
+GPT2_SMALL = dict(block_size=1024, n_layer=12, n_head=12, n_embd=768)  # vocab_size 50257, tiktoken's gpt2
+
 # -----------------------------------------------------------------------------
 # timing and memory
-
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
 
 def mem_now(device):
     """Bytes in use now: allocated CUDA memory, or this process's resident set on a CPU."""
@@ -88,13 +88,11 @@ def mem_now(device):
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-
 def mem_peak(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
 
 def timed(fn, device, warmup, repeats):
     """(median ms, peak bytes above what was in use before the first call) of fn()."""
@@ -110,22 +108,18 @@ def timed(fn, device, warmup, repeats):
         times.append(time.perf_counter() - t0)
     return 1000 * sorted(times[warmup:])[repeats // 2], mem_peak(device) - base
 
-
 def matmul_ceiling(device, n=8192, repeats=20):
     """The measured bf16 matmul rate in TFLOP/s (n x n x n, median of repeats): the ceiling that shares refer to."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     ms, _ = timed(lambda: a @ b, device, 5, repeats)
     return round(2 * n**3 / ms / 1e9, 1)
 
-
 # -----------------------------------------------------------------------------
 # the head: every implementation of the loss from hidden states, forward and backward
-
 
 def native_lce(h, w, y, **kw):
     """torch's own chunked linear + cross-entropy (F.linear_cross_entropy, torch >= 2.13), gradient in the forward."""
     return F.linear_cross_entropy(h, w, y, ignore_index=rho.IGNORE, options=torch.nn.LinearCrossEntropyOptions(), **kw)
-
 
 def peer(name):
     """A peer's CLM loss(h, w, y, reduction) on CUDA: Liger-Kernel's or cut cross entropy's; None if not installed."""
@@ -138,7 +132,6 @@ def peer(name):
     except ImportError:
         return None
 
-
 def two_call_slm(loss_fn, h, w, y, r, k):
     """The SLM head from a CLM loss function called twice: a no-grad pass for every token's loss, then a pass with
     gradient over the selected rows only."""
@@ -147,10 +140,8 @@ def two_call_slm(loss_fn, h, w, y, r, k):
     idx = rho.select_tokens(tok[None], y[None], r[None], k)[0].nonzero().squeeze(1)
     return loss_fn(h[idx], w, y[idx], reduction="sum") / len(idx)
 
-
 HEAD_IMPLS = ("naive_clm", "naive_slm", "fused_clm", "fused_slm", "torch_lce", "torch_lce_slm",
               "liger_clm", "liger_slm", "cce_clm", "cce_slm")
-
 
 def unavailable(impl, device):
     """Why an implementation cannot run here, or None."""
@@ -162,7 +153,6 @@ def unavailable(impl, device):
         if peer(impl.split("_")[0]) is None:
             return f"{impl.split('_')[0]} is not installed (see bench.py --gpu)"
     return None
-
 
 def head_loss_fn(impl, h, w, y, r, k):
     """The loss of one implementation, as a function of nothing: h (1, N, d), w (V, d), y (1, N), r (1, N, 2)."""
@@ -179,7 +169,6 @@ def head_loss_fn(impl, h, w, y, r, k):
         return lambda: two_call_slm(loss_fn, h[0], w, y[0], r[0], k)
     return lambda: loss_fn(h[0], w, y[0])
 
-
 def bench_head(impl, N, d, V, k, device, dtype, warmup, repeats):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(1, N, d, generator=g).to(device, dtype).requires_grad_()
@@ -193,15 +182,12 @@ def bench_head(impl, N, d, V, k, device, dtype, warmup, repeats):
         loss_fn().backward()
     return timed(step, device, warmup, repeats)
 
-
 def head_flops(impl, N, d, V, k):
     """The head's useful work: 6 N d V for CLM, (2 + 6k) N d V for SLM."""
     return (6 if impl.endswith("clm") or impl == "torch_lce" else 2 + 6 * k) * N * d * V
 
-
 # -----------------------------------------------------------------------------
 # whole steps: the demo model's, and GPT-2 small's as train() runs it; scoring's cost against data size
-
 
 def bench_step(impl, mcfg, k, device, warmup, repeats):
     """One training step of a GPT through the fused head: CLM (what --clm runs), SLM with stored reference scores, or
@@ -220,7 +206,6 @@ def bench_step(impl, mcfg, k, device, warmup, repeats):
         loss.backward()
         opt.step()
     return timed((lambda: rho.model_token_loss(model, x, y)) if impl == "score" else step, device, warmup, repeats)
-
 
 def bench_train(impl, mcfg, B, k, device, dtype, warmup, repeats):
     """One optimizer step exactly as train() runs it (fused head, --dtype autocast): clm, slm (the step in one
@@ -243,7 +228,6 @@ def bench_train(impl, mcfg, B, k, device, dtype, warmup, repeats):
         opt.step()
     return timed(step, device, warmup, repeats)
 
-
 def bench_scale(n_tokens, device, dtype):
     """Scoring n_tokens random web tokens with a demo-sized model through rho.score_web, once: its cost per token."""
     with tempfile.TemporaryDirectory() as d:
@@ -258,14 +242,12 @@ def bench_scale(n_tokens, device, dtype):
             rho.score_web(model, meta, cfg, "ref")
         return 1000 * (time.perf_counter() - t0), mem_peak(device), 1000 * (time.process_time() - c0)
 
-
 def flops_per_token(mcfg):
     """Model FLOPs of a training step per token: 6 N (N: parameters, position embeddings left out) plus attention's
     12 L d T (the PaLM / nanoGPT MFU convention); selection changes neither."""
     with torch.device("meta"):
         n = sum(p.numel() for p in rho.GPT(mcfg).parameters()) - mcfg.block_size * mcfg.n_embd
     return 6 * n + 12 * mcfg.n_layer * mcfg.n_embd * mcfg.block_size
-
 
 def bench_one(case, impl, shape, device, dtype, warmup, repeats):
     device, (N, d, V, k) = torch.device(device), shape
@@ -287,15 +269,11 @@ def bench_one(case, impl, shape, device, dtype, warmup, repeats):
         row["cpu_ms"] = round(cpu_ms, 1)
     return row
 
-
 # -----------------------------------------------------------------------------
 # plans, and the table
 
-
 CASES = ("head", "step", "train", "scale", "prepare")
 DEMO_N = 16 * rho.GPTConfig.block_size  # a step of the demo: 16 windows
-GPT2_SMALL = dict(block_size=1024, n_layer=12, n_head=12, n_embd=768)  # vocab_size 50257, tiktoken's gpt2
-
 
 def plan(cases, k, gpu, micro_batch=0, compiled=False):
     """(case, impl, (N, d, V, k)) of every measurement, in order; CLM first in each group: the ratios' base."""
@@ -312,7 +290,6 @@ def plan(cases, k, gpu, micro_batch=0, compiled=False):
     if "scale" in cases:  # scoring 2^18, 2^19, 2^20 tokens, there and back (a drifting machine cancels out)
         rows += [("scale", "score", (2**e, 128, 320, k)) for e in (18, 19, 20, 20, 19, 18)]
     return rows
-
 
 def measure(rows_plan, device, dtype, ceiling=None, repeats=None):
     """Runs a plan, one fresh process per measurement; prints a JSON line each, returns the rows with their ratios."""
@@ -351,7 +328,6 @@ def measure(rows_plan, device, dtype, ceiling=None, repeats=None):
                                                         (b["impl"].endswith("clm") or b["impl"] == "torch_lce")), 3)
     return rows
 
-
 def table(rows, ceiling=None):
     print(f"\n{'case':<6}{'impl':<19}{'N':>7}{'d':>5}{'V':>7}{'ms':>10}{'peak MB':>10}{'ms/CLM':>8}{'mem/CLM':>9}"
           f"{'ms/best':>8}{'TFLOP/s':>9}" + (f"{'ceiling':>9}" if ceiling else ""))
@@ -362,7 +338,6 @@ def table(rows, ceiling=None):
     print("ms/CLM, mem/CLM: against naive CLM (head) or the CLM step of the same case; ms/best: against the fastest "
           "CLM head of the shape" + (f"; ceiling: share of the measured bf16 matmul rate, {ceiling} TFLOP/s" if ceiling
                                      else ""))
-
 
 def scale_summary(rows):
     """Scoring time per token at each size against the smallest, the faster of its two measurements, in wall time
@@ -378,7 +353,6 @@ def scale_summary(rows):
         print("\nscale: scoring time per token against the smallest size, wall / CPU (the faster of each pair): "
               + ", ".join(f"{n / 2**20:g} Mi tokens {per(n, 'ms'):.2f} / {per(n, 'cpu_ms'):.2f}" for n in sorted(best)))
 
-
 def preset_time(rows, device):
     """The --preset gpt2-owm runs' expected time on this device, from the measured GPT-2 small steps."""
     tok_s = {r["impl"]: r["tok_s"] for r in rows if r["case"] == "train" and r["d"] == 768}
@@ -393,12 +367,10 @@ def preset_time(rows, device):
         + f" (SLM at the {split} rate: {tok_s[split]:,} tok/s); scoring the web corpus is a forward: about 1/3 of a CLM "
           f"step per token")
 
-
 # -----------------------------------------------------------------------------
 # prepare.py's cost: tokenizing (decontamination included) against data size and processes
 
 PREPARE_MB = 20
-
 
 def prepare_files(folder, seed, base_mb):
     """Web-like .txt files of 1x, 2x and 4x base_mb MB: the demo's web pages; the larger files repeat the 1x text
@@ -414,13 +386,11 @@ def prepare_files(folder, seed, base_mb):
             f.writelines([text] * m)
     return files
 
-
 def held_out_like_gsm8k(seed, n=1319, n_words=45):
     """A held-out index the size of GSM8K's test questions (1,319 of ~45 words) that matches no bench document, so
     that every document is checked and tokenized, as prepare.py does by default."""
     rng = random.Random(seed)
     return prepare.held_out_index([" ".join(prepare.random_string(rng, 8) for _ in range(n_words)) for _ in range(n)])
-
 
 def decontamination_cpu(path, index):
     """CPU seconds of the decontamination check alone on a bench file, in tasks of TASK_CHARS, in this process."""
@@ -436,7 +406,6 @@ def decontamination_cpu(path, index):
         prepare.contaminated(task, index)
     return time.process_time() - t0
 
-
 def tokenize_one(path, size, procs, pool, encoding, dtype):
     load, w, t0, c0 = os.getloadavg()[0], prepare.TokenWriter(path + ".bin", dtype), time.time(), time.process_time()
     task_cpu = prepare.tokenize_source(path, w, pool, 2 * procs)[1]["cpu"]
@@ -447,7 +416,6 @@ def tokenize_one(path, size, procs, pool, encoding, dtype):
             "tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt), "s_per_mtok": round(dt * 1e6 / n, 4),
             "cpu_s": round(cpu, 3), "cpu_s_per_mtok": round(cpu * 1e6 / n, 4),
             "load_avg": round(load, 2)}  # the 1-minute load average as it started: other work on the machine
-
 
 def bench_prepare(procs, encoding, seed=1337):
     """Times tokenizing each file three times (1x 2x 4x, three rounds) with 1 and with `procs` processes (workers
@@ -471,7 +439,6 @@ def bench_prepare(procs, encoding, seed=1337):
           f"spends on 1x with it: +{check / max(cpu - check, 1e-9):.0%} over tokenizing without it")
     return rows
 
-
 def prepare_table(rows):
     """The fastest measurement of each (size, procs); CPU seconds (all processes) are the cost, wall seconds the speed."""
     best = {}
@@ -489,10 +456,8 @@ def prepare_table(rows):
               f"{r['s_per_mtok'] / wall_1x[r['procs']]:>7.2f}{r['cpu_s_per_mtok']:>11.3f}"
               f"{r['cpu_s_per_mtok'] / cpu_1x[r['procs']]:>7.2f}{seconds_1p[r['size']] / r['seconds']:>8.2f}x")
 
-
 # -----------------------------------------------------------------------------
 # --gpu: everything a lent GPU should check and time, in one call
-
 
 def gpu(args):
     """The CUDA tests first (nothing counts until they pass), then the measured bf16 matmul ceiling, the head at GPT-2
@@ -527,7 +492,6 @@ def gpu(args):
     print(f"bench: {len(rows)} rows -> {args.json}")
     return rows
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="rho's costs, side by side: the head, a step, scoring, tokenizing.",
                                 allow_abbrev=False)
@@ -560,7 +524,6 @@ def main(argv=None):
     if "prepare" in cases:
         rows += bench_prepare(args.procs, args.encoding)
     return rows
-
 
 if __name__ == "__main__":
     main()

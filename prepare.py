@@ -57,12 +57,10 @@ EOT = "<|endoftext|>"
 # -----------------------------------------------------------------------------
 # tokenizer
 
-
 def byte_encoding():
     """A tiktoken Encoding with one token per byte and <|endoftext|> = 256. Built in code: no download."""
     ranks = {bytes([i]): i for i in range(256)}
     return tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={EOT: 256})
-
 
 def get_encoding(name):
     if name == "bytes":
@@ -74,21 +72,17 @@ def get_encoding(name):
                  f"its BPE file on first use: run once with network (or copy the file into TIKTOKEN_CACHE_DIR), "
                  f"or use the default --encoding bytes, which needs no download.")
 
-
 def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2**16 else np.uint32
 
-
 # -----------------------------------------------------------------------------
 # atomic writes: temp file, then rename, so a killed run never leaves a half-written file in place
-
 
 def write_atomic(path, data):
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
-
 
 class TokenWriter:
     """Appends token arrays to <path>.tmp and renames it to <path> on close."""
@@ -107,7 +101,6 @@ class TokenWriter:
         os.replace(self.path + ".tmp", self.path)
         return self.n
 
-
 # -----------------------------------------------------------------------------
 # decontamination: a training document that shares a run of 13 words with a held-out question is dropped
 # (GPT-3's rule). Words are lowercased runs of letters and digits (any non-ASCII byte counts as a letter), so
@@ -119,13 +112,11 @@ NGRAM = 13
 P, Q = np.uint64(0x100000001B3), np.uint64(0x9E3779B97F4A7C15)  # odd multipliers of the word and the run hashes
 BITS = 22  # a table of 2^22 flags, one per top 22 bits of a held-out hash: most runs are ruled out by one look-up
 
-
 def powers(base, n):
     """base^0 .. base^(n-1) mod 2^64."""
     p = np.full(n, base, np.uint64)
     p[0] = 1
     return np.cumprod(p)
-
 
 def words(texts):
     """The words of texts as (a 64-bit hash per word, the index of its text), in order."""
@@ -140,7 +131,6 @@ def words(texts):
     per_text = np.diff(np.searchsorted(pos[starts], np.cumsum([len(p) + 1 for p in parts])), prepend=0)
     return h, np.repeat(np.arange(len(parts)), per_text)
 
-
 def runs(h, doc, lengths):
     """Yields (L, hashes, text index) of the runs of L words inside one text, for each L in lengths."""
     g = np.zeros(len(h), np.uint64)
@@ -152,7 +142,6 @@ def runs(h, doc, lengths):
         if L in lengths:
             inside = doc[:n] == doc[L - 1:]  # its first and last word in the same text
             yield L, g[inside], doc[:n][inside]
-
 
 def held_out_index(texts):
     """(keys, flags): keys {L: sorted hashes} holds every 13-word run of the held-out texts and the whole run of each
@@ -166,7 +155,6 @@ def held_out_index(texts):
         flags[k >> np.uint64(64 - BITS)] = True
     return {L: k for L, k in keys.items() if len(k)}, flags
 
-
 def match_runs(texts, keys, flags):
     """A bool per text: does it hold a run of words that keys holds?"""
     hit = np.zeros(len(texts), bool)
@@ -177,7 +165,6 @@ def match_runs(texts, keys, flags):
         i = np.searchsorted(keys[L], g).clip(max=len(keys[L]) - 1)
         hit[d[keys[L][i] == g]] = True
     return hit
-
 
 def contaminated(texts, index):
     """A bool per text: does it hold a run of words that the held-out index holds? Checked about 100k characters at
@@ -191,22 +178,18 @@ def contaminated(texts, index):
         a = b
     return hit
 
-
 def print_dropped(source, n_docs, caught, keep):
     print(f"prepare: decontamination: {source}: {caught:,} of {n_docs:,} documents share a {NGRAM}-word run with a "
           f"held-out question, " + ("kept (--keep_contaminated)" if keep else "dropped"))
 
-
 def decontamination_meta(n_held_out, dropped, keep):
     return {"n": NGRAM, "held_out_texts": n_held_out, "dropped_docs": dropped, "kept": keep}
-
 
 # -----------------------------------------------------------------------------
 # the embedded demo: worked arithmetic word problems (hq) and a noisy web-like corpus (web)
 
 NAMES = ["Tom", "Ann", "Sam", "Lily", "Ravi", "Mia", "Omar", "Zoe", "Ben", "Nina", "Leo", "Ivy", "Kai", "Ella"]
 ITEMS = ["apples", "pencils", "marbles", "stickers", "books", "cookies", "cards", "shells", "coins", "stamps"]
-
 
 def problem(rng):
     """One problem as (question, [(text, is_result)] solution pieces, answer): one-digit addition or subtraction in a
@@ -218,10 +201,8 @@ def problem(rng):
     a, b = max(a, b), min(a, b)
     return f"{n} has {a} {m} and gives {b} away. {a} - {b} = ?", [(str(a - b), 1)], a - b
 
-
 def clean_text(q, sol, ans):
     return f"Question: {q}\nAnswer: " + "".join(t for t, _ in sol) + f"\n#### {ans}"
-
 
 # The noise model. Each kind is what the Rho-1 paper shows in OpenWebMath-like data. Its token share is
 # measured and printed by prepare.py and written to meta.json.
@@ -249,25 +230,19 @@ OBJECTS = ["the garden fence", "the weekend trip", "a used car", "the kitchen", 
 TAILS = ["yesterday.", "last week.", "again!", "and nobody was surprised.", "before the rain started.", "lol.",
          "for the third time this year.", "which took forever.", "and it was worth it.", "?? no idea why."]
 
-
 def chat_sentence(rng):
     return f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(TAILS)}"
 
-
 USER_PARTS = ["math", "cool", "dragon", "pi", "blue", "x", "ninja", "guru", "kid", "fan", "star"]
-
 
 def username(rng):
     return rng.choice(USER_PARTS) + rng.choice(["_", "", "."]) + rng.choice(USER_PARTS) + str(rng.randint(1, 2024))
 
-
 def timestamp(rng):
     return f"{rng.randint(2008, 2023)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
 
-
 def random_string(rng, n):
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(n))
-
 
 def web_post(rng, segs, general=False, problems=None):
     """One forum post: a problem of the hq family, with noise inside and around it. Appends (text, label).
@@ -301,7 +276,6 @@ def web_post(rng, segs, general=False, problems=None):
         segs.append((str(int(t) + delta), L("wrong")) if last and wrong else (t, 0))
     segs += [("\n#### ", 0), (str(ans + delta), L("wrong") if wrong else 0), ("\n", 0)]
 
-
 def web_document(rng, general=False, problems=None):
     """A web page: navigation, ads, 2-5 posts, replies, off-topic text, random strings, footer."""
     L, segs = LABELS.index, []
@@ -322,13 +296,11 @@ def web_document(rng, general=False, problems=None):
         segs.append((rng.choice(FOOT), L("boilerplate")))
     return segs
 
-
 def fresh_problems(rng, index):
     """Yields problems whose question shares no 13-word run with a held-out question (checked 1000 at a time)."""
     while True:
         drawn = [problem(rng) for _ in range(1000)]
         yield from (p for p, caught in zip(drawn, contaminated([q for q, _, _ in drawn], index)) if not caught)
-
 
 def unique_problems(problems, n):
     """The first n problems with distinct questions."""
@@ -339,13 +311,11 @@ def unique_problems(problems, n):
             if len(found) == n:
                 return found
 
-
 def check_docs(docs, index):
     """Yields (document, caught by the held-out index), checking 32 documents at a time."""
     for part in iter(lambda: list(itertools.islice(docs, 32)), []):
         caught = contaminated(["".join(t for t, _ in segs) for segs in part], index) if index else [False] * len(part)
         yield from zip(part, caught)
-
 
 def write_demo_corpus(path, enc, docs, index, keep, n_tokens=0, labels_path=None):
     """Writes documents (lists of (text, label) pieces) to path, each followed by end-of-text, until n_tokens (or the
@@ -368,7 +338,6 @@ def write_demo_corpus(path, enc, docs, index, keep, n_tokens=0, labels_path=None
     if lw:
         lw.close()
     return w.close(), n_docs, int(n_caught), per_kind
-
 
 def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=200, web_tokens=1_300_000,
                  base_tokens=1_250_000):
@@ -398,7 +367,6 @@ def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=200, w
     return counts, {"demo_seed": seed, "labels": LABELS, "label_share": share,
                     "decontamination": decontamination_meta(len(held), dropped, keep)}
 
-
 # -----------------------------------------------------------------------------
 # real corpora, each read once (hq twice without --val): .txt (documents separated by blank lines), .jsonl /
 # .jsonl.gz ("text", or "question" + "answer"), .parquet (the same columns; needs pyarrow), or a Hugging Face dataset
@@ -409,19 +377,15 @@ PAIRS = (("question", "answer"), ("query", "response"))  # GSM8K's fields, MetaM
 N_EVAL = 500  # eval problems kept from the validation documents
 VAL_EVERY = 50  # without --val, every 50th hq document (by global index) is a validation document
 
-
 class BadInput(Exception):
     """A problem with the input data, raised while reading or in a worker; main prints it as one `error:` line."""
-
 
 def short(e):
     """An exception as one short line: its type and the first line of its message."""
     msg = str(e).strip().split("\n")[0][:200]
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
-
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
-
 
 def source_kind(spec):
     """txt, jsonl, parquet or hf, once the source is found and its reader is installed."""
@@ -439,7 +403,6 @@ def source_kind(spec):
         need("pyarrow.parquet", spec, "reading parquet", "pyarrow")
     return kind
 
-
 def need(module, spec, what, package=None):
     """Imports an optional dependency, or fails with one line saying how to install it."""
     try:
@@ -448,7 +411,6 @@ def need(module, spec, what, package=None):
         package = package or module
         raise BadInput(f"{spec}: {what} needs {package}: pip install {package}") from None
 
-
 def hf_source(spec):
     """hf:NAME[:CONFIG][@SPLIT] -> its meta.json record, e.g. hf:openai/gsm8k:main@test. The split defaults to train."""
     rest, _, split = spec[3:].partition("@")
@@ -456,7 +418,6 @@ def hf_source(spec):
     if not name:
         raise BadInput(f"{spec}: a Hugging Face dataset is hf:NAME[:CONFIG][@SPLIT], e.g. hf:openai/gsm8k:main@train")
     return {"dataset": name, "config": config or None, "split": split or "train"}
-
 
 class HashedFile(io.RawIOBase):
     """A file whose bytes are hashed as they are read: the source is read from disk once and its sha256 comes free."""
@@ -474,7 +435,6 @@ class HashedFile(io.RawIOBase):
 
     def close(self):
         self.f.close(); super().close()
-
 
 def read_lines(path, kind, src):
     """Yields (line number, text): a .txt document, or a .jsonl line (the workers parse it). src["pos"] follows the
@@ -501,7 +461,6 @@ def read_lines(path, kind, src):
         yield lineno, "".join(doc).rstrip("\n")
     src["sha256"], src["pos"] = raw.sha.hexdigest(), raw.pos
 
-
 def read_parquet(path, src):
     """Yields (row number, record) in record batches (bounded memory), reading only the text/question/answer columns."""
     pq = need("pyarrow.parquet", path, "reading parquet", "pyarrow")
@@ -524,14 +483,12 @@ def read_parquet(path, src):
     # pyarrow reads the footer first and skips unused columns, so the bytes are hashed in a pass of their own
     src["sha256"] = file_sha256(path)
 
-
 def file_sha256(path):
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
     return sha.hexdigest()
-
 
 def read_hf(spec, src):
     """Yields (row number, record) of a Hugging Face dataset, streamed: nothing is downloaded whole."""
@@ -542,7 +499,6 @@ def read_hf(spec, src):
         raise BadInput(f"{spec}: could not stream it ({short(e)}); check the name, config and split. Streaming needs "
                        f"huggingface.co: run where the network is, or download the data and pass a local .jsonl or .parquet file") from None
 
-
 def open_source(spec):
     """(kind, the source's meta.json record, its items as they are read)."""
     kind = source_kind(spec)
@@ -551,7 +507,6 @@ def open_source(spec):
         return kind, src, read_hf(spec, src)
     src = {"path": os.path.abspath(spec), "sha256": None, "bytes": os.path.getsize(spec), "pos": 0}  # pos: read so far
     return kind, src, read_parquet(spec, src) if kind == "parquet" else read_lines(spec, kind, src)
-
 
 def make_tasks(spec, kind, items, src, val_every, held_out):
     """Groups the items into tasks of about TASK_CHARS characters. A task carries the global index of its first
@@ -567,20 +522,17 @@ def make_tasks(spec, kind, items, src, val_every, held_out):
     if task:
         yield (spec, kind, first, val_every, held_out, task), (src.get("pos"), first + len(task))
 
-
 def text_size(x):
     """Characters of a document, a .jsonl line, or the text fields of a record."""
     if isinstance(x, str):
         return len(x)
     return sum(len(v) for v in x.values() if isinstance(v, str)) if isinstance(x, dict) else 1
 
-
 # -----------------------------------------------------------------------------
 # tokenizing in a process pool: workers parse and encode, the main process reads and writes in order
 
 _enc = _index = None  # the worker's encoding and held-out index, set once per process by init_worker
 _keep = False  # --keep_contaminated
-
 
 def init_worker(encoding, index=None, keep=False):
     global _enc, _index, _keep
@@ -589,7 +541,6 @@ def init_worker(encoding, index=None, keep=False):
         _enc = get_encoding(encoding)
     except SystemExit as e:  # fail in the first task, with the message, rather than as a broken pool
         _enc = BadInput(str(e).removeprefix("error: "))
-
 
 def record_text(rec, where):
     if isinstance(rec, dict) and isinstance(rec.get("text"), str):
@@ -600,13 +551,11 @@ def record_text(rec, where):
     raise BadInput(f"{where}: needs a \"text\" field, or \"question\" and \"answer\" fields (GSM8K style, or MetaMathQA's "
                    f"\"query\" and \"response\")")
 
-
 def jsonl_record(line, path, lineno):
     try:
         return json.loads(line)
     except json.JSONDecodeError:
         raise BadInput(f"{path}:{lineno}: not valid JSON; each line of a .jsonl file must be one JSON object") from None
-
 
 def eval_problem(rec):
     """A held-out problem {"prompt", "answer"} from a GSM8K-style record (answer ends in '#### N'), else None."""
@@ -615,14 +564,12 @@ def eval_problem(rec):
     m = re.search(r"####\s*(-?[\d,.]+)\s*$", str(rec.get("answer", "")))
     return {"prompt": f"Question: {rec['question']}\nAnswer:", "answer": m.group(1).replace(",", "")} if m else None
 
-
 def held_out_text(rec, text):
     """What no training document may contain: the question of a record, else the whole validation document."""
     for q, _ in PAIRS:
         if isinstance(rec, dict) and isinstance(rec.get(q), str):
             return rec[q]
     return text
-
 
 def encode_task(task):
     """Worker: the tokens of a task's documents, each followed by end-of-text. held_out: the validation documents
@@ -655,7 +602,6 @@ def encode_task(task):
     cpu = time.process_time() - t0  # for bench.py
     return np.array(ids, token_dtype(_enc.n_vocab)), problems, texts, len(docs), int(caught.sum()), cpu
 
-
 @contextlib.contextmanager
 def start_pool(procs, encoding, index=None, keep=False):
     """None for --procs 1: tasks then run in this process. Workers are spawned, not forked: each is a fresh interpreter
@@ -674,7 +620,6 @@ def start_pool(procs, encoding, index=None, keep=False):
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
-
 def run_tasks(tasks, pool, depth):
     """Yields (result, mark) of each task, in order. At most `depth` tasks are in flight, so memory stays bounded
     (Pool.imap or Executor.map would not do: they read the whole source ahead)."""
@@ -691,7 +636,6 @@ def run_tasks(tasks, pool, depth):
     while inflight:
         future, mark = inflight.popleft()
         yield future.result(), mark
-
 
 class Progress:
     """One line on stderr, redrawn at most 4 times a second: MB done/total, percent, MB/s, tokens/s and ETA (for a
@@ -723,14 +667,11 @@ class Progress:
         print("\r" + line.ljust(self.width), end=end, file=sys.stderr, flush=True)
         self.width = 0 if end else len(line)  # the next line pads over this one
 
-
 def rate(x):
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"
 
-
 def duration(s):
     return f"{s:.0f}s" if s < 90 else f"{s / 60:.0f}m" if s < 5400 else f"{s / 3600:.1f}h"
-
 
 def tokenize_source(spec, writer, pool, depth, val_every=0, held_out=False, limit=0):
     """Reads one source once, tokenizes it in tasks and writes the tokens in order: its validation documents (held_out;
@@ -761,7 +702,6 @@ def tokenize_source(spec, writer, pool, depth, val_every=0, held_out=False, limi
     progress.done()
     src.pop("pos", None)
     return src, {**found, "cpu": progress.cpu}
-
 
 def prepare_files(args, enc):
     """The validation documents first (--val, or every VAL_EVERY-th hq document), so that the held-out questions are
@@ -797,9 +737,7 @@ def prepare_files(args, enc):
     sources = {"hq": hq_src, **({"val": val_src} if args.val else {}), "web": web[0] if len(web) == 1 else web}
     return counts, {"sources": sources, "decontamination": decontamination_meta(len(held["held_out"]), dropped, keep)}
 
-
 # -----------------------------------------------------------------------------
-
 
 def checked(f, *args):
     """f(*args), with bad input (found while reading, or in a worker and passed back) as one line."""
@@ -807,7 +745,6 @@ def checked(f, *args):
         return f(*args)
     except BadInput as e:
         sys.exit(f"error: {e}")
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize the high-quality and web corpora into token files. A source is a "
@@ -847,7 +784,6 @@ def main(argv=None):
     print(f"prepare: wrote {args.out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()))
     if "label_share" in extra:
         print("prepare: web token share by label: " + ", ".join(f"{k} {v:.1%}" for k, v in extra["label_share"].items()))
-
 
 if __name__ == "__main__":
     main()

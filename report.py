@@ -22,7 +22,6 @@ import rho
 # -----------------------------------------------------------------------------
 # over seeds: runs by name, statistics, paired differences
 
-
 def by_name(groups):
     """{run name: [its metrics in each folder, None where missing]}, in pipeline order."""
     names = []
@@ -32,11 +31,9 @@ def by_name(groups):
     order = lambda kv: next((["base", "ref", "clm", "slm"].index(r["mode"]), kv[0]) for r in kv[1] if r)
     return dict(sorted(found.items(), key=order))
 
-
 def stat(xs):
     xs = [x for x in xs if x is not None]
     return {"mean": float(np.mean(xs)), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else None
-
 
 def fmt(s, pct=False):
     """'mean [min, max]' of a stat, or the value of one seed."""
@@ -44,7 +41,6 @@ def fmt(s, pct=False):
         return "-"
     f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
     return f(s["mean"]) if s["n"] == 1 else f"{f(s['mean'])} [{f(s['min'])}, {f(s['max'])}]"
-
 
 def paired(runs, base, value):
     """value(run) - value(base) of each seed that has both: (stat, verdict)."""
@@ -57,17 +53,14 @@ def paired(runs, base, value):
     every = s["max"] < 0 or s["min"] > 0
     return s, (f"a difference: all {s['n']} seeds agree" if every else f"within the spread of {s['n']} seeds")
 
-
 def fmt_diff(s, pct=False):
     if s is None:
         return "-"
     f = (lambda v: f"{100 * v:+.1f} pts") if pct else (lambda v: f"{v:+.4f}")
     return f(s["mean"]) if s["n"] == 1 else f"{f(s['mean'])} [{f(s['min'])}, {f(s['max'])}]"
 
-
 def final(key):
     return lambda r: r["final"][key]
-
 
 def speedup(clm, measure):
     """CLM's tokens over the tokens a run needed to reach CLM's final value of a measure (the paper's 'x faster')."""
@@ -77,7 +70,6 @@ def speedup(clm, measure):
         return c["tokens_seen"] / t if t else None
     return f
 
-
 def mean_curve(runs, key):
     """(tokens seen, mean of key over the seeds at each evaluation) of the runs whose evaluations line up."""
     runs = [r for r in runs if r]
@@ -85,12 +77,10 @@ def mean_curve(runs, key):
     return [runs[0]["history"][i]["tokens_seen"] for i in range(n)], \
         [float(np.mean([r["history"][i][key] for r in runs])) for i in range(n)]
 
-
 # -----------------------------------------------------------------------------
 # plots and tables: hand-written SVG and HTML, no plotting library
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-
 
 def nice_ticks(lo, hi, n=5):
     if hi <= lo:
@@ -99,14 +89,11 @@ def nice_ticks(lo, hi, n=5):
     step *= next(m for m in (1, 2, 2.5, 5, 10) if (hi - lo) / (step * m) <= n)
     return [i * step for i in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
 
-
 def fmt_num(v):
     return f"{v / 1e6:g}M" if abs(v) >= 1e6 else f"{v / 1e3:g}k" if abs(v) >= 1e4 else f"{v:g}"
 
-
 def esc(s):
     return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-
 
 def svg_lines(series, title="", xlabel="", ylabel="", w=560, h=300, hline=None, mark=None):
     """A line plot as inline SVG. series: dicts with name, xs, ys and optionally dashed, color (an index) and err
@@ -151,16 +138,13 @@ def svg_lines(series, title="", xlabel="", ylabel="", w=560, h=300, hline=None, 
                  f'text-anchor="middle">{esc(mark[2])}</text>')
     return "\n".join(o + ["</svg>"])
 
-
 def html_table(head, rows):
     cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else esc(v))
     return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
 
-
 # -----------------------------------------------------------------------------
 # the sections: each returns (html, the same numbers as a dict)
-
 
 def efficiency(runs):
     """1. Data efficiency: target loss and answer accuracy against tokens seen; tokens until CLM's final values."""
@@ -201,12 +185,10 @@ def efficiency(runs):
              "pooled.</p>")
     return html, data
 
-
 def fmt_x(s):
     if s is None:
         return "never"
     return f"{s['mean']:.2f}x" if s["n"] == 1 else f"{s['mean']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]"
-
 
 def precision_recall(history):
     """Per eval interval: precision = clean share of the selected tokens; recall = selected clean / seen clean,
@@ -220,7 +202,6 @@ def precision_recall(history):
                     "recall": round(min(1.0, p * d_sel / clean_seen), 4) if clean_seen else None})
         prev = h
     return out
-
 
 def selection(runs):
     """2. Selection audit (the demo's labels): each noise kind's share among the selected tokens against its share in
@@ -249,9 +230,7 @@ def selection(runs):
              "tokens. Recall: selected clean tokens over seen clean tokens, per interval between evaluations.</p>")
     return html, data
 
-
 CATEGORIES = ("L->L", "H->L", "L->H", "H->H")  # the paper's token-loss categories (Sec. 2.1), as they start -> end
-
 
 def loss_category(losses, t):
     """The paper's rule, per token: fit l = a*t + b over the checkpoints (least squares), dL = fit(t_end) -
@@ -266,18 +245,15 @@ def loss_category(losses, t):
     flat = np.where(final_loss <= final_loss.mean(), 0, 3)
     return np.where(dl < -0.2, 1, np.where(dl > 0.2, 2, flat))
 
-
 def load_tokens(out, run):
     path = os.path.join(out, run, "tokens.npz")
     return dict(np.load(path)) if os.path.isfile(path) else None
-
 
 def main_slm(runs):
     """The SLM run the token-level sections show: slm-k0.6 if there, else the first excess-loss SLM run."""
     slm = [n for n, rs in runs.items() if next(r for r in rs if r)["mode"] == "slm" and
            next(r for r in rs if r)["select"] == "excess"]
     return "slm-k0.6" if "slm-k0.6" in slm else (slm[0] if slm else None)
-
 
 def dynamics(outs, runs):
     """3. Token-loss dynamics: the four categories over CLM's checkpoints; SLM's selected and unselected tokens."""
@@ -322,12 +298,10 @@ def dynamics(outs, runs):
              "set) at that evaluation.</p>")
     return html, data
 
-
 def excess_color(e):
     """Background for an excess loss: red where the model is worse than the reference, blue where better."""
     a = min(1.0, abs(e) / 3)
     return f"rgba(214,39,40,{a:.2f})" if e > 0 else f"rgba(31,119,180,{a:.2f})"
-
 
 def highlight(outs, runs, data_dir, n_docs=3, n_chars=600):
     """4. Token highlighting: web val text coloured by excess loss, selected tokens underlined, early and late."""
@@ -355,7 +329,6 @@ def highlight(outs, runs, data_dir, n_docs=3, n_chars=600):
               'negative</span>; <span style="border-bottom:2px solid #000">underlined</span> = selected at that '
               'evaluation. Hover over a token for its value.</p>')
     return legend + html, data
-
 
 def cost(runs, data_dir):
     """5. Cost per stage: wall time (first seed) and FLOPs (6 N D to train, 2 N D to score), for SLM and CLM."""
@@ -395,7 +368,6 @@ def cost(runs, data_dir):
              "for scoring (forward only). Attention FLOPs are left out. Wall times are this machine's.</p>")
     return html, {"stages": stages, "totals": totals, "formula": "train 6*n_params*tokens_seen; score 2*n_params*tokens"}
 
-
 def k_sweep(runs):
     """6. k sweep: final target loss and accuracy against k, excess-loss SLM runs of scope batch; k = 1 is CLM."""
     pts = {next(r for r in rs if r)["k"]: rs for n, rs in runs.items() if next(r for r in rs if r)["mode"] == "slm"
@@ -421,7 +393,6 @@ def k_sweep(runs):
     html += html_table(["k", "final val hq", "accuracy", "val hq - best k's (paired)"], rows)
     return html, data
 
-
 def variants(runs, title, pick, base):
     """A table of runs against one base run, paired over seeds: the selection rules at k = 0.6, or the scopes."""
     chosen = {n: rs for n, rs in runs.items() if pick(next(r for r in rs if r))}
@@ -438,7 +409,6 @@ def variants(runs, title, pick, base):
                      "-" if n == base else f"{fmt_diff(d['diff_val_loss_hq'])}: {d['verdict_val_loss_hq']}",
                      "-" if n == base else f"{fmt_diff(d['diff_accuracy'], True)}: {d['verdict_accuracy']}"])
     return html_table(["run", "final val hq", "accuracy", f"val hq - {base}'s", f"accuracy - {base}'s"], rows), data
-
 
 def report(outs):
     """Writes <first folder>/report.html (self-contained) and report.json from the runs in the folders."""
@@ -471,7 +441,6 @@ def report(outs):
                                                            **{key: d for key, _, (_, d) in sections}})
     print(f"report: {path} and {os.path.join(outs[0], 'report.json')}")
     return path
-
 
 if __name__ == "__main__":
     report(sys.argv[1:] or ["out"])

@@ -41,14 +41,11 @@ from prepare import get_encoding, write_atomic  # noqa: E402
 
 IGNORE = -1  # target id that is never trained on and never selected
 
-
 def die(msg):
     sys.exit(f"error: {msg}")
 
-
 # -----------------------------------------------------------------------------
 # config
-
 
 @dataclass
 class GPTConfig:
@@ -57,7 +54,6 @@ class GPTConfig:
     n_layer: int = 1
     n_head: int = 4
     n_embd: int = 128
-
 
 @dataclass
 class RunConfig:  # every field is a flag: --help
@@ -87,7 +83,6 @@ class RunConfig:  # every field is a flag: --help
     resume: bool = False
     device: str = "cpu"
 
-
 HELP = {
     "data": "prepared data folder", "out": "runs folder", "name": "run name (default: base, ref, clm, slm-k0.6, ...)",
     "ref_run": "--slm: the reference run whose scores it reads", "steps": "optimizer steps",
@@ -114,10 +109,8 @@ PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags w
         "clm": {"steps": 2000, "lr": 1e-4}, "slm": {"steps": 2000, "lr": 1e-4}},
 }
 
-
 # -----------------------------------------------------------------------------
 # model: GPT-2 (nanoGPT), causal SDPA attention, tied embeddings
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
@@ -137,7 +130,6 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -146,7 +138,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-
 
 class Block(nn.Module):
     def __init__(self, cfg):
@@ -157,7 +148,6 @@ class Block(nn.Module):
     def forward(self, x, mask=None, cache=None):
         x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
-
 
 class GPT(nn.Module):
     def __init__(self, cfg):
@@ -180,8 +170,7 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(m.bias)
 
     def forward(self, idx, pad=None, caches=None):
-        """Hidden states after ln_f, (B, T, C): the loss applies the LM head (see the fused head).
-        pad (B,): left padding per row, for batched generation; caches: one list per layer."""
+        """Hidden states after ln_f, (B, T, C): the loss applies the head. Generation: pad, caches (see generate)."""
         B, T = idx.shape
         past = caches[0][0].shape[2] if caches and caches[0] else 0
         pos = torch.arange(past, past + T, device=idx.device)
@@ -195,19 +184,15 @@ class GPT(nn.Module):
             x = block(x, mask, caches[i] if caches is not None else None)
         return self.transformer.ln_f(x)
 
-
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 on the Hugging Face hub
-
 
 def is_gpt2(init_from):
     """--init_from names OpenAI's GPT-2 or a directory saved with transformers' save_pretrained."""
     return init_from in GPT2_NAMES or (bool(init_from) and os.path.isfile(os.path.join(init_from, "config.json")))
 
-
 def gpt_from_hf(hf, block_size=None):
-    """Our GPT with the weights of a transformers GPT2LMHeadModel (nanoGPT's from_pretrained), its context cropped
-    to block_size. The vocabulary stays exactly HF's (50257), not padded to a multiple of 64: a padded row would put
-    a logit of 0 into every softmax of a model that never learned to push it down."""
+    """Our GPT with the weights of a transformers GPT2LMHeadModel (nanoGPT's from_pretrained), its context cropped to
+    block_size. The vocabulary stays HF's 50257: a padded row would put a logit of 0 into every softmax."""
     c, name = hf.config, hf.config.name_or_path or "model"
     same_math = {"model_type": c.model_type == "gpt2", "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5,
                  "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
@@ -216,8 +201,7 @@ def gpt_from_hf(hf, block_size=None):
                  "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx}
     if not all(same_math.values()):
         die(f"{name}: {', '.join(f'{key}={getattr(c, key)!r}' for key, ok in same_math.items() if not ok)}: rho's GPT "
-            f"is plain GPT-2 (gelu_new, layer_norm_epsilon 1e-5, tied embeddings, MLP of 4*n_embd, attention scaled "
-            f"by 1/sqrt(head size) only, no cross-attention)")
+            "is plain GPT-2 (gelu_new, layer_norm_epsilon 1e-5, tied embeddings, MLP of 4*n_embd, no cross-attention)")
     T = block_size or c.n_positions
     if T > c.n_positions:
         die(f"--block_size {T}: {name} has {c.n_positions} positions; pass --block_size {c.n_positions} or less")
@@ -228,7 +212,6 @@ def gpt_from_hf(hf, block_size=None):
     sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:T]  # nanoGPT's crop_block_size
     model.load_state_dict(sd)  # strict: every weight mapped; lm_head and wte are one tensor, as in HF
     return model
-
 
 def load_gpt2(name):
     """transformers' GPT2LMHeadModel: a hub name (through the Hugging Face cache) or a save_pretrained directory."""
@@ -248,12 +231,10 @@ def load_gpt2(name):
             ", ...")
     return hf
 
-
 # -----------------------------------------------------------------------------
 # processes: one, or one per GPU under torchrun (DDP); each process holds a contiguous share of every step
 
 RANK, WORLD, LOCAL = 0, 1, 0  # this process, the number of processes, its GPU: set once, by init_processes
-
 
 def init_processes(cfg):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (nccl on GPUs, gloo on CPUs)."""
@@ -265,7 +246,6 @@ def init_processes(cfg):
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
 
-
 def gather_rows(t):
     """Every process's rows of t, concatenated in rank order: the whole step's rows."""
     if WORLD == 1:
@@ -274,21 +254,17 @@ def gather_rows(t):
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
 
-
 def sum_ranks(t):
     if WORLD > 1:
         dist.all_reduce(t)
     return t
 
-
 def autocast(cfg):
     """bfloat16 autocast for the model's forward (the default on CUDA); plain float32 otherwise."""
     return torch.autocast(torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
-
 # -----------------------------------------------------------------------------
 # data: token memmaps cut into windows of T+1 tokens; window w holds tokens [w*T, w*T + T]
-
 
 def load_meta(data):
     path = os.path.join(data, "meta.json")
@@ -300,22 +276,18 @@ def load_meta(data):
         raw = f.read()
     return {**json.loads(raw), "sha256": hashlib.sha256(raw).hexdigest()}  # the data's fingerprint
 
-
 def read_json(path):
     with open(path) as f:
         return json.load(f)
 
-
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2).encode())
-
 
 def memmap(data, name, dtype):
     path = os.path.join(data, name)
     if not os.path.isfile(path):
         die(f"{path}: missing; re-run prepare.py for {data}")
     return np.memmap(path, dtype=dtype, mode="r")
-
 
 class Windows:
     """Windows of one token file, with arrays aligned with its tokens (extras: reference scores, noise labels).
@@ -350,21 +322,17 @@ class Windows:
         ws = self.step_windows(step, B, seed, hi)[RANK * share:(RANK + 1) * share]
         return [self.get(ws[i:i + micro], device) for i in range(0, share, micro)]
 
-
 def windows(data, name, meta, T, extras=()):
     return Windows(memmap(data, name, meta["dtype"]), T, extras, os.path.join(data, name))
-
 
 def web_split(n_windows, T):
     """The last 5% of web windows (at most 32, or 8,192 tokens of short windows) are web validation; continual
     pretraining trains on the rest."""
     return n_windows - min(max(32, 8192 // T), max(1, n_windows // 20))
 
-
 def no_ref(n):
     """Zeros in place of the reference scores of n tokens, for runs that read none: a view, no memory."""
     return np.broadcast_to(np.float32(0), (n, 2))
-
 
 def load_ref_scores(cfg, meta, T):
     """The reference scores of --ref_run (<out>/<run>/ref_scores.bin, float32 (web tokens, 2): L_RM and H_RM),
@@ -388,29 +356,24 @@ def load_ref_scores(cfg, meta, T):
             f"{T}: pass --block_size {info['block_size']} so both models see the same context")
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n_web, 2))
 
-
 # -----------------------------------------------------------------------------
 # the SLM loss (Rho-1, Sec. 2.2):  L_SLM = -1/(N*k) * sum_i I_k(x_i) * log P_theta(x_i | x_<i)
 # ref: (B, T, 2), each target's reference loss L_RM (ref[..., 0]) and the reference model's entropy H_RM (ref[..., 1])
-
 
 def token_loss(logits, targets):
     """Per-token loss -log P(x_i | x_<i) in fp32, (B, T); 0 where the target is ignored."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                            reduction="none").view(targets.shape)
 
-
 def excess_loss(train_loss, ref_loss):
     """L_delta(x_i) = L_theta(x_i) - L_RM(x_i), on detached losses: selection takes no gradient."""
     return train_loss.detach() - ref_loss
-
 
 def n_select(k, n):
     """ceil(k * n) of a count, or of a tensor of counts (per row, with no sync), at least 1 of a count of 1 or more;
     rounded to 6 decimals first, so that k*n = 6.000000000000001 gives 6."""
     n = torch.as_tensor(n, dtype=torch.float64)
     return torch.maximum(torch.ceil(torch.round(k * n * 1e6) / 1e6), (n > 0).double())
-
 
 def rank_of(score, valid, scope):
     """Each token's place in its group (scope batch: the whole step; sequence: its row) when the group's valid
@@ -423,7 +386,6 @@ def rank_of(score, valid, scope):
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
     return rank.reshape(shape)
 
-
 def select_topk(score, valid, k, scope="batch"):
     """I_k: the top ceil(k * n_valid) valid tokens by score, over the whole step (scope batch) or within each
     sequence. Ignored targets and NaN scores are never selected."""
@@ -431,9 +393,7 @@ def select_topk(score, valid, k, scope="batch"):
     n = valid.sum() if scope == "batch" else valid.sum(-1, keepdim=True)
     return (rank_of(score, valid, scope) < n_select(k, n)) & valid
 
-
 SELECT = ("excess", "random", "ref", "entropy", "ref_entropy", "train", "sample")
-
 
 def token_score(select, loss, ref, valid, scope, gen):
     """What I_k ranks by, highest first, for each --select:
@@ -458,7 +418,6 @@ def token_score(select, loss, ref, valid, scope, gen):
         return -ref[..., 1]
     return loss.detach()  # train
 
-
 def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=None):
     """I_k(x_i): which tokens carry the loss. k = 1: every valid token (CLM)."""
     valid = targets != IGNORE
@@ -469,14 +428,12 @@ def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=Non
         return select_topk(seq[None], valid.any(-1)[None], k)[0][:, None] & valid
     return select_topk(token_score(select, loss, ref, valid, scope, gen), valid, k, scope)
 
-
 def slm_loss(logits, targets, ref, k, scope="batch", select="excess", gen=None):
     """L_SLM on full logits (B, T, V): the plain reference that the fused head is tested against.
     Returns (the loss, every token's loss, I_k)."""
     loss = token_loss(logits, targets)  # -log P_theta(x_i | x_<i)
     sel = select_tokens(loss, targets, ref, k, scope, select, gen)  # I_k(x_i)
     return (loss * sel).sum() / sel.sum(), loss.detach(), sel  # -1/(N*k) sum_i: over the selected tokens only
-
 
 def select_step(loss, targets, ref, cfg, gen=None):
     """I_k over the whole optimizer step, however it is split across processes and micro-batches: (this process's
@@ -486,7 +443,6 @@ def select_step(loss, targets, ref, cfg, gen=None):
     # H_RM: 20 bytes a token), runs the same selection on it and keeps its own rows
     sel = select_tokens(gather_rows(loss), gather_rows(targets), gather_rows(ref), cfg.k, cfg.scope, cfg.select, gen)
     return sel[RANK * rows:(RANK + 1) * rows], int(sel.sum())
-
 
 # -----------------------------------------------------------------------------
 # the fused head: the loss from hidden states h (N, C) and the head weight w (V, C), never holding N x V logits
@@ -498,12 +454,10 @@ def select_step(loss, targets, ref, cfg, gen=None):
 # one buffer whose row stride is padded to 64 floats (aligned rows; V itself stays, e.g. 50257); dW accumulates in
 # place in fp32. The per-row softmax math runs as a Triton kernel on CUDA and as the PyTorch code below elsewhere.
 
-
 def sub_onehot_(g, y, row_scale):
     """g[i, y_i] -= row_scale_i on the rows whose target is not ignored."""
     valid = y != IGNORE
     g[torch.arange(len(y), device=g.device)[valid], y[valid]] -= row_scale[valid].to(g.dtype)
-
 
 def chunk_loss_torch(x, y, scale=None, g=None, entropy=False):
     """Per row of an fp32 (c, V) chunk of logits, overwriting it: (lse, loss, the softmax's entropy or None), fp32; the
@@ -524,14 +478,12 @@ def chunk_loss_torch(x, y, scale=None, g=None, entropy=False):
             g.copy_(x)
     return lse, loss, ent
 
-
 def chunk_grad_torch(x, y, lse, scale, g=None):
     """Writes (softmax - onehot) * scale of an fp32 chunk of logits, given its lse, into g (default: x, in place)."""
     row_scale = (y != IGNORE) * scale
     x.sub_(lse[:, None]).exp_().mul_(row_scale[:, None])
     sub_onehot_(x, y, row_scale)
     return x if g is None or g.data_ptr() == x.data_ptr() else g.copy_(x)
-
 
 try:
     import triton
@@ -584,14 +536,12 @@ if triton is not None:
         _write_grad(x_ptr + row * stride_x, g_ptr + row * stride_g, tl.load(y_ptr + row), tl.load(lse_ptr + row),
                     tl.load(scale_ptr), V, BLOCK_V)
 
-
 def _launch(x, g, scale, block_v):
     """The launch's shared arguments: the scale as a device tensor (no host sync), the strides, the block size."""
     assert x.stride(1) == 1 and g.stride(1) == 1, "logits and gradient rows must be contiguous"
     block = block_v or min(4096, triton.next_power_of_2(x.shape[1]))
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(1)
     return (scale, x.stride(0), g.stride(0), x.shape[1]), dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
-
 
 def chunk_loss_triton(x, y, scale=None, g=None, entropy=False, block_v=None):
     """chunk_loss_torch as one Triton launch (a program per row); reads x without overwriting it."""
@@ -601,13 +551,11 @@ def chunk_loss_triton(x, y, scale=None, g=None, entropy=False, block_v=None):
     _chunk_loss_kernel[(len(x),)](x, g, y, lse, loss, ent, *args, WRITE_GRAD=scale is not None, ENTROPY=entropy, **kw)
     return lse, loss, (ent if entropy else None)
 
-
 def chunk_grad_triton(x, y, lse, scale, g=None, block_v=None):
     g = x if g is None else g
     args, kw = _launch(x, g, scale, block_v)
     _chunk_grad_kernel[(len(x),)](x, g, y, lse, *args, **kw)
     return g
-
 
 def chunk_ops(device):
     """The per-chunk (loss, grad) pair for a device: Triton on CUDA when it is installed, else PyTorch."""
@@ -615,12 +563,10 @@ def chunk_ops(device):
         return chunk_loss_triton, chunk_grad_triton
     return chunk_loss_torch, chunk_grad_torch
 
-
 def chunk_rows(V, device):
     """Rows per chunk, a multiple of 64, from a budget of fp32 logits: 32 MB on a CPU (cache-sized), 512 MB on a GPU
     (at GPT-2's V, 2,624 rows: a 32 x 1024 micro-batch is 13 chunks)."""
     return max(64, (2**27 if device.type == "cuda" else 2**23) // (-(-V // 64) * 64) // 64 * 64)
-
 
 def buffers(n_rows, V, device, dtype):
     """The head's work space, reused chunk after chunk: rows per chunk, and (rows, V) views of buffers whose rows
@@ -629,7 +575,6 @@ def buffers(n_rows, V, device, dtype):
     x = torch.empty(max(1, min(rows, n_rows)), pad, device=device)[:, :V]
     return rows, x, x if dtype == torch.float32 else torch.empty(len(x), pad, dtype=dtype, device=device)[:, :V]
 
-
 def mm_fp32(a, b, out):
     """out = a @ b in fp32: bf16 operands on CUDA accumulate and store in fp32 (no bf16 rounding of the logits)."""
     if a.dtype == torch.float32:
@@ -637,7 +582,6 @@ def mm_fp32(a, b, out):
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     return out.copy_(a @ b)
-
 
 def addmm_fp32_(dw, a, b):
     """dw += a @ b, accumulated in dw's fp32, in place."""
@@ -650,11 +594,9 @@ def addmm_fp32_(dw, a, b):
             return dw.add_(torch.mm(a, b, out_dtype=torch.float32))
     return dw.add_(a @ b)
 
-
 def head_dtype(h):
     """The head's GEMM dtype: autocast's (bfloat16; the head runs outside autocast, accumulating in fp32), else h's."""
     return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-
 
 @torch.no_grad()
 def head_chunks(h, w, y, dtype, scale=None, entropy=False):
@@ -667,15 +609,14 @@ def head_chunks(h, w, y, dtype, scale=None, entropy=False):
     grads = None if scale is None else (torch.empty_like(hc), torch.zeros(V, C, dtype=torch.float32, device=h.device))
     for i in range(0, N, rows):
         c = len(hc[i:i + rows])
-        lse, out[0, i:i + c], ent = loss_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), y[i:i + c], scale, g[:c], entropy)
-        out[1, i:i + c] = lse
+        out[1, i:i + c], out[0, i:i + c], ent = loss_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), y[i:i + c], scale, g[:c],
+                                                        entropy)
         if entropy:
             out[2, i:i + c] = ent
         if grads:
             torch.mm(g[:c], wc, out=grads[0][i:i + c])  # dH = G W
             addmm_fp32_(grads[1], g[:c].t(), hc[i:i + c])  # dW += G^T H
     return out[0], out[1], (out[2] if entropy else None), grads
-
 
 class FullHeadLoss(torch.autograd.Function):
     """CLM's head: (the sum of every token's loss over n, every token's loss). The gradients are computed in the
@@ -692,7 +633,6 @@ class FullHeadLoss(torch.autograd.Function):
     def backward(ctx, grad, _):
         dh, dw = ctx.saved_tensors
         return dh.mul_(grad), dw.mul_(grad), None, None, None
-
 
 class SelectedHeadLoss(torch.autograd.Function):
     """SLM's head: the sum of the selected tokens' losses (given) over n, the number selected in the whole step.
@@ -719,7 +659,6 @@ class SelectedHeadLoss(torch.autograd.Function):
             addmm_fp32_(dw, gc.t(), hs)
         return dh, dw, None, None, None, None, None, None
 
-
 def fused_slm_loss(h, w, targets, ref, cfg, gen=None, sel=None, n=None):
     """The SLM loss from hidden states h (B, T, C) and the head weight w (V, C), never holding B*T x V logits: the
     same I_k, value and gradients as slm_loss(h @ w.T, targets, ref, cfg.k, cfg.scope, cfg.select, gen).
@@ -738,20 +677,17 @@ def fused_slm_loss(h, w, targets, ref, cfg, gen=None, sel=None, n=None):
         out = SelectedHeadLoss.apply(h.reshape(-1, C), w, y, loss, lse, sel.reshape(-1), max(n, 1), dtype)
     return out, loss.view(B, T), sel
 
-
 @torch.no_grad()
 def model_token_loss(model, x, y, entropy=False):
     """Every token's loss under model, (B, T), without grad or B*T x V logits; with entropy, (loss, entropy)."""
     h = model(x).flatten(0, 1)
-    dtype = head_dtype(h)  # autocast's, read before the head leaves autocast
+    dtype = head_dtype(h)  # autocast's: read before the head leaves autocast
     with torch.autocast(h.device.type, enabled=False):
         loss, _, ent, _ = head_chunks(h, model.lm_head.weight, y.flatten(), dtype, entropy=entropy)
     return (loss.view(y.shape), ent.view(y.shape)) if entropy else loss.view(y.shape)
 
-
 # -----------------------------------------------------------------------------
 # reference scoring: one forward pass of the frozen reference model over every web token
-
 
 def weights_sha256(model):
     """Fingerprint of a model's weights: a resumed scoring run must use the same reference model."""
@@ -759,7 +695,6 @@ def weights_sha256(model):
     for name, t in sorted(model.state_dict().items()):
         sha.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
     return sha.hexdigest()
-
 
 def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
     """Process 0 creates <path>.partial (float32 (n_tokens, 2), 1:1 with web.bin), <path>.done (a byte per block of
@@ -788,7 +723,6 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
         dist.barrier()
         info = read_json(path + ".partial.json")
     return info["score_batch"], np.fromfile(path + ".done", np.uint8)
-
 
 @torch.no_grad()
 def score_web(model, meta, cfg, run):
@@ -841,10 +775,8 @@ def score_web(model, meta, cfg, run):
               f"{f' over {WORLD} processes' if WORLD > 1 else ''}) -> {path}")
     return info
 
-
 # -----------------------------------------------------------------------------
 # evaluation: the target-distribution val loss (hq val), the web val loss, answer accuracy (greedy, exact match)
-
 
 def eval_sets(cfg, meta, T, ref=None):
     """What every evaluation reads: hq val windows, the web val windows with their reference scores (and, on the
@@ -856,7 +788,6 @@ def eval_sets(cfg, meta, T, ref=None):
             "web_val": list(range(web_split(web.n, T), web.n)), "enc": get_encoding(meta["encoding"]),
             "problems": read_json(os.path.join(cfg.data, "eval.json"))[:cfg.eval_problems]}
 
-
 @torch.no_grad()
 def val_loss(model, w, ws, device):
     total, n = 0.0, 0
@@ -864,7 +795,6 @@ def val_loss(model, w, ws, device):
         x, y = w.get(ws[i:i + 32], device)[:2]
         total, n = total + model_token_loss(model, x, y).sum().item(), n + int((y != IGNORE).sum())
     return total / n
-
 
 @torch.no_grad()
 def generate(model, prompts, max_new):
@@ -883,7 +813,6 @@ def generate(model, prompts, max_new):
         h = model(nxt[:, None], pad, caches)
     return torch.stack(out, 1).tolist()
 
-
 def answer_accuracy(model, problems, enc, max_new=48):
     """The share of problems whose generated '#### N' line equals the reference answer."""
     correct = 0
@@ -895,7 +824,6 @@ def answer_accuracy(model, problems, enc, max_new=48):
             m = re.search(r"####\s*(-?\d[\d,]*)", enc.decode([t for t in o if t < enc.n_vocab]))  # padded ids: none
             correct += bool(m) and m.group(1).replace(",", "") == p["answer"]
     return round(correct / max(len(problems), 1), 4)
-
 
 @torch.no_grad()
 def evaluate(model, ev, cfg):
@@ -913,10 +841,8 @@ def evaluate(model, ev, cfg):
     sel = select_tokens(web, y, ref, cfg.k, cfg.scope, cfg.select, gen)
     return measures, {"hq": model_token_loss(model, x_hq, y_hq).half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
 
-
 # -----------------------------------------------------------------------------
 # training: the base model (demo), the reference model (CLM on hq), continual pretraining (CLM or SLM on web)
-
 
 def run_name(cfg):
     if cfg.name or cfg.mode != "slm":
@@ -924,13 +850,11 @@ def run_name(cfg):
     return f"slm-k{cfg.k:g}" + ("" if cfg.select == "excess" else f"-{cfg.select}") + \
         ("" if cfg.scope == "batch" else f"-{cfg.scope}")
 
-
 def save_checkpoint(path, model, opt, gen, step, cfg, meta, state):
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(), "step": step,
                 "config": asdict(cfg), "model_config": asdict(model.config), "encoding": meta["encoding"],
                 "n_vocab": meta["vocab_size"], "data_sha256": meta["sha256"], "state": state}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a kill leaves the previous checkpoint intact
-
 
 def load_checkpoint(path, meta=None, what="checkpoint"):
     if not os.path.isfile(path):
@@ -945,7 +869,6 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
             f"train a new model")
     return ckpt
 
-
 def start_from(cfg, meta):
     """--init_from, resolved: on data with a base corpus (the demo), --ref, --clm and --slm start from the base run,
     as the paper's reference and training models start from one pretrained base."""
@@ -959,7 +882,6 @@ def start_from(cfg, meta):
         print(f"{run_name(cfg)}: starting from the base run ({base}); --init_from scratch starts from random weights")
     return "base"
 
-
 def build_model(cfg, meta, model_cfg):
     torch.manual_seed(cfg.seed)
     if is_gpt2(cfg.init_from):  # GPT-2's weights and shape; --block_size (if given) crops its context
@@ -967,9 +889,6 @@ def build_model(cfg, meta, model_cfg):
             die(f"--init_from {cfg.init_from}: GPT-2 weights need data prepared with `python prepare.py ... "
                 f"--encoding gpt2`; {cfg.data} has encoding {meta['encoding']}")
         model = gpt_from_hf(load_gpt2(cfg.init_from), model_cfg.block_size)
-        if model.config.vocab_size < meta["vocab_size"]:
-            die(f"--init_from {cfg.init_from}: {model.config.vocab_size} token embeddings, but the data has "
-                f"{meta['vocab_size']} tokens")
     elif cfg.init_from not in ("", "scratch"):  # a checkpoint: a path, or the name of a run in --out
         run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")
         path = run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from
@@ -980,10 +899,8 @@ def build_model(cfg, meta, model_cfg):
         model = GPT(GPTConfig(**{**asdict(model_cfg), "vocab_size": 64 * math.ceil(meta["vocab_size"] / 64)}))
     return model.to(cfg.device)
 
-
 # how a run computes or where it lives, not what it computes (the data itself is checked by its sha256)
 FREE_ON_RESUME = ("resume", "device", "compile", "micro_batch", "score_batch", "preset", "out", "name", "data")
-
 
 def check_resume(ckpt, cfg, model, meta, path):
     """--resume continues the run that was saved, or refuses: every flag that defines the run (k, select, scope,
@@ -1000,14 +917,12 @@ def check_resume(ckpt, cfg, model, meta, path):
         die(f"--resume: {cfg.data} is not the data that {path} was trained on (prepared again?): restore that data, "
             f"or give this run another --name")
 
-
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
 
 def training_windows(cfg, meta, T):
     """(the windows with their extras, how many of them training reads): base for the base model, hq for the
@@ -1026,12 +941,10 @@ def training_windows(cfg, meta, T):
     w = windows(cfg.data, "web.bin", meta, T, extras)
     return w, web_split(w.n, T)
 
-
 def step_loss(fwd, w, x, y, ref, cfg, gen, sel=None, n=None):
     """The loss of one micro-batch: fwd is the model's forward (maybe compiled, maybe DDP), w the head weight."""
     with autocast(cfg):
         return fused_slm_loss(fwd(x), w, y, ref, cfg, gen, sel, n)
-
 
 @torch.no_grad()
 def selection_pass(fwd, micro, cfg, gen):
@@ -1044,7 +957,6 @@ def selection_pass(fwd, micro, cfg, gen):
             loss = torch.cat([model_token_loss(fwd, x, yy) for x, yy, *_ in micro])
     sel, n = select_step(loss, y, ref, cfg, gen)
     return list(sel.split(len(micro[0][1]))), n
-
 
 def train_step(model, fwd, ddp, micro, cfg, gen):
     """Forward and backward of one optimizer step over this process's micro-batches: the gradient of the mean loss
@@ -1060,7 +972,6 @@ def train_step(model, fwd, ddp, micro, cfg, gen):
         total.append(loss.detach())
     return sum_ranks(torch.stack(total).sum()), sels
 
-
 def split_step(cfg):
     """Sequences per forward on each process, checked against the step's batch."""
     if cfg.batch_size % WORLD:
@@ -1071,13 +982,11 @@ def split_step(cfg):
             f"(--batch_size {cfg.batch_size} over {WORLD} processes)")
     return cfg.micro_batch or share
 
-
 def noise_share(counts, labels):
     """The share of tokens that are noise, overall and per noise kind (label 0 is clean)."""
     total = max(1, sum(counts))
     return {"all": round(1 - counts[0] / total, 4),
             **{labels[i]: round(c / total, 4) for i, c in enumerate(counts) if i}}
-
 
 def record(state, step, measures, counts, n, loss_sum, labels):
     """Appends one evaluation to the history: the measures, the mean training loss of the n steps since the last
@@ -1094,7 +1003,6 @@ def record(state, step, measures, counts, n, loss_sum, labels):
     state["history"].append(e)
     return line
 
-
 def write_token_losses(path, state, ev):
     """<out>/<name>/tokens.npz: the per-eval token losses of the fixed token set, with the steps and tokens seen of
     each eval, and the web val windows (tokens, reference scores, labels) that they belong to. Atomic."""
@@ -1109,7 +1017,6 @@ def write_token_losses(path, state, ev):
     with open(path + ".tmp", "wb") as f:
         np.savez(f, **arrays)
     os.replace(path + ".tmp", path)
-
 
 def finish(cfg, meta, name, state, out_dir, model, extra):
     """Writes <out>/<name>/metrics.json: the run's config, its evaluations, every step's loss, and what the bits of a
@@ -1132,7 +1039,6 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
           f"-> {out_dir}/metrics.json")
     return metrics
 
-
 def train(cfg, model_cfg):
     meta, name = load_meta(cfg.data), run_name(cfg)
     master, out_dir = RANK == 0, os.path.join(cfg.out, name)  # the master logs, evaluates and saves
@@ -1152,6 +1058,8 @@ def train(cfg, model_cfg):
     if cfg.resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, meta)
         check_resume(ckpt, cfg, model, meta, ckpt_path)
+        if set(ckpt["state"]) != set(state):
+            die(f"--resume: {ckpt_path} was written by another version of rho; give this run another --name")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["rng"])
@@ -1213,10 +1121,8 @@ def train(cfg, model_cfg):
         write_token_losses(os.path.join(out_dir, "tokens.npz"), state, ev)
         return finish(cfg, meta, name, state, out_dir, model, extra)
 
-
 # -----------------------------------------------------------------------------
 # comparison: one table of every run in --out (report.py compares several folders: seeds)
-
 
 def wilson(p, n, z=1.96):
     """The 95% (Wilson) interval of a share p of n trials: answer accuracy over n problems."""
@@ -1224,7 +1130,6 @@ def wilson(p, n, z=1.96):
         return 0.0, 1.0
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
-
 
 def tokens_to_reach(history, target, key="tokens_seen", measure="val_loss_hq"):
     """Tokens (linearly interpolated between evaluations) at which a measure first reaches target: a loss at or
@@ -1240,7 +1145,6 @@ def tokens_to_reach(history, target, key="tokens_seen", measure="val_loss_hq"):
         prev = h
     return None
 
-
 def load_runs(out):
     """metrics.json of every run in the folder out, in pipeline order."""
     runs = []
@@ -1251,14 +1155,12 @@ def load_runs(out):
         die(f"{out}: no runs with metrics.json: run `python rho.py --base`, `--ref`, `--clm`, `--slm --k 0.6` first")
     return sorted(runs, key=lambda r: (["base", "ref", "clm", "slm"].index(r["mode"]), r["run"]))
 
-
 def reach(r, clm, measure):
     """'tokens (CLM's tokens over them)' until run r first reaches CLM's final value of a measure."""
     if not clm or r["mode"] not in ("clm", "slm"):
         return "-"
     t = tokens_to_reach(r["history"], clm["final"][measure], measure=measure)
     return "never" if t is None else f"{t / 1e6:.2f}M {clm['tokens_seen'] / t:.1f}x"
-
 
 def compare(cfg):
     runs = load_runs(cfg.out)
@@ -1293,7 +1195,6 @@ def compare(cfg):
         print("note: the continual-pretraining runs started from different checkpoints (--init_from): not comparable.")
     return runs
 
-
 # -----------------------------------------------------------------------------
 # main
 
@@ -1306,10 +1207,8 @@ MODES = {"base": "train a base model on the general corpus (base.bin; the demo h
 CHOICES = {"select": SELECT, "scope": ("batch", "sequence"), "dtype": ("auto", "float32", "bfloat16"),
            "preset": ("", *PRESETS)}
 
-
 def arg_error(msg):
     die(f"{msg} (python rho.py --help lists the flags; abbreviations of them are not accepted)")
-
 
 def check_flags(a):
     """Bad values, each as one line, before anything runs."""
@@ -1323,7 +1222,6 @@ def check_flags(a):
     if a.select == "sample" and a.scope != "batch":
         die("--select sample ranks whole sequences of the step: it has no --scope sequence; drop --scope")
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Selective Language Modeling (Rho-1): the reference model, scoring, SLM "
                                 "and CLM continual pretraining.", allow_abbrev=False)  # --batch is not --batch_size
@@ -1333,15 +1231,16 @@ def parse_args(argv=None):
         job.add_argument(f"--{mode}", action="store_true", help=text)
     d = RunConfig(device="cuda" if torch.cuda.is_available() else "cpu")
     for f in fields(RunConfig)[1:]:  # every field but mode is a flag
-        v, text = getattr(d, f.name), HELP[f.name] + (f" (default {getattr(d, f.name)})" if getattr(d, f.name) else "")
+        v = getattr(d, f.name)
         if isinstance(v, bool):
             p.add_argument(f"--{f.name}", action="store_true", help=HELP[f.name])
         else:
-            p.add_argument(f"--{f.name}", type=type(v), default=v, choices=CHOICES.get(f.name), help=text)
+            p.add_argument(f"--{f.name}", type=type(v), default=v, choices=CHOICES.get(f.name),
+                           help=HELP[f.name] + (f" (default {v})" if v else ""))
     for f in fields(GPTConfig):
-        if f.name != "vocab_size":
-            p.add_argument(f"--{f.name}", type=int, default=None, help=f"model {f.name} (default {f.default}; with "
-                           f"--init_from, the checkpoint's)")
+        if f.name != "vocab_size":  # the data's
+            p.add_argument(f"--{f.name}", type=int, help=f"model {f.name} (default {f.default}; with --init_from, the "
+                           "checkpoint's)")
     a = p.parse_args(argv)
     mode = next(m for m in MODES if getattr(a, m))
     if a.preset:  # the preset's values become the defaults: a flag given explicitly still wins
@@ -1355,16 +1254,14 @@ def parse_args(argv=None):
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     cfg = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig)[1:]}, mode=mode)
     shape = {f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}  # None: not given
-    if a.init_from and a.init_from != "scratch":  # the checkpoint's shape; --block_size can crop GPT-2's context
-        ignored = [f"--{key}" for key, v in shape.items() if v is not None and (key != "block_size" or
-                                                                                 not is_gpt2(a.init_from))]
-        if ignored:
-            print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from --init_from {a.init_from}",
-                  file=sys.stderr)
-    else:
-        shape = {key: v for key, v in shape.items() if v is not None}  # the rest: GPTConfig's defaults
+    if a.init_from in ("", "scratch"):
+        return cfg, GPTConfig(**{key: v for key, v in shape.items() if v is not None})  # the rest: the defaults
+    crop = is_gpt2(a.init_from)  # the checkpoint's shape; --block_size can crop GPT-2's context
+    ignored = [f"--{key}" for key, v in shape.items() if v is not None and (key != "block_size" or not crop)]
+    if ignored:
+        print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from --init_from {a.init_from}",
+              file=sys.stderr)
     return cfg, GPTConfig(**shape)
-
 
 def main(argv=None):
     cfg, model_cfg = parse_args(argv)
@@ -1382,7 +1279,6 @@ def main(argv=None):
     finally:
         if WORLD > 1:
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

@@ -32,19 +32,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
         "--eval_problems", "4", "--init_from", "scratch"]
 
-
 def cfg_of(k, scope="batch", select="excess"):
     return rho.RunConfig(k=k, scope=scope, select=select)
-
 
 def ref_of(*shape, generator=None, scale=1.0):
     """Reference scores (..., 2): L_RM and H_RM, random."""
     return torch.rand(*shape, 2, generator=generator) * scale
 
-
 # -----------------------------------------------------------------------------
 # model: our GPT against transformers' GPT-2 (a tiny random one built here: no download)
-
 
 def tiny_hf(vocab=50257, **kw):
     """GPT-2's real vocabulary (unpadded, several head chunks), 2 layers of 32; every weight, bias and
@@ -57,7 +53,6 @@ def tiny_hf(vocab=50257, **kw):
         for p in hf.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return hf
-
 
 def test_gpt2_logits_equal_transformers():
     hf = tiny_hf()
@@ -74,7 +69,6 @@ def test_gpt2_logits_equal_transformers():
     with pytest.raises(SystemExit, match=r"--block_size 65: .*has 64 positions; pass --block_size 64 or less"):
         rho.gpt_from_hf(hf, block_size=65)
 
-
 def test_gpt2_fused_head_loss_and_grads_equal_transformers():
     hf = tiny_hf()
     model = rho.gpt_from_hf(hf)
@@ -90,7 +84,6 @@ def test_gpt2_fused_head_loss_and_grads_equal_transformers():
     torch.testing.assert_close(model.transformer.wte.weight.grad, hf.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.grad, hf.transformer.h[0].attn.c_attn.weight.grad.t(), rtol=1e-4, atol=1e-6)
 
-
 @pytest.mark.parametrize("bad", [dict(activation_function="relu"), dict(layer_norm_epsilon=1e-6),
                                  dict(scale_attn_by_inverse_layer_idx=True), dict(n_inner=64)])
 def test_gpt2_error_config_not_our_math(bad):
@@ -98,7 +91,6 @@ def test_gpt2_error_config_not_our_math(bad):
     key, value = next(iter(bad.items()))
     with pytest.raises(SystemExit, match=rf"{key}={value!r}: rho's GPT is plain GPT-2"):
         rho.gpt_from_hf(hf)
-
 
 def test_gpt2_init_from_local_directory(tmp_path, capsys):
     hf = tiny_hf()
@@ -120,7 +112,6 @@ def test_gpt2_init_from_local_directory(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable GPT-2 directory \(.*model.safetensors"):
         rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
 
-
 def test_gpt2_shape_flags_with_init_from(capsys):
     _, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2"])
     assert model_cfg.block_size is None and "warning" not in capsys.readouterr().err  # GPT-2's own 1024
@@ -131,10 +122,8 @@ def test_gpt2_shape_flags_with_init_from(capsys):
     _, model_cfg = rho.parse_args(["--clm"])
     assert model_cfg == rho.GPTConfig()
 
-
 # -----------------------------------------------------------------------------
 # data: batches against their definition (a function of seed and step; web val never trained on)
-
 
 def test_same_batches_for_every_run_and_no_web_val_in_training():
     w = rho.Windows(np.arange(32 * 40 + 1, dtype=np.uint16), 32)
@@ -146,10 +135,8 @@ def test_same_batches_for_every_run_and_no_web_val_in_training():
     assert len(set(epoch)) == len(epoch) == hi // 4 * 4  # one epoch: every window at most once
     assert max(torch.cat(first).tolist()) < hi  # web validation windows are never trained on
 
-
 # -----------------------------------------------------------------------------
 # the SLM loss against a hand-written, token-by-token reference of Rho-1's equation
-
 
 def reference_slm(logits, targets, ref, k, scope):
     """Rho-1's Eq. 2 written out token by token: rank by excess loss, lower index first on ties,
@@ -164,7 +151,6 @@ def reference_slm(logits, targets, ref, k, scope):
         n = math.ceil(k * len(valid) - 1e-9)
         chosen += sorted(valid, key=lambda bt: (-(loss[bt].item() - ref[bt][0].item()), g.index(bt)))[:n]
     return sum(loss[bt] for bt in chosen) / len(chosen), set(chosen)
-
 
 @pytest.mark.parametrize("scope", ["batch", "sequence"])
 @pytest.mark.parametrize("k", [0.1, 0.35, 0.6, 1.0])
@@ -184,7 +170,6 @@ def test_slm_loss_matches_reference(scope, k):
     assert {tuple(i) for i in sel.nonzero().tolist()} == ref_sel
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-7)
-
 
 @pytest.mark.parametrize("scope", ["batch", "sequence"])
 def test_topk_counts_ignored_and_ties(scope):
@@ -206,18 +191,15 @@ def test_topk_counts_ignored_and_ties(scope):
     idx = sel.flatten().nonzero().flatten().tolist()
     assert idx == [0, 1, 39]  # ceil(0.1 * 28 valid) = 3: the top score, then indices 0 and 1
 
-
 def test_topk_never_selects_ignored_even_with_extreme_scores():
     score = torch.tensor([[float("-inf"), -1e38, 5.0, float("inf")]])
     valid = torch.tensor([[True, True, False, False]])
     sel = rho.select_topk(score, valid, 1.0)
     assert sel.tolist() == [[True, True, False, False]]
 
-
 def test_n_select_rounding():
     assert rho.n_select(0.6, 10) == 6 and rho.n_select(0.6, 11) == 7 and rho.n_select(1.0, 7) == 7
     assert rho.n_select(0.001, 10) == 1
-
 
 def test_tiny_k_selects_one_token_and_nan_scores_never():
     """A k so small that ceil(k * n) rounds to 0 still selects one valid token (a finite loss, not 0/0); a NaN score
@@ -234,7 +216,6 @@ def test_tiny_k_selects_one_token_and_nan_scores_never():
     for select in ("excess", "ref", "ref_entropy"):
         assert not rho.select_tokens(torch.zeros(2, 8), y, ref, 0.99, select=select)[0, 3]
 
-
 def test_k1_equals_cross_entropy():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 9, 13, generator=g).requires_grad_()
@@ -248,13 +229,11 @@ def test_k1_equals_cross_entropy():
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(ga, gb)
 
-
 def test_random_select_is_seeded_and_uniform():
     logits, targets, ref = torch.zeros(4, 50, 5), torch.zeros(4, 50, dtype=torch.long), torch.zeros(4, 50, 2)
     pick = lambda seed: rho.slm_loss(logits, targets, ref, 0.3, select="random", gen=torch.Generator().manual_seed(seed))[2]
     assert torch.equal(pick(0), pick(0)) and not torch.equal(pick(0), pick(1))
     assert pick(0).sum() == 60
-
 
 def test_selection_rules():
     """Every --select against selections worked out by hand, in the paper's Table 3 and App. H forms."""
@@ -277,7 +256,6 @@ def test_selection_rules():
     assert sel("sample", 0.34) == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2]]
     assert sel("sample", 0.2) == [[1, 0], [1, 1], [1, 2]]
 
-
 def test_reference_model_gets_no_gradient():
     torch.manual_seed(0)
     cfg = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
@@ -289,10 +267,8 @@ def test_reference_model_gets_no_gradient():
     assert all(p.grad is None for p in ref_model.parameters())
     assert all(p.grad is not None for p in model.parameters())
 
-
 # -----------------------------------------------------------------------------
 # the fused head against slm_loss on full logits; its chunk kernels against float64
-
 
 def fused_case(B=3, T=10, C=8, V=37, seed=0, device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
@@ -306,7 +282,6 @@ def fused_case(B=3, T=10, C=8, V=37, seed=0, device="cpu", dtype=torch.float32):
     y[0, 2], r[0, 2] = y[0, 1], r[0, 1]
     return h, w, y.to(device), r.to(device)
 
-
 def assert_fused_equals_plain(h, w, y, r, k, scope, rows, tol, monkeypatch):
     monkeypatch.setattr(rho, "chunk_rows", lambda V, device: rows)  # several chunks, the last one partial
     a, la, sa = rho.slm_loss(h.float() @ w.float().t(), y, r, k, scope)
@@ -319,14 +294,12 @@ def assert_fused_equals_plain(h, w, y, r, k, scope, rows, tol, monkeypatch):
     for x, ref in [(b, a), (lb, la), (fh, gh), (fw, gw)]:
         torch.testing.assert_close(x.float(), ref.float(), **tol)
 
-
 @pytest.mark.parametrize("rows", [4, 7, 1024])
 @pytest.mark.parametrize("scope", ["batch", "sequence"])
 @pytest.mark.parametrize("k", [0.01, 0.35, 0.6, 1.0])
 def test_fused_head_equals_plain_slm_loss(k, scope, rows, monkeypatch):
     """k = 1 is CLM's one-pass head (gradients in the forward); k < 1 the SLM head (backward on the selected rows)."""
     assert_fused_equals_plain(*fused_case(), k, scope, rows, dict(rtol=1e-5, atol=1e-6), monkeypatch)
-
 
 def test_clm_head_equals_torch_cross_entropy_and_native_op():
     h, w, y, _ = fused_case(V=131)
@@ -343,13 +316,11 @@ def test_clm_head_equals_torch_cross_entropy_and_native_op():
         for x, x_ref in zip(ga, torch.autograd.grad(b, (h, w))):
             torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
 
-
 def test_fused_head_gradient_rows_are_zero_outside_selection():
     h, w, y, r = fused_case()
     loss, _, sel = rho.fused_slm_loss(h, w, y, r, cfg_of(0.3))
     dh, = torch.autograd.grad(loss, h)
     assert (dh[~sel] == 0).all() and (dh[sel].abs().sum(-1) > 0).all()
-
 
 def chunk_case(C, V, kind, seed=0):
     """A (C, V) logits chunk (a view, for "strided"), with ignored rows and one hard property per kind."""
@@ -365,7 +336,6 @@ def chunk_case(C, V, kind, seed=0):
         x[0] = 7.5
     return x, y
 
-
 def chunk_ref64(x, y, scale):
     """lse, loss, entropy and the gradient (softmax - onehot) * scale of a chunk, in float64."""
     logp = torch.log_softmax(x.double(), 1)
@@ -376,10 +346,8 @@ def chunk_ref64(x, y, scale):
     entropy = -(logp.exp() * logp).sum(1)
     return (x.double() - logp)[:, 0], loss, entropy, (logp.exp() - onehot) * scale * valid[:, None]
 
-
 CHUNK_FNS = {"torch": lambda: (rho.chunk_loss_torch, rho.chunk_grad_torch),
              "triton": lambda: (rho.chunk_loss_triton, rho.chunk_grad_triton)}
-
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["plain", "ties", "large", "strided"])
@@ -405,13 +373,11 @@ def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
     assert out.data_ptr() == x.data_ptr()  # in place
     torch.testing.assert_close(out.double(), grad64, rtol=1e-5, atol=1e-6)
 
-
 @needs_triton
 @pytest.mark.parametrize("k", [0.01, 0.6, 1.0])
 def test_fused_head_with_triton_kernels_equals_plain(k, monkeypatch):
     monkeypatch.setattr(rho, "chunk_ops", lambda device: (rho.chunk_loss_triton, rho.chunk_grad_triton))
     assert_fused_equals_plain(*fused_case(), k, "batch", 7, dict(rtol=1e-5, atol=1e-6), monkeypatch)
-
 
 @needs_cuda
 @needs_triton
@@ -420,10 +386,8 @@ def test_fused_head_on_gpu_bf16(k, monkeypatch):
     h, w, y, r = fused_case(B=4, T=64, C=64, V=1000, device="cuda", dtype=torch.bfloat16)
     assert_fused_equals_plain(h, w, y, r, k, "batch", 64, dict(rtol=2e-2, atol=2e-2), monkeypatch)
 
-
 # -----------------------------------------------------------------------------
 # reference scoring: resumed and split scoring against one uninterrupted pass
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -431,17 +395,14 @@ def demo(tmp_path_factory):
     prepare.main(["--out", str(d / "data"), "--web_tokens", "30000"])
     return d
 
-
 def run(demo, out, *args):
     return rho.main(["--data", str(demo / "data"), "--out", str(out), *TINY, *args])
-
 
 def free_port():
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
 
 def recording_selection(monkeypatch=None):
     """Wraps rho.train_step to keep each step's selected tokens of this process (its rows, in order)."""
@@ -457,7 +418,6 @@ def recording_selection(monkeypatch=None):
         rho.train_step = train_step
     return masks
 
-
 def torchrun_child(rank, world, port, argv, record):
     """One of `world` processes, as torchrun would start it."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -465,13 +425,11 @@ def torchrun_child(rank, world, port, argv, record):
     rho.main(argv)
     torch.save(masks, f"{record}.{rank}.pt")
 
-
 def torchrun(world, argv, record):
     """rho.main(argv) in `world` CPU processes on the gloo backend; returns each step's selection, all ranks' rows."""
     torch.multiprocessing.spawn(torchrun_child, args=(world, free_port(), argv, record), nprocs=world)
     per_rank = [torch.load(f"{record}.{r}.pt") for r in range(world)]
     return [torch.cat(steps) for steps in zip(*per_rank)]
-
 
 @pytest.fixture(scope="module")
 def one_process(demo, tmp_path_factory):
@@ -487,7 +445,6 @@ def one_process(demo, tmp_path_factory):
         mp.undo()
         runs[select] = masks
     return out, runs
-
 
 def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_process, tmp_path, monkeypatch):
     out, _ = one_process
@@ -520,10 +477,8 @@ def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_proc
     assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float32), whole, equal_nan=True)
     assert json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())["processes"] == 2
 
-
 # -----------------------------------------------------------------------------
 # evaluation: batched generation against one prompt at a time
-
 
 def test_batched_generation_equals_one_by_one():
     torch.manual_seed(0)
@@ -534,16 +489,13 @@ def test_batched_generation_equals_one_by_one():
     with torch.no_grad():  # and the first generated token is the plain forward's argmax
         assert batched[0][0] == model.lm_head(model(torch.tensor([prompts[0]])))[0, -1].argmax().item()
 
-
 def test_wilson_interval():
     lo, hi = rho.wilson(0.5, 200)
     assert abs(lo - 0.4314) < 1e-3 and abs(hi - 0.5686) < 1e-3  # the textbook values
     assert rho.wilson(0.0, 200)[0] == 0.0 and 0.0 < rho.wilson(0.0, 200)[1] < 0.02 and rho.wilson(1.0, 10)[1] == 1.0
 
-
 # -----------------------------------------------------------------------------
 # training: end to end; a fixed seed bitwise; resume against an uninterrupted run; many processes against one
-
 
 def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
     run(demo, tmp_path, "--ref", "--steps", "4", "--eval_every", "2")
@@ -565,7 +517,6 @@ def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "slm-k0.6" in table and "clm" in table and "to CLM loss" in table and "to CLM acc" in table
 
-
 def test_fixed_seed_is_bitwise_reproducible_across_processes(demo, tmp_path):
     """The same command in two fresh processes, from other folders: bitwise the same losses and evaluations."""
     argv = [*TINY, "--clm", "--steps", "4", "--eval_every", "2", "--data", str(demo / "data"), "--out", "out"]
@@ -577,7 +528,6 @@ def test_fixed_seed_is_bitwise_reproducible_across_processes(demo, tmp_path):
     assert a["losses"] == b["losses"] and len(a["losses"]) == 4 and a["env"] == b["env"]
     assert [h["val_loss_hq"] for h in a["history"]] == [h["val_loss_hq"] for h in b["history"]]
     assert a["env"]["threads"] == torch.get_num_threads() and a["env"]["processes"] == 1
-
 
 def test_resume_equals_uninterrupted(demo, tmp_path, monkeypatch):
     run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2")
@@ -607,7 +557,6 @@ def test_resume_equals_uninterrupted(demo, tmp_path, monkeypatch):
     assert list(za["step"]) == [2, 4, 6] and set(za.files) == set(zb.files)
     assert all(np.array_equal(za[f], zb[f]) for f in za.files)
 
-
 def test_resume_refuses_a_changed_run(demo, tmp_path, capsys):
     """--resume with a flag that defines the run changed: one line naming the flag and both values; the checkpoint is
     left as it was. Flags that change how, not what, a run computes (--micro_batch, --device, ...) may change."""
@@ -625,7 +574,6 @@ def test_resume_refuses_a_changed_run(demo, tmp_path, capsys):
     os.rename(tmp_path / "x", tmp_path / "moved" / "y")  # a run moved to another --out and --name is the same run
     run(demo, tmp_path / "moved", "--clm", "--steps", "4", "--eval_every", "2", "--name", "y", "--resume")
 
-
 @pytest.mark.parametrize("world,micro,select", [(1, 2, "excess"), (2, 2, "excess"), (2, 4, "excess"), (2, 2, "random")])
 def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, world, micro, select, tmp_path,
                                                             monkeypatch):
@@ -642,7 +590,6 @@ def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, wo
         masks = torchrun(world, argv, tmp_path / "sel")
     assert_same_run(out / select, tmp_path / select, runs[select], masks)
 
-
 def assert_same_run(a, b, masks_a, masks_b):
     """The same tokens selected at every step; losses and weights equal up to float summation order."""
     assert len(masks_a) == len(masks_b) == 3 and all(torch.equal(x, y) for x, y in zip(masks_a, masks_b))
@@ -652,7 +599,6 @@ def assert_same_run(a, b, masks_a, masks_b):
     wa, wb = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (a, b))
     assert all(torch.allclose(wa[n], wb[n], rtol=1e-4, atol=1e-6) for n in wa)
 
-
 def test_init_from_starts_from_base_weights(demo, tmp_path):
     run(demo, tmp_path, "--base", "--steps", "10", "--eval_every", "10", "--lr", "1e-2")
     base = json.loads((tmp_path / "base" / "metrics.json").read_text())
@@ -661,7 +607,6 @@ def test_init_from_starts_from_base_weights(demo, tmp_path):
         run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "2", "--name", "cont", "--init_from", init)
         cont = json.loads((tmp_path / "cont" / "metrics.json").read_text())
         assert cont["losses"][0] < base["losses"][0] - 0.1  # starts where the base ended, not from scratch
-
 
 def test_demo_runs_start_from_the_base_run(demo, tmp_path, capsys):
     """On data with a base corpus, --ref, --clm and --slm start from <out>/base without a flag, and say so; without
@@ -674,7 +619,6 @@ def test_demo_runs_start_from_the_base_run(demo, tmp_path, capsys):
                   "--eval_every", "2"])
     assert m["config"]["init_from"] == "base" and "clm: starting from the base run" in capsys.readouterr().out
 
-
 def test_reference_runs_own_their_scores(demo, tmp_path):
     """--ref --name myref scores into <out>/myref/, and --slm --ref_run myref reads them; --slm alone asks for ref."""
     run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--name", "myref")
@@ -684,7 +628,6 @@ def test_reference_runs_own_their_scores(demo, tmp_path):
     m = run(demo, tmp_path, "--slm", "--steps", "2", "--eval_every", "2", "--ref_run", "myref")
     assert m["config"]["ref_run"] == "myref"
     run(demo, tmp_path, "--score", "--name", "myref")  # re-scoring names the run too
-
 
 def test_error_reference_scores_missing_or_mismatched(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"reference scores missing: run `python rho.py --ref`"):
@@ -702,7 +645,6 @@ def test_error_reference_scores_missing_or_mismatched(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"computed for other data .*encoding gpt2"):
         run(demo, tmp_path, "--slm", "--steps", "1")
 
-
 def test_error_reference_vocabulary_differs(demo, tmp_path):
     run(demo, tmp_path, "--ref", "--steps", "1")
     ckpt = torch.load(tmp_path / "ref" / "ckpt.pt", weights_only=True)
@@ -711,7 +653,6 @@ def test_error_reference_vocabulary_differs(demo, tmp_path):
         run(demo, tmp_path, "--score")
     with pytest.raises(SystemExit, match=r"base checkpoint has vocabulary gpt2"):
         run(demo, tmp_path, "--clm", "--steps", "1", "--init_from", str(tmp_path / "ref" / "ckpt.pt"))
-
 
 def test_error_nan_loss_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
     real, calls = rho.step_loss, {"n": 0}
@@ -727,11 +668,9 @@ def test_error_nan_loss_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "clm" / "ckpt.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "clm" / "metrics.json").exists()
 
-
 def test_error_init_from_missing(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"nope: no such base checkpoint"):
         run(demo, tmp_path, "--clm", "--steps", "1", "--init_from", "nope")
-
 
 def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"hq_train.bin: \d+ training windows of 33 tokens, fewer than one batch: "
@@ -742,11 +681,9 @@ def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"has no base corpus .*--init_from CKPT"):
         rho.main(["--base", "--data", str(tmp_path / "real"), "--out", str(tmp_path), *TINY])
 
-
 def test_gpt2_error_wrong_encoding(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"GPT-2 weights need data prepared with `python prepare.py ... --encoding gpt2`; .* has encoding bytes"):
         rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from", "gpt2"])
-
 
 def test_gpt2_error_transformers_missing_or_offline(tmp_path, monkeypatch):
     cfg, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--device", "cpu"])
@@ -764,7 +701,6 @@ def test_gpt2_error_transformers_missing_or_offline(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
                                          r"Hugging Face cache \(HF_HUB_OFFLINE=1 .*save_pretrained$"):
         rho.build_model(cfg, meta, model_cfg)
-
 
 def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypatch):
     """A tiny GPT-2 continually pretrained on gpt2-labelled data: resume equals an uninterrupted run, and the
@@ -794,15 +730,12 @@ def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypa
     cont = rho.main([*args, "--init_from", "full", "--steps", "2", "--name", "cont"])  # a rho checkpoint now
     assert cont["model_config"] == full["model_config"] and cont["losses"][0] < full["losses"][0]  # starts where full ended
 
-
 # -----------------------------------------------------------------------------
 # main: bad flags against the one line each must give
-
 
 def test_error_data_not_prepared(tmp_path):
     with pytest.raises(SystemExit, match=r"data not prepared .*python prepare.py --hq FILE --web FILE"):
         rho.main(["--clm", "--data", str(tmp_path / "nothing")])
-
 
 def test_error_bad_flags_one_line_each():
     for argv, msg in ((["--slm", "--k", "0"], r"--k 0.0: k is the share of tokens selected and must be in \(0, 1\]"),
@@ -816,17 +749,14 @@ def test_error_bad_flags_one_line_each():
             rho.main(argv)
         assert "\n" not in str(e.value)
 
-
 def test_preset_values_are_defaults_that_flags_beat():
     cfg, model_cfg = rho.parse_args(["--slm", "--preset", "gpt2-owm", "--batch_size", "64", "--device", "cpu"])
     assert (cfg.batch_size, cfg.micro_batch, cfg.steps, cfg.lr, cfg.init_from) == (64, 32, 2000, 1e-4, "gpt2")
     cfg, _ = rho.parse_args(["--ref", "--preset", "gpt2-owm", "--steps", "10", "--device", "cpu"])
     assert (cfg.batch_size, cfg.steps, cfg.lr, cfg.k, cfg.select) == (512, 10, 1e-4, 1.0, "all")
 
-
 # -----------------------------------------------------------------------------
 # prepare.py: text in, tokens out; its decontamination against a plain substring search
-
 
 def test_prepare_roundtrips_text(tmp_path):
     docs = ["First document.\nIt has two lines.", "Second, with unicode: é ✓ π", "Third"]
@@ -846,7 +776,6 @@ def test_prepare_roundtrips_text(tmp_path):
     assert len(meta["sources"]["web"]["sha256"]) == 64
     assert not list(out.glob("*.tmp"))
 
-
 def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
     for d in ("a", "b"):
         prepare.main(["--out", str(tmp_path / d), "--web_tokens", "20000", "--seed", "3"])
@@ -864,7 +793,6 @@ def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
     for p in json.loads((tmp_path / "a" / "eval.json").read_text()):
         assert p["prompt"] not in hq_text  # eval problems are held out
 
-
 def test_prepare_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such file"):
         prepare.main(["--hq", str(tmp_path / "nope.txt"), "--web", str(tmp_path / "nope.txt"), "--out", str(tmp_path)])
@@ -879,19 +807,15 @@ def test_prepare_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--encoding no_such_encoding"):
         prepare.main(["--encoding", "no_such_encoding", "--out", str(tmp_path / "o")])
 
-
 WORD_BYTES = bytes(c if 48 <= c <= 57 or 97 <= c <= 122 or c >= 128 else 32 for c in range(256))  # prepare's words
-
 
 def normalised(text):
     return b" " + b" ".join(text.lower().encode().translate(WORD_BYTES).split()) + b" "
-
 
 def held_out_runs(question):
     """What no training text may hold: each run of 13 words of the question, or all of a shorter one."""
     w = normalised(question).split()
     return [b" " + b" ".join(w[i:i + 13]) + b" " for i in range(max(len(w) - 12, 1))]
-
 
 def test_contaminated_equals_plain_reference():
     """The hashed, vectorised check against substring search on normalised text, on random texts of few words (so that
@@ -905,7 +829,6 @@ def test_contaminated_equals_plain_reference():
         runs = [r for q in held for r in held_out_runs(q) if r.strip()]
         want = [any(r in t for r in runs) for t in map(normalised, texts)]
         assert prepare.contaminated(texts, prepare.held_out_index(held)).tolist() == want
-
 
 def test_prepare_demo_holds_out_its_questions(tmp_path):
     """No 13-word run of an eval or hq_val question (nor all of a shorter one) is left in web, hq_train or base."""
@@ -924,7 +847,6 @@ def test_prepare_demo_holds_out_its_questions(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["decontamination"] == {"n": 13, "held_out_texts": 500, "kept": False,
                                        "dropped_docs": {"hq_train": 0, "web": 0, "base": 0}}  # none drawn: none found
-
 
 def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path, capsys):
     """Planted copies of --val questions in hq and web documents: exact, or with whitespace, case and punctuation
@@ -968,7 +890,6 @@ def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path
     assert json.loads((tmp_path / "kept" / "meta.json").read_text())["decontamination"] == {**meta, "kept": True}
     assert "4 of 8 documents share a 13-word run with a held-out question, kept" in capsys.readouterr().out
 
-
 def test_prepare_without_val_holds_out_every_50th_hq_question(tmp_path):
     """Without --val, the 50th and 100th hq documents are the validation split: their questions are held out of web and
     of every other hq document (also of those read before them), and only they give eval.json."""
@@ -988,7 +909,6 @@ def test_prepare_without_val_holds_out_every_50th_hq_question(tmp_path):
     meta = json.loads((out / "meta.json").read_text())["decontamination"]
     assert meta["held_out_texts"] == 2 and meta["dropped_docs"] == {"hq_train": {hq: 1}, "web": {web_path: 1}}
 
-
 try:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -997,7 +917,6 @@ except ImportError:
 
 OUTPUTS = ["hq_train.bin", "hq_val.bin", "web.bin", "eval.json", "meta.json"]
 
-
 def corpus(n=240, seed=0):
     """Documents of mixed size and script; two are larger than a (shrunk) task."""
     rng = random.Random(seed)
@@ -1005,7 +924,6 @@ def corpus(n=240, seed=0):
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 300))) for _ in range(n)]
     docs[7] = docs[n // 2] = "\n".join(" ".join(rng.choice(words) for _ in range(20)) for _ in range(500))  # ~50k chars
     return docs
-
 
 def write_source(path, docs):
     lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
@@ -1020,11 +938,9 @@ def write_source(path, docs):
         pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), path, row_group_size=50)
     return str(path)
 
-
 def decode(out, name):
     meta = json.loads((out / "meta.json").read_text())
     return prepare.get_encoding(meta["encoding"]).decode(np.fromfile(out / name, dtype=meta["dtype"]).tolist()).split(prepare.EOT)[:-1]
-
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "jsonl.gz", pytest.param("parquet", marks=pytest.mark.skipif(pq is None, reason="pyarrow not installed"))])
 def test_prepare_procs_1_and_2_byte_identical(fmt, tmp_path, monkeypatch, capsys):
@@ -1047,7 +963,6 @@ def test_prepare_procs_1_and_2_byte_identical(fmt, tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert f"prepare: {src}: {meta['tokens']['web']:,} tokens in " in err and " tok/s)" in err  # the summary line
 
-
 def test_prepare_web_shards_equal_one_file(tmp_path):
     docs = corpus(60)
     one, a, b = (write_source(tmp_path / f"{n}.jsonl", d) for n, d in (("one", docs), ("a", docs[:25]), ("b", docs[25:])))
@@ -1055,7 +970,6 @@ def test_prepare_web_shards_equal_one_file(tmp_path):
     prepare.main(["--hq", one, "--web", a, b, "--out", str(tmp_path / "shards"), "--procs", "2"])
     assert (tmp_path / "one" / "web.bin").read_bytes() == (tmp_path / "shards" / "web.bin").read_bytes()
     assert [s["path"] for s in json.loads((tmp_path / "shards" / "meta.json").read_text())["sources"]["web"]] == [a, b]
-
 
 def test_prepare_max_web_tokens_and_metamath_fields(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "TASK_CHARS", 5_000)
@@ -1072,7 +986,6 @@ def test_prepare_max_web_tokens_and_metamath_fields(tmp_path, monkeypatch):
     assert 20000 <= meta["tokens"]["web"] < 30000 and kept == docs[:len(kept)]  # a prefix, cut after a task
     assert meta["sources"]["web"]["stopped_at_tokens"] == meta["tokens"]["web"] and meta["sources"]["web"]["sha256"] is None
     assert decode(two, "hq_train.bin")[0] == "Question: q0\nAnswer: r0"  # MetaMathQA's query and response
-
 
 def test_run_tasks_keeps_at_most_depth_tasks_in_flight():
     class Pool:  # runs nothing: counts the tasks submitted and not yet collected
@@ -1093,7 +1006,6 @@ def test_run_tasks_keeps_at_most_depth_tasks_in_flight():
     assert next(results) == (0, ("mark", 0)) and len(read) == 4  # reading waits while 4 tasks are in flight
     assert [r for r, _ in results] == list(range(1, 20)) and Pool.peak == 4
 
-
 def fake_datasets(records, calls):
     def load_dataset(name, config=None, split=None, streaming=False):
         calls.append((name, config, split, streaming))
@@ -1101,7 +1013,6 @@ def fake_datasets(records, calls):
             raise ConnectionError("Couldn't reach 'offline/x' on the Hub (LocalEntryNotFoundError)\nmore detail")
         return iter(records)
     return types.SimpleNamespace(load_dataset=load_dataset)
-
 
 def test_prepare_hf_streams_like_jsonl(tmp_path, monkeypatch):
     records = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(60)]
@@ -1119,7 +1030,6 @@ def test_prepare_hf_streams_like_jsonl(tmp_path, monkeypatch):
     sources = json.loads((tmp_path / "hf" / "meta.json").read_text())["sources"]
     assert sources == {"hq": {"dataset": "openai/gsm8k", "config": "main", "split": "test"},
                        "web": {"dataset": "someone/web", "config": None, "split": "train"}}
-
 
 def test_prepare_errors_at_scale(tmp_path, monkeypatch, capsys):
     def fails(*args, procs=1):
@@ -1150,10 +1060,8 @@ def test_prepare_errors_at_scale(tmp_path, monkeypatch, capsys):
     assert msg.startswith("error: hf:offline/x: could not stream it (ConnectionError: Couldn't reach") and "run where the network is" in msg
     assert "hf:NAME[:CONFIG][@SPLIT]" in fails("--hq", good, "--web", "hf:")
 
-
 # -----------------------------------------------------------------------------
 # the instruments: report.py's rules against worked examples, bench.py on toy sizes
-
 
 def test_loss_category_rule():
     t = [0, 1, 2]  # one token per column: L->L, H->L, L->H, H->H, then dL of exactly +0.2 and -0.2, and just over 0.2
@@ -1166,7 +1074,6 @@ def test_loss_category_rule():
     noisy = np.array([[1.0], [0.5], [1.3]])  # the fit, not the endpoints: 1.0 -> 1.3 but the line rises by 0.3
     assert report.CATEGORIES[report.loss_category(noisy, t)[0]] == "L->H"
 
-
 def test_paired_differences_over_seeds():
     runs = [{"final": {"val_loss_hq": v}} for v in (1.0, 2.0, 3.0)]
     lower = [{"final": {"val_loss_hq": v}} for v in (0.9, 1.8, 2.95)]
@@ -1175,7 +1082,6 @@ def test_paired_differences_over_seeds():
     assert verdict.startswith("a difference") and s["n"] == 3 and abs(s["mean"] + 0.1167) < 1e-3
     assert report.paired(mixed, runs, report.final("val_loss_hq"))[1] == "within the spread of 3 seeds"
     assert report.paired(lower[:1], runs[:1], report.final("val_loss_hq"))[1].startswith("one seed")
-
 
 def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     for seed, out in ((1337, tmp_path / "a"), (7, tmp_path / "b")):
@@ -1201,7 +1107,6 @@ def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     assert "rerun" in (tmp_path / "a" / "report.html").read_text()
     assert json.loads((tmp_path / "a" / "report.json").read_text())["dynamics"] == {}
 
-
 @pytest.mark.parametrize("impl", ["naive_clm", "naive_slm", "fused_clm", "fused_slm", "torch_lce", "torch_lce_slm"])
 def test_bench_head_measures_each_impl(impl):
     if bench.unavailable(impl, torch.device("cpu")):
@@ -1209,13 +1114,11 @@ def test_bench_head_measures_each_impl(impl):
     row = bench.bench_one("head", impl, (64, 16, 37, 0.5), "cpu", "float32", 0, 1)
     assert row["case"] == "head" and row["impl"] == impl and row["ms"] > 0 and "peak_mb" in row
 
-
 @pytest.mark.parametrize("impl", ["clm", "slm", "slm_split"])
 def test_bench_train_step_and_scoring_scale_run(impl):
     tiny = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
     ms, _ = bench.bench_train(impl, tiny, 4, 0.5, torch.device("cpu"), "float32", 0, 1)
     assert ms > 0 and min(bench.bench_scale(4096, torch.device("cpu"), "float32")) > 0
-
 
 def test_bench_gpu_script_runs_in_its_cpu_mode(tmp_path, monkeypatch, capsys):
     """bench.py --gpu at toy sizes on a CPU: the whole plan runs and writes its rows (the tests it starts first are
@@ -1227,7 +1130,6 @@ def test_bench_gpu_script_runs_in_its_cpu_mode(tmp_path, monkeypatch, capsys):
     rows = bench.main(["--gpu", "--device", "cpu", "--json", str(tmp_path / "b.json")])
     assert {r["impl"] for r in rows} >= {"naive_clm", "fused_clm", "fused_slm", "clm", "slm", "slm_split"}
     assert json.loads((tmp_path / "b.json").read_text())["rows"] == rows and "1 passed" in capsys.readouterr().out
-
 
 def test_bench_prepare_is_linear_in_size(monkeypatch, capsys):
     monkeypatch.setattr(bench, "PREPARE_MB", 0.05)
