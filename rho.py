@@ -494,32 +494,27 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _write_grad(x_row, g_row, y, lse, scale, V, BLOCK_V: tl.constexpr):
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)  # softmax - onehot
-            g = tl.where(y == -1, 0.0, g * scale)
-            tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < V)  # in g's dtype (bf16 for the GEMMs)
-
-    @triton.jit
-    def _chunk_loss_kernel(x_ptr, g_ptr, y_ptr, lse_ptr, loss_ptr, ent_ptr, scale_ptr, stride_x, stride_g, V,
-                           BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr, ENTROPY: tl.constexpr):
+    def _chunk_kernel(x_ptr, g_ptr, y_ptr, lse_ptr, loss_ptr, ent_ptr, scale_ptr, stride_x, stride_g, V,
+                      BLOCK_V: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, ENTROPY: tl.constexpr):
+        """One row of a chunk of logits: with LOSS its lse and loss (and with ENTROPY the softmax's entropy), else its
+        lse is read; with GRAD, (softmax - onehot) * scale into g's row, in g's dtype (bf16 for the GEMMs)."""
         row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2**31
-        x_row = x_ptr + row * stride_x
-        m = tl.full([], float("-inf"), tl.float32)  # online log-sum-exp: running max m and sum s of exp(x - m)
-        s = tl.full([], 0.0, tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))  # finite: every block has at least one real column
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # rescale the old sum to the new max
-            m = m_new
-        lse = m + tl.log(s)
-        y = tl.load(y_ptr + row)
-        x_y = tl.load(x_row + tl.maximum(y, 0)).to(tl.float32)  # ignored rows read column 0, then drop it
-        tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, tl.where(y == -1, 0.0, lse - x_y))
+        x_row, y = x_ptr + row * stride_x, tl.load(y_ptr + row)
+        if LOSS:
+            m = tl.full([], float("-inf"), tl.float32)  # online log-sum-exp: running max m and sum s of exp(x - m)
+            s = tl.full([], 0.0, tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=0))  # finite: every block has at least one real column
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # rescale the old sum to the new max
+                m = m_new
+            lse = m + tl.log(s)
+            x_y = tl.load(x_row + tl.maximum(y, 0)).to(tl.float32)  # ignored rows read column 0, then drop it
+            tl.store(lse_ptr + row, lse)
+            tl.store(loss_ptr + row, tl.where(y == -1, 0.0, lse - x_y))
+        else:  # the SLM backward: lse from the forward
+            lse = tl.load(lse_ptr + row)
         if ENTROPY:  # scoring: a second pass, H = sum_j p_j (lse - x_j), every term >= 0
             h = tl.full([], 0.0, tl.float32)
             for start in range(0, V, BLOCK_V):
@@ -527,34 +522,35 @@ if triton is not None:
                 x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
                 h += tl.sum(tl.where(cols < V, tl.exp(x - lse) * (lse - x), 0.0), axis=0)
             tl.store(ent_ptr + row, h)
-        if WRITE_GRAD:  # CLM: the gradient in the same launch, while the row is in cache
-            _write_grad(x_row, g_ptr + row * stride_g, y, lse, tl.load(scale_ptr), V, BLOCK_V)
+        if GRAD:  # CLM: in the same launch as the loss, while the row is in cache
+            scale, g_row = tl.load(scale_ptr), g_ptr + row * stride_g
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)  # softmax - onehot
+                tl.store(g_row + cols, tl.where(y == -1, 0.0, g * scale).to(g_row.dtype.element_ty), mask=cols < V)
 
-    @triton.jit
-    def _chunk_grad_kernel(x_ptr, g_ptr, y_ptr, lse_ptr, scale_ptr, stride_x, stride_g, V, BLOCK_V: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        _write_grad(x_ptr + row * stride_x, g_ptr + row * stride_g, tl.load(y_ptr + row), tl.load(lse_ptr + row),
-                    tl.load(scale_ptr), V, BLOCK_V)
-
-def _launch(x, g, scale, block_v):
-    """The launch's shared arguments: the scale as a device tensor (no host sync), the strides, the block size."""
+def _chunk_triton(x, y, g, lse, scale, block_v, loss=True, entropy=False):
+    """One launch of _chunk_kernel over the rows of x (a program per row); reads x without overwriting it."""
     assert x.stride(1) == 1 and g.stride(1) == 1, "logits and gradient rows must be contiguous"
     block = block_v or min(4096, triton.next_power_of_2(x.shape[1]))
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(1)
-    return (scale, x.stride(0), g.stride(0), x.shape[1]), dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
+    out = torch.empty(2, len(x), dtype=torch.float32, device=x.device)  # loss, entropy
+    scale_t = torch.as_tensor(0.0 if scale is None else scale, dtype=torch.float32, device=x.device).reshape(1)
+    _chunk_kernel[(len(x),)](x, g, y, lse, out[0], out[1], scale_t, x.stride(0), g.stride(0), x.shape[1],
+                             BLOCK_V=block, LOSS=loss, GRAD=scale is not None, ENTROPY=entropy,
+                             num_warps=8 if block >= 2048 else 4)
+    return out
 
 def chunk_loss_triton(x, y, scale=None, g=None, entropy=False, block_v=None):
-    """chunk_loss_torch as one Triton launch (a program per row); reads x without overwriting it."""
-    g = x if g is None else g
-    lse, loss, ent = (torch.empty(len(x), dtype=torch.float32, device=x.device) for _ in range(3))
-    args, kw = _launch(x, g, 0.0 if scale is None else scale, block_v)
-    _chunk_loss_kernel[(len(x),)](x, g, y, lse, loss, ent, *args, WRITE_GRAD=scale is not None, ENTROPY=entropy, **kw)
-    return lse, loss, (ent if entropy else None)
+    """chunk_loss_torch as one Triton launch."""
+    lse = torch.empty(len(x), dtype=torch.float32, device=x.device)
+    out = _chunk_triton(x, y, x if g is None else g, lse, scale, block_v, entropy=entropy)
+    return lse, out[0], (out[1] if entropy else None)
 
 def chunk_grad_triton(x, y, lse, scale, g=None, block_v=None):
+    """chunk_grad_torch as one Triton launch."""
     g = x if g is None else g
-    args, kw = _launch(x, g, scale, block_v)
-    _chunk_grad_kernel[(len(x),)](x, g, y, lse, *args, **kw)
+    _chunk_triton(x, y, g, lse, scale, block_v, loss=False)
     return g
 
 def chunk_ops(device):
