@@ -984,6 +984,10 @@ def noise_share(counts, labels):
     return {"all": round(1 - counts[0] / total, 4),
             **{labels[i]: round(c / total, 4) for i, c in enumerate(counts) if i}}
 
+def noise_shares(counts, labels):
+    """The noise share of the selected tokens, next to its share in the tokens seen: counts = [seen, selected]."""
+    return {"noise_in_selected": noise_share(counts[1], labels), "noise_share_corpus": noise_share(counts[0], labels)}
+
 def record(state, step, measures, counts, n, loss_sum, labels):
     """Appends one evaluation to the history: the measures, the mean training loss of the n steps since the last
     one, and (web runs on the demo) the noise share of the tokens they trained on, next to its share in the tokens
@@ -993,7 +997,7 @@ def record(state, step, measures, counts, n, loss_sum, labels):
     line = (f"step {step} | loss {e['train_loss']:.3f} | sel {e['tokens_trained'] / e['tokens_seen']:.0%} | val hq "
             f"{e['val_loss_hq']:.3f} web {e['val_loss_web']:.3f} | acc {e['accuracy']:.1%}")
     if counts[0]:
-        e["noise_in_selected"], e["noise_share_corpus"] = (noise_share(c, labels) for c in counts[::-1])
+        e.update(noise_shares(counts, labels))
         state["by_label"] = [[a + b for a, b in zip(*pair)] for pair in zip(state["by_label"], counts)]
         line += f" | noise-in-sel {e['noise_in_selected']['all']:.1%} (corpus {e['noise_share_corpus']['all']:.1%})"
     state["history"].append(e)
@@ -1028,8 +1032,7 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
                "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "processes": WORLD,
                        "cpu": torch.backends.cpu.get_cpu_capability(), "device": cfg.device}}
     if state["by_label"][0]:
-        metrics["noise_in_selected"], metrics["noise_share_corpus"] = \
-            (noise_share(c, meta["labels"]) for c in state["by_label"][::-1])
+        metrics.update(noise_shares(state["by_label"], meta["labels"]))
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} acc {last['accuracy']:.1%} "
           f"-> {out_dir}/metrics.json")
