@@ -25,8 +25,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
-# one code path for MKL's and PyTorch's CPU kernels on any x86-64 CPU with AVX2, AVX-512 ones included, so that a
-# fixed seed can give the same losses on another machine with as many threads (metrics.json records them)
+# one code path for MKL's and PyTorch's CPU kernels on any x86-64 CPU with AVX2, AVX-512 ones included: fewer ways
+# for another machine to give other losses (it still can: README, Reproducible; metrics.json records the threads)
 os.environ.setdefault("MKL_CBWR", "AVX2")
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
@@ -290,9 +290,8 @@ def memmap(data, name, dtype):
     return np.memmap(path, dtype=dtype, mode="r")
 
 class Windows:
-    """Windows of one token file, with arrays aligned with its tokens (extras: reference scores, noise labels).
-    Batch order is a function of (seed, step) alone, so CLM, SLM and the random control see the same batches in
-    the same order, and a resumed run picks up where it stopped."""
+    """Windows of one token file, with arrays aligned with its tokens (extras: reference scores, noise labels). Batch
+    order is a function of (seed, step) alone: CLM, SLM and the control see the same batches; a resume continues."""
 
     def __init__(self, tokens, T, extras=(), name="tokens"):
         self.tokens, self.T, self.extras, self.name = tokens, T, extras, name
@@ -345,12 +344,9 @@ def load_ref_scores(cfg, meta, T):
         ref = "" if cfg.ref_run == "ref" else f" --name {cfg.ref_run}"
         die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
     info = read_json(path + ".json")
-    if info["n_tokens"] != n_web or os.path.getsize(path) != 8 * n_web:
-        die(f"{path}: reference scores hold {os.path.getsize(path) // 8} tokens but {cfg.data}/web.bin has {n_web}: "
-            + redo)
-    if info["encoding"] != meta["encoding"] or info["data_sha256"] != meta["sha256"]:
-        die(f"{path}: reference scores were computed for other data ({info['data']}, encoding {info['encoding']}): "
-            + redo)
+    if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != 8 * n_web:  # the sha covers the encoding
+        die(f"{path}: reference scores of other data ({info['data']}, {os.path.getsize(path) // 8:,} tokens; "
+            f"{cfg.data}/web.bin has {n_web:,}): {redo}")
     if info["block_size"] != T:
         die(f"{path}: reference scores were computed with windows of {info['block_size']} tokens, this run uses "
             f"{T}: pass --block_size {info['block_size']} so both models see the same context")
@@ -429,8 +425,7 @@ def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=Non
     return select_topk(token_score(select, loss, ref, valid, scope, gen), valid, k, scope)
 
 def slm_loss(logits, targets, ref, k, scope="batch", select="excess", gen=None):
-    """L_SLM on full logits (B, T, V): the plain reference that the fused head is tested against.
-    Returns (the loss, every token's loss, I_k)."""
+    """L_SLM on full logits (B, T, V), the plain reference for the fused head: (loss, every token's loss, I_k)."""
     loss = token_loss(logits, targets)  # -log P_theta(x_i | x_<i)
     sel = select_tokens(loss, targets, ref, k, scope, select, gen)  # I_k(x_i)
     return (loss * sel).sum() / sel.sum(), loss.detach(), sel  # -1/(N*k) sum_i: over the selected tokens only
@@ -530,28 +525,23 @@ if triton is not None:
                 g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)  # softmax - onehot
                 tl.store(g_row + cols, tl.where(y == -1, 0.0, g * scale).to(g_row.dtype.element_ty), mask=cols < V)
 
-def _chunk_triton(x, y, g, lse, scale, block_v, loss=True, entropy=False):
-    """One launch of _chunk_kernel over the rows of x (a program per row); reads x without overwriting it."""
-    assert x.stride(1) == 1 and g.stride(1) == 1, "logits and gradient rows must be contiguous"
+def chunk_loss_triton(x, y, scale=None, g=None, entropy=False, block_v=None, lse=None):
+    """chunk_loss_torch as one launch of _chunk_kernel (a program per row), reading x without overwriting it; given
+    the lse, chunk_grad_torch (then the loss and entropy it returns are not computed)."""
+    assert x.stride(1) == 1 and (g is None or g.stride(1) == 1), "logits and gradient rows must be contiguous"
     block = block_v or min(4096, triton.next_power_of_2(x.shape[1]))
-    out = torch.empty(2, len(x), dtype=torch.float32, device=x.device)  # loss, entropy
+    out = torch.empty(3, len(x), dtype=torch.float32, device=x.device)  # lse, loss, entropy
     scale_t = torch.as_tensor(0.0 if scale is None else scale, dtype=torch.float32, device=x.device).reshape(1)
-    _chunk_kernel[(len(x),)](x, g, y, lse, out[0], out[1], scale_t, x.stride(0), g.stride(0), x.shape[1],
+    loss, g, lse = lse is None, x if g is None else g, out[0] if lse is None else lse
+    _chunk_kernel[(len(x),)](x, g, y, lse, out[1], out[2], scale_t, x.stride(0), g.stride(0), x.shape[1],
                              BLOCK_V=block, LOSS=loss, GRAD=scale is not None, ENTROPY=entropy,
                              num_warps=8 if block >= 2048 else 4)
-    return out
-
-def chunk_loss_triton(x, y, scale=None, g=None, entropy=False, block_v=None):
-    """chunk_loss_torch as one Triton launch."""
-    lse = torch.empty(len(x), dtype=torch.float32, device=x.device)
-    out = _chunk_triton(x, y, x if g is None else g, lse, scale, block_v, entropy=entropy)
-    return lse, out[0], (out[1] if entropy else None)
+    return lse, out[1], (out[2] if entropy else None)
 
 def chunk_grad_triton(x, y, lse, scale, g=None, block_v=None):
     """chunk_grad_torch as one Triton launch."""
-    g = x if g is None else g
-    _chunk_triton(x, y, g, lse, scale, block_v, loss=False)
-    return g
+    chunk_loss_triton(x, y, scale, g, block_v=block_v, lse=lse)
+    return x if g is None else g
 
 def chunk_ops(device):
     """The per-chunk (loss, grad) pair for a device: Triton on CUDA when it is installed, else PyTorch."""
@@ -573,22 +563,18 @@ def buffers(n_rows, V, device, dtype):
 
 def mm_fp32(a, b, out):
     """out = a @ b in fp32: bf16 operands on CUDA accumulate and store in fp32 (no bf16 rounding of the logits)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda:
+    if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return out.copy_(a @ b)
+    return torch.mm(a, b, out=out) if a.dtype == torch.float32 else out.copy_(a @ b)
 
 def addmm_fp32_(dw, a, b):
     """dw += a @ b, accumulated in dw's fp32, in place."""
-    if a.dtype == torch.float32:
-        return dw.addmm_(a, b)
-    if a.is_cuda:
+    if a.is_cuda and a.dtype != torch.float32:
         try:
             return torch.addmm(dw, a, b, out_dtype=torch.float32, out=dw)  # bf16 operands, fp32 sum, no temporary
         except (RuntimeError, TypeError):  # an older torch: a (V, C) fp32 temporary per chunk
             return dw.add_(torch.mm(a, b, out_dtype=torch.float32))
-    return dw.add_(a @ b)
+    return dw.addmm_(a, b) if a.dtype == torch.float32 else dw.add_(a @ b)
 
 def head_dtype(h):
     """The head's GEMM dtype: autocast's (bfloat16; the head runs outside autocast, accumulating in fp32), else h's."""
@@ -656,10 +642,9 @@ class SelectedHeadLoss(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None
 
 def fused_slm_loss(h, w, targets, ref, cfg, gen=None, sel=None, n=None):
-    """The SLM loss from hidden states h (B, T, C) and the head weight w (V, C), never holding B*T x V logits: the
-    same I_k, value and gradients as slm_loss(h @ w.T, targets, ref, cfg.k, cfg.scope, cfg.select, gen).
-    Returns (loss, every token's loss, I_k). I_k is chosen over the step (select_step) unless it is given (sel, n:
-    a step in several micro-batches chooses it first, in its selection pass)."""
+    """slm_loss(h @ w.T, targets, ref, cfg.k, cfg.scope, cfg.select, gen) from hidden states h (B, T, C) and the head
+    weight w (V, C), never holding B*T x V logits: (loss, every token's loss, I_k). I_k is chosen over the step
+    (select_step) unless a step in micro-batches gives it (sel, n: from its selection pass)."""
     (B, T, C), dtype, y = h.shape, head_dtype(h), targets.reshape(-1)
     with torch.autocast(h.device.type, enabled=False):
         if cfg.k >= 1:  # CLM and the reference model: every valid token, gradients in the forward
@@ -693,9 +678,8 @@ def weights_sha256(model):
     return sha.hexdigest()
 
 def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
-    """Process 0 creates <path>.partial (float32 (n_tokens, 2), 1:1 with web.bin), <path>.done (a byte per block of
-    --score_batch windows) and <path>.partial.json, or keeps them when they belong to the same data, windows and
-    reference weights: scoring then resumes. Returns (windows per block, done flags)."""
+    """Process 0 creates <path>.partial (float32 (n_tokens, 2)), .done (a byte per block of windows) and .partial.json,
+    or keeps them if they are of the same data, windows and weights (a resume): (windows per block, done flags)."""
     info = {"n_tokens": n_tokens, "block_size": T, "score_batch": cfg.score_batch, "data_sha256": meta["sha256"],
             "weights_sha256": weights}
     if RANK == 0:
@@ -723,10 +707,8 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
 @torch.no_grad()
 def score_web(model, meta, cfg, run):
     """Writes <out>/<run>/ref_scores.bin: L_RM and H_RM of every web token (NaN where no window predicts it), over the
-    windows that training reads, so that both models see the same context. At scale: bfloat16 on GPUs, --score_batch
-    windows per forward, resumable (a block's scores go in place into .partial and are marked in .done only once on
-    disk: a killed run redoes the unmarked blocks at most) and split across torchrun's processes (blocks round-robin).
-    The finished file is renamed into place: ref_scores.bin is always complete."""
+    windows training reads (the same context for both models). Resumable: a block is marked in .done once its scores
+    are on disk; blocks go round-robin to torchrun's processes; the finished file is renamed into place."""
     model.eval()
     web = windows(cfg.data, "web.bin", meta, model.config.block_size)
     path, T, n_tokens = os.path.join(cfg.out, run, "ref_scores.bin"), web.T, len(web.tokens)
@@ -754,9 +736,8 @@ def score_web(model, meta, cfg, run):
                     print(f"score: {i + 1}/{len(todo)} blocks, {rate:,.0f} tok/s, eta "
                           f"{(len(todo) - i - 1) * B * T / rate:.0f}s", file=sys.stderr, flush=True)
     elapsed = time.time() - t0
-    n_scored = int(sum_ranks(torch.tensor(n_scored, device=cfg.device)))  # NCCL reduces GPU tensors only
-    if WORLD > 1:
-        dist.barrier()
+    # the sum waits for every process, all blocks marked on disk (NCCL reduces GPU tensors only)
+    n_scored = int(sum_ranks(torch.tensor(n_scored, device=cfg.device)))
     info = {"n_tokens": n_tokens, "encoding": meta["encoding"], "data": cfg.data, "data_sha256": meta["sha256"],
             "block_size": T, "score_s": round(elapsed, 2), "score_tok_s": round(n_scored / max(elapsed, 1e-9)),
             "processes": WORLD, "dtype": cfg.dtype}
@@ -937,11 +918,6 @@ def training_windows(cfg, meta, T):
     w = windows(cfg.data, "web.bin", meta, T, extras)
     return w, web_split(w.n, T)
 
-def step_loss(fwd, w, x, y, ref, cfg, gen, sel=None, n=None):
-    """The loss of one micro-batch: fwd is the model's forward (maybe compiled, maybe DDP), w the head weight."""
-    with autocast(cfg):
-        return fused_slm_loss(fwd(x), w, y, ref, cfg, gen, sel, n)
-
 @torch.no_grad()
 def selection_pass(fwd, micro, cfg, gen):
     """A step in several micro-batches needs every token's loss before its first backward: one no-grad forward over
@@ -955,15 +931,15 @@ def selection_pass(fwd, micro, cfg, gen):
     return list(sel.split(len(micro[0][1]))), n
 
 def train_step(model, fwd, ddp, micro, cfg, gen):
-    """Forward and backward of one optimizer step over this process's micro-batches: the gradient of the mean loss
-    over the tokens selected in the whole step (every process, every micro-batch), whatever the split.
-    Returns (the step's loss, this process's I_k per micro-batch)."""
+    """One step's forward and backward over this process's micro-batches, the gradient of the mean loss over the
+    tokens selected in the whole step, whatever the split: (the step's loss, this process's I_k per micro-batch)."""
     sels, n = selection_pass(fwd, micro, cfg, gen) if len(micro) > 1 else ([None] * len(micro), None)
     total = []
     for i, (x, y, ref, *_) in enumerate(micro):
         sync = WORLD == 1 or i == len(micro) - 1  # DDP all-reduces the gradients once, after the last micro-batch
         with contextlib.nullcontext() if sync else ddp.no_sync():
-            loss, _, sels[i] = step_loss(ddp, model.lm_head.weight, x, y, ref, cfg, gen, sels[i], n)
+            with autocast(cfg):  # ddp: the model's forward (maybe compiled, maybe DDP); then the fused head
+                loss, _, sels[i] = fused_slm_loss(ddp(x), model.lm_head.weight, y, ref, cfg, gen, sels[i], n)
             (loss * WORLD if WORLD > 1 else loss).backward()  # DDP averages over processes: undo it
         total.append(loss.detach())
     return sum_ranks(torch.stack(total).sum()), sels
@@ -978,20 +954,16 @@ def split_step(cfg):
             f"(--batch_size {cfg.batch_size} over {WORLD} processes)")
     return cfg.micro_batch or share
 
-def noise_share(counts, labels):
-    """The share of tokens that are noise, overall and per noise kind (label 0 is clean)."""
-    total = max(1, sum(counts))
-    return {"all": round(1 - counts[0] / total, 4),
-            **{labels[i]: round(c / total, 4) for i, c in enumerate(counts) if i}}
-
 def noise_shares(counts, labels):
-    """The noise share of the selected tokens, next to its share in the tokens seen: counts = [seen, selected]."""
-    return {"noise_in_selected": noise_share(counts[1], labels), "noise_share_corpus": noise_share(counts[0], labels)}
+    """The noise share (label 0 is clean), overall and per noise kind, of the selected tokens next to its share in
+    the tokens seen: counts = [seen, selected], per label."""
+    seen, sel = ({"all": round(1 - c[0] / max(1, sum(c)), 4),
+                  **{labels[i]: round(n / max(1, sum(c)), 4) for i, n in enumerate(c) if i}} for c in counts)
+    return {"noise_in_selected": sel, "noise_share_corpus": seen}
 
 def record(state, step, measures, counts, n, loss_sum, labels):
-    """Appends one evaluation to the history: the measures, the mean training loss of the n steps since the last
-    one, and (web runs on the demo) the noise share of the tokens they trained on, next to its share in the tokens
-    they saw (counts: tokens seen and selected per noise label). Returns its log line."""
+    """Appends one evaluation to the history (the measures, the mean training loss of the n steps since the last one,
+    on the demo the noise shares of what they saw and trained on) and returns its log line."""
     e = {"step": step, "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
          "wall_s": round(state["wall_s"], 2), "train_loss": round(loss_sum / n, 4), **measures}
     line = (f"step {step} | loss {e['train_loss']:.3f} | sel {e['tokens_trained'] / e['tokens_seen']:.0%} | val hq "
@@ -1179,11 +1151,7 @@ def compare(cfg):
           "held-out problems, with its 95% interval;\nnoise-in-sel: noise share of the trained tokens / of the "
           "corpus; to CLM loss, to CLM acc: tokens seen until the run first\nreaches CLM's final val hq or accuracy, "
           "and CLM's tokens over that. One seed: report.py compares seeds.")
-    for r in runs:
-        if r["mode"] == "slm" and "noise_in_selected" in r:
-            sel, corpus = r["noise_in_selected"], r["noise_share_corpus"]
-            print(f"{r['run']} noise in selected by kind (corpus): "
-                  + ", ".join(f"{kind} {sel[kind]:.1%} ({corpus[kind]:.1%})" for kind in sel if kind != "all"))
+    for r in runs:  # report.py breaks the noise down by kind
         if "score_s" in r:
             print(f"{r['run']}: scoring every web token took {r['score_s']:.0f}s ({r['score_tok_s']:,} tok/s), "
                   f"beside {r['wall_s']:.0f}s of training")
