@@ -345,8 +345,8 @@ def load_ref_scores(cfg, meta, T):
         die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
     info = read_json(path + ".json")
     if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != 8 * n_web:  # the sha covers the encoding
-        die(f"{path}: reference scores of other data ({info['data']}, {os.path.getsize(path) // 8:,} tokens; "
-            f"{cfg.data}/web.bin has {n_web:,}): {redo}")
+        die(f"{path}: reference scores do not match {cfg.data} (computed for {info['data']}, or cut short: "
+            f"{os.path.getsize(path) // 8:,} of {n_web:,} tokens): {redo}")
     if info["block_size"] != T:
         die(f"{path}: reference scores were computed with windows of {info['block_size']} tokens, this run uses "
             f"{T}: pass --block_size {info['block_size']} so both models see the same context")
@@ -532,7 +532,8 @@ def chunk_loss_triton(x, y, scale=None, g=None, entropy=False, block_v=None, lse
     block = block_v or min(4096, triton.next_power_of_2(x.shape[1]))
     out = torch.empty(3, len(x), dtype=torch.float32, device=x.device)  # lse, loss, entropy
     scale_t = torch.as_tensor(0.0 if scale is None else scale, dtype=torch.float32, device=x.device).reshape(1)
-    loss, g, lse = lse is None, x if g is None else g, out[0] if lse is None else lse
+    loss = lse is None  # else the SLM backward: the lse is the forward's
+    g, lse = x if g is None else g, out[0] if loss else lse
     _chunk_kernel[(len(x),)](x, g, y, lse, out[1], out[2], scale_t, x.stride(0), g.stride(0), x.shape[1],
                              BLOCK_V=block, LOSS=loss, GRAD=scale is not None, ENTROPY=entropy,
                              num_warps=8 if block >= 2048 else 4)

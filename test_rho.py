@@ -638,13 +638,13 @@ def test_error_reference_scores_missing_or_mismatched(demo, tmp_path):
     path = tmp_path / "ref" / "ref_scores.bin"
     info = json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())
     path.write_bytes(path.read_bytes()[:-40])
-    with pytest.raises(SystemExit, match=r"reference scores of other data .*has [\d,]+\): re-run `python rho.py --score"):
+    with pytest.raises(SystemExit, match=r"do not match .*cut short: [\d,]+ of [\d,]+ tokens\): re-run `python rho.py --score"):
         run(demo, tmp_path, "--slm", "--steps", "1")
     run(demo, tmp_path, "--score")  # re-scoring repairs it
     with pytest.raises(SystemExit, match=r"windows of 32 tokens, this run uses 16: pass --block_size 32"):
         run(demo, tmp_path, "--slm", "--steps", "1", "--block_size", "16")
     (tmp_path / "ref" / "ref_scores.bin.json").write_text(json.dumps({**info, "data_sha256": "0" * 64}))
-    with pytest.raises(SystemExit, match=r"reference scores of other data"):
+    with pytest.raises(SystemExit, match=r"reference scores do not match .*: re-run `python rho.py --score"):
         run(demo, tmp_path, "--slm", "--steps", "1")
 
 def test_error_reference_vocabulary_differs(demo, tmp_path):
