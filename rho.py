@@ -333,6 +333,12 @@ def no_ref(n):
     """Zeros in place of the reference scores of n tokens, for runs that read none: a view, no memory."""
     return np.broadcast_to(np.float32(0), (n, 2))
 
+def web_windows(cfg, meta, T, ref=None):
+    """The web's windows with their extras: reference scores (zeros where a run reads none) and, on the demo, the
+    noise labels (for auditing the selection; the loss never reads them)."""
+    labels = (memmap(cfg.data, "web_labels.bin", np.uint8),) if "labels" in meta else ()
+    return windows(cfg.data, "web.bin", meta, T, (no_ref(meta["tokens"]["web"]) if ref is None else ref, *labels))
+
 def load_ref_scores(cfg, meta, T):
     """The reference scores of --ref_run (<out>/<run>/ref_scores.bin, float32 (web tokens, 2): L_RM and H_RM),
     checked to belong to this data and to this run's windows (the same context for both models)."""
@@ -756,14 +762,10 @@ def score_web(model, meta, cfg, run):
 # -----------------------------------------------------------------------------
 # evaluation: the target-distribution val loss (hq val), the web val loss, answer accuracy (greedy, exact match)
 
-def eval_sets(cfg, meta, T, ref=None):
-    """What every evaluation reads: hq val windows, the web val windows with their reference scores (and, on the
-    demo, noise labels), and the held-out problems."""
-    web = windows(cfg.data, "web.bin", meta, T)
-    extras = (no_ref(len(web.tokens)) if ref is None else ref,) + \
-        ((memmap(cfg.data, "web_labels.bin", np.uint8),) if "labels" in meta else ())
-    return {"hq": windows(cfg.data, "hq_val.bin", meta, T), "web": Windows(web.tokens, T, extras, web.name),
-            "web_val": list(range(web_split(web.n, T), web.n)), "enc": get_encoding(meta["encoding"]),
+def eval_sets(cfg, meta, web):
+    """What every evaluation reads: hq val windows, the val windows of web (web_windows) and the held-out problems."""
+    return {"hq": windows(cfg.data, "hq_val.bin", meta, web.T), "web": web,
+            "web_val": list(range(web_split(web.n, web.T), web.n)), "enc": get_encoding(meta["encoding"]),
             "problems": read_json(os.path.join(cfg.data, "eval.json"))[:cfg.eval_problems]}
 
 @torch.no_grad()
@@ -860,21 +862,27 @@ def start_from(cfg, meta):
         print(f"{run_name(cfg)}: starting from the base run ({base}); --init_from scratch starts from random weights")
     return "base"
 
-def build_model(cfg, meta, model_cfg):
+def build_model(cfg, meta, shape):
+    """The model a run starts from. shape: the shape flags (None: not given), for a model from scratch; from a
+    checkpoint (the demo's base included) or GPT-2, its shape wins, and --block_size can crop GPT-2's context."""
     torch.manual_seed(cfg.seed)
-    if is_gpt2(cfg.init_from):  # GPT-2's weights and shape; --block_size (if given) crops its context
+    given = {key: v for key, v in asdict(shape).items() if v is not None and key != "vocab_size"}
+    if cfg.init_from in ("", "scratch"):
+        return GPT(GPTConfig(**given, vocab_size=64 * math.ceil(meta["vocab_size"] / 64))).to(cfg.device)
+    gpt2 = is_gpt2(cfg.init_from)
+    ignored = [f"--{key}" for key in given if key != "block_size" or not gpt2]
+    if ignored and RANK == 0:
+        print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from {cfg.init_from}", file=sys.stderr)
+    if gpt2:
         if meta["encoding"] != "gpt2":
             die(f"--init_from {cfg.init_from}: GPT-2 weights need data prepared with `python prepare.py ... "
                 f"--encoding gpt2`; {cfg.data} has encoding {meta['encoding']}")
-        model = gpt_from_hf(load_gpt2(cfg.init_from), model_cfg.block_size)
-    elif cfg.init_from not in ("", "scratch"):  # a checkpoint: a path, or the name of a run in --out
-        run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")
-        path = run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from
-        ckpt = load_checkpoint(path, meta, "base checkpoint")
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    else:
-        model = GPT(GPTConfig(**{**asdict(model_cfg), "vocab_size": 64 * math.ceil(meta["vocab_size"] / 64)}))
+        return gpt_from_hf(load_gpt2(cfg.init_from), given.get("block_size")).to(cfg.device)
+    run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")  # a path, or the name of a run in --out
+    path = run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from
+    ckpt = load_checkpoint(path, meta, "base checkpoint")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
     return model.to(cfg.device)
 
 # how a run computes or where it lives, not what it computes (the data itself is checked by its sha256)
@@ -904,7 +912,7 @@ def lr_at(step, cfg):
 
 def training_windows(cfg, meta, T):
     """(the windows with their extras, how many of them training reads): base for the base model, hq for the
-    reference model, web for continual pretraining (with the reference scores, and on the demo the noise labels)."""
+    reference model, web_windows for continual pretraining (with the reference scores if its rule reads them)."""
     if cfg.mode in ("base", "ref"):
         if cfg.mode == "base" and "base" not in meta["tokens"]:
             die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
@@ -913,10 +921,7 @@ def training_windows(cfg, meta, T):
         w.extras = (no_ref(len(w.tokens)),)
         return w, w.n
     needs_ref = cfg.mode == "slm" and cfg.select not in ("random", "train")
-    extras = [load_ref_scores(cfg, meta, T) if needs_ref else no_ref(meta["tokens"]["web"])]
-    if "labels" in meta:  # demo only: the ground-truth noise label of every web token, for auditing the selection
-        extras.append(memmap(cfg.data, "web_labels.bin", np.uint8))
-    w = windows(cfg.data, "web.bin", meta, T, extras)
+    w = web_windows(cfg, meta, T, load_ref_scores(cfg, meta, T) if needs_ref else None)
     return w, web_split(w.n, T)
 
 @torch.no_grad()
@@ -1011,16 +1016,16 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
           f"-> {out_dir}/metrics.json")
     return metrics
 
-def train(cfg, model_cfg):
+def train(cfg, shape):
     meta, name = load_meta(cfg.data), run_name(cfg)
     master, out_dir = RANK == 0, os.path.join(cfg.out, name)  # the master logs, evaluates and saves
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path, micro_bs = os.path.join(out_dir, "ckpt.pt"), split_step(cfg)
     cfg.init_from = start_from(cfg, meta)
-    model = build_model(cfg, meta, model_cfg)
+    model = build_model(cfg, meta, shape)
     T = model.config.block_size
     train_w, hi = training_windows(cfg, meta, T)
-    ev = eval_sets(cfg, meta, T, train_w.extras[0] if cfg.mode in ("clm", "slm") else None)
+    ev = eval_sets(cfg, meta, train_w if cfg.mode in ("clm", "slm") else web_windows(cfg, meta, T))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise: the same on every process
     n_labels = len(meta["labels"]) if "labels" in meta and cfg.mode in ("clm", "slm") else 0  # the demo's audit
@@ -1207,8 +1212,8 @@ def parse_args(argv=None):
                            help=HELP[f.name] + (f" (default {v})" if v else ""))
     for f in fields(GPTConfig):
         if f.name != "vocab_size":  # the data's
-            p.add_argument(f"--{f.name}", type=int, help=f"model {f.name} (default {f.default}; with --init_from, the "
-                           "checkpoint's)")
+            p.add_argument(f"--{f.name}", type=int, help=f"model {f.name} (default {f.default}; a run that starts "
+                           "from a checkpoint or GPT-2 takes its shape)")
     a = p.parse_args(argv)
     mode = next(m for m in MODES if getattr(a, m))
     if a.preset:  # the preset's values become the defaults: a flag given explicitly still wins
@@ -1221,24 +1226,17 @@ def parse_args(argv=None):
     if a.dtype == "auto":
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     cfg = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig)[1:]}, mode=mode)
-    shape = {f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}  # None: not given
-    if a.init_from in ("", "scratch"):
-        return cfg, GPTConfig(**{key: v for key, v in shape.items() if v is not None})  # the rest: the defaults
-    crop = is_gpt2(a.init_from)  # the checkpoint's shape; --block_size can crop GPT-2's context
-    ignored = [f"--{key}" for key, v in shape.items() if v is not None and (key != "block_size" or not crop)]
-    if ignored:
-        print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from --init_from {a.init_from}",
-              file=sys.stderr)
-    return cfg, GPTConfig(**shape)
+    # the shape flags, None where not given: build_model takes them for a model from scratch, warns if it ignores them
+    return cfg, GPTConfig(**{f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"})
 
 def main(argv=None):
-    cfg, model_cfg = parse_args(argv)
+    cfg, shape = parse_args(argv)
     if cfg.mode == "compare":
         return compare(cfg)
     init_processes(cfg)  # one process, or one of torchrun's
     try:
         if cfg.mode != "score":
-            return train(cfg, model_cfg)
+            return train(cfg, shape)
         meta, name = load_meta(cfg.data), run_name(cfg)
         ckpt = load_checkpoint(os.path.join(cfg.out, name, "ckpt.pt"), meta, "reference model")
         model = GPT(GPTConfig(**ckpt["model_config"])).to(cfg.device)

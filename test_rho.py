@@ -112,15 +112,19 @@ def test_gpt2_init_from_local_directory(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable GPT-2 directory \(.*model.safetensors"):
         rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
 
-def test_gpt2_shape_flags_with_init_from(capsys):
-    _, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2"])
-    assert model_cfg.block_size is None and "warning" not in capsys.readouterr().err  # GPT-2's own 1024
-    _, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--block_size", "512", "--n_layer", "2"])
-    assert model_cfg.block_size == 512 and "warning: --n_layer ignored" in capsys.readouterr().err
-    rho.parse_args(["--clm", "--init_from", "base", "--block_size", "64"])  # a rho checkpoint: its own context, as before
-    assert "warning: --block_size ignored: the model's shape comes from --init_from base" in capsys.readouterr().err
-    _, model_cfg = rho.parse_args(["--clm"])
-    assert model_cfg == rho.GPTConfig()
+def test_gpt2_shape_flags_with_init_from(tmp_path, capsys):
+    """Shape flags not given stay None (a model from scratch takes the defaults); from GPT-2, --block_size crops its
+    context and the other shape flags are ignored, with a warning."""
+    _, shape = rho.parse_args(["--clm"])
+    assert shape == rho.GPTConfig(block_size=None, n_layer=None, n_head=None, n_embd=None)
+    tiny_hf().save_pretrained(tmp_path / "tiny-gpt2")
+    cfg, shape = rho.parse_args(["--clm", "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "16",
+                                 "--n_layer", "3", "--device", "cpu"])
+    model = rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, shape)
+    assert (model.config.block_size, model.config.n_layer) == (16, 2)
+    err = capsys.readouterr().err
+    assert f"warning: --n_layer ignored: the model's shape comes from {tmp_path / 'tiny-gpt2'}\n" in err
+    assert "--block_size" not in err
 
 # -----------------------------------------------------------------------------
 # data: batches against their definition (a function of seed and step; web val never trained on)
@@ -611,15 +615,17 @@ def test_init_from_starts_from_base_weights(demo, tmp_path):
         assert cont["losses"][0] < base["losses"][0] - 0.1  # starts where the base ended, not from scratch
 
 def test_demo_runs_start_from_the_base_run(demo, tmp_path, capsys):
-    """On data with a base corpus, --ref, --clm and --slm start from <out>/base without a flag, and say so; without
-    it, one line that says what to run."""
+    """On data with a base corpus, --ref, --clm and --slm start from <out>/base without a flag, and say so (shape
+    flags are ignored, with a warning); without it, one line that says what to run."""
     with pytest.raises(SystemExit, match=r"base/ckpt.pt: no base model: --clm on .* starts from the base run; run "
                                          r"`python rho.py --base --out .*` first, or pass --init_from scratch"):
         rho.main(["--data", str(demo / "data"), "--out", str(tmp_path), *TINY[:-2], "--clm", "--steps", "1"])
     run(demo, tmp_path, "--base", "--steps", "2", "--eval_every", "2")
     m = rho.main(["--data", str(demo / "data"), "--out", str(tmp_path), *TINY[:-2], "--clm", "--steps", "2",
                   "--eval_every", "2"])
-    assert m["config"]["init_from"] == "base" and "clm: starting from the base run" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert m["config"]["init_from"] == "base" and "clm: starting from the base run" in printed.out
+    assert "warning: --block_size --n_layer --n_head --n_embd ignored: the model's shape comes from base" in printed.err
 
 def test_reference_runs_own_their_scores(demo, tmp_path):
     """--ref --name myref scores into <out>/myref/, and --slm --ref_run myref reads them; --slm alone asks for ref."""
