@@ -16,6 +16,7 @@ scoring, evaluation, training, comparison, main.
 """
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -1243,7 +1244,8 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         return score_web(model, meta, cfg, name)
     finally:
-        if WORLD > 1:
+        if WORLD > 1:  # DDP's reference cycles first: a gloo group freed at interpreter exit can abort it (SIGABRT)
+            gc.collect()
             dist.destroy_process_group()
 
 if __name__ == "__main__":
