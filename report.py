@@ -70,6 +70,11 @@ def speedup(clm, measure):
         return c["tokens_seen"] / t if t else None
     return f
 
+def speedups(runs, clm, measure):
+    """The speedups of the seeds that reached CLM's final value (a stat), and how many seeds never did."""
+    xs = [speedup(c, measure)(r) for r, c in zip(runs, clm) if r and c]
+    return stat(xs), xs.count(None)
+
 def mean_curve(runs, key):
     """(tokens seen, mean of key over the seeds at each evaluation) of the runs whose evaluations line up."""
     runs = [r for r in runs if r]
@@ -171,24 +176,26 @@ def efficiency(runs):
              "accuracy": stat([final("accuracy")(r) for r in rs if r])}
         if clm:
             for m in ("val_loss_hq", "accuracy"):
-                d[f"speedup_{m}"] = stat([speedup(c, m)(r) for r, c in zip(rs, clm) if r and c])
+                d[f"speedup_{m}"], d[f"never_{m}"] = speedups(rs, clm, m)
                 d[f"diff_{m}"], d[f"verdict_{m}"] = paired(rs, clm, final(m))
         data[n] = d
         rows.append([n, d["seeds"], fmt(d["val_loss_hq"]), fmt(d["accuracy"], True),
-                     fmt_x(d.get("speedup_val_loss_hq")), fmt_x(d.get("speedup_accuracy")),
+                     fmt_x(d.get("speedup_val_loss_hq"), d.get("never_val_loss_hq")),
+                     fmt_x(d.get("speedup_accuracy"), d.get("never_accuracy")),
                      f"{fmt_diff(d.get('diff_val_loss_hq'))}: {d.get('verdict_val_loss_hq', '-')}",
                      f"{fmt_diff(d.get('diff_accuracy'), True)}: {d.get('verdict_accuracy', '-')}"])
     html += html_table(["run", "seeds", "final val hq", "accuracy", "x faster to CLM's val hq",
                         "x faster to CLM's accuracy", "val hq - CLM's (paired)", "accuracy - CLM's (paired)"], rows)
     html += ("<p>x faster: CLM's tokens seen over this run's tokens seen until it first reaches CLM's final value "
-             "(linear between evaluations); never: '-'. Intervals on accuracy: 95% (Wilson) over the seeds' problems "
-             "pooled.</p>")
+             "(linear between evaluations), over the seeds that reach it; how many never do is said. Intervals on "
+             "accuracy: 95% (Wilson) over the seeds' problems pooled.</p>")
     return html, data
 
-def fmt_x(s):
+def fmt_x(s, never=0):
     if s is None:
         return "never"
-    return f"{s['mean']:.2f}x" if s["n"] == 1 else f"{s['mean']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]"
+    x = f"{s['mean']:.2f}x" if s["n"] == 1 else f"{s['mean']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]"
+    return x + (f" (never on {never} of {s['n'] + never} seeds)" if never else "")
 
 def precision_recall(history):
     """Per eval interval: precision = clean share of the selected tokens; recall = selected clean / seen clean,

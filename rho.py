@@ -1244,7 +1244,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         return score_web(model, meta, cfg, name)
     finally:
-        if WORLD > 1:  # DDP's reference cycles first: a gloo group freed at interpreter exit can abort it (SIGABRT)
+        if WORLD > 1:  # free DDP's reference cycles first: a gloo group left to interpreter exit can SIGABRT
             gc.collect()
             dist.destroy_process_group()
 

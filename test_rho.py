@@ -1091,6 +1091,14 @@ def test_paired_differences_over_seeds():
     assert report.paired(mixed, runs, report.final("val_loss_hq"))[1] == "within the spread of 3 seeds"
     assert report.paired(lower[:1], runs[:1], report.final("val_loss_hq"))[1].startswith("one seed")
 
+def test_speedups_say_how_many_seeds_never_reach():
+    """A seed that never reaches CLM's final value is not averaged in silently: the report counts it."""
+    clm = [{"final": {"val_loss_hq": 1.0}, "tokens_seen": 100}] * 2
+    reach, never = ({"history": [{"tokens_seen": 50, "val_loss_hq": v}]} for v in (0.9, 1.1))
+    s, n = report.speedups([reach, never], clm, "val_loss_hq")
+    assert (s["mean"], s["n"], n) == (2.0, 1, 1) and report.fmt_x(s, n) == "2.00x (never on 1 of 2 seeds)"
+    assert report.speedups([never], clm, "val_loss_hq") == (None, 1) and report.fmt_x(None) == "never"
+
 def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     for seed, out in ((1337, tmp_path / "a"), (7, tmp_path / "b")):
         common = ("--eval_every", "2", "--seed", str(seed))
