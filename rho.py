@@ -82,13 +82,15 @@ class RunConfig:  # every field is a flag: --help
     init_from: str = ""
     preset: str = ""
     resume: bool = False
+    overwrite: bool = False
     device: str = "cpu"
 
 HELP = {
     "data": "prepared data folder", "out": "runs folder", "name": "run name (default: base, ref, clm, slm-k0.6, ...)",
     "ref_run": "--slm: the reference run whose scores it reads", "steps": "optimizer steps",
     "batch_size": "sequences per step", "lr": "peak learning rate (warmup, then cosine to 10%%)",
-    "warmup": "steps of linear warmup", "weight_decay": "AdamW weight decay", "grad_clip": "gradient norm clip",
+    "warmup": "steps of linear warmup (default 20, or a preset's, but at most a tenth of --steps)",
+    "weight_decay": "AdamW weight decay of the matrices and embeddings", "grad_clip": "gradient norm clip",
     "k": "--slm: the share of tokens selected, in (0, 1]", "scope": "top-k over every token of the step (batch) or "
     "within each sequence", "select": "--slm: what I_k ranks by (see token_score): excess is the paper's, random the "
     "control", "seed": "seed of the model init, batch order and random selection", "micro_batch": "sequences per "
@@ -99,7 +101,8 @@ HELP = {
     "default: base), a ckpt.pt, scratch (random weights), or GPT-2 through transformers: gpt2 | gpt2-medium | "
     "gpt2-large | gpt2-xl | a save_pretrained directory", "preset": "defaults for the paper's setting at small scale "
     "(see PRESETS); flags given explicitly win", "resume": "continue <out>/<name>/ckpt.pt where it stopped",
-    "device": "cpu or cuda"}
+    "overwrite": "replace the files of an earlier run of this name (a finished run is otherwise refused)",
+    "device": "cpu, cuda or cuda:N"}
 
 PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags win), then per stage
     "gpt2-owm": {  # the paper's setting at small scale: GPT-2 124M from OpenAI's weights, a GSM8K/MetaMath-like
@@ -203,15 +206,22 @@ def gpt_from_hf(hf, block_size=None):
     if not all(same_math.values()):
         die(f"{name}: {', '.join(f'{key}={getattr(c, key)!r}' for key, ok in same_math.items() if not ok)}: rho's GPT "
             "is plain GPT-2 (gelu_new, layer_norm_epsilon 1e-5, tied embeddings, MLP of 4*n_embd, no cross-attention)")
-    T = block_size or c.n_positions
-    if T > c.n_positions:
-        die(f"--block_size {T}: {name} has {c.n_positions} positions; pass --block_size {c.n_positions} or less")
-    model = GPT(GPTConfig(block_size=T, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
     sd = {key: v.t() if key.endswith(conv1d) else v for key, v in hf.state_dict().items()
           if not key.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers of older transformers
-    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:T]  # nanoGPT's crop_block_size
-    model.load_state_dict(sd)  # strict: every weight mapped; lm_head and wte are one tensor, as in HF
+    shape = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                      n_embd=c.n_embd)
+    return gpt_with_context(shape, sd, block_size, name)
+
+def gpt_with_context(shape, sd, block_size, source):
+    """A GPT of this shape with the weights sd, its context cropped to block_size (nanoGPT's crop_block_size: the
+    first block_size position embeddings), strict: every weight mapped."""
+    T = block_size or shape.block_size
+    if T > shape.block_size:
+        die(f"--block_size {T}: {source} has {shape.block_size} positions; pass --block_size {shape.block_size} or "
+            "less")
+    model = GPT(GPTConfig(**{**asdict(shape), "block_size": T}))
+    model.load_state_dict({**sd, "transformer.wpe.weight": sd["transformer.wpe.weight"][:T]})
     return model
 
 def load_gpt2(name):
@@ -342,22 +352,27 @@ def web_windows(cfg, meta, T, ref=None):
 
 def load_ref_scores(cfg, meta, T):
     """The reference scores of --ref_run (<out>/<run>/ref_scores.bin, float32 (web tokens, 2): L_RM and H_RM),
-    checked to belong to this data and to this run's windows (the same context for both models)."""
+    checked to belong to this data and to this run's windows (the same context for both models), and the
+    fingerprint of the reference model that computed them."""
     path, n_web = os.path.join(cfg.out, cfg.ref_run, "ref_scores.bin"), meta["tokens"]["web"]
     redo = f"re-run `python rho.py --score --name {cfg.ref_run} --data {cfg.data}`"
     if not os.path.isfile(path) and os.path.isfile(path + ".partial"):
-        die(f"{path}: scoring was interrupted: {redo} to finish it")
+        trained = os.path.isfile(os.path.join(cfg.out, cfg.ref_run, "metrics.json"))  # else killed in --ref's scoring
+        die(f"{path}: scoring was interrupted: " + (f"{redo} to finish it" if trained else "finish the reference run "
+            f"with `python rho.py --ref --resume --name {cfg.ref_run}` and the flags it was started with"))
     if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
         ref = "" if cfg.ref_run == "ref" else f" --name {cfg.ref_run}"
         die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
     info = read_json(path + ".json")
+    if "weights_sha256" not in info:
+        die(f"{path}: scored by an older rho, without the reference model's fingerprint: {redo}")
     if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != 8 * n_web:  # the sha covers the encoding
         die(f"{path}: reference scores do not match {cfg.data} (computed for {info['data']}, or cut short: "
             f"{os.path.getsize(path) // 8:,} of {n_web:,} tokens): {redo}")
     if info["block_size"] != T:
         die(f"{path}: reference scores were computed with windows of {info['block_size']} tokens, this run uses "
             f"{T}: pass --block_size {info['block_size']} so both models see the same context")
-    return np.memmap(path, dtype=np.float32, mode="r", shape=(n_web, 2))
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n_web, 2)), info["weights_sha256"]
 
 # -----------------------------------------------------------------------------
 # the SLM loss (Rho-1, Sec. 2.2):  L_SLM = -1/(N*k) * sum_i I_k(x_i) * log P_theta(x_i | x_<i)
@@ -685,18 +700,31 @@ def weights_sha256(model):
         sha.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
     return sha.hexdigest()
 
+def same_scores(old, info):
+    """Scores described by old are of the data, windows and reference weights of info."""
+    return all(old.get(key) == info[key] for key in ("n_tokens", "block_size", "data_sha256", "weights_sha256"))
+
 def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
     """Process 0 creates <path>.partial (float32 (n_tokens, 2)), .done (a byte per block of windows) and .partial.json,
-    or keeps them if they are of the same data, windows and weights (a resume): (windows per block, done flags)."""
+    or keeps them if they are of the same data, windows and weights (a resume): (their description, with the windows
+    per block, and the done flags), or (None, None) when the finished scores of this data and model are at path."""
     info = {"n_tokens": n_tokens, "block_size": T, "score_batch": cfg.score_batch, "data_sha256": meta["sha256"],
             "weights_sha256": weights}
     if RANK == 0:
         old = read_json(path + ".partial.json") if os.path.isfile(path + ".partial.json") else {}
-        if all(old.get(key) == info[key] for key in info if key != "score_batch") and \
-                os.path.isfile(path + ".partial") and os.path.isfile(path + ".done"):
+        done = read_json(path + ".json") if os.path.isfile(path) and os.path.isfile(path + ".json") else None
+        if done and same_scores(done, info) and os.path.getsize(path) == 8 * n_tokens:
+            print(f"score: {path} already holds this model's scores of {cfg.data}: kept")
+        elif done and not same_scores(done, info) and not cfg.overwrite:
+            run = os.path.dirname(path)
+            die(f"{path}: holds the scores of {done['data']} by "
+                f"{'this' if done.get('weights_sha256') == weights else 'another'} reference model; scoring "
+                f"{cfg.data} would replace them: pass --overwrite, or copy the run (cp -r {run} {run}-2) and score "
+                f"that (--score --name {os.path.basename(run)}-2)")
+        elif same_scores(old, info) and os.path.isfile(path + ".partial") and os.path.isfile(path + ".done"):
             info = old  # resume, with the block size it started with
         else:
-            for stale in (path, path + ".json"):  # the scores of an earlier reference model must not outlive it
+            for stale in (path, path + ".json"):  # asked for by --overwrite, or of this run, cut short
                 if os.path.exists(stale):
                     os.remove(stale)
             with open(path + ".partial.tmp", "wb") as f:  # sparse zeros; NaN where no window predicts a token
@@ -709,8 +737,9 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
             write_json(path + ".partial.json", info)
     if WORLD > 1:
         dist.barrier()
-        info = read_json(path + ".partial.json")
-    return info["score_batch"], np.fromfile(path + ".done", np.uint8)
+    if not os.path.isfile(path + ".partial.json"):  # already scored
+        return None, None
+    return read_json(path + ".partial.json"), np.fromfile(path + ".done", np.uint8)
 
 @torch.no_grad()
 def score_web(model, meta, cfg, run):
@@ -720,8 +749,10 @@ def score_web(model, meta, cfg, run):
     model.eval()
     web = windows(cfg.data, "web.bin", meta, model.config.block_size)
     path, T, n_tokens = os.path.join(cfg.out, run, "ref_scores.bin"), web.T, len(web.tokens)
-    B, done = start_scoring(path, n_tokens, T, web.n, cfg, meta, weights_sha256(model))
-    todo = [b for b in range(len(done)) if not done[b] and b % WORLD == RANK]
+    info, done = start_scoring(path, n_tokens, T, web.n, cfg, meta, weights_sha256(model))
+    if info is None:
+        return read_json(path + ".json")
+    B, todo = info["score_batch"], [b for b in range(len(done)) if not done[b] and b % WORLD == RANK]
     t0 = t_sync = time.time()
     marks, n_scored = [], 0
     with open(path + ".partial", "r+b") as out, open(path + ".done", "r+b") as flags:
@@ -746,9 +777,8 @@ def score_web(model, meta, cfg, run):
     elapsed = time.time() - t0
     # the sum waits for every process, all blocks marked on disk (NCCL reduces GPU tensors only)
     n_scored = int(sum_ranks(torch.tensor(n_scored, device=cfg.device)))
-    info = {"n_tokens": n_tokens, "encoding": meta["encoding"], "data": cfg.data, "data_sha256": meta["sha256"],
-            "block_size": T, "score_s": round(elapsed, 2), "score_tok_s": round(n_scored / max(elapsed, 1e-9)),
-            "processes": WORLD, "dtype": cfg.dtype}
+    info.update(encoding=meta["encoding"], data=cfg.data, score_s=round(elapsed, 2),
+                score_tok_s=round(n_scored / max(elapsed, 1e-9)), processes=WORLD, dtype=cfg.dtype)
     if RANK == 0:
         if not np.fromfile(path + ".done", np.uint8).all():
             die(f"{path}.partial: some blocks were not scored; run `python rho.py --score --name {run}` again")
@@ -832,10 +862,18 @@ def run_name(cfg):
         ("" if cfg.scope == "batch" else f"-{cfg.scope}")
 
 def save_checkpoint(path, model, opt, gen, step, cfg, meta, state):
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(), "step": step,
-                "config": asdict(cfg), "model_config": asdict(model.config), "encoding": meta["encoding"],
-                "n_vocab": meta["vocab_size"], "data_sha256": meta["sha256"], "state": state}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a kill leaves the previous checkpoint intact
+    try:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(), "step": step,
+                    "config": asdict(cfg), "model_config": asdict(model.config), "encoding": meta["encoding"],
+                    "n_vocab": meta["vocab_size"], "data_sha256": meta["sha256"], "state": state}, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a kill leaves the previous checkpoint intact
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises either
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")  # not left filling the disk
+        last = f"the checkpoint of step {state['history'][-2]['step']} is intact" if len(state["history"]) > 1 else \
+            "no earlier checkpoint"
+        die(f"{path}: could not write the checkpoint ({str(e).strip().splitlines()[-1]}); {last}: free disk space, "
+            "then run again with --resume")
 
 def load_checkpoint(path, meta=None, what="checkpoint"):
     if not os.path.isfile(path):
@@ -844,6 +882,10 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         die(f"{path}: not a readable rho checkpoint ({type(e).__name__})")
+    missing = {"model", "model_config", "config", "encoding", "n_vocab"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        die(f"{path}: a torch file, but not a checkpoint written by rho.py (no {', '.join(sorted(missing))}): pass a "
+            "run's ckpt.pt, the name of a run in --out, or scratch")
     if meta is not None and (ckpt["n_vocab"] != meta["vocab_size"] or ckpt["encoding"] != meta["encoding"]):
         die(f"{path}: {what} has vocabulary {ckpt['encoding']} ({ckpt['n_vocab']} tokens) but the data has "
             f"{meta['encoding']} ({meta['vocab_size']}): prepare the data with --encoding {ckpt['encoding']} or "
@@ -865,16 +907,19 @@ def start_from(cfg, meta):
 
 def build_model(cfg, meta, shape):
     """The model a run starts from. shape: the shape flags (None: not given), for a model from scratch; from a
-    checkpoint (the demo's base included) or GPT-2, its shape wins, and --block_size can crop GPT-2's context."""
+    checkpoint (the demo's base included) or GPT-2, its shape wins, and --block_size can crop its context."""
     torch.manual_seed(cfg.seed)
     given = {key: v for key, v in asdict(shape).items() if v is not None and key != "vocab_size"}
     if cfg.init_from in ("", "scratch"):
-        return GPT(GPTConfig(**given, vocab_size=64 * math.ceil(meta["vocab_size"] / 64))).to(cfg.device)
-    gpt2 = is_gpt2(cfg.init_from)
-    ignored = [f"--{key}" for key in given if key != "block_size" or not gpt2]
+        shape = GPTConfig(**given, vocab_size=64 * math.ceil(meta["vocab_size"] / 64))
+        if shape.n_embd % shape.n_head:
+            die(f"--n_embd {shape.n_embd}: must be a multiple of --n_head {shape.n_head} (each head gets n_embd / "
+                "n_head)")
+        return GPT(shape).to(cfg.device)
+    ignored = [f"--{key}" for key in given if key != "block_size"]
     if ignored and RANK == 0:
         print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from {cfg.init_from}", file=sys.stderr)
-    if gpt2:
+    if is_gpt2(cfg.init_from):
         if meta["encoding"] != "gpt2":
             die(f"--init_from {cfg.init_from}: GPT-2 weights need data prepared with `python prepare.py ... "
                 f"--encoding gpt2`; {cfg.data} has encoding {meta['encoding']}")
@@ -882,9 +927,8 @@ def build_model(cfg, meta, shape):
     run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")  # a path, or the name of a run in --out
     path = run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from
     ckpt = load_checkpoint(path, meta, "base checkpoint")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(cfg.device)
+    return gpt_with_context(GPTConfig(**ckpt["model_config"]), ckpt["model"], given.get("block_size"),
+                            path).to(cfg.device)
 
 # how a run computes or where it lives, not what it computes (the data itself is checked by its sha256)
 FREE_ON_RESUME = ("resume", "device", "compile", "micro_batch", "score_batch", "preset", "out", "name", "data")
@@ -912,18 +956,20 @@ def lr_at(step, cfg):
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 def training_windows(cfg, meta, T):
-    """(the windows with their extras, how many of them training reads): base for the base model, hq for the
-    reference model, web_windows for continual pretraining (with the reference scores if its rule reads them)."""
+    """(the windows with their extras, how many of them training reads, the reference model's fingerprint or None):
+    base for the base model, hq for the reference model, web_windows for continual pretraining (with the reference
+    scores if its rule reads them)."""
     if cfg.mode in ("base", "ref"):
         if cfg.mode == "base" and "base" not in meta["tokens"]:
             die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
                 f"model with --init_from CKPT, or from scratch without it")
         w = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T)
         w.extras = (no_ref(len(w.tokens)),)
-        return w, w.n
+        return w, w.n, None
     needs_ref = cfg.mode == "slm" and cfg.select not in ("random", "train")
-    w = web_windows(cfg, meta, T, load_ref_scores(cfg, meta, T) if needs_ref else None)
-    return w, web_split(w.n, T)
+    ref, ref_sha = load_ref_scores(cfg, meta, T) if needs_ref else (None, None)
+    w = web_windows(cfg, meta, T, ref)
+    return w, web_split(w.n, T), ref_sha
 
 @torch.no_grad()
 def selection_pass(fwd, micro, cfg, gen):
@@ -946,9 +992,10 @@ def train_step(model, fwd, ddp, micro, cfg, gen):
         sync = WORLD == 1 or i == len(micro) - 1  # DDP all-reduces the gradients once, after the last micro-batch
         with contextlib.nullcontext() if sync else ddp.no_sync():
             with autocast(cfg):  # ddp: the model's forward (maybe compiled, maybe DDP); then the fused head
-                loss, _, sels[i] = fused_slm_loss(ddp(x), model.lm_head.weight, y, ref, cfg, gen, sels[i], n)
+                loss, every, sels[i] = fused_slm_loss(ddp(x), model.lm_head.weight, y, ref, cfg, gen, sels[i], n)
             (loss * WORLD if WORLD > 1 else loss).backward()  # DDP averages over processes: undo it
-        total.append(loss.detach())
+        # a NaN in any token's loss stops the run, also where SLM selected none of them (it never selects NaN)
+        total.append(torch.where(every.isfinite().all(), loss.detach(), float("nan")))
     return sum_ranks(torch.stack(total).sum()), sels
 
 def split_step(cfg):
@@ -1007,7 +1054,8 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
                "final": {m: last[m] for m in ("val_loss_hq", "val_loss_web", "accuracy")},
                "history": state["history"], "losses": state["losses"], "config": asdict(cfg),
                "model_config": asdict(model.config), "n_params": sum(p.numel() for p in model.parameters()),
-               "data": {"encoding": meta["encoding"], "sha256": meta["sha256"]}, **extra,
+               "data": {"encoding": meta["encoding"], "sha256": meta["sha256"]}, "init_sha256": state["init_sha256"],
+               **({"ref_weights_sha256": state["ref_sha256"]} if state["ref_sha256"] else {}), **extra,
                "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "processes": WORLD,
                        "cpu": torch.backends.cpu.get_cpu_capability(), "device": cfg.device}}
     if state["by_label"][0]:
@@ -1017,31 +1065,75 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
           f"-> {out_dir}/metrics.json")
     return metrics
 
+RUN_FILES = ("ckpt.pt", "metrics.json", "tokens.npz", "ref_scores.bin", "ref_scores.bin.json",
+             "ref_scores.bin.partial", "ref_scores.bin.partial.json", "ref_scores.bin.done")
+
+def earlier_run(out_dir, cfg):
+    """Refuses to start over an earlier run's files unless --resume (continue it) or --overwrite (replace it)."""
+    old = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if old and not (cfg.resume or cfg.overwrite):
+        die(f"{out_dir}: holds a{' finished' if 'metrics.json' in old else 'n unfinished'} run ({', '.join(old)}): "
+            "--resume continues it, --overwrite replaces it, --name NAME starts this one beside it")
+    return old
+
+def claim(out_dir, old, cfg):
+    """Creates the run's folder once every check has passed (a run refused at start leaves nothing behind), checks
+    that it can be written (a read-only --out fails now, not at the first checkpoint), and with --overwrite removes
+    the earlier run's files."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        write_atomic(os.path.join(out_dir, ".write-test"), b"")
+        os.remove(os.path.join(out_dir, ".write-test"))
+    except OSError as e:
+        die(f"{out_dir}: cannot write the run there ({e.strerror}): pass another --out")
+    for f in old if cfg.overwrite else ():
+        os.remove(os.path.join(out_dir, f))
+
+def adamw(model, cfg):
+    """AdamW with weight decay on the matrices and embeddings only, not on biases and LayerNorm gains (nanoGPT)."""
+    params = list(model.parameters())  # tied weights once
+    groups = [{"params": [p for p in params if p.dim() >= 2]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+def stop_non_finite(what, value, step, name, cfg, state, ckpt_path):
+    """A NaN or inf stops the run before the optimizer step, so no checkpoint ever holds NaN weights."""
+    last = f"; {ckpt_path} (step {state['history'][-1]['step']}) holds the last good weights" if state["history"] \
+        else ""
+    die(f"{name}: the {what} became {value} at step {step}: lower --lr (e.g. --lr {cfg.lr / 3:.2g}) and start again "
+        f"with --overwrite (or another --name){last}")
+
 def train(cfg, shape):
     meta, name = load_meta(cfg.data), run_name(cfg)
     master, out_dir = RANK == 0, os.path.join(cfg.out, name)  # the master logs, evaluates and saves
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path, micro_bs = os.path.join(out_dir, "ckpt.pt"), split_step(cfg)
+    ckpt_path, micro_bs, old = os.path.join(out_dir, "ckpt.pt"), split_step(cfg), earlier_run(out_dir, cfg)
     cfg.init_from = start_from(cfg, meta)
     model = build_model(cfg, meta, shape)
     T = model.config.block_size
-    train_w, hi = training_windows(cfg, meta, T)
+    train_w, hi, ref_sha = training_windows(cfg, meta, T)
     ev = eval_sets(cfg, meta, train_w if cfg.mode in ("clm", "slm") else web_windows(cfg, meta, T))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = adamw(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise: the same on every process
     n_labels = len(meta["labels"]) if "labels" in meta and cfg.mode in ("clm", "slm") else 0  # the demo's audit
     state = {"history": [], "losses": [], "tokens_seen": 0, "tokens_trained": 0, "wall_s": 0.0,
-             "by_label": [[0] * n_labels, [0] * n_labels], "tokens": {"hq": [], "web": [], "sel": []}}  # seen, selected
+             "by_label": [[0] * n_labels, [0] * n_labels], "tokens": {"hq": [], "web": [], "sel": []},  # seen, selected
+             "init_sha256": weights_sha256(model), "ref_sha256": ref_sha}  # what the run starts from, by content
     start = 0
     if cfg.resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, meta)
         check_resume(ckpt, cfg, model, meta, ckpt_path)
         if set(ckpt["state"]) != set(state):
             die(f"--resume: {ckpt_path} was written by another version of rho; give this run another --name")
+        if ckpt["state"]["ref_sha256"] != ref_sha:
+            die(f"--resume: {cfg.out}/{cfg.ref_run}/ref_scores.bin now holds the scores of another reference model "
+                f"than the one {ckpt_path} trained with (was --ref run again?): restore those scores, or start "
+                "this run again with --overwrite")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["rng"])
         start, state = ckpt["step"], ckpt["state"]
+    if master:
+        claim(out_dir, old, cfg)
     if master and cfg.resume:
         print(f"{name}: " + (f"resumed from {ckpt_path} at step {start}" if start else "no checkpoint: from step 0"))
     fwd = torch.compile(model) if cfg.compile else model
@@ -1061,10 +1153,10 @@ def train(cfg, shape):
         micro = train_w.micro_batches(step, cfg.batch_size, cfg.seed, cfg.device, hi, micro_bs)
         opt.zero_grad(set_to_none=True)
         loss, sels = train_step(model, fwd, ddp, micro, cfg, gen)
-        if not torch.isfinite(loss):
-            die(f"{name}: loss became {loss.item()} at step {step}; the last good checkpoint is {ckpt_path} "
-                f"(resume with --resume after lowering --lr)")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for what, v in (("loss", loss), ("gradient norm", norm)):
+            if not torch.isfinite(v):
+                stop_non_finite(what, v.item(), step, name, cfg, state, ckpt_path)
         opt.step()
         state["tokens_seen"] += cfg.batch_size * T
         state["tokens_trained"] += int(sum_ranks(sum(s.sum() for s in sels)))
@@ -1184,17 +1276,40 @@ CHOICES = {"select": SELECT, "scope": ("batch", "sequence"), "dtype": ("auto", "
 def arg_error(msg):
     die(f"{msg} (python rho.py --help lists the flags; abbreviations of them are not accepted)")
 
-def check_flags(a):
-    """Bad values, each as one line, before anything runs."""
+# the flags each mode reads beyond the data, the output and the device; any other flag given is refused
+RUN_FLAGS = {"steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "seed", "micro_batch", "dtype",
+             "compile", "score_batch", "eval_every", "eval_problems", "init_from", "preset", "resume", "overwrite",
+             "name", "block_size", "n_layer", "n_head", "n_embd"}
+MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | {"k", "select", "scope",
+              "ref_run"}, "score": {"name", "score_batch", "dtype", "overwrite"}, "compare": set()}
+
+def check_flags(a, mode, given):
+    """Bad values and flags the mode ignores, each as one line, before anything runs."""
+    ignored = sorted(given - MODE_FLAGS[mode] - {"data", "out", "device"})
+    if ignored:
+        them = "them" if len(ignored) > 1 else "it"
+        die(f"{' '.join('--' + f for f in ignored)}: --{mode} does not read {them}"
+            + (" (--slm's flags)" if set(ignored) <= MODE_FLAGS["slm"] - RUN_FLAGS else "") + f"; drop {them}")
     if not 0 < a.k <= 1:
         die(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
     for flag, at_least in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("score_batch", 1), ("lr", 1e-30),
                            ("grad_clip", 1e-30), ("micro_batch", 0), ("warmup", 0), ("weight_decay", 0),
-                           ("eval_problems", 0)):
-        if getattr(a, flag) < at_least:
-            die(f"--{flag} {getattr(a, flag)}: must be {'0 or more' if at_least == 0 else 'positive'}")
+                           ("eval_problems", 0), ("seed", 0), *((f, 1) for f in ("block_size", "n_layer", "n_head",
+                                                                                 "n_embd") if getattr(a, f) is not None)):
+        v = getattr(a, flag)
+        if not v >= at_least or v == math.inf:  # NaN fails every comparison
+            die(f"--{flag} {v}: must be {'0 or more' if at_least == 0 else 'positive'}"
+                + (" and finite" if isinstance(v, float) else ""))
+    if a.warmup >= a.steps and mode not in ("score", "compare"):
+        die(f"--warmup {a.warmup}: must be fewer than --steps {a.steps}, or the LR never reaches --lr")
+    if a.resume and a.overwrite:
+        die("--resume --overwrite: continue the earlier run or replace it, not both; drop one")
     if a.select == "sample" and a.scope != "batch":
         die("--select sample ranks whole sequences of the step: it has no --scope sequence; drop --scope")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", a.device):
+        die(f"--device {a.device}: rho runs on cpu, cuda or cuda:N")
+    if a.device != "cpu" and not torch.cuda.is_available():
+        die(f"--device {a.device}: this torch sees no CUDA GPU ({torch.__version__}); use --device cpu")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Selective Language Modeling (Rho-1): the reference model, scoring, SLM "
@@ -1206,22 +1321,27 @@ def parse_args(argv=None):
     d = RunConfig(device="cuda" if torch.cuda.is_available() else "cpu")
     for f in fields(RunConfig)[1:]:  # every field but mode is a flag
         v = getattr(d, f.name)
-        if isinstance(v, bool):
-            p.add_argument(f"--{f.name}", action="store_true", help=HELP[f.name])
+        if isinstance(v, bool):  # --compile and --no-compile: a preset's True can be turned off
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v, help=HELP[f.name])
         else:
             p.add_argument(f"--{f.name}", type=type(v), default=v, choices=CHOICES.get(f.name),
                            help=HELP[f.name] + (f" (default {v})" if v else ""))
     for f in fields(GPTConfig):
         if f.name != "vocab_size":  # the data's
             p.add_argument(f"--{f.name}", type=int, help=f"model {f.name} (default {f.default}; a run that starts "
-                           "from a checkpoint or GPT-2 takes its shape)")
+                           "from a checkpoint or GPT-2 takes its shape, its context cropped to --block_size)")
     a = p.parse_args(argv)
     mode = next(m for m in MODES if getattr(a, m))
-    if a.preset:  # the preset's values become the defaults: a flag given explicitly still wins
-        preset = {**PRESETS[a.preset], **PRESETS[a.preset].get(mode, {})}
-        p.set_defaults(**{key: v for key, v in preset.items() if not isinstance(v, dict)})
-        a = p.parse_args(argv)
-    check_flags(a)
+    preset = {**PRESETS[a.preset], **PRESETS[a.preset].get(mode, {})} if a.preset else {}
+    for x in p._actions:
+        x.default = argparse.SUPPRESS
+    given = set(vars(p.parse_args(argv))) - set(MODES)  # the flags on the command line
+    for key, v in vars(a).items():
+        if key not in given and key in preset and not isinstance(preset[key], dict):
+            setattr(a, key, preset[key])  # the preset's values are defaults: a flag given explicitly still wins
+    if "warmup" not in given:  # a default (or a preset's) warmup is at most a tenth of the run
+        a.warmup = min(a.warmup, a.steps // 10)
+    check_flags(a, mode, given)
     if mode != "slm":  # every token carries the loss
         a.k, a.select = 1.0, "all"
     if a.dtype == "auto":
@@ -1242,7 +1362,13 @@ def main(argv=None):
         ckpt = load_checkpoint(os.path.join(cfg.out, name, "ckpt.pt"), meta, "reference model")
         model = GPT(GPTConfig(**ckpt["model_config"])).to(cfg.device)
         model.load_state_dict(ckpt["model"])
-        return score_web(model, meta, cfg, name)
+        info = score_web(model, meta, cfg, name)
+        if RANK == 0 and not os.path.isfile(os.path.join(cfg.out, name, "metrics.json")):
+            print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): `python rho.py --ref --resume "
+                  f"--name {name}`, with the flags it was started with, writes it and keeps these scores")
+        return info
+    except OSError as e:  # a full disk or a lost folder mid-run: a killed or failed run resumes
+        die(f"{e.filename or cfg.out}: {e.strerror or e}: free space or fix the folder, then run again with --resume")
     finally:
         if WORLD > 1:  # free DDP's reference cycles first: a gloo group left to interpreter exit can SIGABRT
             gc.collect()
