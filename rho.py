@@ -1292,10 +1292,10 @@ def check_flags(a, mode, given):
             + (" (--slm's flags)" if set(ignored) <= MODE_FLAGS["slm"] - RUN_FLAGS else "") + f"; drop {them}")
     if not 0 < a.k <= 1:
         die(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
+    shape = [(f, 1) for f in ("block_size", "n_layer", "n_head", "n_embd") if getattr(a, f) is not None]
     for flag, at_least in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("score_batch", 1), ("lr", 1e-30),
                            ("grad_clip", 1e-30), ("micro_batch", 0), ("warmup", 0), ("weight_decay", 0),
-                           ("eval_problems", 0), ("seed", 0), *((f, 1) for f in ("block_size", "n_layer", "n_head",
-                                                                                 "n_embd") if getattr(a, f) is not None)):
+                           ("eval_problems", 0), ("seed", 0), *shape):
         v = getattr(a, flag)
         if not v >= at_least or v == math.inf:  # NaN fails every comparison
             die(f"--{flag} {v}: must be {'0 or more' if at_least == 0 else 'positive'}"
@@ -1364,8 +1364,8 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         info = score_web(model, meta, cfg, name)
         if RANK == 0 and not os.path.isfile(os.path.join(cfg.out, name, "metrics.json")):
-            print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): `python rho.py --ref --resume "
-                  f"--name {name}`, with the flags it was started with, writes it and keeps these scores")
+            print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): `python rho.py --ref "
+                  f"--resume --name {name}`, with the flags it was started with, writes it and keeps these scores")
         return info
     except OSError as e:  # a full disk or a lost folder mid-run: a killed or failed run resumes
         die(f"{e.filename or cfg.out}: {e.strerror or e}: free space or fix the folder, then run again with --resume")

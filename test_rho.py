@@ -687,6 +687,161 @@ def test_error_nan_loss_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "clm" / "ckpt.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "clm" / "metrics.json").exists()
 
+def shas(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+def test_nothing_lost_finished_runs_other_scores_and_a_kill_while_scoring(demo, tmp_path, monkeypatch, capsys):
+    """Data loss: a finished run is refused unless --resume or --overwrite; a reference model scoring other data
+    leaves its scores in place; a --ref killed while scoring, finished by --score as before, then --ref --resume:
+    metrics.json written, the scores kept (not computed again)."""
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2")
+    before = shas(tmp_path / "ref")
+    with pytest.raises(SystemExit, match=r"ref: holds a finished run \(ckpt.pt, metrics.json, tokens.npz, "
+                                         r"ref_scores.bin, ref_scores.bin.json\): --resume continues it, --overwrite "
+                                         r"replaces it, --name NAME starts this one beside it$"):
+        run(demo, tmp_path, "--ref", "--steps", "4", "--eval_every", "2")
+    prepare.main(["--out", str(tmp_path / "other"), "--web_tokens", "20000", "--seed", "5"])
+    with pytest.raises(SystemExit, match=r"ref_scores.bin: holds the scores of .*data by this reference model; "
+                                         r"scoring .*other would replace them: pass --overwrite, or copy the run "
+                                         r"\(cp -r .*ref .*ref-2\) and score that \(--score --name ref-2\)$"):
+        rho.main(["--data", str(tmp_path / "other"), "--out", str(tmp_path), "--score"])
+    score(demo, tmp_path)  # the same data and model: nothing to do
+    assert "already holds this model's scores" in capsys.readouterr().out and shas(tmp_path / "ref") == before
+    real_score, calls = rho.score_web, []
+
+    def killed_in_scoring(*a):
+        def loss(*b, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real_loss(*b, **kw)
+        real_loss = rho.model_token_loss
+        with monkeypatch.context() as m:
+            m.setattr(rho, "model_token_loss", loss)
+            m.setattr(time, "time", iter(range(0, 10**6, 31)).__next__)  # every block is synced to disk
+            return real_score(*a)
+    monkeypatch.setattr(rho, "score_web", killed_in_scoring)
+    with pytest.raises(KeyboardInterrupt):
+        run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--name", "k", "--score_batch", "8")
+    monkeypatch.undo()
+    assert not (tmp_path / "k" / "metrics.json").exists() and (tmp_path / "k" / "ref_scores.bin.partial").exists()
+    with pytest.raises(SystemExit, match=r"scoring was interrupted: finish the reference run with `python rho.py "
+                                         r"--ref --resume --name k` and the flags it was started with"):
+        run(demo, tmp_path, "--slm", "--steps", "1", "--ref_run", "k")
+    score(demo, tmp_path, "--name", "k")
+    assert "metrics.json is missing (killed while scoring?): `python rho.py --ref --resume --name k`" in \
+        capsys.readouterr().out
+    scores = shas(tmp_path / "k")["ref_scores.bin"]
+    m = run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--name", "k", "--score_batch", "8",
+            "--resume")
+    assert "already holds this model's scores" in capsys.readouterr().out
+    assert shas(tmp_path / "k")["ref_scores.bin"] == scores and m["run"] == "k" and "score_s" in m
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--seed", "3", "--overwrite")
+    assert shas(tmp_path / "ref")["ckpt.pt"] != before["ckpt.pt"]  # replaced, as asked
+
+def test_silent_mistakes_refused(demo, tmp_path):
+    """Flags the mode ignores are refused; a preset's --compile can be turned off; the default warmup fits short
+    runs; AdamW decays matrices and embeddings only; an SLM run refuses to resume on another reference model."""
+    for argv, msg in ((["--clm", "--k", "0.3", "--select", "random", "--scope", "sequence"],
+                       r"--k --scope --select: --clm does not read them \(--slm's flags\); drop them"),
+                      (["--score", "--steps", "3"], r"--steps: --score does not read it; drop it"),
+                      (["--compare", "--lr", "1"], r"--lr: --compare does not read it; drop it"),
+                      (["--clm", "--warmup", "100", "--steps", "4"], r"--warmup 100: must be fewer than --steps 4"),
+                      (["--clm", "--resume", "--overwrite"], r"--resume --overwrite: .* not both")):
+        with pytest.raises(SystemExit, match=rf"^error: {msg}"):
+            rho.parse_args(argv)
+    cfg, _ = rho.parse_args(["--slm", "--preset", "gpt2-owm", "--no-compile", "--device", "cpu"])
+    assert not cfg.compile and rho.parse_args(["--clm", "--preset", "gpt2-owm", "--device", "cpu"])[0].compile
+    assert [rho.parse_args(["--clm", "--steps", s])[0].warmup for s in ("4", "50", "1200")] == [0, 5, 20]
+    model = rho.GPT(rho.GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    groups = rho.adamw(model, rho.RunConfig()).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups[1]["params"]} == {n for n, p in model.named_parameters() if p.dim() < 2}
+    assert groups[1]["weight_decay"] == 0 and "transformer.wpe.weight" in {names[id(p)] for p in groups[0]["params"]}
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2")
+    run(demo, tmp_path, "--slm", "--steps", "2", "--eval_every", "2")
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--seed", "3", "--overwrite")
+    with pytest.raises(SystemExit, match=r"--resume: .*ref_scores.bin now holds the scores of another reference "
+                                         r"model than the one .*ckpt.pt trained with"):
+        run(demo, tmp_path, "--slm", "--steps", "2", "--eval_every", "2", "--resume")
+
+def test_nan_in_slm_stops_before_a_checkpoint_holds_it(demo, tmp_path, monkeypatch):
+    """Every logit NaN: SLM selects no token (NaN is never selected), yet the run stops at that step, and the last
+    checkpoint keeps finite weights; an infinite gradient norm stops it too."""
+    run(demo, tmp_path, "--ref", "--steps", "1")
+    real, calls = rho.GPT.forward, []
+
+    def nan_at_third_training_forward(self, *a, **kw):
+        calls.append(self.training)
+        h = real(self, *a, **kw)
+        return h * float("nan") if sum(calls) == 3 and self.training else h
+    monkeypatch.setattr(rho.GPT, "forward", nan_at_third_training_forward)
+    with pytest.raises(SystemExit, match=r"slm-k0.6: the loss became nan at step 2: lower --lr .*\(step 2\) holds"):
+        run(demo, tmp_path, "--slm", "--steps", "4", "--eval_every", "2")
+    ckpt = torch.load(tmp_path / "slm-k0.6" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(t.isfinite().all() for t in ckpt["model"].values())
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
+    with pytest.raises(SystemExit, match=r"clm: the gradient norm became inf at step 0: lower --lr .*--overwrite "
+                                         r"\(or another --name\)$"):
+        run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
+    assert not (tmp_path / "clm" / "ckpt.pt").exists()
+
+def test_errors_at_start_leave_nothing_and_disk_errors_are_one_line(demo, tmp_path, monkeypatch):
+    """A torch file that is not a rho checkpoint; a run refused at start leaves no folder; a --out that cannot be
+    written fails before any work; a full disk at a checkpoint or while scoring: one line, no temp file left."""
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"other.pt: a torch file, but not a checkpoint written by rho.py \(no "
+                                         r"config, encoding, model, model_config, n_vocab\)"):
+        run(demo, tmp_path / "o", "--clm", "--steps", "1", "--init_from", str(tmp_path / "other.pt"))
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match=r"afile/clm: cannot write the run there \(Not a directory\): pass another"):
+        run(demo, tmp_path / "afile", "--clm", "--steps", "1")
+    real_atomic = rho.write_atomic
+
+    def read_only(path, data):
+        if path.endswith(".write-test"):
+            raise OSError(30, "Read-only file system", path)
+        return real_atomic(path, data)
+    monkeypatch.setattr(rho, "write_atomic", read_only)
+    with pytest.raises(SystemExit, match=r"ro/clm: cannot write the run there \(Read-only file system\)"):
+        run(demo, tmp_path / "ro", "--clm", "--steps", "1")
+    monkeypatch.undo()
+    real_save, saves = torch.save, []
+
+    def full_disk(obj, path):
+        saves.append(path)
+        if len(saves) == 2:
+            open(path, "wb").write(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+        return real_save(obj, path)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"clm/ckpt.pt: could not write the checkpoint \(.*unexpected pos 64 vs 0\); "
+                                         r"the checkpoint of step 2 is intact: free disk space, then run again with "
+                                         r"--resume$"):
+        run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "clm") == ["ckpt.pt"]
+    assert torch.load(tmp_path / "clm" / "ckpt.pt", weights_only=True)["step"] == 2
+    run(demo, tmp_path, "--ref", "--steps", "1", "--name", "r", "--score_batch", "8")
+    os.remove(tmp_path / "r" / "ref_scores.bin")
+    monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(SystemExit, match=r"No space left on device: free space or fix the folder, then run again"):
+        score(demo, tmp_path, "--name", "r")
+
+def test_slm_can_crop_its_base_to_the_reference_context(demo, tmp_path):
+    """The advice for scores of another context works for a base checkpoint: --block_size crops its context."""
+    run(demo, tmp_path, "--base", "--steps", "1")
+    run(demo, tmp_path, "--ref", "--steps", "1", "--block_size", "16")
+    with pytest.raises(SystemExit, match=r"windows of 16 tokens, this run uses 32: pass --block_size 16"):
+        rho.main(["--data", str(demo / "data"), "--out", str(tmp_path), "--slm", "--steps", "1", "--init_from", "base"])
+    m = rho.main(["--data", str(demo / "data"), "--out", str(tmp_path), "--slm", "--steps", "1", "--init_from", "base",
+                  "--block_size", "16", "--eval_problems", "4"])
+    assert m["model_config"]["block_size"] == 16
+    with pytest.raises(SystemExit, match=r"--block_size 64: .*base/ckpt.pt has 32 positions; pass --block_size 32"):
+        rho.main(["--data", str(demo / "data"), "--out", str(tmp_path), "--clm", "--steps", "1", "--block_size", "64"])
+
 def test_error_init_from_missing(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"nope: no such base checkpoint"):
         run(demo, tmp_path, "--clm", "--steps", "1", "--init_from", "nope")
@@ -761,6 +916,13 @@ def test_error_bad_flags_one_line_each():
                       (["--slm", "--k", "1.5"], r"--k 1.5: .*must be in \(0, 1\]"), (["--clm", "--lr", "-1"], r"--lr -1.0: must be positive"),
                       (["--clm", "--steps", "0"], r"--steps 0: must be positive"),
                       (["--clm", "--warmup", "-1"], r"--warmup -1: must be 0 or more"),
+                      (["--clm", "--lr", "nan"], r"--lr nan: must be positive and finite"),
+                      (["--clm", "--weight_decay", "nan"], r"--weight_decay nan: must be 0 or more and finite"),
+                      (["--clm", "--grad_clip", "nan"], r"--grad_clip nan: must be positive and finite"),
+                      (["--clm", "--seed", "-1"], r"--seed -1: must be 0 or more"),
+                      (["--clm", "--block_size", "0"], r"--block_size 0: must be positive"),
+                      (["--clm", "--n_embd", "0"], r"--n_embd 0: must be positive"),
+                      (["--clm", "--device", "tpu"], r"--device tpu: rho runs on cpu, cuda or cuda:N"),
                       (["--slm", "--select", "sample", "--scope", "sequence"], r"--select sample ranks whole sequences"),
                       (["--clm", "--batch", "64"], r"unrecognized arguments: --batch 64 .*abbreviations"),
                       (["--clm", "--preset", "gpt2-owm", "--batch", "64"], r"unrecognized arguments: --batch 64")):
