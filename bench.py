@@ -232,8 +232,10 @@ def bench_scale(n_tokens, device, dtype):
     """Scoring n_tokens random web tokens with a demo-sized model through rho.score_web, once: its cost per token."""
     with tempfile.TemporaryDirectory() as d:
         os.makedirs(os.path.join(d, "ref"))
-        np.random.default_rng(0).integers(0, 257, n_tokens, dtype=np.uint16).tofile(os.path.join(d, "web.bin"))
-        meta = {"encoding": "bytes", "dtype": "uint16", "sha256": "bench"}
+        web = os.path.join(d, "web.bin")
+        np.random.default_rng(0).integers(0, 257, n_tokens, dtype=np.uint16).tofile(web)
+        meta = {"encoding": "bytes", "dtype": "uint16", "sha256": "bench",  # files: as prepare.py records them
+                "files": {"web.bin": {"bytes": os.path.getsize(web), "sha256": rho.file_sha256(web)}}}
         cfg = rho.RunConfig(data=d, out=d, device=str(device), dtype=dtype)
         torch.manual_seed(0)
         model = rho.GPT(rho.GPTConfig()).to(device)

@@ -10,10 +10,10 @@ difference with CLM of the same seed (the same base model, the same batches); a 
 every seed shows it (its range excludes 0). The curves are the means over the seeds; the token-level sections read the
 first folder.
 """
-import json
+import argparse
 import math
 import os
-import sys
+import tempfile
 
 import numpy as np
 
@@ -417,9 +417,20 @@ def variants(runs, title, pick, base):
                      "-" if n == base else f"{fmt_diff(d['diff_accuracy'], True)}: {d['verdict_accuracy']}"])
     return html_table(["run", "final val hq", "accuracy", f"val hq - {base}'s", f"accuracy - {base}'s"], rows), data
 
+def check_writable(folder):
+    """Refuses, before the work, a folder the report cannot be written into. It writes a file to find out: os.access
+    answers True to root even where a read-only mount or a full disk will refuse the write."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".report-check-"):
+            pass
+    except OSError as e:
+        rho.die(f"{folder}: cannot write the report there ({e.strerror}): make it writable, or copy the folders "
+                "somewhere writable and run report.py there")
+
 def report(outs):
     """Writes <first folder>/report.html (self-contained) and report.json from the runs in the folders."""
     groups = [rho.load_runs(o) for o in outs]
+    check_writable(outs[0])
     runs = by_name(groups)
     data_dir = next(r for r in groups[0])["config"]["data"]
     is_k6 = lambda r: r["mode"] == "clm" or (r["mode"] == "slm" and r["k"] == 0.6 and r["scope"] == "batch")
@@ -449,5 +460,13 @@ def report(outs):
     print(f"report: {path} and {os.path.join(outs[0], 'report.json')}")
     return path
 
+def main(argv=None):
+    p = argparse.ArgumentParser(description="One self-contained HTML page (report.html) and report.json from the runs "
+                                "of rho.py in an --out folder, or in several: the same pipeline with other seeds. "
+                                "Written into the first folder.", allow_abbrev=False)
+    p.error = lambda msg: rho.die(f"{msg} (python report.py --help)")  # argparse's errors in one line
+    p.add_argument("folders", nargs="*", default=["out"], help="--out folders of rho.py, one per seed (default: out)")
+    return report(p.parse_args(argv).folders)
+
 if __name__ == "__main__":
-    report(sys.argv[1:] or ["out"])
+    main()

@@ -38,7 +38,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from prepare import get_encoding, write_atomic  # noqa: E402
+from prepare import file_sha256, get_encoding, write_atomic  # noqa: E402
 
 IGNORE = -1  # target id that is never trained on and never selected
 
@@ -277,6 +277,8 @@ def autocast(cfg):
 # -----------------------------------------------------------------------------
 # data: token memmaps cut into windows of T+1 tokens; window w holds tokens [w*T, w*T + T]
 
+META_KEYS = ("encoding", "vocab_size", "dtype", "tokens")  # what rho reads; "files" is checked where a file is read
+
 def load_meta(data):
     path = os.path.join(data, "meta.json")
     if not os.path.isfile(path):
@@ -285,7 +287,14 @@ def load_meta(data):
             + ("`" if demo else f" --hq FILE --web FILE --out {data}`"))
     with open(path, "rb") as f:
         raw = f.read()
-    return {**json.loads(raw), "sha256": hashlib.sha256(raw).hexdigest()}  # the data's fingerprint
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:  # a cut or hand-edited file (UnicodeDecodeError is a ValueError too)
+        die(f"{path}: not valid JSON ({e}): run prepare.py again")
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else [META_KEYS[0]]
+    if missing:
+        die(f"{path}: no key {missing[0]!r}: not written by this prepare.py: run prepare.py again")
+    return {**meta, "sha256": hashlib.sha256(raw).hexdigest()}  # the data's fingerprint: it covers every file's sha256
 
 def read_json(path):
     with open(path) as f:
@@ -294,10 +303,24 @@ def read_json(path):
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2).encode())
 
-def memmap(data, name, dtype):
+HASH_MAX = 1 << 28  # token files up to 256 MiB are hashed at every start (0.2 s each here); larger ones by size alone
+
+def memmap(data, name, meta, dtype):
+    """A token file, checked against what prepare.py recorded in meta.json: its size always (a cut file is caught),
+    its sha256 where that is cheap (a changed file of the same size is caught up to HASH_MAX)."""
     path = os.path.join(data, name)
     if not os.path.isfile(path):
         die(f"{path}: missing; re-run prepare.py for {data}")
+    if "files" not in meta:
+        die(f"{os.path.join(data, 'meta.json')}: prepared by an older prepare.py: run prepare.py again")
+    rec, size = meta["files"].get(name), os.path.getsize(path)
+    if rec is None:
+        die(f"{path}: not recorded in {os.path.join(data, 'meta.json')}: run prepare.py again")
+    if size != rec["bytes"]:
+        die(f"{path}: {size:,} bytes, but prepare.py wrote {rec['bytes']:,} (cut short or replaced): run prepare.py "
+            "again")
+    if size <= HASH_MAX and file_sha256(path) != rec["sha256"]:
+        die(f"{path}: its content is not what prepare.py wrote (sha256 differs): run prepare.py again")
     return np.memmap(path, dtype=dtype, mode="r")
 
 class Windows:
@@ -333,7 +356,7 @@ class Windows:
         return [self.get(ws[i:i + micro], device) for i in range(0, share, micro)]
 
 def windows(data, name, meta, T, extras=()):
-    return Windows(memmap(data, name, meta["dtype"]), T, extras, os.path.join(data, name))
+    return Windows(memmap(data, name, meta, meta["dtype"]), T, extras, os.path.join(data, name))
 
 def web_split(n_windows, T):
     """The last 5% of web windows (at most 32, or 8,192 tokens of short windows) are web validation; continual
@@ -347,7 +370,7 @@ def no_ref(n):
 def web_windows(cfg, meta, T, ref=None):
     """The web's windows with their extras: reference scores (zeros where a run reads none) and, on the demo, the
     noise labels (for auditing the selection; the loss never reads them)."""
-    labels = (memmap(cfg.data, "web_labels.bin", np.uint8),) if "labels" in meta else ()
+    labels = (memmap(cfg.data, "web_labels.bin", meta, np.uint8),) if "labels" in meta else ()
     return windows(cfg.data, "web.bin", meta, T, (no_ref(meta["tokens"]["web"]) if ref is None else ref, *labels))
 
 def load_ref_scores(cfg, meta, T):
@@ -1215,15 +1238,44 @@ def tokens_to_reach(history, target, key="tokens_seen", measure="val_loss_hq"):
         prev = h
     return None
 
+RUN_KEYS = ("run", "mode", "k", "select", "scope", "config", "final", "history", "tokens_seen", "tokens_trained",
+            "wall_s", "eval_problems", "n_params")  # what compare and report.py read of every run
+ORDER = ("base", "ref", "clm", "slm")  # the pipeline's
+
+def read_metrics(path, out):
+    """A run's metrics.json, or one line naming it: cut short (a copy or a full disk) or written by another rho."""
+    why = (f"the run may be unfinished or written by another rho version: re-run it with --resume, or move "
+           f"{os.path.dirname(path)} out of {out}")
+    try:
+        r = read_json(path)
+    except ValueError as e:  # UnicodeDecodeError is one too
+        die(f"{path}: not valid JSON ({e}): {why}")
+    missing = [k for k in RUN_KEYS if k not in r] if isinstance(r, dict) else [RUN_KEYS[0]]
+    if missing:
+        die(f"{path}: no key {missing[0]!r}: {why}")
+    if r["mode"] not in ORDER:
+        die(f"{path}: mode {r['mode']!r} unknown: {why}")
+    return r
+
 def load_runs(out):
-    """metrics.json of every run in the folder out, in pipeline order."""
+    """metrics.json of every finished run in the folder out, in pipeline order; runs with a checkpoint but no
+    metrics.json are named, one line each."""
     runs = []
     for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
         if os.path.isfile(os.path.join(out, name, "metrics.json")):
-            runs.append(read_json(os.path.join(out, name, "metrics.json")))
+            runs.append(read_metrics(os.path.join(out, name, "metrics.json"), out))
+        elif os.path.isfile(os.path.join(out, name, "ckpt.pt")):
+            print(f"{name}: unfinished (no metrics.json; `--resume` continues it)")
     if not runs:
         die(f"{out}: no runs with metrics.json: run `python rho.py --base`, `--ref`, `--clm`, `--slm --k 0.6` first")
-    return sorted(runs, key=lambda r: (["base", "ref", "clm", "slm"].index(r["mode"]), r["run"]))
+    return sorted(runs, key=lambda r: (ORDER.index(r["mode"]), r["run"]))
+
+def differ(runs, key):
+    """'names: value; names: value' of runs grouped by key(run) where they take more than one value, else None."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r["run"])
+    return "; ".join(f"{', '.join(names)}: {v}" for v, names in groups.items()) if len(groups) > 1 else None
 
 def reach(r, clm, measure):
     """'tokens (CLM's tokens over them)' until run r first reaches CLM's final value of a measure."""
@@ -1257,8 +1309,15 @@ def compare(cfg):
     cpt = [r for r in runs if r["mode"] in ("clm", "slm")]
     if len({r["tokens_seen"] for r in cpt}) > 1:
         print("note: the continual-pretraining runs saw different numbers of tokens: compare at equal tokens seen.")
-    if len({r["config"]["init_from"] for r in cpt}) > 1:
-        print("note: the continual-pretraining runs started from different checkpoints (--init_from): not comparable.")
+    by_weights = all(r.get("init_sha256") for r in cpt)  # runs of an older rho name their start (--init_from) only
+    starts = differ(cpt, (lambda r: r["init_sha256"][:12]) if by_weights else (lambda r: r["config"]["init_from"]))
+    if starts:
+        print(f"note: the continual-pretraining runs started from different "
+              f"{'weights' if by_weights else 'checkpoints (--init_from)'} ({starts}): not comparable.")
+    refs = differ([r for r in cpt if r.get("ref_weights_sha256")], lambda r: r["ref_weights_sha256"][:12])
+    if refs:
+        print(f"note: the SLM runs read the scores of different reference models ({refs}): their selections are not "
+              "comparable.")
     return runs
 
 # -----------------------------------------------------------------------------

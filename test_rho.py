@@ -8,6 +8,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -138,6 +140,58 @@ def test_same_batches_for_every_run_and_no_web_val_in_training():
     epoch = torch.cat(first[:hi // 4]).tolist()
     assert len(set(epoch)) == len(epoch) == hi // 4 * 4  # one epoch: every window at most once
     assert max(torch.cat(first).tolist()) < hi  # web validation windows are never trained on
+
+def record_files(data):
+    """meta.json's "files" as prepare.py records them, {name: {"bytes", "sha256"}} of every file but meta.json (a
+    no-op where prepare.py recorded them)."""
+    meta = json.loads((data / "meta.json").read_text())
+    meta.setdefault("files", {p.name: {"bytes": p.stat().st_size, "sha256": prepare.file_sha256(p)}
+                              for p in sorted(data.iterdir()) if p.name != "meta.json"})
+    (data / "meta.json").write_text(json.dumps(meta, indent=2))
+
+def test_error_meta_json_invalid_or_missing_a_key(demo, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data)
+    meta = json.loads((data / "meta.json").read_text())
+    for text, msg in (((data / "meta.json").read_text()[:100], r"not valid JSON \(.*line \d+ column \d+"),
+                      (json.dumps({k: v for k, v in meta.items() if k != "dtype"}), r"no key 'dtype'"),
+                      (json.dumps([1]), r"no key 'encoding'")):
+        (data / "meta.json").write_text(text)
+        with pytest.raises(SystemExit, match=rf"^error: {data / 'meta.json'}: {msg}.*: run prepare.py again$") as e:
+            rho.load_meta(str(data))
+        assert "\n" not in str(e.value)
+    (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    with pytest.raises(SystemExit, match=r"meta.json: prepared by an older prepare.py: run prepare.py again$"):
+        run(demo, tmp_path, "--clm", "--steps", "1", "--data", str(data))
+
+def test_error_token_file_cut_or_changed(demo, tmp_path, monkeypatch):
+    """Every token file read is checked against meta.json: its size (a file cut at any byte), its sha256 (hashed up to
+    HASH_MAX); --resume of a cut copy of the data is refused too."""
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data)
+    good = (data / "web.bin").read_bytes()
+    meta = rho.load_meta(str(data))
+    for cut in (len(good) - 1, len(good) // 2):  # an odd byte: half a token; half the file: half the data
+        (data / "web.bin").write_bytes(good[:cut])
+        with pytest.raises(SystemExit, match=rf"^error: .*web.bin: {cut:,} bytes, but prepare.py wrote {len(good):,} "
+                                             r"\(cut short or replaced\): run prepare.py again$"):
+            rho.windows(str(data), "web.bin", meta, 32)
+    (data / "web.bin").write_bytes(good[:-2] + bytes([good[-2] ^ 1, good[-1]]))  # one token changed, same size
+    with pytest.raises(SystemExit, match=r"web.bin: its content is not what prepare.py wrote \(sha256 differs\)"):
+        rho.windows(str(data), "web.bin", meta, 32)
+    monkeypatch.setattr(rho, "HASH_MAX", len(good) - 1)  # above it: the size alone is checked
+    assert rho.windows(str(data), "web.bin", meta, 32).n == (len(good) // 2 - 1) // 32
+    monkeypatch.undo()
+    (data / "web.bin").write_bytes(good)
+    run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "1", "--data", str(data))
+    (data / "web.bin").write_bytes(good[:len(good) // 2])
+    with pytest.raises(SystemExit, match=r"web.bin: [\d,]+ bytes, but prepare.py wrote"):
+        run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "1", "--data", str(data), "--resume")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    record_files(data)  # the cut copy with a meta.json that records it: other data, by its fingerprint
+    with pytest.raises(SystemExit, match=r"--resume: .* is not the data that .*ckpt.pt was trained on"):
+        run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "1", "--data", str(data), "--resume")
 
 # -----------------------------------------------------------------------------
 # the SLM loss against a hand-written, token-by-token reference of Rho-1's equation
@@ -397,6 +451,7 @@ def test_fused_head_on_gpu_bf16(k, monkeypatch):
 def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo")
     prepare.main(["--out", str(d / "data"), "--web_tokens", "30000"])
+    record_files(d / "data")
     return d
 
 def run(demo, out, *args):
@@ -530,6 +585,43 @@ def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
     rho.main(["--compare", "--out", str(tmp_path)])
     table = capsys.readouterr().out
     assert "slm-k0.6" in table and "clm" in table and "to CLM loss" in table and "to CLM acc" in table
+
+def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys):
+    """A cut or key-less metrics.json: one line naming it, in --compare and report.py; a run with a checkpoint but no
+    metrics.json: one line saying it is unfinished, and the table of the others. Notes compare starting weights and
+    reference models by their sha256 where runs record them, else by --init_from."""
+    out = tmp_path / "out"
+    shutil.copytree(one_process[0], out)
+    path, good = out / "excess" / "metrics.json", json.loads((out / "excess" / "metrics.json").read_text())
+    for text, msg in ((path.read_text()[:200], r"not valid JSON \(.*\)"),
+                      (json.dumps({k: v for k, v in good.items() if k != "final"}), "no key 'final'")):
+        path.write_text(text)
+        for main in (lambda: rho.main(["--compare", "--out", str(out)]), lambda: report.main([str(out)])):
+            with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(path))}: {msg}: the run may be unfinished "
+                                                 rf"or written by another rho version: re-run it with --resume, or "
+                                                 rf"move {re.escape(str(path.parent))} out of {re.escape(str(out))}$"):
+                main()
+    path.write_text(json.dumps(good))
+    random_run = json.loads((out / "random" / "metrics.json").read_text())
+    os.remove(out / "random" / "metrics.json")
+    capsys.readouterr()
+    runs = rho.main(["--compare", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert table.startswith("random: unfinished (no metrics.json; `--resume` continues it)\n")
+    assert [r["run"] for r in runs] == ["ref", "excess"] and "\nexcess " in table and "note" not in table
+    for a, b, note in ((dict(init_sha256="a" * 64), dict(init_sha256="a" * 64, config={**random_run["config"],
+                        "init_from": "base"}), None),  # the same weights under another name
+                       (dict(init_sha256="a" * 64), dict(init_sha256="b" * 64), "note: the continual-pretraining runs "
+                        "started from different weights (excess: aaaaaaaaaaaa; random: bbbbbbbbbbbb): not comparable."),
+                       (dict(init_sha256="a" * 64), dict(config={**random_run["config"], "init_from": "base"}),
+                        "different checkpoints (--init_from) (excess: scratch; random: base)"),
+                       (dict(ref_weights_sha256="c" * 64), dict(ref_weights_sha256="d" * 64), "note: the SLM runs "
+                        "read the scores of different reference models (excess: cccccccccccc; random: dddddddddddd)")):
+        path.write_text(json.dumps({**good, **a}))
+        (out / "random" / "metrics.json").write_text(json.dumps({**random_run, **b}))
+        rho.main(["--compare", "--out", str(out)])
+        printed = capsys.readouterr().out
+        assert (note in printed) if note else "note" not in printed
 
 def test_fixed_seed_is_bitwise_reproducible_across_processes(demo, tmp_path):
     """The same command in two fresh processes, from other folders: bitwise the same losses and evaluations."""
@@ -1279,7 +1371,7 @@ def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
         run(demo, out, "--clm", "--steps", "4", *common)
         run(demo, out, "--slm", "--k", "0.6", "--steps", "4", *common)
         run(demo, out, "--slm", "--k", "0.6", "--select", "entropy", "--steps", "4", *common)
-    report.report([str(tmp_path / "a")])
+    report.main([str(tmp_path / "a")])
     html, rep = (tmp_path / "a" / "report.html").read_text(), json.loads((tmp_path / "a" / "report.json").read_text())
     assert {"efficiency", "selection", "dynamics", "highlight", "cost", "k_sweep", "rules", "scope"} <= set(rep)
     assert abs(sum(rep["dynamics"]["categories_web"].values()) - 1) < 1e-3 and rep["k_sweep"]["best_k"] in (0.6, 1.0)
@@ -1295,6 +1387,37 @@ def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     report.report([str(tmp_path / "a")])
     assert "rerun" in (tmp_path / "a" / "report.html").read_text()
     assert json.loads((tmp_path / "a" / "report.json").read_text())["dynamics"] == {}
+
+def test_report_flags_and_a_folder_it_cannot_write(one_process, tmp_path, capsys, monkeypatch):
+    """--help and unknown flags as rho.py's; a folder the report cannot be written into is refused before the work,
+    by a write: root ignores permissions, so as root a refused write (a read-only mount's) stands in for chmod."""
+    with pytest.raises(SystemExit) as e:
+        report.main(["--help"])
+    assert e.value.code == 0 and "report.html" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^error: unrecognized arguments: --bogus \(python report.py --help\)$"):
+        report.main(["--bogus", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: out: no runs with metrics.json"):  # the default folder
+        report.main([])
+    out = tmp_path / "out"
+    shutil.copytree(one_process[0], out)
+    before = sorted(os.listdir(out))
+    out.chmod(0o555)
+
+    def read_only(*a, **kw):
+        raise OSError(30, "Read-only file system")
+    try:
+        (out / "probe").touch()
+    except PermissionError:
+        pass  # the chmod holds: the real check
+    else:  # root: permissions are not checked
+        (out / "probe").unlink()
+        monkeypatch.setattr(report.tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(SystemExit, match=rf"^error: out: cannot write the report there \((Permission denied|Read-only "
+                                         r"file system)\): make it writable, or copy the folders somewhere writable"):
+        report.main(["out"])
+    out.chmod(0o755)
+    assert sorted(os.listdir(out)) == before
 
 @pytest.mark.parametrize("impl", ["naive_clm", "naive_slm", "fused_clm", "fused_slm", "torch_lce", "torch_lce_slm"])
 def test_bench_head_measures_each_impl(impl):
