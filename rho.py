@@ -831,19 +831,23 @@ def val_loss(model, w, ws, device):
     return total / n
 
 @torch.no_grad()
-def generate(model, prompts, max_new):
-    """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with a KV cache."""
+def generate(model, prompts, max_new, stop=None):
+    """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with a KV cache; it ends early once
+    every row has generated the token stop."""
     T, device = model.config.block_size, model.lm_head.weight.device
     max_new = min(max_new, T // 2)
     prompts = [p[-(T - max_new):] for p in prompts]  # prompt and generated tokens fit the context
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
-    caches, out = [[] for _ in model.transformer.h], []
+    caches, out, eot = [[] for _ in model.transformer.h], [], torch.zeros(len(prompts), dtype=torch.bool)
     h = model(idx, pad, caches)
     for _ in range(max_new):
         nxt = model.lm_head(h[:, -1]).argmax(-1)
         out.append(nxt)
+        eot |= (nxt == stop).cpu() if stop is not None else eot
+        if eot.all():  # every row has ended its answer: what follows is cut anyway
+            break
         h = model(nxt[:, None], pad, caches)
     return torch.stack(out, 1).tolist()
 
@@ -852,7 +856,8 @@ def answer_accuracy(model, problems, enc, max_new=48):
     correct = 0
     for i in range(0, len(problems), 64):
         chunk = problems[i:i + 64]
-        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new)
+        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new,
+                        enc.eot_token)
         for p, o in zip(chunk, outs):
             o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
             m = re.search(r"####\s*(-?\d[\d,]*)", enc.decode([t for t in o if t < enc.n_vocab]))  # padded ids: none

@@ -557,6 +557,11 @@ def test_batched_generation_equals_one_by_one():
     assert batched == [rho.generate(model, [p], 6)[0] for p in prompts]
     with torch.no_grad():  # and the first generated token is the plain forward's argmax
         assert batched[0][0] == model.lm_head(model(torch.tensor([prompts[0]])))[0, -1].argmax().item()
+    for stop in {t for row in batched for t in row}:  # ends once every row has produced stop; the same tokens till then
+        early = rho.generate(model, prompts, 6, stop)
+        ends = [row.index(stop) + 1 if stop in row else 6 for row in batched]
+        assert len({len(r) for r in early}) == 1 and len(early[0]) == max(ends)
+        assert all(e[:n] == b[:n] for e, b, n in zip(early, batched, ends))
 
 def test_wilson_interval():
     lo, hi = rho.wilson(0.5, 200)
