@@ -392,7 +392,8 @@ def held_out_like_gsm8k(seed, n=1319, n_words=45):
     """A held-out index the size of GSM8K's test questions (1,319 of ~45 words) that matches no bench document, so
     that every document is checked and tokenized, as prepare.py does by default."""
     rng = random.Random(seed)
-    return prepare.held_out_index([" ".join(prepare.random_string(rng, 8) for _ in range(n_words)) for _ in range(n)])
+    texts = [" ".join(prepare.random_string(rng, 8) for _ in range(n_words)) for _ in range(n)]
+    return prepare.held_out_index(texts)[0]
 
 def decontamination_cpu(path, index):
     """CPU seconds of the decontamination check alone on a bench file, in tasks of TASK_CHARS, in this process."""
@@ -409,7 +410,8 @@ def decontamination_cpu(path, index):
     return time.process_time() - t0
 
 def tokenize_one(path, size, procs, pool, encoding, dtype):
-    load, w, t0, c0 = os.getloadavg()[0], prepare.TokenWriter(path + ".bin", dtype), time.time(), time.process_time()
+    w = prepare.TokenWriter(path + ".bin", dtype, {})
+    load, t0, c0 = os.getloadavg()[0], time.time(), time.process_time()
     task_cpu = prepare.tokenize_source(path, w, pool, 2 * procs)[1]["cpu"]
     n, dt = w.close(), time.time() - t0
     cpu = time.process_time() - c0 + (task_cpu if pool else 0)  # this process (reading, writing), plus the workers'

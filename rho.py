@@ -38,7 +38,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from prepare import file_sha256, get_encoding, write_atomic  # noqa: E402
+from prepare import file_sha256, final_answer, get_encoding, write_atomic  # noqa: E402
 
 IGNORE = -1  # target id that is never trained on and never selected
 
@@ -818,9 +818,14 @@ def score_web(model, meta, cfg, run):
 
 def eval_sets(cfg, meta, web):
     """What every evaluation reads: hq val windows, the val windows of web (web_windows) and the held-out problems."""
+    path = os.path.join(cfg.data, "eval.json")
+    problems = read_json(path)[:cfg.eval_problems]
+    if cfg.eval_problems and not problems:
+        die(f"{path}: no eval problems (prepare.py found no \"#### N\" or \"The answer is: N\" answer in --val): "
+            f"prepare the data with such a --val, or pass --eval_problems 0 to train without measuring accuracy")
     return {"hq": windows(cfg.data, "hq_val.bin", meta, web.T), "web": web,
             "web_val": list(range(web_split(web.n, web.T), web.n)), "enc": get_encoding(meta["encoding"]),
-            "problems": read_json(os.path.join(cfg.data, "eval.json"))[:cfg.eval_problems]}
+            "problems": problems}
 
 @torch.no_grad()
 def val_loss(model, w, ws, device):
@@ -852,7 +857,10 @@ def generate(model, prompts, max_new, stop=None):
     return torch.stack(out, 1).tolist()
 
 def answer_accuracy(model, problems, enc, max_new=48):
-    """The share of problems whose generated '#### N' line equals the reference answer."""
+    """The share of problems whose generated text's final answer ('#### N' or 'The answer is: N', read by prepare's
+    final_answer as a normalised number) equals the reference answer; None without problems (--eval_problems 0)."""
+    if not problems:
+        return None
     correct = 0
     for i in range(0, len(problems), 64):
         chunk = problems[i:i + 64]
@@ -860,9 +868,11 @@ def answer_accuracy(model, problems, enc, max_new=48):
                         enc.eot_token)
         for p, o in zip(chunk, outs):
             o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
-            m = re.search(r"####\s*(-?\d[\d,]*)", enc.decode([t for t in o if t < enc.n_vocab]))  # padded ids: none
-            correct += bool(m) and m.group(1).replace(",", "") == p["answer"]
-    return round(correct / max(len(problems), 1), 4)
+            correct += final_answer(enc.decode([t for t in o if t < enc.n_vocab])) == p["answer"]  # padded ids: none
+    return round(correct / len(problems), 4)
+
+def percent(accuracy):
+    return "-" if accuracy is None else f"{accuracy:.1%}"  # None: not measured (--eval_problems 0)
 
 @torch.no_grad()
 def evaluate(model, ev, cfg):
@@ -1049,7 +1059,7 @@ def record(state, step, measures, counts, n, loss_sum, labels):
     e = {"step": step, "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
          "wall_s": round(state["wall_s"], 2), "train_loss": round(loss_sum / n, 4), **measures}
     line = (f"step {step} | loss {e['train_loss']:.3f} | sel {e['tokens_trained'] / e['tokens_seen']:.0%} | val hq "
-            f"{e['val_loss_hq']:.3f} web {e['val_loss_web']:.3f} | acc {e['accuracy']:.1%}")
+            f"{e['val_loss_hq']:.3f} web {e['val_loss_web']:.3f} | acc {percent(e['accuracy'])}")
     if counts[0]:
         e.update(noise_shares(counts, labels))
         state["by_label"] = [[a + b for a, b in zip(*pair)] for pair in zip(state["by_label"], counts)]
@@ -1089,8 +1099,8 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
     if state["by_label"][0]:
         metrics.update(noise_shares(state["by_label"], meta["labels"]))
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} acc {last['accuracy']:.1%} "
-          f"-> {out_dir}/metrics.json")
+    print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} "
+          f"acc {percent(last['accuracy'])} -> {out_dir}/metrics.json")
     return metrics
 
 RUN_FILES = ("ckpt.pt", "metrics.json", "tokens.npz", "ref_scores.bin", "ref_scores.bin.json",
@@ -1231,7 +1241,9 @@ def wilson(p, n, z=1.96):
 
 def tokens_to_reach(history, target, key="tokens_seen", measure="val_loss_hq"):
     """Tokens (linearly interpolated between evaluations) at which a measure first reaches target: a loss at or
-    below it, accuracy at or above it; None if never."""
+    below it, accuracy at or above it; None if never (or not measured: --eval_problems 0)."""
+    if target is None or any(h[measure] is None for h in history):
+        return None
     reached = (lambda v: v <= target) if measure.startswith("val_loss") else (lambda v: v >= target)
     prev = None
     for h in history:
@@ -1284,7 +1296,7 @@ def differ(runs, key):
 
 def reach(r, clm, measure):
     """'tokens (CLM's tokens over them)' until run r first reaches CLM's final value of a measure."""
-    if not clm or r["mode"] not in ("clm", "slm"):
+    if not clm or r["mode"] not in ("clm", "slm") or None in (r["final"][measure], clm["final"][measure]):
         return "-"
     t = tokens_to_reach(r["history"], clm["final"][measure], measure=measure)
     return "never" if t is None else f"{t / 1e6:.2f}M {clm['tokens_seen'] / t:.1f}x"
@@ -1299,8 +1311,8 @@ def compare(cfg):
         f, (lo, hi) = r["final"], wilson(r["final"]["accuracy"], r["eval_problems"])
         noise = "-" if "noise_in_selected" not in r else \
             f"{r['noise_in_selected']['all']:.1%}/{r['noise_share_corpus']['all']:.0%}"
-        print(f"{r['run']:<18}{f['val_loss_hq']:>8.4f}{f['val_loss_web']:>9.4f}{f['accuracy']:>7.1%} "
-              f"[{lo:.0%}-{hi:.0%}]"
+        print(f"{r['run']:<18}{f['val_loss_hq']:>8.4f}{f['val_loss_web']:>9.4f}{percent(f['accuracy']):>7} "
+              f"{f'[{lo:.0%}-{hi:.0%}]' if r['eval_problems'] else ''}"
               f"{r['tokens_seen'] / 1e6:>7.2f}M{r['tokens_trained'] / 1e6:>8.2f}M{noise:>14}{r['wall_s']:>5.0f}s"
               f"{reach(r, clm, 'val_loss_hq'):>13}{reach(r, clm, 'accuracy'):>13}")
     print(f"val hq: target-distribution val loss (nats/token); acc: answers right out of {runs[-1]['eval_problems']} "
