@@ -326,6 +326,24 @@ def test_fused_head_gradient_rows_are_zero_outside_selection():
     dh, = torch.autograd.grad(loss, h)
     assert (dh[~sel] == 0).all() and (dh[sel].abs().sum(-1) > 0).all()
 
+@pytest.mark.parametrize("k", [0.35, 1.0])
+def test_fused_head_gradcheck_retained_graph_and_no_double_backward(k):
+    """k = 1 (FullHeadLoss) and k < 1 (SelectedHeadLoss, on a fixed I_k) against finite differences of float64
+    inputs (the head's logits are fp32 whatever the inputs: fp32-sized steps and tolerances); a second backward of a
+    retained graph adds the same gradient again; create_graph (a double backward) raises instead of giving zero."""
+    h, w, y, r = fused_case(B=3, T=4, C=3, V=11, dtype=torch.float64)
+    sel = rho.fused_slm_loss(h, w, y, r, cfg_of(k))[2]
+    loss = lambda h, w: rho.fused_slm_loss(h, w, y, r, cfg_of(k), sel=sel, n=int(sel.sum()))[0]
+    assert torch.autograd.gradcheck(loss, (h, w), eps=1e-2, atol=1e-4, rtol=1e-3)
+    out = loss(h, w)
+    out.backward(retain_graph=True)
+    once = h.grad.clone(), w.grad.clone()
+    out.backward()
+    for twice, g in zip((h.grad, w.grad), once):
+        assert g.abs().sum() > 0 and torch.equal(twice, 2 * g)
+    with pytest.raises(RuntimeError, match="no second derivative"):  # e.g. a gradient penalty: dh.pow(2).sum()
+        torch.autograd.grad(loss(h, w), h, create_graph=True)
+
 def chunk_case(C, V, kind, seed=0):
     """A (C, V) logits chunk (a view, for "strided"), with ignored rows and one hard property per kind."""
     g = torch.Generator().manual_seed(seed)
@@ -373,6 +391,11 @@ def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
     lse2, loss2, _ = loss_fn(x.clone(), y, 1 / 7, g, **block)
     assert torch.equal(lse2, lse) and torch.equal(loss2, loss)
     torch.testing.assert_close(g.double(), grad64, rtol=1e-5, atol=1e-6)
+    for g3 in (g.fill_(float("nan")), None):  # entropy and gradient in one call, into g and in place
+        x3 = x.clone()
+        lse3, loss3, ent3 = loss_fn(x3, y, 1 / 7, g3, entropy=True, **block)
+        assert torch.equal(lse3, lse) and torch.equal(loss3, loss) and torch.equal(ent3, ent)
+        torch.testing.assert_close((x3 if g3 is None else g3).double(), grad64, rtol=1e-5, atol=1e-6)
     out = grad_fn(x, y, lse, 1 / 7, **block)
     assert out.data_ptr() == x.data_ptr()  # in place
     torch.testing.assert_close(out.double(), grad64, rtol=1e-5, atol=1e-6)
