@@ -2,6 +2,7 @@
 
 The sections follow rho.py (model, data, the SLM loss, the fused head, scoring, evaluation, training, main), then
 prepare.py and the instruments; each opens with a line that says what is compared against what."""
+import contextlib
 import gzip
 import hashlib
 import json
@@ -1158,6 +1159,26 @@ def test_bench_train_step_and_scoring_scale_run(impl):
     tiny = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
     ms, _ = bench.bench_train(impl, tiny, 4, 0.5, torch.device("cpu"), "float32", 0, 1)
     assert ms > 0 and min(bench.bench_scale(4096, torch.device("cpu"), "float32")) > 0
+
+def test_bench_train_rounds_interleave_and_count_flops(monkeypatch, capsys):
+    """--cases train: CLM and SLM alternate round by round, each ratio is against the CLM of its own round, and the
+    FLOP count gives SLM's expected ratio: GPT-2 small's 124,439,808 parameters less its embeddings are the trunk."""
+    todo = bench.plan(["train"], 0.6, False, rounds=3)
+    assert [impl for _, impl, _ in todo] == ["clm", "slm", "slm_split"] * 3
+    ms = iter([10.0, 9.0, 12.0, 20.0, 19.0, 24.0, 10.0, 10.0, 13.0])  # round 2 on a machine twice as slow
+    monkeypatch.setattr(bench, "bench_one", lambda case, impl, shape, *a: {
+        "case": case, "impl": impl, "N": shape[0], "d": shape[1], "V": shape[2], "k": shape[3], "ms": next(ms),
+        "peak_mb": 1.0})
+    pool = lambda n: contextlib.nullcontext(types.SimpleNamespace(apply=lambda fn, args: fn(*args)))
+    monkeypatch.setattr(bench.mp, "get_context", lambda method: types.SimpleNamespace(Pool=pool))  # no spawn
+    summary = bench.train_summary(bench.measure(todo, "cpu", "float32"))
+    assert [summary[i]["ms"] for i in ("clm", "slm", "slm_split")] == [10.0, 10.0, 13.0]
+    assert summary["clm"]["ms_ratio"] == 1.0
+    assert summary["slm"]["ms_ratio"] == 0.95 and summary["slm_split"]["ms_ratio"] == 1.2
+    P, N, d, V, L, T = 124_439_808 - 50257 * 768 - 1024 * 768, 2048, 768, 50257, 12, 1024
+    dense = 6 * N * P + 12 * L * d * T * N
+    assert summary["slm"]["flops_ratio"] == round((dense + 5.6 * N * d * V) / (dense + 6 * N * d * V), 3) == 0.982
+    assert "0.950 0.900-1.000" in " ".join(capsys.readouterr().out.split())
 
 def test_bench_gpu_script_runs_in_its_cpu_mode(tmp_path, monkeypatch, capsys):
     """bench.py --gpu at toy sizes on a CPU: the whole plan runs and writes its rows (the tests it starts first are
