@@ -512,7 +512,7 @@ def chunk_loss_torch(x, y, scale=None, g=None, entropy=False):
     ent = (e * (s.log()[:, None] - z)).sum(1) / s if entropy else None  # H = sum_j p_j (lse - x_j): terms >= 0
     if scale is not None:
         row_scale = (y != IGNORE) * scale
-        x.mul_((row_scale / s)[:, None])  # softmax * scale: one exp for the loss and the gradient
+        torch.mul(e, (row_scale / s)[:, None], out=x)  # softmax * scale into x: one exp for the loss and the gradient
         sub_onehot_(x, y, row_scale)
         if g is not None and g.data_ptr() != x.data_ptr():
             g.copy_(x)
@@ -646,9 +646,17 @@ def head_chunks(h, w, y, dtype, scale=None, entropy=False):
             addmm_fp32_(grads[1], g[:c].t(), hc[i:i + c])  # dW += G^T H
     return out[0], out[1], (out[2] if entropy else None), grads
 
+def first_derivative_only():
+    """Both heads' backwards refuse create_graph: their gradients are constants to autograd, so a second derivative
+    through them would be zero, silently (torch's once_differentiable raises only if the incoming gradient needs
+    grad, not for a gradient penalty)."""
+    if torch.is_grad_enabled():  # autograd runs a backward with grad enabled only under create_graph
+        raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
+
 class FullHeadLoss(torch.autograd.Function):
     """CLM's head: (the sum of every token's loss over n, every token's loss). The gradients are computed in the
-    forward, chunk by chunk; the backward only scales them."""
+    forward, chunk by chunk; the backward only scales them, into new tensors: a retained graph's next backward reads
+    the saved ones again."""
 
     @staticmethod
     def forward(ctx, h, w, y, n, dtype):
@@ -659,8 +667,9 @@ class FullHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _):
+        first_derivative_only()
         dh, dw = ctx.saved_tensors
-        return dh.mul_(grad), dw.mul_(grad), None, None, None
+        return dh * grad, dw * grad, None, None, None  # a (V, C) fp32 temporary, for a moment
 
 class SelectedHeadLoss(torch.autograd.Function):
     """SLM's head: the sum of the selected tokens' losses (given) over n, the number selected in the whole step.
@@ -675,6 +684,7 @@ class SelectedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        first_derivative_only()
         h, w, y, lse, idx = ctx.saved_tensors
         hc, wc = h.to(ctx.dtype), w.to(ctx.dtype)
         (rows, x, g), grad_fn = buffers(len(idx), w.shape[0], h.device, ctx.dtype), chunk_ops(h.device)[1]

@@ -2,6 +2,7 @@
 
 The sections follow rho.py (model, data, the SLM loss, the fused head, scoring, evaluation, training, main), then
 prepare.py and the instruments; each opens with a line that says what is compared against what."""
+import contextlib
 import gzip
 import hashlib
 import json
@@ -381,6 +382,24 @@ def test_fused_head_gradient_rows_are_zero_outside_selection():
     dh, = torch.autograd.grad(loss, h)
     assert (dh[~sel] == 0).all() and (dh[sel].abs().sum(-1) > 0).all()
 
+@pytest.mark.parametrize("k", [0.35, 1.0])
+def test_fused_head_gradcheck_retained_graph_and_no_double_backward(k):
+    """k = 1 (FullHeadLoss) and k < 1 (SelectedHeadLoss, on a fixed I_k) against finite differences of float64
+    inputs (the head's logits are fp32 whatever the inputs: fp32-sized steps and tolerances); a second backward of a
+    retained graph adds the same gradient again; create_graph (a double backward) raises instead of giving zero."""
+    h, w, y, r = fused_case(B=3, T=4, C=3, V=11, dtype=torch.float64)
+    sel = rho.fused_slm_loss(h, w, y, r, cfg_of(k))[2]
+    loss = lambda h, w: rho.fused_slm_loss(h, w, y, r, cfg_of(k), sel=sel, n=int(sel.sum()))[0]
+    assert torch.autograd.gradcheck(loss, (h, w), eps=1e-2, atol=1e-4, rtol=1e-3)
+    out = loss(h, w)
+    out.backward(retain_graph=True)
+    once = h.grad.clone(), w.grad.clone()
+    out.backward()
+    for twice, g in zip((h.grad, w.grad), once):
+        assert g.abs().sum() > 0 and torch.equal(twice, 2 * g)
+    with pytest.raises(RuntimeError, match="no second derivative"):  # e.g. a gradient penalty: dh.pow(2).sum()
+        torch.autograd.grad(loss(h, w), h, create_graph=True)
+
 def chunk_case(C, V, kind, seed=0):
     """A (C, V) logits chunk (a view, for "strided"), with ignored rows and one hard property per kind."""
     g = torch.Generator().manual_seed(seed)
@@ -428,6 +447,11 @@ def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
     lse2, loss2, _ = loss_fn(x.clone(), y, 1 / 7, g, **block)
     assert torch.equal(lse2, lse) and torch.equal(loss2, loss)
     torch.testing.assert_close(g.double(), grad64, rtol=1e-5, atol=1e-6)
+    for g3 in (g.fill_(float("nan")), None):  # entropy and gradient in one call, into g and in place
+        x3 = x.clone()
+        lse3, loss3, ent3 = loss_fn(x3, y, 1 / 7, g3, entropy=True, **block)
+        assert torch.equal(lse3, lse) and torch.equal(loss3, loss) and torch.equal(ent3, ent)
+        torch.testing.assert_close((x3 if g3 is None else g3).double(), grad64, rtol=1e-5, atol=1e-6)
     out = grad_fn(x, y, lse, 1 / 7, **block)
     assert out.data_ptr() == x.data_ptr()  # in place
     torch.testing.assert_close(out.double(), grad64, rtol=1e-5, atol=1e-6)
@@ -1579,6 +1603,26 @@ def test_bench_train_step_and_scoring_scale_run(impl):
     tiny = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
     ms, _ = bench.bench_train(impl, tiny, 4, 0.5, torch.device("cpu"), "float32", 0, 1)
     assert ms > 0 and min(bench.bench_scale(4096, torch.device("cpu"), "float32")) > 0
+
+def test_bench_train_rounds_interleave_and_count_flops(monkeypatch, capsys):
+    """--cases train: CLM and SLM alternate round by round, each ratio is against the CLM of its own round, and the
+    FLOP count gives SLM's expected ratio: GPT-2 small's 124,439,808 parameters less its embeddings are the trunk."""
+    todo = bench.plan(["train"], 0.6, False, rounds=3)
+    assert [impl for _, impl, _ in todo] == ["clm", "slm", "slm_split"] * 3
+    ms = iter([10.0, 9.0, 12.0, 20.0, 19.0, 24.0, 10.0, 10.0, 13.0])  # round 2 on a machine twice as slow
+    monkeypatch.setattr(bench, "bench_one", lambda case, impl, shape, *a: {
+        "case": case, "impl": impl, "N": shape[0], "d": shape[1], "V": shape[2], "k": shape[3], "ms": next(ms),
+        "peak_mb": 1.0})
+    pool = lambda n: contextlib.nullcontext(types.SimpleNamespace(apply=lambda fn, args: fn(*args)))
+    monkeypatch.setattr(bench.mp, "get_context", lambda method: types.SimpleNamespace(Pool=pool))  # no spawn
+    summary = bench.train_summary(bench.measure(todo, "cpu", "float32"))
+    assert [summary[i]["ms"] for i in ("clm", "slm", "slm_split")] == [10.0, 10.0, 13.0]
+    assert summary["clm"]["ms_ratio"] == 1.0
+    assert summary["slm"]["ms_ratio"] == 0.95 and summary["slm_split"]["ms_ratio"] == 1.2
+    P, N, d, V, L, T = 124_439_808 - 50257 * 768 - 1024 * 768, 2048, 768, 50257, 12, 1024
+    dense = 6 * N * P + 12 * L * d * T * N
+    assert summary["slm"]["flops_ratio"] == round((dense + 5.6 * N * d * V) / (dense + 6 * N * d * V), 3) == 0.982
+    assert "0.950 0.900-1.000" in " ".join(capsys.readouterr().out.split())
 
 def test_bench_gpu_script_runs_in_its_cpu_mode(tmp_path, monkeypatch, capsys):
     """bench.py --gpu at toy sizes on a CPU: the whole plan runs and writes its rows (the tests it starts first are
