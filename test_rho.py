@@ -603,7 +603,7 @@ def test_answer_forms_of_the_data_and_of_generated_text(monkeypatch):
     assert prepare.eval_problem({"question": "Q?", "answer": "12"}) is None
     enc = prepare.get_encoding("bytes")
     out = [" 10 + 2.5 = 12.50\n#### 12.50\n", " The answer is: 1,000", " #### .5", " #### 12"]  # generated
-    monkeypatch.setattr(rho, "generate", lambda model, prompts, n: [enc.encode_ordinary(s) + [enc.eot_token] for s in out])
+    monkeypatch.setattr(rho, "generate", lambda model, prompts, *_: [enc.encode_ordinary(s) + [enc.eot_token] for s in out])
     problems = [{"prompt": "Q", "answer": a} for a in ("12.5", "1000", "0.5", "12.5")]
     assert rho.answer_accuracy(None, problems, enc) == 0.75 and rho.answer_accuracy(None, [], enc) is None
 
@@ -689,7 +689,8 @@ def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys)
                         "init_from": "base"}), None),  # the same weights under another name
                        (dict(init_sha256="a" * 64), dict(init_sha256="b" * 64), "note: the continual-pretraining runs "
                         "started from different weights (excess: aaaaaaaaaaaa; random: bbbbbbbbbbbb): not comparable."),
-                       (dict(init_sha256="a" * 64), dict(config={**random_run["config"], "init_from": "base"}),
+                       (dict(init_sha256="a" * 64), dict(init_sha256=None, config={**random_run["config"],
+                                                                      "init_from": "base"}),  # an older rho: no sha
                         "different checkpoints (--init_from) (excess: scratch; random: base)"),
                        (dict(ref_weights_sha256="c" * 64), dict(ref_weights_sha256="d" * 64), "note: the SLM runs "
                         "read the scores of different reference models (excess: cccccccccccc; random: dddddddddddd)")):
