@@ -7,12 +7,12 @@ rho.py: Selective Language Modeling (Rho-1: Lin et al. 2024, arXiv 2404.07965) i
     python rho.py --clm            # continual pretraining of the base on web, loss on every token (the baseline)
     python rho.py --slm --k 0.6    # the same run, loss on the top 60% of tokens by excess loss
     python rho.py --slm --k 0.6 --select random   # the control: the same k, random tokens
-    python rho.py --compare        # one table of every run in --out
+    python report.py               # one table of every run in out/, and out/report.html
 
 At scale: torchrun --standalone --nproc_per_node 8 rho.py --slm --preset gpt2-owm --data data/owm --out out-owm
-Beside it, importing it: bench.py (speed and memory, side by side) and report.py (an HTML report, over seeds).
-The file reads in the order the data flows: config, model, processes, data, the SLM loss, the fused head, reference
-scoring, evaluation, training, comparison, main.
+Beside it, importing it: bench.py (speed and memory, side by side) and report.py (the table, an HTML report, over
+seeds). The file reads in the order the data flows: config, model, processes, data, the SLM loss, the fused head,
+reference scoring, evaluation, training, main.
 """
 import argparse
 import contextlib
@@ -1215,120 +1215,13 @@ def train(cfg, shape):
         return finish(cfg, meta, name, state, out_dir, model, extra)
 
 # -----------------------------------------------------------------------------
-# comparison: one table of every run in --out (report.py compares several folders: seeds)
-
-def wilson(p, n, z=1.96):
-    """The 95% (Wilson) interval of a share p of n trials: answer accuracy over n problems."""
-    if not n:
-        return 0.0, 1.0
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
-
-def tokens_to_reach(history, target, key="tokens_seen", measure="val_loss_hq"):
-    """Tokens (linearly interpolated between evaluations) at which a measure first reaches target: a loss at or
-    below it, accuracy at or above it; None if never."""
-    reached = (lambda v: v <= target) if measure.startswith("val_loss") else (lambda v: v >= target)
-    prev = None
-    for h in history:
-        if reached(h[measure]):
-            if prev is None or prev[measure] == h[measure]:
-                return h[key]
-            f = (prev[measure] - target) / (prev[measure] - h[measure])
-            return prev[key] + f * (h[key] - prev[key])
-        prev = h
-    return None
-
-RUN_KEYS = ("run", "mode", "k", "select", "scope", "config", "final", "history", "tokens_seen", "tokens_trained",
-            "wall_s", "eval_problems", "n_params")  # what compare and report.py read of every run
-ORDER = ("base", "ref", "clm", "slm")  # the pipeline's
-
-def read_metrics(path, out):
-    """A run's metrics.json, or one line naming it: cut short (a copy or a full disk) or written by another rho."""
-    why = (f"the run may be unfinished or written by another rho version: re-run it with --resume, or move "
-           f"{os.path.dirname(path)} out of {out}")
-    try:
-        r = read_json(path)
-    except ValueError as e:  # UnicodeDecodeError is one too
-        die(f"{path}: not valid JSON ({e}): {why}")
-    missing = [k for k in RUN_KEYS if k not in r] if isinstance(r, dict) else [RUN_KEYS[0]]
-    if missing:
-        die(f"{path}: no key {missing[0]!r}: {why}")
-    if r["mode"] not in ORDER:
-        die(f"{path}: mode {r['mode']!r} unknown: {why}")
-    return r
-
-def load_runs(out):
-    """metrics.json of every finished run in the folder out, in pipeline order; runs with a checkpoint but no
-    metrics.json are named, one line each."""
-    runs = []
-    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        if os.path.isfile(os.path.join(out, name, "metrics.json")):
-            runs.append(read_metrics(os.path.join(out, name, "metrics.json"), out))
-        elif os.path.isfile(os.path.join(out, name, "ckpt.pt")):
-            print(f"{name}: unfinished (no metrics.json; `--resume` continues it)")
-    if not runs:
-        die(f"{out}: no runs with metrics.json: run `python rho.py --base`, `--ref`, `--clm`, `--slm --k 0.6` first")
-    return sorted(runs, key=lambda r: (ORDER.index(r["mode"]), r["run"]))
-
-def differ(runs, key):
-    """'names: value; names: value' of runs grouped by key(run) where they take more than one value, else None."""
-    groups = {}
-    for r in runs:
-        groups.setdefault(key(r), []).append(r["run"])
-    return "; ".join(f"{', '.join(names)}: {v}" for v, names in groups.items()) if len(groups) > 1 else None
-
-def reach(r, clm, measure):
-    """'tokens (CLM's tokens over them)' until run r first reaches CLM's final value of a measure."""
-    if not clm or r["mode"] not in ("clm", "slm"):
-        return "-"
-    t = tokens_to_reach(r["history"], clm["final"][measure], measure=measure)
-    return "never" if t is None else f"{t / 1e6:.2f}M {clm['tokens_seen'] / t:.1f}x"
-
-def compare(cfg):
-    runs = load_runs(cfg.out)
-    clm = next((r for r in runs if r["run"] == "clm"), None)
-    head = (f"{'run':<18}{'val hq':>8}{'val web':>9}{'acc [95% CI]':>18}{'seen':>8}{'trained':>9}{'noise-in-sel':>14}"
-            f"{'wall':>6}{'to CLM loss':>13}{'to CLM acc':>13}")
-    print(head + "\n" + "-" * len(head))
-    for r in runs:
-        f, (lo, hi) = r["final"], wilson(r["final"]["accuracy"], r["eval_problems"])
-        noise = "-" if "noise_in_selected" not in r else \
-            f"{r['noise_in_selected']['all']:.1%}/{r['noise_share_corpus']['all']:.0%}"
-        print(f"{r['run']:<18}{f['val_loss_hq']:>8.4f}{f['val_loss_web']:>9.4f}{f['accuracy']:>7.1%} "
-              f"[{lo:.0%}-{hi:.0%}]"
-              f"{r['tokens_seen'] / 1e6:>7.2f}M{r['tokens_trained'] / 1e6:>8.2f}M{noise:>14}{r['wall_s']:>5.0f}s"
-              f"{reach(r, clm, 'val_loss_hq'):>13}{reach(r, clm, 'accuracy'):>13}")
-    print(f"val hq: target-distribution val loss (nats/token); acc: answers right out of {runs[-1]['eval_problems']} "
-          "held-out problems, with its 95% interval;\nnoise-in-sel: noise share of the trained tokens / of the "
-          "corpus; to CLM loss, to CLM acc: tokens seen until the run first\nreaches CLM's final val hq or accuracy, "
-          "and CLM's tokens over that. One seed: report.py compares seeds.")
-    for r in runs:  # report.py breaks the noise down by kind
-        if "score_s" in r:
-            print(f"{r['run']}: scoring every web token took {r['score_s']:.0f}s ({r['score_tok_s']:,} tok/s), "
-                  f"beside {r['wall_s']:.0f}s of training")
-    cpt = [r for r in runs if r["mode"] in ("clm", "slm")]
-    if len({r["tokens_seen"] for r in cpt}) > 1:
-        print("note: the continual-pretraining runs saw different numbers of tokens: compare at equal tokens seen.")
-    by_weights = all(r.get("init_sha256") for r in cpt)  # runs of an older rho name their start (--init_from) only
-    starts = differ(cpt, (lambda r: r["init_sha256"][:12]) if by_weights else (lambda r: r["config"]["init_from"]))
-    if starts:
-        print(f"note: the continual-pretraining runs started from different "
-              f"{'weights' if by_weights else 'checkpoints (--init_from)'} ({starts}): not comparable.")
-    refs = differ([r for r in cpt if r.get("ref_weights_sha256")], lambda r: r["ref_weights_sha256"][:12])
-    if refs:
-        print(f"note: the SLM runs read the scores of different reference models ({refs}): their selections are not "
-              "comparable.")
-    return runs
-
-# -----------------------------------------------------------------------------
 # main
 
 MODES = {"base": "train a base model on the general corpus (base.bin; the demo has one)",
          "ref": "train the reference model on hq, then score every web token with it",
          "score": "score the web tokens again with an existing reference model (--name, default ref)",
          "clm": "continual pretraining on web, loss on every token (the baseline)",
-         "slm": "continual pretraining on web with the SLM loss (--k, --select, --scope)",
-         "compare": "print one table of every run in --out"}
+         "slm": "continual pretraining on web with the SLM loss (--k, --select, --scope)"}
 CHOICES = {"select": SELECT, "scope": ("batch", "sequence"), "dtype": ("auto", "float32", "bfloat16"),
            "preset": ("", *PRESETS)}
 
@@ -1340,7 +1233,7 @@ RUN_FLAGS = {"steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip",
              "compile", "score_batch", "eval_every", "eval_problems", "init_from", "preset", "resume", "overwrite",
              "name", "block_size", "n_layer", "n_head", "n_embd"}
 MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | {"k", "select", "scope",
-              "ref_run"}, "score": {"name", "score_batch", "dtype", "overwrite"}, "compare": set()}
+              "ref_run"}, "score": {"name", "score_batch", "dtype", "overwrite"}}
 
 def check_flags(a, mode, given):
     """Bad values and flags the mode ignores, each as one line, before anything runs."""
@@ -1359,7 +1252,7 @@ def check_flags(a, mode, given):
         if not v >= at_least or v == math.inf:  # NaN fails every comparison
             die(f"--{flag} {v}: must be {'0 or more' if at_least == 0 else 'positive'}"
                 + (" and finite" if isinstance(v, float) else ""))
-    if a.warmup >= a.steps and mode not in ("score", "compare"):
+    if a.warmup >= a.steps and mode != "score":
         die(f"--warmup {a.warmup}: must be fewer than --steps {a.steps}, or the LR never reaches --lr")
     if a.resume and a.overwrite:
         die("--resume --overwrite: continue the earlier run or replace it, not both; drop one")
@@ -1411,8 +1304,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg, shape = parse_args(argv)
-    if cfg.mode == "compare":
-        return compare(cfg)
     init_processes(cfg)  # one process, or one of torchrun's
     try:
         if cfg.mode != "score":
