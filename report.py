@@ -282,7 +282,7 @@ def acc_test(runs, base):
         return {**mcnemar(pairs[0][0]["final"]["correct"], pairs[0][1]["final"]["correct"]), "method": "McNemar",
                 "problems": problems, **one}
     shared = len({x.get("data", {}).get("sha256") for pair in pairs for x in pair}) == 1  # one data: one problem set
-    d = [np.asarray(r["final"]["correct"]) - np.asarray(b["final"]["correct"]) for r, b in pairs]
+    d = [np.asarray(r["final"]["correct"], int) - np.asarray(b["final"]["correct"], int) for r, b in pairs]
     return {**bootstrap(d, shared), "method": "bootstrap over seeds and " + ("problems" if shared else
             "each seed's problems"), "problems": problems, **one}
 
@@ -545,7 +545,8 @@ def dynamics(outs, runs):
     for part in ("web", "hq"):
         shares = [[float((loss_category(z[part].reshape(len(z["step"]), -1).astype(np.float32), z["tokens_seen"])
                           == i).mean()) for i in range(4)] for z in clms]
-        data[f"categories_{part}"] = {c: round(float(np.mean([s[i] for s in shares])), 4) for i, c in enumerate(CATEGORIES)}
+        data[f"categories_{part}"] = {c: round(float(np.mean([s[i] for s in shares])), 4)
+                                      for i, c in enumerate(CATEGORIES)}
         rows.append([f"clm, {part} val tokens, {len(clms)} seed(s)"] + [fmt(stat([s[i] for s in shares]), True)
                                                                          for i in range(4)])
     rows.append(["paper (Fig. 2, 1B on OpenWebMath)", "51%", "26%", "12%", "11%"])
@@ -559,7 +560,8 @@ def dynamics(outs, runs):
     m = main_slm(runs)
     slm = load_tokens(outs[0], m) if m else None
     if slm is None:
-        return html + "<p>No SLM run with per-token records (tokens.npz): rerun <code>python rho.py --slm --k 0.6</code> " \
+        return html + "<p>No SLM run with per-token records (tokens.npz): rerun <code>python rho.py --slm --k 0.6" \
+                      "</code> " \
                       "to get the selected-vs-unselected plot.</p>", data
     sel, loss, t = slm["sel"], slm["web"].astype(np.float32), slm["tokens_seen"].tolist()
     mean = lambda a, s: [float(a[i][s[i]].mean()) for i in range(len(a))]
@@ -603,7 +605,8 @@ def highlight(outs, runs, data_dir, n_docs=3, n_chars=600):
                              f'{esc(enc.decode([tok]))}</span>')
             html += (f'<p><b>{name} (step {int(z["step"][i])})</b>, selected {z["sel"][i, w].mean():.0%}</p>'
                      f'<div class="doc">{"".join(spans)}</div>')
-            data["docs"].append({"window": w, "step": int(z["step"][i]), "selected": round(float(z["sel"][i, w].mean()), 4)})
+            data["docs"].append({"window": w, "step": int(z["step"][i]),
+                                 "selected": round(float(z["sel"][i, w].mean()), 4)})
     legend = (f'<p>{m}: background = excess loss (the training loss at that evaluation minus the reference loss), '
               f'<span style="background:{excess_color(3)}">high</span> / <span style="background:{excess_color(-3)}">'
               'negative</span>; <span style="border-bottom:2px solid #000">underlined</span> = selected at that '
@@ -632,22 +635,24 @@ def cost(runs, data_dir):
     if m:
         pipes[m["run"]] = [s for s in ("base", "reference training", "scoring", f"continual pretraining: {m['run']}")
                            if s in stages]
-    totals = {p: {"wall_s": round(sum(stages[s]["wall_s"] for s in ss), 2), "flops": sum(stages[s]["flops"] for s in ss)}
-              for p, ss in pipes.items()}
+    totals = {p: {"wall_s": round(sum(stages[s]["wall_s"] for s in ss), 2),
+                  "flops": sum(stages[s]["flops"] for s in ss)} for p, ss in pipes.items()}
     goal = clm_target(clm, "val_loss_hq") if m and clm else None  # CLM's final val hq, smoothed
     t = crossing(m["history"], goal, "val_loss_hq") if goal is not None else None
     if t:  # SLM's pipeline up to the point where it reaches CLM's final target loss
         pre = [s for s in pipes[m["run"]] if not s.startswith("continual")]
         wall = crossing(m["history"], goal, "val_loss_hq", "wall_s")
-        totals[f"{m['run']} until CLM's final val hq"] = {"wall_s": round(sum(stages[s]["wall_s"] for s in pre) + wall, 2),
-                                                          "flops": sum(stages[s]["flops"] for s in pre) + 6 * m["n_params"] * t}
+        totals[f"{m['run']} until CLM's final val hq"] = {
+            "wall_s": round(sum(stages[s]["wall_s"] for s in pre) + wall, 2),
+            "flops": sum(stages[s]["flops"] for s in pre) + 6 * m["n_params"] * t}
     rows = [[s, f"{v['wall_s']:.0f}", f"{v['flops']:.3g}"] for s, v in stages.items()]
     rows += [[f"total: {p}", f"{v['wall_s']:.0f}", f"{v['flops']:.3g}"] for p, v in totals.items()]
     html = html_table(["stage", "wall s (first seed)", "FLOPs"], rows)
     html += ("<p>FLOPs = 6 &middot; n_params &middot; tokens for training (forward and backward; SLM's trunk backward "
-             "is dense, so it counts every token seen, not only the selected ones), 2 &middot; n_params &middot; tokens "
-             "for scoring (forward only). Attention FLOPs are left out. Wall times are this machine's.</p>")
-    return html, {"stages": stages, "totals": totals, "formula": "train 6*n_params*tokens_seen; score 2*n_params*tokens"}
+             "is dense, so it counts every token seen, not only the selected ones), 2 &middot; n_params &middot; "
+             "tokens for scoring (forward only). Attention FLOPs are left out. Wall times are this machine's.</p>")
+    return html, {"stages": stages, "totals": totals,
+                  "formula": "train 6*n_params*tokens_seen; score 2*n_params*tokens"}
 
 def k_sweep(runs):
     """6. k sweep: final target loss and accuracy against k, excess-loss SLM runs of scope batch; k = 1 is CLM."""
@@ -656,7 +661,8 @@ def k_sweep(runs):
     if "clm" in runs:
         pts[1.0] = runs["clm"]
     if len(pts) < 2:
-        return "<p>Fewer than two runs for a k sweep: run <code>python rho.py --slm --k 0.2</code> (and 0.4, 0.8).</p>", {}
+        return ("<p>Fewer than two runs for a k sweep: run <code>python rho.py --slm --k 0.2</code> (and 0.4, "
+                "0.8).</p>"), {}
     ks = sorted(pts)
     s = {k: stat([final("val_loss_hq")(r) for r in pts[k] if r]) for k in ks}
     best = min(ks, key=lambda k: s[k]["mean"])
@@ -735,9 +741,9 @@ def differ(runs, key):
 def table(outs, groups, runs, tests):
     """Prints one row a run (over several folders: the mean over the seeds), each run paired with CLM, and notes."""
     several, clm, w = len(outs) > 1, runs.get("clm"), max(18, max(map(len, runs)) + 2)
+    x = 18 if several else 13  # the width of the "to CLM" columns
     head = (f"{'run':<{w}}" + (f"{'seeds':>5}" if several else "") + f"{'val hq':>8}{'val web':>9}{'acc':>8}"
-            f"{'seen':>8}{'trained':>9}{'noise-in-sel':>14}{'wall':>6}{'to CLM loss':>{18 if several else 13}}"
-            f"{'to CLM acc':>{18 if several else 13}}")
+            f"{'seen':>8}{'trained':>9}{'noise-in-sel':>14}{'wall':>6}{'to CLM loss':>{x}}{'to CLM acc':>{x}}")
     print(head + "\n" + "-" * len(head))
     for n, rs in runs.items():
         mean = lambda f: float(np.mean([f(r) for r in rs if r]))  # over the seeds that have the run
@@ -746,8 +752,8 @@ def table(outs, groups, runs, tests):
         print(f"{n:<{w}}" + (f"{sum(r is not None for r in rs):>5}" if several else "")
               + f"{mean(final('val_loss_hq')):>8.4f}{mean(final('val_loss_web')):>9.4f}{mean(final('accuracy')):>8.1%}"
               f"{mean(lambda r: r['tokens_seen']) / 1e6:>7.2f}M{mean(lambda r: r['tokens_trained']) / 1e6:>8.2f}M"
-              f"{sel:>14}{mean(lambda r: r['wall_s']):>5.0f}s{fmt_reach(rs, clm, 'val_loss_hq'):>{18 if several else 13}}"
-              f"{fmt_reach(rs, clm, 'accuracy'):>{18 if several else 13}}")
+              f"{sel:>14}{mean(lambda r: r['wall_s']):>5.0f}s{fmt_reach(rs, clm, 'val_loss_hq'):>{x}}"
+              f"{fmt_reach(rs, clm, 'accuracy'):>{x}}")
     over = f" (the mean over {len(outs)} seeds)" if several else ""
     print(f"val hq: target-distribution val loss (nats/token); acc: answers right of the held-out problems{over};\n"
           "noise-in-sel: noise share of the trained tokens / of the corpus; to CLM loss, to CLM acc: "
@@ -807,9 +813,9 @@ def report(outs):
     seeds = ", ".join(f"{o} (seed {g[0]['config']['seed']})" for o, g in zip(outs, groups))
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>rho report: {esc(outs[0])}</title>"
             f"<style>{style}</style></head><body><h1>rho report</h1><p>Folders: {esc(seeds)}. Runs: "
-            f"{esc(', '.join(runs))}. Written by <code>python report.py {esc(' '.join(outs))}</code>. Every difference is "
-            "paired with the base run of the same seed, and called one (*) only when its test, corrected (Holm) over "
-            "the tests of its table, rejects at 5%: its interval then excludes 0.</p>\n{body}</body></html>")
+            f"{esc(', '.join(runs))}. Written by <code>python report.py {esc(' '.join(outs))}</code>. Every difference "
+            "is paired with the base run of the same seed, and called one (*) only when its test, corrected (Holm) "
+            f"over the tests of its table, rejects at 5%: its interval then excludes 0.</p>\n{body}</body></html>")
     path = os.path.join(outs[0], "report.html")
     rho.write_atomic(path, page.encode())  # utf-8, as the page declares
     rho.write_json(os.path.join(outs[0], "report.json"), {"folders": outs, "runs": list(runs),

@@ -559,9 +559,10 @@ def test_batched_generation_equals_one_by_one():
         assert batched[0][0] == model.lm_head(model(torch.tensor([prompts[0]])))[0, -1].argmax().item()
 
 def test_wilson_interval():
-    lo, hi = rho.wilson(0.5, 200)
+    lo, hi = report.wilson(0.5, 200)
     assert abs(lo - 0.4314) < 1e-3 and abs(hi - 0.5686) < 1e-3  # the textbook values
-    assert rho.wilson(0.0, 200)[0] == 0.0 and 0.0 < rho.wilson(0.0, 200)[1] < 0.02 and rho.wilson(1.0, 10)[1] == 1.0
+    assert report.wilson(0.0, 200)[0] == 0.0 and 0.0 < report.wilson(0.0, 200)[1] < 0.02
+    assert report.wilson(1.0, 10)[1] == 1.0
 
 # -----------------------------------------------------------------------------
 # training: end to end; a fixed seed bitwise; resume against an uninterrupted run; many processes against one
@@ -582,12 +583,13 @@ def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
     assert "timestamp" in m["noise_in_selected"] and "all" in m["noise_share_corpus"]
     assert "score_s" in json.loads((tmp_path / "ref" / "metrics.json").read_text())
     capsys.readouterr()
-    rho.main(["--compare", "--out", str(tmp_path)])
+    report.main([str(tmp_path)])  # the table, and the page
     table = capsys.readouterr().out
     assert "slm-k0.6" in table and "clm" in table and "to CLM loss" in table and "to CLM acc" in table
+    assert "\npaired with clm" in table and "(one seed: no test)" in table and "Holm" in table
 
 def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys):
-    """A cut or key-less metrics.json: one line naming it, in --compare and report.py; a run with a checkpoint but no
+    """A cut or key-less metrics.json: one line naming it, in report.py; a run with a checkpoint but no
     metrics.json: one line saying it is unfinished, and the table of the others. Notes compare starting weights and
     reference models by their sha256 where runs record them, else by --init_from."""
     out = tmp_path / "out"
@@ -596,19 +598,19 @@ def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys)
     for text, msg in ((path.read_text()[:200], r"not valid JSON \(.*\)"),
                       (json.dumps({k: v for k, v in good.items() if k != "final"}), "no key 'final'")):
         path.write_text(text)
-        for main in (lambda: rho.main(["--compare", "--out", str(out)]), lambda: report.main([str(out)])):
-            with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(path))}: {msg}: the run may be unfinished "
-                                                 rf"or written by another rho version: re-run it with --resume, or "
-                                                 rf"move {re.escape(str(path.parent))} out of {re.escape(str(out))}$"):
-                main()
+        with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(path))}: {msg}: the run may be unfinished "
+                                             rf"or written by another rho version: re-run it with --resume, or "
+                                             rf"move {re.escape(str(path.parent))} out of {re.escape(str(out))}$"):
+            report.main([str(out)])
     path.write_text(json.dumps(good))
     random_run = json.loads((out / "random" / "metrics.json").read_text())
     os.remove(out / "random" / "metrics.json")
     capsys.readouterr()
-    runs = rho.main(["--compare", "--out", str(out)])
+    report.main([str(out)])
     table = capsys.readouterr().out
     assert table.startswith("random: unfinished (no metrics.json; `--resume` continues it)\n")
-    assert [r["run"] for r in runs] == ["ref", "excess"] and "\nexcess " in table and "note" not in table
+    assert json.loads((out / "report.json").read_text())["runs"] == ["ref", "excess"]
+    assert "\nexcess " in table and "note" not in table
     for a, b, note in ((dict(init_sha256="a" * 64), dict(init_sha256="a" * 64, config={**random_run["config"],
                         "init_from": "base"}), None),  # the same weights under another name
                        (dict(init_sha256="a" * 64), dict(init_sha256="b" * 64), "note: the continual-pretraining runs "
@@ -619,7 +621,7 @@ def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys)
                         "read the scores of different reference models (excess: cccccccccccc; random: dddddddddddd)")):
         path.write_text(json.dumps({**good, **a}))
         (out / "random" / "metrics.json").write_text(json.dumps({**random_run, **b}))
-        rho.main(["--compare", "--out", str(out)])
+        report.main([str(out)])
         printed = capsys.readouterr().out
         assert (note in printed) if note else "note" not in printed
 
@@ -837,7 +839,6 @@ def test_silent_mistakes_refused(demo, tmp_path):
     for argv, msg in ((["--clm", "--k", "0.3", "--select", "random", "--scope", "sequence"],
                        r"--k --scope --select: --clm does not read them \(--slm's flags\); drop them"),
                       (["--score", "--steps", "3"], r"--steps: --score does not read it; drop it"),
-                      (["--compare", "--lr", "1"], r"--lr: --compare does not read it; drop it"),
                       (["--clm", "--warmup", "100", "--steps", "4"], r"--warmup 100: must be fewer than --steps 4"),
                       (["--clm", "--resume", "--overwrite"], r"--resume --overwrite: .* not both")):
         with pytest.raises(SystemExit, match=rf"^error: {msg}"):
@@ -1347,18 +1348,115 @@ def test_loss_category_rule():
     noisy = np.array([[1.0], [0.5], [1.3]])  # the fit, not the endpoints: 1.0 -> 1.3 but the line rises by 0.3
     assert report.CATEGORIES[report.loss_category(noisy, t)[0]] == "L->H"
 
-def test_paired_differences_over_seeds():
+def test_t_quantiles_against_the_tables():
+    for p, df, want in ((0.975, 4, 2.776), (0.975, 1, 12.706), (0.975, 30, 2.042), (0.995, 10, 3.169)):
+        assert abs(report.t_ppf(p, df) - want) < 5e-4
+    assert abs(report.betainc(2, 3, 0.4) - 0.5248) < 1e-12  # I_x(2, 3) = x^2 (6 - 8x + 3x^2), by hand
+    assert abs(report.t_sf2(report.t_ppf(0.975, 7), 7) - 0.05) < 1e-9  # the p-value inverts the quantile
+
+def test_paired_t_interval_by_hand():
+    """d = 0.1 .. 0.5: mean 0.3, sd sqrt(0.025) = 0.15811, se 0.15811 / sqrt(5) = 0.070711, t(0.975, 4) = 2.7764:
+    0.3 -+ 0.19632 = [0.1037, 0.4963]. d = 0.1, 0.3, 0.2: mean 0.2, se 0.1 / sqrt(3), t = 3.4641 with 2 degrees of
+    freedom, whose two-sided p-value is 1 - t / sqrt(2 + t^2) = 1 - 3.4641 / 3.7417 = 0.07418."""
+    t = report.paired_t([0.1, 0.2, 0.3, 0.4, 0.5])
+    lo, hi = t["ci"](0.05)
+    assert abs(t["diff"] - 0.3) < 1e-12 and abs(lo - 0.1037) < 1e-4 and abs(hi - 0.4963) < 1e-4
+    t = report.paired_t([0.1, 0.3, 0.2])
+    assert abs(t["p"] - 0.07418) < 1e-5 and t["ci"](0.05)[0] < 0 < t["ci"](0.1)[0]  # 0.074: out at 90%, in at 95%
+    assert report.paired_t([0.2]) is None and report.paired_t([0.1, 0.1])["p"] == 0.0  # no spread: no interval
     runs = [{"final": {"val_loss_hq": v}} for v in (1.0, 2.0, 3.0)]
     lower = [{"final": {"val_loss_hq": v}} for v in (0.9, 1.8, 2.95)]
-    mixed = [{"final": {"val_loss_hq": v}} for v in (0.9, 2.1, 2.95)]
-    s, verdict = report.paired(lower, runs, report.final("val_loss_hq"))
-    assert verdict.startswith("a difference") and s["n"] == 3 and abs(s["mean"] + 0.1167) < 1e-3
-    assert report.paired(mixed, runs, report.final("val_loss_hq"))[1] == "within the spread of 3 seeds"
-    assert report.paired(lower[:1], runs[:1], report.final("val_loss_hq"))[1].startswith("one seed")
+    assert report.loss_test(lower[:1], runs[:1]) == {"diff": -0.09999999999999998, "why": "one seed: no test",
+                                                     "seeds": 1, "method": "paired t"}
+    assert report.loss_test(lower, runs)["seeds"] == 3 and abs(report.loss_test(lower, runs)["diff"] + 0.1167) < 1e-3
+
+def test_mcnemar_on_a_small_table():
+    """20 problems: 10 only the run gets right, 2 only the base, 8 both or neither. Exact McNemar: 2 P(X <= 2) with
+    X ~ Bin(12, 1/2) = 2 (1 + 12 + 66) / 4096 = 0.038574; the difference (10 - 2) / 20 = 0.4."""
+    run, base = [1] * 10 + [0] * 2 + [1] * 5 + [0] * 3, [0] * 10 + [1] * 2 + [1] * 5 + [0] * 3
+    t = report.mcnemar(run, base)
+    assert abs(t["p"] - 158 / 4096) < 1e-12 and t["diff"] == 0.4 and t["discordant"] == [10, 2]
+    lo, hi = t["ci"](0.05)
+    assert 0 < lo < 0.4 < hi <= 12 / 20 and t["ci"](0.03)[0] < 0  # p = 0.0386: out at 95%, in at 97%
+    pi_lo = (lo * 20 / 12 + 1) / 2  # Clopper-Pearson's bound on the share: P(X >= 10 | pi_lo) = 0.025
+    assert abs(sum(math.comb(12, i) * pi_lo ** i * (1 - pi_lo) ** (12 - i) for i in range(10, 13)) - 0.025) < 1e-9
+    assert report.mcnemar([1, 0, 1], [1, 0, 1])["p"] == 1.0 and report.mcnemar([1, 0], [1, 0])["ci"](0.05) == (0, 0)
+
+def test_holm_on_a_small_family():
+    """alpha 0.05, p = 0.01, 0.04, 0.03, 0.005. Sorted: 0.005 <= 0.05/4 rejected; 0.01 <= 0.05/3 rejected; 0.03 >
+    0.05/2: stop, 0.03 and 0.04 kept. Adjusted: 4 * 0.005 = 0.02, 3 * 0.01 = 0.03, 2 * 0.03 = 0.06, max(0.06, 0.04)
+    = 0.06. Levels: their step's (0.0125, 0.01667), the kept ones the stopping step's (0.025)."""
+    out = report.holm([0.01, 0.04, 0.03, 0.005])
+    assert [o[1] for o in out] == [True, False, False, True]
+    assert np.allclose([o[0] for o in out], [0.03, 0.06, 0.06, 0.02])
+    assert np.allclose([o[2] for o in out], [0.05 / 3, 0.025, 0.025, 0.0125])
+
+def synthetic(losses, correct, data="same"):
+    """A run per seed with a final loss and per-problem records: what report.py reads of metrics.json."""
+    return [{"final": {"val_loss_hq": v, "accuracy": float(np.mean(c)), "correct": [int(x) for x in c]},
+             "eval_problems": len(c),
+             "data": {"sha256": data}} for v, c in zip(losses, correct)]
+
+def test_bootstrap_is_deterministic_and_resamples_seeds():
+    rng = np.random.default_rng(0)
+    d = (rng.random((3, 300)) < 0.3).astype(int) - (rng.random((3, 300)) < 0.25).astype(int)
+    a, b = report.bootstrap(d), report.bootstrap(d)
+    assert a["p"] == b["p"] and a["ci"](0.05) == b["ci"](0.05) and a["diff"] == d.mean()
+    spread = np.zeros((3, 300), int)  # every problem alike within a seed, the seeds apart: the spread is the seeds'
+    spread[0, :90], spread[1, :30], spread[2, :3] = 1, 1, -1
+    lo, hi = report.bootstrap(spread)["ci"](0.05)
+    flat_lo, flat_hi = report.bootstrap(spread.reshape(1, -1))["ci"](0.05)  # the problems alone
+    assert hi - lo > 2 * (flat_hi - flat_lo)
+    assert report.bootstrap(d, shared=False)["ci"](0.05) != a["ci"](0.05)  # each seed its own draw of problems
+
+def test_calls_agree_with_intervals_and_records_missing():
+    """Holm over a table's tests (loss and accuracy together): a difference is called exactly where its interval,
+    at its Holm level, excludes 0; accuracy without per-problem records is not tested, and says so."""
+    rng = np.random.default_rng(1)
+    base = synthetic([1.0, 1.1, 0.9], rng.random((3, 200)) < 0.3)
+    groups = {"clm": base}
+    for i, (shift, p) in enumerate(((-0.1, 0.45), (0.0, 0.3), (-0.02, 0.33), (0.01, 0.2))):
+        groups[f"run{i}"] = synthetic([1.0 + shift, 1.1 + shift * 1.5, 0.9 + shift * 0.5], rng.random((3, 200)) < p)
+    tests = report.against(groups, "clm")
+    ts = [t for ts in tests.values() for t in ts.values()]
+    assert len(ts) == 8 and all(t["family"] == 8 for t in ts) and any(t["called"] for t in ts)
+    assert not all(t["called"] for t in ts)
+    assert all(t["called"] == (t["lo"] > 0 or t["hi"] < 0) == (t["p_holm"] <= 0.05) for t in ts)
+    one = report.against({n: rs[:1] for n, rs in groups.items()}, "clm")  # one seed: McNemar, no loss test
+    assert one["run0"]["accuracy"]["method"] == "McNemar" and one["run0"]["val_loss_hq"]["why"] == "one seed: no test"
+    for r in groups["run1"]:
+        del r["final"]["correct"]
+    assert report.against(groups, "clm")["run1"]["accuracy"]["why"] == "no per-problem records"
+    assert "a paired difference of" in report.noise(tests) and "200 problems" in report.noise(tests)
+
+def test_smoothed_crossing_on_a_hand_made_curve():
+    """Loss 7 - x at x = 1..7 (tokens 100 x), with a dip of -2.5 at x = 3. Smoothed (a line through the 5 nearest
+    evaluations): at x = 3, 4, 5 the moving averages 3.5, 2.5, 1.5; at x = 1, 2 the line 6.5 - x (the dip at the
+    window's centre lowers it by 0.5); at x = 6, 7 the line 6.5 - x + 0.5 (x - 5): 1.0 and 0.5. The raw curve first
+    reaches 3.0 in the dip (x = 2.57); the smoothed one between 3.5 at x = 3 and 2.5 at x = 4: at x = 3.5."""
+    history = [{"tokens_seen": 100 * x, "val_loss_hq": 7.0 - x - (2.5 if x == 3 else 0), "wall_s": 10.0 * x}
+               for x in range(1, 8)]
+    assert np.allclose(report.smooth([h["tokens_seen"] for h in history], [h["val_loss_hq"] for h in history]),
+                       [5.5, 4.5, 3.5, 2.5, 1.5, 1.0, 0.5])
+    assert abs(report.crossing(history, 3.0, "val_loss_hq") - 350) < 1e-9
+    assert abs(report.crossing(history, 3.0, "val_loss_hq", "wall_s") - 35) < 1e-9
+    assert report.crossing(history, 0.4, "val_loss_hq") is None
+    up = [{"tokens_seen": h["tokens_seen"], "accuracy": -h["val_loss_hq"]} for h in history]  # accuracy: at or above
+    assert abs(report.crossing(up, -3.0, "accuracy") - 350) < 1e-9
+
+def test_clm_against_itself_is_one():
+    rng = np.random.default_rng(2)
+    clm = {"history": [{"tokens_seen": 100 * (i + 1), "val_loss_hq": 5 - 0.3 * i + rng.normal(0, 0.2),
+                        "accuracy": 0.1 + 0.02 * i + rng.normal(0, 0.03)} for i in range(12)]}
+    for m in ("val_loss_hq", "accuracy"):
+        assert report.speedup(clm, clm, m)[1] == 1.0
+    line = {"history": [{"tokens_seen": 100 * x, "val_loss_hq": 6.0 - x} for x in range(1, 6)]}  # reaches 1 at 500
+    faster = {"history": [{"tokens_seen": 100 * x, "val_loss_hq": 5.0 - x} for x in range(1, 6)]}  # at 400
+    assert report.speedup(faster, line, "val_loss_hq") == (400.0, 1.25)
 
 def test_speedups_say_how_many_seeds_never_reach():
     """A seed that never reaches CLM's final value is not averaged in silently: the report counts it."""
-    clm = [{"final": {"val_loss_hq": 1.0}, "tokens_seen": 100}] * 2
+    clm = [{"history": [{"tokens_seen": 100, "val_loss_hq": 1.0}]}] * 2
     reach, never = ({"history": [{"tokens_seen": 50, "val_loss_hq": v}]} for v in (0.9, 1.1))
     s, n = report.speedups([reach, never], clm, "val_loss_hq")
     assert (s["mean"], s["n"], n) == (2.0, 1, 1) and report.fmt_x(s, n) == "2.00x (never on 1 of 2 seeds)"
@@ -1380,7 +1478,9 @@ def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     assert set(rep["rules"]) == {"clm", "slm-k0.6", "slm-k0.6-entropy"}
     report.report([str(tmp_path / "a"), str(tmp_path / "b")])  # over two seeds: means, ranges, paired differences
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert rep["efficiency"]["slm-k0.6"]["seeds"] == 2 and rep["efficiency"]["slm-k0.6"]["diff_val_loss_hq"]["n"] == 2
+    vs = rep["efficiency"]["slm-k0.6"]["vs_clm"]
+    assert rep["efficiency"]["slm-k0.6"]["seeds"] == 2 and vs["val_loss_hq"]["seeds"] == 2 and "lo" in vs["val_loss_hq"]
+    assert "every seed" not in (tmp_path / "a" / "report.html").read_text() and "polygon" in html
     for r in ("clm", "slm-k0.6"):  # runs without their token records: the report says so, and does not crash
         os.remove(tmp_path / "a" / r / "tokens.npz")
         os.remove(tmp_path / "b" / r / "tokens.npz")
