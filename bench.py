@@ -22,8 +22,7 @@ Head implementations (case head), all forward and backward of the loss from hidd
 TFLOP/s counts the head's useful work: 6 N d V for CLM, (2 + 6k) N d V for SLM; on a GPU, as a share of the bf16
 matmul ceiling measured in the same run.
 
-Measured on a 2-core x86-64 CPU (AVX2), torch 2.13.0, 2 threads: `python bench.py` (12 minutes), then
-`python bench.py --cases train` (GPT-2 small, 2 x 1,024 tokens a step, float32, AdamW; 6 minutes). On this CPU
+Measured on a 2-core x86-64 CPU (AVX2), torch 2.13.0, 2 threads: `python bench.py` (12 minutes). On this CPU
 the peers' wheels (CUDA-only) are skipped; ms/CLM and mem/CLM are against naive CLM (head) or the CLM step.
 
     case  impl                     N    d      V        ms   peak MB  ms/CLM  mem/CLM ms/best  TFLOP/s
@@ -43,14 +42,24 @@ the peers' wheels (CUDA-only) are skipped; ms/CLM and mem/CLM are against naive 
     step  slm_stored            1024  128    320      42.6      39.0    1.02    1.005
     step  slm_online            1024  128    320      59.2      42.5    1.43    1.095
     step  score                 1024  128    320      16.1      22.1    0.39    0.570
-    train clm                   2048  768  50257   37125.3    2905.9    1.00    1.000            0.047
-    train slm                   2048  768  50257   30436.6    2913.8    0.82    1.003            0.057
-    train slm_split             2048  768  50257   41318.1    2623.5    1.11    0.903            0.043
+
+`python bench.py --cases train` (GPT-2 small, 2 x 1,024 tokens a step, float32, AdamW) on a 2-core AVX-512 Xeon
+shared with other work: 5 rounds, a fresh process per measurement, CLM and SLM interleaved (11 minutes at a load
+of 8-15 in rounds 1-3, 10 s a step in the quiet rounds 4-5); ms/CLM is against the CLM of the same round:
+
+    impl                  median ms          min-max  ms/CLM     min-max FLOPs/CLM   trunk   attn   head  select   total
+    clm                     26911.0     10175-138481   1.000 1.000-1.000     1.000    1045    232    474       0    1751
+    slm                     21166.8      9829-160112   0.987 0.749-1.156     0.982    1045    232    443       0    1720
+    slm_split               13535.6      13127-41380   1.280 0.299-1.411     1.315    1045    232    443     584    2304
 
 At GPT-2 small's head rho's CLM head is the fastest CLM (0.98x naive, 0.86x torch_lce) in 4.5% of naive's memory;
 the fused SLM head takes 0.99x its time (the count: 0.93x) and 0.83x torch_lce_slm's. At the demo's V = 320 the
-chunked heads cost about 2x naive's milliseconds. The GPT-2 step: SLM in one forward 0.82x CLM's, in two
-micro-batches (so with the selection pass) 1.11x; medians of 2 after a warm-up.
+chunked heads cost about 2x naive's milliseconds. The GPT-2 step: SLM in one forward 0.99x CLM's (0.97x and 0.99x
+in the two quiet rounds; the FLOP count: 0.98x, as the head is 27% of the step's FLOPs and SLM saves 7% of it; on a
+CPU the head's softmax passes over N x V, which selection does not shorten, cost beside its GEMMs, so the saving is
+smaller still: the fused SLM head alone is 0.99x the CLM head above); in two micro-batches (with the selection
+pass's no-grad forward) 1.28x (1.28x and 1.33x quiet; the count: 1.31x). A single run's ratio (0.82x, 0.95x) is
+the machine's noise: it spans 0.75x-1.16x across these rounds.
 """
 import argparse
 import contextlib
@@ -60,6 +69,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -244,19 +254,29 @@ def bench_scale(n_tokens, device, dtype):
             rho.score_web(model, meta, cfg, "ref")
         return 1000 * (time.perf_counter() - t0), mem_peak(device), 1000 * (time.process_time() - c0)
 
-def flops_per_token(mcfg):
-    """Model FLOPs of a training step per token: 6 N (N: parameters, position embeddings left out) plus attention's
-    12 L d T (the PaLM / nanoGPT MFU convention); selection changes neither."""
+def train_config(d, V):
+    """The model of case train: GPT-2 small (d 768), or a toy GPT of width d for --gpu's CPU mode."""
+    return rho.GPTConfig(vocab_size=V, **GPT2_SMALL) if d == 768 else rho.GPTConfig(vocab_size=V, n_embd=d)
+
+def step_flops(impl, mcfg, N, k):
+    """A training step's FLOPs by part, forward and backward, as the PaLM / nanoGPT MFU count has them: the trunk's
+    6 N P (P: the blocks' and ln_f's parameters), attention's 12 L d T N (the causal half counted in full) and the
+    head's 6 N d V for CLM, (2 + 6k) N d V for SLM; slm_split also runs a selection pass, a no-grad forward of all
+    three: 2 N P + 4 L d T N + 2 N d V."""
     with torch.device("meta"):
-        n = sum(p.numel() for p in rho.GPT(mcfg).parameters()) - mcfg.block_size * mcfg.n_embd
-    return 6 * n + 12 * mcfg.n_layer * mcfg.n_embd * mcfg.block_size
+        P = sum(p.numel() for n, p in rho.GPT(mcfg).named_parameters() if not n.startswith(("transformer.wte",
+                                                                                              "transformer.wpe")))
+    L, d, T, V, clm = mcfg.n_layer, mcfg.n_embd, mcfg.block_size, mcfg.vocab_size, impl.startswith("clm")
+    parts = {"trunk": 6 * N * P, "attention": 12 * L * d * T * N, "head": (6 if clm else 2 + 6 * k) * N * d * V}
+    parts["selection"] = (2 * N * P + 4 * L * d * T * N + 2 * N * d * V) if "split" in impl else 0
+    return parts
 
 def bench_one(case, impl, shape, device, dtype, warmup, repeats):
     device, (N, d, V, k) = torch.device(device), shape
     if case == "head":
         ms, peak = bench_head(impl, N, d, V, k, device, getattr(torch, dtype), warmup, repeats)
     elif case == "train":  # GPT-2 small, as --preset gpt2-owm trains it (or a toy GPT, for --gpu's CPU mode)
-        mcfg = rho.GPTConfig(vocab_size=V, **GPT2_SMALL) if d == 768 else rho.GPTConfig(vocab_size=V, n_embd=d)
+        mcfg = train_config(d, V)
         ms, peak = bench_train(impl, mcfg, N // mcfg.block_size, k, device, dtype, warmup, repeats)
     elif case == "scale":
         bench_scale(2**17, device, dtype)  # warm-up: a first scoring run in this process
@@ -277,8 +297,9 @@ def bench_one(case, impl, shape, device, dtype, warmup, repeats):
 CASES = ("head", "step", "train", "scale", "prepare")
 DEMO_N = 16 * rho.GPTConfig.block_size  # a step of the demo: 16 windows
 
-def plan(cases, k, gpu, micro_batch=0, compiled=False):
-    """(case, impl, (N, d, V, k)) of every measurement, in order; CLM first in each group: the ratios' base."""
+def plan(cases, k, gpu, micro_batch=0, compiled=False, rounds=1):
+    """(case, impl, (N, d, V, k)) of every measurement, in order; CLM first in each group: the ratios' base. The
+    training step is measured in rounds, CLM and SLM interleaved: a slow spell of a shared machine hits both."""
     rows = []
     if "head" in cases:  # the demo model's head; GPT-2 small's (the padded vocabulary; on a GPU the real one too)
         shapes = [(DEMO_N, 128, 320), (8192, 768, 50304)] + ([(8192, 768, 50257), (32768, 768, 50257)] if gpu else [])
@@ -288,7 +309,7 @@ def plan(cases, k, gpu, micro_batch=0, compiled=False):
     if "train" in cases:  # GPT-2 small at T = 1024: --micro_batch, else the preset's on a GPU, 2 sequences on a CPU
         B = micro_batch or (rho.PRESETS["gpt2-owm"]["micro_batch"] if gpu else 2)
         impls = ("clm", "slm", "slm_split") + (("clm_compiled", "slm_compiled", "slm_split_compiled") if compiled else ())
-        rows += [("train", impl, (B * 1024, 768, 50257, k)) for impl in impls]
+        rows += [("train", impl, (B * 1024, 768, 50257, k)) for _ in range(rounds) for impl in impls]
     if "scale" in cases:  # scoring 2^18, 2^19, 2^20 tokens, there and back (a drifting machine cancels out)
         rows += [("scale", "score", (2**e, 128, 320, k)) for e in (18, 19, 20, 20, 19, 18)]
     return rows
@@ -302,11 +323,13 @@ def measure(rows_plan, device, dtype, ceiling=None, repeats=None):
             print(json.dumps({"case": case, "impl": impl, "N": shape[0], "V": shape[2], "skipped": why}), flush=True)
             continue
         big = not gpu and (shape[2] > 1000 or case == "scale")  # GPT-2 on a CPU: seconds a repeat
-        warmup, reps = repeats or ((1, 2) if big else (5, 21) if not gpu else (3, 10))
+        warmup, reps = repeats or ((1, 1) if big and case == "train" else (1, 2) if big else (5, 21) if not gpu
+                                   else (3, 10))  # GPT-2's step on a CPU: one timed step a process, in rounds
         with ctx.Pool(1) as pool:
             row = pool.apply(bench_one, (case, impl, shape, device, dtype, warmup, reps))
-        base = next((b for b in rows if b["case"] == case and (case == "scale" or b["impl"] in ("naive_clm", "clm")
-                     and (b["N"], b["d"], b["V"]) == shape[:3])), row)  # CLM of the same shape; scale: the smallest
+        base = row if impl in ("naive_clm", "clm") else next((b for b in (rows if case == "scale" else rows[::-1])
+            if b["case"] == case and (case == "scale" or b["impl"] in ("naive_clm", "clm") and (b["N"], b["d"], b["V"])
+                                      == shape[:3])), row)  # CLM of the same shape, of this round; scale: the smallest
         row["ms_ratio"] = round(row["ms"] / base["ms"], 3)
         row["mem_ratio"] = round(row["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
         if impl == "score":  # scoring tokens/s, against the CLM step of the same model
@@ -317,8 +340,8 @@ def measure(rows_plan, device, dtype, ceiling=None, repeats=None):
             row["tflops"] = round(head_flops(impl, *shape) / row["ms"] / 1e9, 3)
         if case == "train":
             row["tok_s"] = round(shape[0] / row["ms"] * 1000)
-            mcfg = rho.GPTConfig(vocab_size=shape[2], **GPT2_SMALL) if shape[1] == 768 else None
-            row["tflops"] = round(flops_per_token(mcfg) * row["tok_s"] / 1e12, 3) if mcfg else None
+            flops = sum(step_flops(impl, train_config(*shape[1:3]), shape[0], shape[3]).values())
+            row["tflops"] = round(flops / row["ms"] / 1e9, 3)
         if ceiling and row.get("tflops"):
             row["share_of_ceiling"] = round(row["tflops"] / ceiling, 3)
         print(json.dumps(row), flush=True)
@@ -355,9 +378,40 @@ def scale_summary(rows):
         print("\nscale: scoring time per token against the smallest size, wall / CPU (the faster of each pair): "
               + ", ".join(f"{n / 2**20:g} Mi tokens {per(n, 'ms'):.2f} / {per(n, 'cpu_ms'):.2f}" for n in sorted(best)))
 
+def train_summary(rows):
+    """The training step over its rounds: each impl's median ms and range, its ratio to the CLM of the same round
+    (median and range) beside the ratio that the FLOP count gives, and that count by parts."""
+    train = [r for r in rows if r["case"] == "train"]
+    if not train:
+        return {}
+    N, d, V, k = (train[0][key] for key in ("N", "d", "V", "k"))
+    mcfg, impls = train_config(d, V), list(dict.fromkeys(r["impl"] for r in train))
+    ms = {i: [r["ms"] for r in train if r["impl"] == i] for i in impls}
+    ratio = {i: [r["ms_ratio"] for r in train if r["impl"] == i] for i in impls}
+    flops = {i: step_flops(i, mcfg, N, k) for i in impls}
+    base = sum(flops[impls[0]].values())
+    print(f"\ntrain: N = {N:,} tokens a step, {len(ms[impls[0]])} rounds (a fresh process per measurement, CLM and "
+          f"SLM interleaved);\nFLOPs in GFLOP by part: trunk 6NP (P = {flops[impls[0]]['trunk'] // (6 * N):,}), "
+          f"attention 12LdTN, head 6NdV (CLM) or (2+6k)NdV (SLM), the selection pass's no-grad forward")
+    print(f"{'impl':<20}{'median ms':>11}{'min-max':>17}{'ms/CLM':>8}{'min-max':>12}{'FLOPs/CLM':>10}{'trunk':>8}"
+          f"{'attn':>7}{'head':>7}{'select':>8}{'total':>8}")
+    summary = {}
+    for i in impls:
+        f, total = flops[i], sum(flops[i].values())
+        summary[i] = {"ms": statistics.median(ms[i]), "ms_ratio": statistics.median(ratio[i]),
+                      "flops_ratio": round(total / base, 3)}
+        print(f"{i:<20}{summary[i]['ms']:>11.1f}{f'{min(ms[i]):.0f}-{max(ms[i]):.0f}':>17}"
+              f"{summary[i]['ms_ratio']:>8.3f}{f'{min(ratio[i]):.3f}-{max(ratio[i]):.3f}':>12}"
+              f"{total / base:>10.3f}" + "".join(f"{f[p] / 1e9:>{w}.0f}" for p, w in
+                                               (("trunk", 8), ("attention", 7), ("head", 7), ("selection", 8)))
+              + f"{total / 1e9:>8.0f}")
+    return summary
+
 def preset_time(rows, device):
-    """The --preset gpt2-owm runs' expected time on this device, from the measured GPT-2 small steps."""
-    tok_s = {r["impl"]: r["tok_s"] for r in rows if r["case"] == "train" and r["d"] == 768}
+    """The --preset gpt2-owm runs' expected time on this device, from the measured GPT-2 small steps (medians)."""
+    train = [r for r in rows if r["case"] == "train" and r["d"] == 768]
+    tok_s = {i: round(statistics.median(r["tok_s"] for r in train if r["impl"] == i)) for i in {r["impl"] for r in
+                                                                                                   train}}
     if not {"clm", "slm", "slm_split"} <= set(tok_s):
         return
     p = rho.PRESETS["gpt2-owm"]
@@ -392,7 +446,8 @@ def held_out_like_gsm8k(seed, n=1319, n_words=45):
     """A held-out index the size of GSM8K's test questions (1,319 of ~45 words) that matches no bench document, so
     that every document is checked and tokenized, as prepare.py does by default."""
     rng = random.Random(seed)
-    return prepare.held_out_index([" ".join(prepare.random_string(rng, 8) for _ in range(n_words)) for _ in range(n)])
+    texts = [" ".join(prepare.random_string(rng, 8) for _ in range(n_words)) for _ in range(n)]
+    return prepare.held_out_index(texts)[0]
 
 def decontamination_cpu(path, index):
     """CPU seconds of the decontamination check alone on a bench file, in tasks of TASK_CHARS, in this process."""
@@ -409,7 +464,8 @@ def decontamination_cpu(path, index):
     return time.process_time() - t0
 
 def tokenize_one(path, size, procs, pool, encoding, dtype):
-    load, w, t0, c0 = os.getloadavg()[0], prepare.TokenWriter(path + ".bin", dtype), time.time(), time.process_time()
+    w = prepare.TokenWriter(path + ".bin", dtype, {})
+    load, t0, c0 = os.getloadavg()[0], time.time(), time.process_time()
     task_cpu = prepare.tokenize_source(path, w, pool, 2 * procs)[1]["cpu"]
     n, dt = w.close(), time.time() - t0
     cpu = time.process_time() - c0 + (task_cpu if pool else 0)  # this process (reading, writing), plus the workers'
@@ -488,6 +544,7 @@ def gpu(args):
         todo += [("train", i, (2 * 1024, 64, 320, args.k)) for i in ("clm", "slm", "slm_split")]
     rows = measure(todo, args.device, "bfloat16" if on_gpu else "float32", ceiling, None if on_gpu else (0, 1))
     table(rows, ceiling)
+    train_summary(rows)
     with open(args.json, "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
                    "ceiling_bf16_tflops": ceiling, "rows": rows}, f, indent=1)
@@ -505,6 +562,7 @@ def main(argv=None):
     p.add_argument("--k", type=float, default=0.6)
     p.add_argument("--micro_batch", type=int, default=0, help="train: sequences of 1024 tokens per step")
     p.add_argument("--compile", action="store_true", help="train: also the torch.compile'd forms")
+    p.add_argument("--rounds", type=int, default=5, help="train: measurements of each step, CLM and SLM interleaved")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="prepare: tokenizing processes")
     p.add_argument("--encoding", default="bytes", help="prepare: tiktoken encoding")
     p.add_argument("--json", default="bench.json", help="--gpu: where the rows go")
@@ -519,8 +577,10 @@ def main(argv=None):
     if set(cases) - {"prepare"}:
         on_gpu = args.device.startswith("cuda")
         ceiling = matmul_ceiling(torch.device(args.device)) if on_gpu else None
-        rows = measure(plan(cases, args.k, on_gpu, args.micro_batch, args.compile), args.device, dtype, ceiling)
+        rows = measure(plan(cases, args.k, on_gpu, args.micro_batch, args.compile, args.rounds), args.device, dtype,
+                       ceiling)
         table(rows, ceiling)
+        train_summary(rows)
         scale_summary(rows)
         preset_time(rows, args.device)
     if "prepare" in cases:

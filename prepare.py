@@ -11,12 +11,25 @@ hf:NAME[:CONFIG][@SPLIT], a Hugging Face dataset streamed by name (needs dataset
 defaults to train). --web takes several sources, and --max_web_tokens N stops after about N. Each source is read once, in
 order, by this process (hq twice without --val: its validation documents first); a pool of --procs workers parses and
 tokenizes it in tasks of about 2 MB of text, and the tokens are written in order, so the output is byte-identical for
-any --procs.
+any --procs. Bytes that are not UTF-8 become U+FFFD: a warning line says how many, and meta.json counts them per source.
+A source or flag that would give a file rho.py cannot read (a directory, no documents, every training document
+dropped, a negative size) is refused in one line, and the folder keeps what it held.
 
 Decontamination, by default: a training document (hq_train, web, the demo's base) is dropped if it shares a run of 13
-words (lowercased letters and digits; a held-out text shorter than that: all its words) with a held-out text, i.e. the
-question of a validation record (or a whole plain-text validation document); the workers check it, and meta.json
-counts the dropped documents per source. --keep_contaminated keeps them (and still counts them).
+words with a held-out text, i.e. the question of a validation record (or a whole plain-text validation document).
+Words are compared after NFKC normalisation and lowercasing: a word is a run of letters, digits and marks of any
+script, so whitespace, punctuation and symbols of any script (a non-breaking space, a curly apostrophe, an em dash)
+separate words, and invisible format characters (a soft hyphen) are dropped. A held-out text of 8 to 12 words is
+matched whole; one of fewer than 8 words ("Solution", "Chapter 3") is too short to check: it would match unrelated
+documents, so it is not used, and the count of such texts is printed. The workers check every document, and meta.json
+counts the dropped documents per source. --keep_contaminated keeps them (and still counts them). The held-out index
+is about 8 bytes per held-out word plus a 4 MB table (its size is printed); building it takes about 4 bytes per
+held-out character at its peak.
+
+Eval problems: a validation record with a question and a final answer that final_answer reads (GSM8K's "#### 72",
+MetaMathQA's "The answer is: 72"; a number with sign, commas or decimals, kept normalised: "1,000" -> "1000",
+"12.50" -> "12.5", ".5" -> "0.5"). rho.py reads the model's answers with the same function. A --val without any
+says so in one line (eval.json is then empty, and rho.py needs --eval_problems 0).
 
 Writes, into the output folder:
     hq_train.bin, hq_val.bin   high-quality corpus of the target distribution (train / validation)
@@ -26,13 +39,18 @@ Writes, into the output folder:
     base.bin                   demo only: general web pages (chat, not math) for the base model
     eval.json                  held-out problems {"prompt", "answer"} for answer accuracy, from validation records only
     meta.json                  encoding, vocab size, dtype, token counts, sources and their sha256 (for a Hugging
-                               Face dataset: its name, config and split), decontamination counts
+                               Face dataset: its name, config and split), decontamination counts, and under "files"
+                               the size and sha256 of every file above ({"web.bin": {"bytes", "sha256"}, ...})
 Token files are flat numpy memmaps (uint16 when the vocabulary fits, else uint32); documents are
-separated by the end-of-text token. Every file is written to a temp file and renamed into place.
+separated by the end-of-text token. Every file is written to a temp file and renamed into place (the token files of
+real corpora only once all of them hold tokens), meta.json last.
 """
 import argparse
+import codecs
 import collections
 import contextlib
+import decimal
+import functools
 import gzip
 import hashlib
 import importlib
@@ -45,6 +63,7 @@ import random
 import re
 import sys
 import time
+import unicodedata
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -76,41 +95,60 @@ def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2**16 else np.uint32
 
 # -----------------------------------------------------------------------------
-# atomic writes: temp file, then rename, so a killed run never leaves a half-written file in place
+# atomic writes: temp file, then rename, so a killed run never leaves a half-written file in place. Each file written
+# is recorded in `files` (meta.json's "files": its size and sha256, hashed as it is written), so that a reader can
+# check that it reads what was written
 
-def write_atomic(path, data):
+def write_atomic(path, data, files=None):
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+    if files is not None:
+        files[os.path.basename(path)] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 class TokenWriter:
-    """Appends token arrays to <path>.tmp and renames it to <path> on close."""
+    """Appends token arrays to <path>.tmp and renames it to <path> on close, recording it in files."""
 
-    def __init__(self, path, dtype):
-        self.path, self.dtype, self.n = path, dtype, 0
+    def __init__(self, path, dtype, files):
+        self.path, self.dtype, self.n, self.files, self.sha = path, dtype, 0, files, hashlib.sha256()
         self.f = open(path + ".tmp", "wb")
 
     def write(self, ids):
-        a = np.asarray(ids, dtype=self.dtype)
-        self.f.write(a.tobytes())
-        self.n += len(a)
+        b = np.asarray(ids, dtype=self.dtype).tobytes()
+        self.f.write(b); self.sha.update(b)
+        self.n += len(b) // np.dtype(self.dtype).itemsize
 
     def close(self):
         self.f.close()
         os.replace(self.path + ".tmp", self.path)
+        self.files[os.path.basename(self.path)] = {"bytes": self.n * np.dtype(self.dtype).itemsize,
+                                                   "sha256": self.sha.hexdigest()}
         return self.n
+
+    def discard(self):
+        """Removes the temp file of a run that failed (after close, there is none)."""
+        if not self.f.closed:
+            self.f.close()
+            os.remove(self.path + ".tmp")
 
 # -----------------------------------------------------------------------------
 # decontamination: a training document that shares a run of 13 words with a held-out question is dropped
-# (GPT-3's rule). Words are lowercased runs of letters and digits (any non-ASCII byte counts as a letter), so
-# whitespace, case and punctuation do not hide a duplicate. Questions are held out, not answers: an answer is mostly
-# numbers and template words ("#### 5"), and 13 words of it would match unrelated problems. Hashes are polynomials
-# mod 2^64 (numpy's uint64 wraps), the same in every process, unlike Python's salted hash().
+# (GPT-3's rule). Text is normalised first (NFKC, lowercased), and a word is then a run of letters, digits and marks of
+# any script: whitespace, punctuation and symbols of any script (a non-breaking space, a curly apostrophe, an em dash)
+# separate words, and invisible format characters (a soft hyphen, a zero-width space) are dropped, so that neither
+# case, spacing, punctuation nor the way a page was encoded hides a duplicate. Questions are held out, not answers:
+# an answer is mostly numbers and template words ("#### 5"), and 13 words of it would match unrelated problems.
+# A held-out text of 8 to 12 words is matched whole; one of fewer than MIN_WORDS words is not used: a phrase that
+# short ("Solution", "Chapter 3", "How much does she have left?") recurs in unrelated documents, and matching it would
+# drop them all, while a real problem (a GSM8K question: typically a few dozen words) is far longer. Hashes are
+# polynomials mod 2^64 (numpy's uint64 wraps), the same in every process, unlike Python's salted hash().
 
 NGRAM = 13
+MIN_WORDS = 8  # a held-out text of fewer words is too short to check (counted and printed, never matched)
 P, Q = np.uint64(0x100000001B3), np.uint64(0x9E3779B97F4A7C15)  # odd multipliers of the word and the run hashes
 BITS = 22  # a table of 2^22 flags, one per top 22 bits of a held-out hash: most runs are ruled out by one look-up
+ASCII_KIND = np.array([1 if chr(c).isalnum() else 0 for c in range(128)], np.int8)  # 1: letter or digit, 0: other
 
 def powers(base, n):
     """base^0 .. base^(n-1) mod 2^64."""
@@ -118,17 +156,48 @@ def powers(base, n):
     p[0] = 1
     return np.cumprod(p)
 
+def normalise(text):
+    """NFKC (a full-width digit, a ligature or a non-breaking space becomes its plain form), then lowercased."""
+    return text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
+
+@functools.cache
+def char_kind(c):
+    """1 for a letter, digit or mark of any script, -1 for an invisible format character, else 0 (a separator)."""
+    cat = unicodedata.category(chr(c))
+    return 1 if cat[0] in "LMN" else -1 if cat == "Cf" else 0
+
+@functools.cache
+def bmp_kinds():
+    """char_kind of every code point below 2^16, built once per process that meets one (about 0.1 s)."""
+    return np.array([char_kind(c) for c in range(1 << 16)], np.int8)
+
+def char_kinds(cps):
+    """char_kind of each code point: by table below 2^16, and one look-up per distinct code point above."""
+    if not len(cps) or cps.max() < 128:
+        return ASCII_KIND[cps]
+    kind = bmp_kinds()[np.minimum(cps, 0xFFFF)]
+    astral = np.flatnonzero(cps > 0xFFFF)  # emoji, rare CJK, ...
+    if len(astral):
+        distinct, inverse = np.unique(cps[astral], return_inverse=True)
+        kind[astral] = np.array([char_kind(int(c)) for c in distinct], np.int8)[inverse]
+    return kind
+
 def words(texts):
-    """The words of texts as (a 64-bit hash per word, the index of its text), in order."""
-    parts = [t.lower().encode("utf-8", "replace") for t in texts]
-    b = np.frombuffer(b"\n".join(parts), np.uint8)
-    pos = np.flatnonzero(((b - 97) < 26) | ((b - 48) < 10) | (b >= 128))  # a-z, 0-9 (uint8 wraps below), non-ASCII
+    """The words of texts (see above) as (a 64-bit hash per word, the index of its text), in order."""
+    parts = [normalise(t) for t in texts]
+    b = np.frombuffer("\n".join(parts).encode("utf-32-le", "replace"), np.uint32)  # a code point each
+    ends = np.cumsum([len(p) + 1 for p in parts])  # where each text's separating "\n" ends
+    kind = char_kinds(b)
+    if kind.min(initial=0) < 0:  # drop format characters; each text end moves back by those dropped before it
+        ends -= np.concatenate([[0], np.cumsum(kind < 0)])[np.minimum(ends, len(b))]
+        b, kind = b[kind >= 0], kind[kind >= 0]
+    pos = np.flatnonzero(kind > 0)
     if not len(pos):
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
     starts = np.flatnonzero(np.diff(pos, prepend=-2) != 1)  # a word starts where a run of letters does
     offset = np.arange(len(pos)) - np.repeat(starts, np.diff(starts, append=len(pos)))  # a letter's place in its word
     h = np.add.reduceat(b[pos].astype(np.uint64) * powers(P, int(offset.max()) + 1)[offset], starts)
-    per_text = np.diff(np.searchsorted(pos[starts], np.cumsum([len(p) + 1 for p in parts])), prepend=0)
+    per_text = np.diff(np.searchsorted(pos[starts], ends), prepend=0)
     return h, np.repeat(np.arange(len(parts)), per_text)
 
 def runs(h, doc, lengths):
@@ -143,17 +212,35 @@ def runs(h, doc, lengths):
             inside = doc[:n] == doc[L - 1:]  # its first and last word in the same text
             yield L, g[inside], doc[:n][inside]
 
+def pieces(texts, chars=100_000):
+    """Yields (a, b): consecutive slices texts[a:b] of about `chars` characters. numpy's temporaries then stay in the
+    CPU cache (a quarter faster than 2 MB at once), and their memory stays bounded."""
+    a = 0
+    while a < len(texts):
+        b, n = a, 0
+        while b < len(texts) and n < chars:
+            n += len(texts[b]); b += 1
+        yield a, b
+        a = b
+
 def held_out_index(texts):
-    """(keys, flags): keys {L: sorted hashes} holds every 13-word run of the held-out texts and the whole run of each
-    text shorter than that; flags marks the top bits of every key."""
-    h, doc = words(texts)
-    n_words = np.bincount(doc, minlength=len(texts))
-    short = {int(n) for n in n_words if 0 < n < NGRAM}  # a text without words is no text
-    keys = {L: np.unique(g if L == NGRAM else g[n_words[d] == L]) for L, g, d in runs(h, doc, short | {NGRAM})}
+    """((keys, flags), too_short): keys {L: sorted hashes} holds every 13-word run of the held-out texts and the
+    whole run of each text of MIN_WORDS to 12 words; flags marks the top bits of every key; too_short counts the texts
+    of fewer than MIN_WORDS words, which are not used. Built a piece of text at a time: besides the texts, memory holds
+    the run hashes found (8 bytes a held-out word, twice while they are sorted) and the 4 MB of flags."""
+    found, too_short = collections.defaultdict(list), 0
+    for a, b in pieces(texts):
+        h, doc = words(texts[a:b])
+        n_words = np.bincount(doc, minlength=b - a)
+        too_short += int((n_words < MIN_WORDS).sum())
+        whole = {int(n) for n in n_words if MIN_WORDS <= n < NGRAM}  # texts matched whole
+        for L, g, d in runs(h, doc, whole | {NGRAM}):
+            found[L].append(g if L == NGRAM else g[n_words[d] == L])
+    keys = {L: np.unique(np.concatenate(g)) for L, g in found.items()}
     flags = np.zeros(1 << BITS, bool)
     for k in keys.values():
         flags[k >> np.uint64(64 - BITS)] = True
-    return {L: k for L, k in keys.items() if len(k)}, flags
+    return ({L: k for L, k in keys.items() if len(k)}, flags), too_short
 
 def match_runs(texts, keys, flags):
     """A bool per text: does it hold a run of words that keys holds?"""
@@ -167,23 +254,28 @@ def match_runs(texts, keys, flags):
     return hit
 
 def contaminated(texts, index):
-    """A bool per text: does it hold a run of words that the held-out index holds? Checked about 100k characters at
-    a time: numpy's temporaries then stay in the CPU cache (a quarter faster than 2 MB at once)."""
-    (keys, flags), hit, a = index, np.zeros(len(texts), bool), 0
-    while keys and a < len(texts):
-        b, chars = a, 0
-        while b < len(texts) and chars < 100_000:
-            chars += len(texts[b]); b += 1
-        hit[a:b] = match_runs(texts[a:b], keys, flags)
-        a = b
+    """A bool per text: does it hold a run of words that the held-out index holds? Checked a piece at a time."""
+    (keys, flags), hit = index, np.zeros(len(texts), bool)
+    if keys:
+        for a, b in pieces(texts):
+            hit[a:b] = match_runs(texts[a:b], keys, flags)
     return hit
+
+def index_bytes(index):
+    keys, flags = index
+    return sum(k.nbytes for k in keys.values()) + flags.nbytes
+
+def print_held_out(n_texts, too_short, index):
+    print(f"prepare: decontamination: {n_texts:,} held-out texts, {too_short:,} of them shorter than {MIN_WORDS} words "
+          f"(too short to check: not used); index {index_bytes(index) / 1e6:.1f} MB")
 
 def print_dropped(source, n_docs, caught, keep):
     print(f"prepare: decontamination: {source}: {caught:,} of {n_docs:,} documents share a {NGRAM}-word run with a "
           f"held-out question, " + ("kept (--keep_contaminated)" if keep else "dropped"))
 
-def decontamination_meta(n_held_out, dropped, keep):
-    return {"n": NGRAM, "held_out_texts": n_held_out, "dropped_docs": dropped, "kept": keep}
+def decontamination_meta(n_held_out, too_short, dropped, keep):
+    return {"n": NGRAM, "min_words": MIN_WORDS, "held_out_texts": n_held_out, "too_short": too_short,
+            "dropped_docs": dropped, "kept": keep}
 
 # -----------------------------------------------------------------------------
 # the embedded demo: worked arithmetic word problems (hq) and a noisy web-like corpus (web)
@@ -317,13 +409,14 @@ def check_docs(docs, index):
         caught = contaminated(["".join(t for t, _ in segs) for segs in part], index) if index else [False] * len(part)
         yield from zip(part, caught)
 
-def write_demo_corpus(path, enc, docs, index, keep, n_tokens=0, labels_path=None):
+def write_demo_corpus(path, enc, docs, index, keep, files, n_tokens=0, labels_path=None):
     """Writes documents (lists of (text, label) pieces) to path, each followed by end-of-text, until n_tokens (or the
     end of docs). Every piece is encoded on its own so that labels align with tokens exactly (labels_path: a uint8
     label per token). A document that the held-out index catches is dropped, or kept with keep.
     Returns (tokens, documents, caught, tokens per label)."""
-    w, per_kind, n_docs, n_caught = TokenWriter(path, token_dtype(enc.n_vocab)), np.zeros(len(LABELS), np.int64), 0, 0
-    lw = TokenWriter(labels_path, np.uint8) if labels_path else None
+    w, n_docs, n_caught = TokenWriter(path, token_dtype(enc.n_vocab), files), 0, 0
+    per_kind = np.zeros(len(LABELS), np.int64)
+    lw = TokenWriter(labels_path, np.uint8, files) if labels_path else None
     for segs, caught in check_docs(docs, index):
         n_docs, n_caught = n_docs + 1, n_caught + caught
         if caught and not keep:
@@ -346,26 +439,26 @@ def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=200, w
     with a held-out question (the decontamination rule), so the check of every training document catches none.
     base: general web pages (same page noise, chat instead of math) for the base model that the reference model and
     continual pretraining start from, as in the paper."""
-    os.makedirs(out, exist_ok=True)
     rng, path = random.Random(seed), lambda name: os.path.join(out, name)
     held = unique_problems((problem(rng) for _ in itertools.count()), n_val + n_eval)
-    index = held_out_index([q for q, _, _ in held])
+    index, too_short = held_out_index([q for q, _, _ in held])
+    print_held_out(len(held), too_short, index)
     fresh = fresh_problems(rng, index)
     hq = lambda problems: ([(clean_text(*p), 0)] for p in problems)
     pages = lambda **kw: (web_document(rng, **kw) for _ in itertools.count())
-    counts, dropped, kinds = {}, {}, {}
-    counts["hq_val"] = write_demo_corpus(path("hq_val.bin"), enc, hq(held[:n_val]), None, keep)[0]
+    counts, dropped, kinds, files = {}, {}, {}, {}
+    counts["hq_val"] = write_demo_corpus(path("hq_val.bin"), enc, hq(held[:n_val]), None, keep, files)[0]
     for name, docs, n, labels in [("hq_train", hq(unique_problems(fresh, n_hq)), 0, None),
                                   ("web", pages(problems=fresh), web_tokens, path("web_labels.bin")),
                                   ("base", pages(general=True), base_tokens, None)]:
-        result = write_demo_corpus(path(name + ".bin"), enc, docs, index, keep, n, labels)
+        result = write_demo_corpus(path(name + ".bin"), enc, docs, index, keep, files, n, labels)
         counts[name], n_docs, dropped[name], kinds[name] = result
         print_dropped(name, n_docs, dropped[name], keep)
     evals = [{"prompt": f"Question: {q}\nAnswer:", "answer": str(ans)} for q, _, ans in held[n_val:]]
-    write_atomic(path("eval.json"), json.dumps(evals, indent=0).encode())
+    write_atomic(path("eval.json"), json.dumps(evals, indent=0).encode(), files)
     share = {k: round(float(kinds["web"][i] / kinds["web"].sum()), 4) for i, k in enumerate(LABELS)}
     return counts, {"demo_seed": seed, "labels": LABELS, "label_share": share,
-                    "decontamination": decontamination_meta(len(held), dropped, keep)}
+                    "decontamination": decontamination_meta(len(held), too_short, dropped, keep), "files": files}
 
 # -----------------------------------------------------------------------------
 # real corpora, each read once (hq twice without --val): .txt (documents separated by blank lines), .jsonl /
@@ -393,8 +486,15 @@ def source_kind(spec):
         hf_source(spec)  # checks the syntax
         need("datasets", spec, "streaming a Hugging Face dataset")
         return "hf"
-    if not os.path.isfile(spec):
+    if os.path.isdir(spec):
+        raise BadInput(f"{spec}: is a directory; a source is one file (--web takes several: "
+                       f"{os.path.join(spec, '*.jsonl')}, which the shell expands) or hf:NAME[:CONFIG][@SPLIT]")
+    if not os.path.exists(spec):
         raise BadInput(f"{spec}: no such file")
+    if not os.path.isfile(spec):
+        raise BadInput(f"{spec}: not a regular file (a pipe or a device); save the data to a file and pass that")
+    if not os.access(spec, os.R_OK):
+        raise BadInput(f"{spec}: not readable (permission denied); check its permissions")
     kind = next((k for ext, k in FORMATS.items() if spec.endswith(ext)), None)
     if kind is None:
         raise BadInput(f"{spec}: unsupported format; use .txt (documents separated by blank lines), .jsonl, .jsonl.gz, "
@@ -436,13 +536,25 @@ class HashedFile(io.RawIOBase):
     def close(self):
         self.f.close(); super().close()
 
+_decoding = {}  # the meta.json record of the source being decoded: count_bad_utf8 counts into it
+
+def count_bad_utf8(e):
+    """A codecs error handler: as errors="replace" (U+FFFD for each bad sequence), counting the bytes replaced."""
+    _decoding["non_utf8_bytes"] += e.end - e.start
+    return "\ufffd", e.end
+
+codecs.register_error("prepare_count", count_bad_utf8)
+
 def read_lines(path, kind, src):
     """Yields (line number, text): a .txt document, or a .jsonl line (the workers parse it). src["pos"] follows the
-    bytes read from disk, and src["sha256"] is set at the end."""
-    raw, doc = HashedFile(path), []
+    bytes read from disk, src["non_utf8_bytes"] counts the bytes that are not UTF-8, and src["sha256"] is set at the
+    end."""
+    global _decoding
+    raw, doc, _decoding = HashedFile(path), [], src
+    src["non_utf8_bytes"] = 0
     with io.BufferedReader(raw, 1 << 20) as buf:
         f = gzip.GzipFile(fileobj=buf) if path.endswith(".gz") else buf
-        lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="\n")  # lines end at "\n" only
+        lines = io.TextIOWrapper(f, encoding="utf-8", errors="prepare_count", newline="\n")  # lines end at "\n" only
         try:
             for lineno, text in enumerate(lines, 1):
                 src["pos"] = raw.pos
@@ -557,12 +669,30 @@ def jsonl_record(line, path, lineno):
     except json.JSONDecodeError:
         raise BadInput(f"{path}:{lineno}: not valid JSON; each line of a .jsonl file must be one JSON object") from None
 
-def eval_problem(rec):
-    """A held-out problem {"prompt", "answer"} from a GSM8K-style record (answer ends in '#### N'), else None."""
-    if not isinstance(rec, dict) or "question" not in rec:
+# A final answer, as the data writes it: GSM8K's "#### 72" and MetaMathQA's "The answer is: 72", with a number that may
+# have a sign, thousands commas and decimals (-1,000.5, .5), ending at a space, a line end or sentence punctuation
+# (so "The answer is: 2\sqrt{3}" or "25%" is no number). The first such answer counts: a model that goes on past its
+# answer may write another. Read from the record's solution (eval.json) and from the model's text (rho.py).
+ANSWER = re.compile(r"(?:####|The answer is:)\s*(-?(?:\d(?:[\d,]*\d)?(?:\.\d+)?|\.\d+))(?=[.,;:!?)]?(?:\s|$))")
+
+def final_answer(text):
+    """The final answer in text as a normalised number string, or None. Normalised so that equal numbers are equal
+    strings: no commas, no trailing decimal zeros, no leading zeros ("1,000" -> "1000", "12.50" -> "12.5",
+    ".5" -> "0.5", "-0" -> "0")."""
+    m = ANSWER.search(text)
+    if not m:
         return None
-    m = re.search(r"####\s*(-?[\d,.]+)\s*$", str(rec.get("answer", "")))
-    return {"prompt": f"Question: {rec['question']}\nAnswer:", "answer": m.group(1).replace(",", "")} if m else None
+    x = decimal.Decimal(m.group(1).replace(",", ""))
+    return "0" if x == 0 else f"{x.normalize():f}"
+
+def eval_problem(rec):
+    """A held-out problem {"prompt", "answer"} from a question-answer record (GSM8K's or MetaMathQA's fields) whose
+    solution has a final answer, else None."""
+    for q, a in PAIRS:
+        if isinstance(rec, dict) and isinstance(rec.get(q), str) and isinstance(rec.get(a), str):
+            answer = final_answer(rec[a])
+            return {"prompt": f"Question: {rec[q]}\nAnswer:", "answer": answer} if answer else None
+    return None
 
 def held_out_text(rec, text):
     """What no training document may contain: the question of a record, else the whole validation document."""
@@ -589,9 +719,7 @@ def encode_task(task):
         docs.append(x)
         if held_out:
             texts.append(held_out_text(rec, x))
-            problem = eval_problem(rec)
-            if problem:
-                problems.append(problem)
+            problems.append(eval_problem(rec))  # None: no final answer in a form that final_answer reads
     caught = contaminated(docs, _index) if _index else np.zeros(len(docs), bool)
     ids = []
     for x, c in zip(docs, caught):
@@ -677,18 +805,21 @@ def tokenize_source(spec, writer, pool, depth, val_every=0, held_out=False, limi
     """Reads one source once, tokenizes it in tasks and writes the tokens in order: its validation documents (held_out;
     see encode_task) or its others. With a limit, stops after the task that brings writer to `limit` tokens: a task
     boundary, the same for any number of processes. Returns the source's meta.json record and what its tasks found:
-    the first N_EVAL eval problems, the held-out texts, the documents read and those caught, the CPU seconds."""
+    the first N_EVAL eval problems, the validation records without a final answer, the held-out texts, the documents
+    of this split, those caught, all documents read, the CPU seconds."""
     kind, src, items = open_source(spec)
-    found = {"problems": [], "held_out": [], "docs": 0, "caught": 0}
-    progress = Progress(spec + (" (validation documents)" if held_out and val_every > 1 else ""), src.get("bytes"))
+    found = {"problems": [], "no_answer": 0, "held_out": [], "docs": 0, "caught": 0, "read": 0}
+    first_of_two = held_out and val_every > 1  # hq read for its validation documents: it is read again
+    progress = Progress(spec + (" (validation documents)" if first_of_two else ""), src.get("bytes"))
     try:
         tasks = make_tasks(spec, kind, items, src, val_every, held_out)
         for (ids, problems, texts, docs, caught, cpu), mark in run_tasks(tasks, pool, depth):
             progress.cpu += cpu
             writer.write(ids)
-            found["problems"] += problems[:N_EVAL - len(found["problems"])]
+            found["problems"] += [p for p in problems if p][:N_EVAL - len(found["problems"])]
+            found["no_answer"] += problems.count(None)
             found["held_out"] += texts
-            found["docs"], found["caught"] = found["docs"] + docs, found["caught"] + caught
+            found["docs"], found["caught"], found["read"] = found["docs"] + docs, found["caught"] + caught, mark[1]
             progress.update(mark, len(ids))
             if limit and writer.n >= limit:
                 src.update(sha256=None, stopped_at_tokens=writer.n, bytes_read=mark[0], documents_read=mark[1])  # a prefix
@@ -700,42 +831,84 @@ def tokenize_source(spec, writer, pool, depth, val_every=0, held_out=False, limi
             raise BadInput(f"{spec}: a tokenizing process died ({short(e)}); if it ran out of memory, use fewer --procs") from None
         raise
     progress.done()
+    if src.get("non_utf8_bytes") and not first_of_two:
+        print(f"prepare: warning: {spec}: {src['non_utf8_bytes']:,} byte(s) not UTF-8: each bad sequence became "
+              f"U+FFFD (meta.json's sources count them); if the file is in another encoding, convert it to UTF-8",
+              file=sys.stderr)
     src.pop("pos", None)
     return src, {**found, "cpu": progress.cpu}
 
+NO_DOCS = ("a .txt source holds documents separated by blank lines, a .jsonl one JSON object a line: check that it is "
+           "the file you meant")
+
+def refuse_empty(spec, name, found):
+    """Bad input: a training file would hold no tokens (rho.py could not read it)."""
+    if not found["docs"]:
+        raise BadInput(f"{spec}: no documents, so {name} would be empty; {NO_DOCS}")
+    raise BadInput(f"{spec}: all {found['docs']:,} documents share a {NGRAM}-word run with a held-out question, so "
+                   f"{name} would be empty; is --val the same data? Give other validation records "
+                   f"(--keep_contaminated keeps them)")
+
+def print_eval(spec, held):
+    if held["problems"]:
+        print(f"prepare: eval: {len(held['problems']):,} problems (the first {N_EVAL} at most) of {held['docs']:,} "
+              f"validation documents; {held['no_answer']:,} have no final answer (\"#### N\" or \"The answer is: N\")")
+    else:
+        print(f"prepare: warning: {spec}: no validation record has a final answer (\"#### N\" as GSM8K, \"The answer "
+              f"is: N\" as MetaMathQA), so eval.json is empty: rho.py then needs --eval_problems 0 (no accuracy)")
+
 def prepare_files(args, enc):
     """The validation documents first (--val, or every VAL_EVERY-th hq document), so that the held-out questions are
-    all known before any training document is checked; then hq_train (the other hq documents) and web."""
+    all known before any training document is checked; then hq_train (the other hq documents) and web. The token
+    files are renamed into place only once all three hold tokens: a run that fails leaves the folder as it was."""
     for spec in filter(None, (args.hq, args.val, *args.web)):
         source_kind(spec)  # every source is checked before any is read
-    os.makedirs(args.out, exist_ok=True)
-    dtype, depth, keep = token_dtype(enc.n_vocab), 2 * args.procs, args.keep_contaminated
-    path = lambda name: os.path.join(args.out, name)
-    va, every = TokenWriter(path("hq_val.bin"), dtype), 0 if args.val else VAL_EVERY
+    files, dtype = {}, token_dtype(enc.n_vocab)
+    out = {name: TokenWriter(os.path.join(args.out, name + ".bin"), dtype, files)
+           for name in ("hq_val", "hq_train", "web")}
+    try:
+        return write_files(args, out, files)
+    finally:
+        for w in out.values():
+            w.discard()
+
+def write_files(args, out, files):
+    depth, keep, every = 2 * args.procs, args.keep_contaminated, 0 if args.val else VAL_EVERY
     with start_pool(args.procs, args.encoding) as pool:
-        val_src, held = tokenize_source(args.val or args.hq, va, pool, depth, every or 1, held_out=True)
-    counts, dropped = {"hq_val": va.close()}, {"hq_train": {}, "web": {}}
-    if not counts["hq_val"]:
-        sys.exit(f"error: {args.val}: no documents" if args.val else f"error: {args.hq}: too few documents to hold "
-                 f"out a validation split (1 in {VAL_EVERY}); pass --val FILE")
+        val_src, held = tokenize_source(args.val or args.hq, out["hq_val"], pool, depth, every or 1, held_out=True)
+    if not held["docs"]:
+        if args.val or not held["read"]:
+            refuse_empty(args.val or args.hq, "hq_val.bin" if args.val else "hq_val.bin and hq_train.bin", held)
+        raise BadInput(f"{args.hq}: {held['read']} documents, too few to hold out a validation split "
+                       f"(1 in {VAL_EVERY}), so hq_val.bin would be empty; pass --val FILE")
+    print_eval(args.val or args.hq, held)
+    texts = held.pop("held_out")
+    index, too_short = held_out_index(texts)
+    print_held_out(len(texts), too_short, index)
+    dropped, web, web_found = {"hq_train": {}, "web": {}}, [], {"docs": 0, "caught": 0}
 
     def count(corpus, spec, found):  # dropped documents, per source
         dropped[corpus][spec] = dropped[corpus].get(spec, 0) + found["caught"]
         print_dropped(spec, found["docs"], found["caught"], keep)
 
-    tr, wb, web = TokenWriter(path("hq_train.bin"), dtype), TokenWriter(path("web.bin"), dtype), []
-    with start_pool(args.procs, args.encoding, held_out_index(held["held_out"]), keep) as pool:
-        hq_src, found = tokenize_source(args.hq, tr, pool, depth, every)
+    with start_pool(args.procs, args.encoding, index, keep) as pool:
+        hq_src, found = tokenize_source(args.hq, out["hq_train"], pool, depth, every)
         count("hq_train", args.hq, found)
+        if not out["hq_train"].n:
+            refuse_empty(args.hq, "hq_train.bin", found)
         for spec in args.web:  # shards, in the order given, until --max_web_tokens
-            if args.max_web_tokens and wb.n >= args.max_web_tokens:
+            if args.max_web_tokens and out["web"].n >= args.max_web_tokens:
                 break
-            src, found = tokenize_source(spec, wb, pool, depth, limit=args.max_web_tokens)
+            src, found = tokenize_source(spec, out["web"], pool, depth, limit=args.max_web_tokens)
             web.append(src); count("web", spec, found)
-    counts.update(hq_train=tr.close(), web=wb.close())
-    write_atomic(path("eval.json"), json.dumps(held["problems"]).encode())  # GSM8K-style validation records only
+            web_found = {k: web_found[k] + found[k] for k in web_found}
+    if not out["web"].n:
+        refuse_empty(args.web[0] if len(args.web) == 1 else f"--web ({len(args.web)} sources)", "web.bin", web_found)
+    counts = {name: w.close() for name, w in out.items()}
+    write_atomic(os.path.join(args.out, "eval.json"), json.dumps(held["problems"]).encode(), files)
     sources = {"hq": hq_src, **({"val": val_src} if args.val else {}), "web": web[0] if len(web) == 1 else web}
-    return counts, {"sources": sources, "decontamination": decontamination_meta(len(held["held_out"]), dropped, keep)}
+    return counts, {"sources": sources, "decontamination": decontamination_meta(len(texts), too_short, dropped, keep),
+                    "files": files}
 
 # -----------------------------------------------------------------------------
 
@@ -745,6 +918,20 @@ def checked(f, *args):
         return f(*args)
     except BadInput as e:
         sys.exit(f"error: {e}")
+
+def check_flags(args):
+    """Bad numbers and a bad --out, each as one line, before anything is read."""
+    for flag, least in (("procs", 1), ("web_tokens", 1), ("base_tokens", 1), ("max_web_tokens", 0), ("seed", 0)):
+        if getattr(args, flag) < least:
+            sys.exit(f"error: --{flag} {getattr(args, flag)}: must be {least} or more")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        sys.exit(f"error: --out {args.out}: is a file; give a folder (it is created if missing)")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --out {args.out}: cannot create it ({short(e)}); give a folder you can write to")
+    if not os.access(args.out, os.W_OK):
+        sys.exit(f"error: --out {args.out}: not writable; give a folder you can write to")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize the high-quality and web corpora into token files. A source is a "
@@ -767,15 +954,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if bool(args.hq) != bool(args.web):
         p.error("--hq and --web go together (or neither, for the embedded demo)")
-    if args.procs < 1:
-        p.error("--procs must be 1 or more")
+    if args.hq and not args.out:
+        p.error("--out DIR is required with --hq/--web")
+    args.out = args.out or os.path.join("data", "demo")
+    check_flags(args)
     enc = get_encoding(args.encoding)
     if args.hq:
-        if not args.out:
-            p.error("--out DIR is required with --hq/--web")
         counts, extra = checked(prepare_files, args, enc)
     else:
-        args.out = args.out or os.path.join("data", "demo")
         counts, extra = prepare_demo(args.out, enc, args.seed, args.keep_contaminated, web_tokens=args.web_tokens,
                                      base_tokens=args.base_tokens)
     meta = {"encoding": args.encoding, "vocab_size": enc.n_vocab, "eot": enc.eot_token,

@@ -38,7 +38,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from prepare import file_sha256, get_encoding, write_atomic  # noqa: E402
+from prepare import file_sha256, final_answer, get_encoding, write_atomic  # noqa: E402
 
 IGNORE = -1  # target id that is never trained on and never selected
 
@@ -512,7 +512,7 @@ def chunk_loss_torch(x, y, scale=None, g=None, entropy=False):
     ent = (e * (s.log()[:, None] - z)).sum(1) / s if entropy else None  # H = sum_j p_j (lse - x_j): terms >= 0
     if scale is not None:
         row_scale = (y != IGNORE) * scale
-        x.mul_((row_scale / s)[:, None])  # softmax * scale: one exp for the loss and the gradient
+        torch.mul(e, (row_scale / s)[:, None], out=x)  # softmax * scale into x: one exp for the loss and the gradient
         sub_onehot_(x, y, row_scale)
         if g is not None and g.data_ptr() != x.data_ptr():
             g.copy_(x)
@@ -646,9 +646,17 @@ def head_chunks(h, w, y, dtype, scale=None, entropy=False):
             addmm_fp32_(grads[1], g[:c].t(), hc[i:i + c])  # dW += G^T H
     return out[0], out[1], (out[2] if entropy else None), grads
 
+def first_derivative_only():
+    """Both heads' backwards refuse create_graph: their gradients are constants to autograd, so a second derivative
+    through them would be zero, silently (torch's once_differentiable raises only if the incoming gradient needs
+    grad, not for a gradient penalty)."""
+    if torch.is_grad_enabled():  # autograd runs a backward with grad enabled only under create_graph
+        raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
+
 class FullHeadLoss(torch.autograd.Function):
     """CLM's head: (the sum of every token's loss over n, every token's loss). The gradients are computed in the
-    forward, chunk by chunk; the backward only scales them."""
+    forward, chunk by chunk; the backward only scales them, into new tensors: a retained graph's next backward reads
+    the saved ones again."""
 
     @staticmethod
     def forward(ctx, h, w, y, n, dtype):
@@ -659,8 +667,9 @@ class FullHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _):
+        first_derivative_only()
         dh, dw = ctx.saved_tensors
-        return dh.mul_(grad), dw.mul_(grad), None, None, None
+        return dh * grad, dw * grad, None, None, None  # a (V, C) fp32 temporary, for a moment
 
 class SelectedHeadLoss(torch.autograd.Function):
     """SLM's head: the sum of the selected tokens' losses (given) over n, the number selected in the whole step.
@@ -675,6 +684,7 @@ class SelectedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        first_derivative_only()
         h, w, y, lse, idx = ctx.saved_tensors
         hc, wc = h.to(ctx.dtype), w.to(ctx.dtype)
         (rows, x, g), grad_fn = buffers(len(idx), w.shape[0], h.device, ctx.dtype), chunk_ops(h.device)[1]
@@ -818,9 +828,14 @@ def score_web(model, meta, cfg, run):
 
 def eval_sets(cfg, meta, web):
     """What every evaluation reads: hq val windows, the val windows of web (web_windows) and the held-out problems."""
+    path = os.path.join(cfg.data, "eval.json")
+    problems = read_json(path)[:cfg.eval_problems]
+    if cfg.eval_problems and not problems:
+        die(f"{path}: no eval problems (prepare.py found no \"#### N\" or \"The answer is: N\" answer in --val): "
+            f"prepare the data with such a --val, or pass --eval_problems 0 to train without measuring accuracy")
     return {"hq": windows(cfg.data, "hq_val.bin", meta, web.T), "web": web,
             "web_val": list(range(web_split(web.n, web.T), web.n)), "enc": get_encoding(meta["encoding"]),
-            "problems": read_json(os.path.join(cfg.data, "eval.json"))[:cfg.eval_problems]}
+            "problems": problems}
 
 @torch.no_grad()
 def val_loss(model, w, ws, device):
@@ -831,33 +846,43 @@ def val_loss(model, w, ws, device):
     return total / n
 
 @torch.no_grad()
-def generate(model, prompts, max_new):
-    """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with a KV cache."""
+def generate(model, prompts, max_new, stop=None):
+    """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with a KV cache; it ends early once
+    every row has generated the token stop."""
     T, device = model.config.block_size, model.lm_head.weight.device
     max_new = min(max_new, T // 2)
     prompts = [p[-(T - max_new):] for p in prompts]  # prompt and generated tokens fit the context
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
-    caches, out = [[] for _ in model.transformer.h], []
+    caches, out, eot = [[] for _ in model.transformer.h], [], torch.zeros(len(prompts), dtype=torch.bool)
     h = model(idx, pad, caches)
     for _ in range(max_new):
         nxt = model.lm_head(h[:, -1]).argmax(-1)
         out.append(nxt)
+        eot |= (nxt == stop).cpu() if stop is not None else eot
+        if eot.all():  # every row has ended its answer: what follows is cut anyway
+            break
         h = model(nxt[:, None], pad, caches)
     return torch.stack(out, 1).tolist()
 
 def answer_accuracy(model, problems, enc, max_new=48):
-    """The share of problems whose generated '#### N' line equals the reference answer."""
+    """The share of problems whose generated text's final answer ('#### N' or 'The answer is: N', read by prepare's
+    final_answer as a normalised number) equals the reference answer; None without problems (--eval_problems 0)."""
+    if not problems:
+        return None
     correct = 0
     for i in range(0, len(problems), 64):
         chunk = problems[i:i + 64]
-        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new)
+        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new,
+                        enc.eot_token)
         for p, o in zip(chunk, outs):
             o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
-            m = re.search(r"####\s*(-?\d[\d,]*)", enc.decode([t for t in o if t < enc.n_vocab]))  # padded ids: none
-            correct += bool(m) and m.group(1).replace(",", "") == p["answer"]
-    return round(correct / max(len(problems), 1), 4)
+            correct += final_answer(enc.decode([t for t in o if t < enc.n_vocab])) == p["answer"]  # padded ids: none
+    return round(correct / len(problems), 4)
+
+def percent(accuracy):
+    return "-" if accuracy is None else f"{accuracy:.1%}"  # None: not measured (--eval_problems 0)
 
 @torch.no_grad()
 def evaluate(model, ev, cfg):
@@ -1044,7 +1069,7 @@ def record(state, step, measures, counts, n, loss_sum, labels):
     e = {"step": step, "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
          "wall_s": round(state["wall_s"], 2), "train_loss": round(loss_sum / n, 4), **measures}
     line = (f"step {step} | loss {e['train_loss']:.3f} | sel {e['tokens_trained'] / e['tokens_seen']:.0%} | val hq "
-            f"{e['val_loss_hq']:.3f} web {e['val_loss_web']:.3f} | acc {e['accuracy']:.1%}")
+            f"{e['val_loss_hq']:.3f} web {e['val_loss_web']:.3f} | acc {percent(e['accuracy'])}")
     if counts[0]:
         e.update(noise_shares(counts, labels))
         state["by_label"] = [[a + b for a, b in zip(*pair)] for pair in zip(state["by_label"], counts)]
@@ -1084,8 +1109,8 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
     if state["by_label"][0]:
         metrics.update(noise_shares(state["by_label"], meta["labels"]))
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} acc {last['accuracy']:.1%} "
-          f"-> {out_dir}/metrics.json")
+    print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} "
+          f"acc {percent(last['accuracy'])} -> {out_dir}/metrics.json")
     return metrics
 
 RUN_FILES = ("ckpt.pt", "metrics.json", "tokens.npz", "ref_scores.bin", "ref_scores.bin.json",

@@ -2,6 +2,7 @@
 
 The sections follow rho.py (model, data, the SLM loss, the fused head, scoring, evaluation, training, main), then
 prepare.py and the instruments; each opens with a line that says what is compared against what."""
+import contextlib
 import gzip
 import hashlib
 import json
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import types
+import unicodedata
 
 import numpy as np
 import pytest
@@ -380,6 +382,24 @@ def test_fused_head_gradient_rows_are_zero_outside_selection():
     dh, = torch.autograd.grad(loss, h)
     assert (dh[~sel] == 0).all() and (dh[sel].abs().sum(-1) > 0).all()
 
+@pytest.mark.parametrize("k", [0.35, 1.0])
+def test_fused_head_gradcheck_retained_graph_and_no_double_backward(k):
+    """k = 1 (FullHeadLoss) and k < 1 (SelectedHeadLoss, on a fixed I_k) against finite differences of float64
+    inputs (the head's logits are fp32 whatever the inputs: fp32-sized steps and tolerances); a second backward of a
+    retained graph adds the same gradient again; create_graph (a double backward) raises instead of giving zero."""
+    h, w, y, r = fused_case(B=3, T=4, C=3, V=11, dtype=torch.float64)
+    sel = rho.fused_slm_loss(h, w, y, r, cfg_of(k))[2]
+    loss = lambda h, w: rho.fused_slm_loss(h, w, y, r, cfg_of(k), sel=sel, n=int(sel.sum()))[0]
+    assert torch.autograd.gradcheck(loss, (h, w), eps=1e-2, atol=1e-4, rtol=1e-3)
+    out = loss(h, w)
+    out.backward(retain_graph=True)
+    once = h.grad.clone(), w.grad.clone()
+    out.backward()
+    for twice, g in zip((h.grad, w.grad), once):
+        assert g.abs().sum() > 0 and torch.equal(twice, 2 * g)
+    with pytest.raises(RuntimeError, match="no second derivative"):  # e.g. a gradient penalty: dh.pow(2).sum()
+        torch.autograd.grad(loss(h, w), h, create_graph=True)
+
 def chunk_case(C, V, kind, seed=0):
     """A (C, V) logits chunk (a view, for "strided"), with ignored rows and one hard property per kind."""
     g = torch.Generator().manual_seed(seed)
@@ -427,6 +447,11 @@ def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
     lse2, loss2, _ = loss_fn(x.clone(), y, 1 / 7, g, **block)
     assert torch.equal(lse2, lse) and torch.equal(loss2, loss)
     torch.testing.assert_close(g.double(), grad64, rtol=1e-5, atol=1e-6)
+    for g3 in (g.fill_(float("nan")), None):  # entropy and gradient in one call, into g and in place
+        x3 = x.clone()
+        lse3, loss3, ent3 = loss_fn(x3, y, 1 / 7, g3, entropy=True, **block)
+        assert torch.equal(lse3, lse) and torch.equal(loss3, loss) and torch.equal(ent3, ent)
+        torch.testing.assert_close((x3 if g3 is None else g3).double(), grad64, rtol=1e-5, atol=1e-6)
     out = grad_fn(x, y, lse, 1 / 7, **block)
     assert out.data_ptr() == x.data_ptr()  # in place
     torch.testing.assert_close(out.double(), grad64, rtol=1e-5, atol=1e-6)
@@ -557,6 +582,57 @@ def test_batched_generation_equals_one_by_one():
     assert batched == [rho.generate(model, [p], 6)[0] for p in prompts]
     with torch.no_grad():  # and the first generated token is the plain forward's argmax
         assert batched[0][0] == model.lm_head(model(torch.tensor([prompts[0]])))[0, -1].argmax().item()
+    for stop in {t for row in batched for t in row}:  # ends once every row has produced stop; the same tokens till then
+        early = rho.generate(model, prompts, 6, stop)
+        ends = [row.index(stop) + 1 if stop in row else 6 for row in batched]
+        assert len({len(r) for r in early}) == 1 and len(early[0]) == max(ends)
+        assert all(e[:n] == b[:n] for e, b, n in zip(early, batched, ends))
+
+def test_answer_forms_of_the_data_and_of_generated_text(monkeypatch):
+    """prepare.final_answer reads GSM8K's '#### N' and MetaMathQA's 'The answer is: N' as normalised numbers, both for
+    eval.json and in the model's text (answer_accuracy); without problems the accuracy is None, not 0."""
+    forms = {"#### 72": "72", "#### 1,000": "1000", "#### -3": "-3", "#### 12.5": "12.5", "#### 12.50": "12.5",
+             "#### -0.5": "-0.5", "#### .5": "0.5", "####   007\n": "7", "#### -0": "0", "#### 7 apples": "7",
+             "so 5 + 7 = 12.\nThe answer is: 12": "12", "The answer is: 12.": "12", "#### 7\nQuestion: #### 9": "7",
+             "#### 25%": None, "The answer is: 2\\sqrt{3}": None, "#### 7x": None, "The answer is 12": None, "12": None}
+    assert {t: prepare.final_answer(t) for t in forms} == forms
+    gsm8k = {"question": "Q?", "answer": "3 * 4 = 12\n#### 12"}
+    metamath = {"query": "Q?", "response": "The answer is: 12"}
+    problem = {"prompt": "Question: Q?\nAnswer:", "answer": "12"}
+    assert prepare.eval_problem(gsm8k) == prepare.eval_problem(metamath) == problem
+    assert prepare.eval_problem({"question": "Q?", "answer": "12"}) is None
+    enc = prepare.get_encoding("bytes")
+    out = [" 10 + 2.5 = 12.50\n#### 12.50\n", " The answer is: 1,000", " #### .5", " #### 12"]  # generated
+    monkeypatch.setattr(rho, "generate", lambda model, prompts, n: [enc.encode_ordinary(s) + [enc.eot_token] for s in out])
+    problems = [{"prompt": "Q", "answer": a} for a in ("12.5", "1000", "0.5", "12.5")]
+    assert rho.answer_accuracy(None, problems, enc) == 0.75 and rho.answer_accuracy(None, [], enc) is None
+
+def test_eval_set_of_metamath_records_and_an_empty_one_refused(tmp_path, capsys):
+    """A --val of MetaMathQA records gives eval problems; a --val without answers is said by prepare.py, refused by
+    rho.py at start, and with --eval_problems 0 trained on without accuracy (None in metrics.json, '-' in the table)."""
+    hq, val = tmp_path / "hq.txt", tmp_path / "val.jsonl"
+    hq.write_text("\n\n".join(f"document {i} " * 20 for i in range(60)))
+    val.write_text(json.dumps({"query": "What is 5 + 7?", "response": "5 + 7 = 12\nThe answer is: 12"}) + "\n"
+                   + json.dumps({"query": "Name a colour.", "response": "Blue."}) + "\n")
+    prepare.main(["--hq", str(hq), "--web", str(hq), "--val", str(val), "--out", str(tmp_path / "mm")])
+    assert json.loads((tmp_path / "mm" / "eval.json").read_text()) == [{"prompt": "Question: What is 5 + 7?\nAnswer:",
+                                                                        "answer": "12"}]
+    assert ('prepare: eval: 1 problems (the first 500 at most) of 2 validation documents; 1 have no final answer '
+            '("#### N" or "The answer is: N")\n') in capsys.readouterr().out
+    prepare.main(["--hq", str(hq), "--web", str(hq), "--out", str(tmp_path / "none")])  # plain text: no answers
+    assert (f'prepare: warning: {hq}: no validation record has a final answer ("#### N" as GSM8K, "The answer is: N" '
+            f'as MetaMathQA), so eval.json is empty: rho.py then needs --eval_problems 0 (no accuracy)\n'
+            ) in capsys.readouterr().out
+    args = ["--ref", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"), *TINY, "--steps", "2"]
+    with pytest.raises(SystemExit, match=r"^error: .*eval.json: no eval problems \(prepare.py found no \"#### N\" "
+                                         r"or \"The answer is: N\" answer in --val\): .*or pass --eval_problems 0 to "
+                                         r"train without measuring accuracy$"):
+        rho.main(args)
+    metrics = rho.main([*args, "--eval_problems", "0"])
+    assert metrics["final"]["accuracy"] is None and {h["accuracy"] for h in metrics["history"]} == {None}
+    capsys.readouterr()
+    report.main([str(tmp_path / "out")])
+    assert re.search(r"\nref +\d\.\d{4} +\d\.\d{4} +- +\d", capsys.readouterr().out)
 
 def test_wilson_interval():
     lo, hi = report.wilson(0.5, 200)
@@ -1050,6 +1126,13 @@ def test_prepare_roundtrips_text(tmp_path):
     assert meta["tokens"]["web"] == os.path.getsize(out / "web.bin") // 2 and meta["dtype"] == "uint16"
     assert len(meta["sources"]["web"]["sha256"]) == 64
     assert not list(out.glob("*.tmp"))
+    assert_files_fingerprinted(out, meta)
+
+def assert_files_fingerprinted(out, meta):
+    """meta.json's "files": the size and sha256 of every file prepare.py wrote but meta.json itself."""
+    names = {f.name for f in out.iterdir()} - {"meta.json"}
+    assert meta["files"] == {n: {"bytes": os.path.getsize(out / n),
+                                 "sha256": hashlib.sha256((out / n).read_bytes()).hexdigest()} for n in names}
 
 def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
     for d in ("a", "b"):
@@ -1057,6 +1140,8 @@ def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
     for name in ("hq_train.bin", "hq_val.bin", "web.bin", "web_labels.bin", "base.bin", "eval.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert_files_fingerprinted(tmp_path / "a", meta)
+    assert set(meta["files"]) == {*OUTPUTS[:4], "web_labels.bin", "base.bin"}
     web = np.fromfile(tmp_path / "a" / "web.bin", np.uint16)
     labels = np.fromfile(tmp_path / "a" / "web_labels.bin", np.uint8)
     assert len(web) == len(labels) == meta["tokens"]["web"]
@@ -1068,42 +1153,82 @@ def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
     for p in json.loads((tmp_path / "a" / "eval.json").read_text()):
         assert p["prompt"] not in hq_text  # eval problems are held out
 
-def test_prepare_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="no such file"):
-        prepare.main(["--hq", str(tmp_path / "nope.txt"), "--web", str(tmp_path / "nope.txt"), "--out", str(tmp_path)])
-    (tmp_path / "bad.jsonl").write_text('{"title": "x"}\n')
-    (tmp_path / "hq.txt").write_text("a\n\nb\n")
-    args = ["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")]
-    with pytest.raises(SystemExit, match=r"hq.txt: too few documents to hold out a validation split \(1 in 50\)"):
-        prepare.main(args)
-    (tmp_path / "hq.txt").write_text("\n\n".join(f"document {i}" for i in range(50)) + "\n")
-    with pytest.raises(SystemExit, match='needs a "text" field'):
-        prepare.main(args)
-    with pytest.raises(SystemExit, match="--encoding no_such_encoding"):
-        prepare.main(["--encoding", "no_such_encoding", "--out", str(tmp_path / "o")])
+EMPTY_FIX = "a .txt source holds documents separated by blank lines, a .jsonl one JSON object a line"
+TOO_LONG = "words " * 20  # a document of 20 words
+THREE = "\n\n".join(f"document {i} {TOO_LONG}" for i in range(3))
 
-WORD_BYTES = bytes(c if 48 <= c <= 57 or 97 <= c <= 122 or c >= 128 else 32 for c in range(256))  # prepare's words
+@pytest.mark.parametrize("files, args, msg", [
+    ({}, ["--web_tokens", "-5"], r"--web_tokens -5: must be 1 or more$"),
+    ({}, ["--base_tokens", "0"], r"--base_tokens 0: must be 1 or more$"),
+    ({}, ["--seed", "-1"], r"--seed -1: must be 0 or more$"),
+    ({}, ["--procs", "0"], r"--procs 0: must be 1 or more$"),
+    ({"h.txt": "a\n\nb\n"}, ["--hq", "h.txt", "--web", "h.txt", "--max_web_tokens", "-1"],
+     r"--max_web_tokens -1: must be 0 or more$"),
+    ({"out": "a file"}, ["--hq", "h.txt", "--web", "h.txt", "--out", "out"], r"--out .*out: is a file; give a folder"),
+    ({}, ["--encoding", "no_such_encoding"], r"--encoding no_such_encoding: tiktoken could not load it"),
+    ({"h.txt": "a\n"}, ["--hq", "nope.txt", "--web", "h.txt"], r"nope.txt: no such file$"),
+    ({"h.txt": "a\n", "d/x.jsonl": "{}"}, ["--hq", "h.txt", "--web", "d"], r"/d: is a directory; a source is one file "
+     r"\(--web takes several: .*/d/\*.jsonl, which the shell expands\) or hf:NAME"),
+    ({"h.txt": "a\n\nb\n"}, ["--hq", "h.txt", "--web", "h.txt"], r"h.txt: 2 documents, too few to hold out a "
+     r"validation split \(1 in 50\), so hq_val.bin would be empty; pass --val FILE$"),
+    ({"h.txt": "\n\n  \n\n"}, ["--hq", "h.txt", "--web", "h.txt"], rf"h.txt: no documents, so hq_val.bin and "
+     rf"hq_train.bin would be empty; {EMPTY_FIX}"),
+    ({"h.txt": TOO_LONG, "v.jsonl": ""}, ["--hq", "h.txt", "--web", "h.txt", "--val", "v.jsonl"],
+     rf"v.jsonl: no documents, so hq_val.bin would be empty; {EMPTY_FIX}"),
+    ({"h.txt": "\n\n", "v.txt": TOO_LONG}, ["--hq", "h.txt", "--web", "v.txt", "--val", "v.txt"],
+     rf"h.txt: no documents, so hq_train.bin would be empty; {EMPTY_FIX}"),
+    ({"h.txt": TOO_LONG, "v.txt": "x", "w.jsonl": ""}, ["--hq", "h.txt", "--web", "w.jsonl", "--val", "v.txt"],
+     rf"w.jsonl: no documents, so web.bin would be empty; {EMPTY_FIX}"),
+    ({"h.txt": TOO_LONG, "v.txt": "x", "w.txt": "\n \n\n\t\n"},
+     ["--hq", "h.txt", "--web", "w.txt", "w.txt", "--val", "v.txt"],
+     rf"--web \(2 sources\): no documents, so web.bin would be empty; {EMPTY_FIX}"),
+    ({"h.txt": THREE}, ["--hq", "h.txt", "--web", "h.txt", "--val", "h.txt"], r"h.txt: all 3 documents share a 13-word "
+     r"run with a held-out question, so hq_train.bin would be empty; is --val the same data\?"),
+    ({"h.txt": "\n\n".join(["a"] * 50), "bad.jsonl": '{"title": "x"}\n'}, ["--hq", "h.txt", "--web", "bad.jsonl"],
+     r'bad.jsonl:1: needs a "text" field'),
+])
+def test_prepare_bad_input_one_line_and_folder_kept(files, args, msg, tmp_path, capsys):
+    """Each bad flag or source: one line naming it and the fix, before or instead of a file that rho could not read; the
+    output folder keeps what it held (here an earlier run's files) and no temp file."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    old = tmp_path / "o"
+    old.mkdir()
+    for name in ("web.bin", "hq_val.bin", "meta.json"):
+        (old / name).write_text("an earlier run's file")
+    args = [str(tmp_path / a) if a in files or a.startswith("nope") or a == "d" else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--out", str(old), *args])
+    assert re.search(rf"^error: .*{msg}", str(e.value)) and "\n" not in str(e.value), str(e.value)
+    assert "Traceback" not in capsys.readouterr().err
+    assert sorted(f.name for f in old.iterdir()) == ["hq_val.bin", "meta.json", "web.bin"]
+    assert all(f.read_text() == "an earlier run's file" for f in old.iterdir())
 
 def normalised(text):
-    return b" " + b" ".join(text.lower().encode().translate(WORD_BYTES).split()) + b" "
+    """prepare's words, one character at a time: NFKC, lowercased; letters, digits and marks of any script are kept,
+    format characters dropped, and the rest separates words."""
+    kind = lambda c: c if unicodedata.category(c)[0] in "LMN" else "" if unicodedata.category(c) == "Cf" else " "
+    return " " + " ".join("".join(map(kind, unicodedata.normalize("NFKC", text).casefold())).split()) + " "
 
 def held_out_runs(question):
-    """What no training text may hold: each run of 13 words of the question, or all of a shorter one."""
+    """What no training text may hold: each run of 13 words of the question, or all of one of 8 to 12 words."""
     w = normalised(question).split()
-    return [b" " + b" ".join(w[i:i + 13]) + b" " for i in range(max(len(w) - 12, 1))]
+    return [" " + " ".join(w[i:i + 13]) + " " for i in range(max(len(w) - 12, 1))] if len(w) >= 8 else []
 
 def test_contaminated_equals_plain_reference():
     """The hashed, vectorised check against substring search on normalised text, on random texts of few words (so that
     runs match often), unicode, held-out texts of 0 to ~30 words, and texts that span the 100k-character pieces."""
     rng = random.Random(0)
-    pieces = ["a", "B", "7", "é", "É", "数", ".", ", ", " ", "\n", "--", "x" * 5_000]
+    pieces = ["a", "B", "7", "é", "É", "数", ".", ", ", " ", "\n", "--", "\u00a0", "’", "—", "\u00ad", "Ａ", "ß",
+              "x" * 5_000]
     for _ in range(200):
-        held = ["".join(rng.choice(pieces[:-1]) for _ in range(rng.randint(0, 60))) for _ in range(rng.randint(0, 4))]
+        held = ["".join(rng.choice(pieces[:-1]) for _ in range(rng.randint(0, 90))) for _ in range(rng.randint(0, 4))]
         texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 80))) for _ in range(rng.randint(0, 12))]
         texts += [rng.choice(["", "zz "]) + h.upper() + " yy" for h in held if rng.random() < 0.5]  # planted
         runs = [r for q in held for r in held_out_runs(q) if r.strip()]
         want = [any(r in t for r in runs) for t in map(normalised, texts)]
-        assert prepare.contaminated(texts, prepare.held_out_index(held)).tolist() == want
+        assert prepare.contaminated(texts, prepare.held_out_index(held)[0]).tolist() == want
 
 def test_prepare_demo_holds_out_its_questions(tmp_path):
     """No 13-word run of an eval or hq_val question (nor all of a shorter one) is left in web, hq_train or base."""
@@ -1120,7 +1245,7 @@ def test_prepare_demo_holds_out_its_questions(tmp_path):
         train = normalised(text(name))
         assert not [r for r in runs if r in train], name
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["decontamination"] == {"n": 13, "held_out_texts": 500, "kept": False,
+    assert meta["decontamination"] == {"n": 13, "min_words": 8, "held_out_texts": 500, "too_short": 0, "kept": False,
                                        "dropped_docs": {"hq_train": 0, "web": 0, "base": 0}}  # none drawn: none found
 
 def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path, capsys):
@@ -1129,10 +1254,10 @@ def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path
     long_q = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
               "How many clips did Natalia sell altogether in April and May?")
     wage_q = "Weng earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes of babysitting."
-    short_q = "What is 17 times 23?"  # 5 words: matched whole
+    short_q = "What is 17 times 23, plus 4 more?"  # 8 words (the minimum): matched whole
     answer = "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
     val = [{"question": long_q, "answer": answer}, {"question": wage_q, "answer": "12/60 * 50 = 10\n#### 10"},
-           {"question": short_q, "answer": "17 * 23 = 391\n#### 391"}]
+           {"question": short_q, "answer": "17 * 23 + 4 = 395\n#### 395"}]
     hq = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many apples does Tom have?",
            "answer": f"#### {2 * i + 1}"} for i in range(5)]
     hq[2:2] = [{"question": long_q, "answer": "#### 72"},
@@ -1142,8 +1267,8 @@ def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path
            "Q:   " + long_q.replace(". ", ".\n\n").replace("?", " ?!"),  # dropped
            "My sister earns 12 dollars an hour for babysitting. Yesterday, she just did 50 push-ups.",  # 12 words: kept
            "My sister earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes of yoga.",  # 13
-           "quick one: WHAT is 17 times 23??? no calculator",  # dropped
-           "what is 17 times 230? and is 17 times 23 odd?",  # kept: neither is the short question's whole run
+           "quick one: WHAT is 17 times 23 -- plus 4 MORE??? no calculator",  # dropped
+           "what is 17 times 230, plus 4 more? and is 17 times 23 odd?",  # kept: neither is the short question's run
            answer]  # kept: answers are not held out
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
     (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hq))
@@ -1154,9 +1279,9 @@ def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path
     out = tmp_path / "out"
     assert decode(out, "web.bin") == [web[i] for i in (0, 3, 6, 7)]
     assert decode(out, "hq_train.bin") == [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in hq[:2] + hq[4:]]
-    assert [p["answer"] for p in json.loads((out / "eval.json").read_text())] == ["72", "10", "391"]
+    assert [p["answer"] for p in json.loads((out / "eval.json").read_text())] == ["72", "10", "395"]
     meta = json.loads((out / "meta.json").read_text())["decontamination"]
-    assert meta == {"n": 13, "held_out_texts": 3, "kept": False,
+    assert meta == {"n": 13, "min_words": 8, "held_out_texts": 3, "too_short": 0, "kept": False,
                     "dropped_docs": {"hq_train": {paths["hq"]: 2}, "web": {paths["web"]: 4}}}
     assert (f"prepare: decontamination: {paths['web']}: 4 of 8 documents share a 13-word run with a held-out question, "
             f"dropped\n") in capsys.readouterr().out
@@ -1164,6 +1289,50 @@ def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path
     assert decode(tmp_path / "kept", "web.bin") == web and len(decode(tmp_path / "kept", "hq_train.bin")) == 7
     assert json.loads((tmp_path / "kept" / "meta.json").read_text())["decontamination"] == {**meta, "kept": True}
     assert "4 of 8 documents share a 13-word run with a held-out question, kept" in capsys.readouterr().out
+
+def test_decontamination_unicode_and_too_short_held_out_texts(tmp_path, capsys):
+    """Unicode does not hide a held-out question: a non-breaking space, curly apostrophe, em dash, soft hyphen or
+    full-width digit separates or reads as the plain character; letters of any script stay letters. A held-out text of
+    fewer than 8 words is counted and not used, so a held-out "Solution" or "Chapter 3" drops no document."""
+    assert len(prepare.words(["a\u00a0b"])[0]) == 2 and len(prepare.words(["a\u2014b a\u2019b"])[0]) == 4
+    assert (prepare.words(["naïve ＮＡÏＶＥ na\u00adïve"])[0] == prepare.words(["naïve"])[0][0]).all()
+    assert len(prepare.words(["数学 é", "αβγ-δ"])[0]) == 4
+    q = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her "
+         "friends every day with four.")
+    val = [{"question": q, "answer": "#### 18"}, {"question": "Solution", "answer": "#### 1"},
+           {"question": "Chapter 3", "answer": "#### 3"}]
+    web = ["Copied from a page: " + q.replace(" ", "\u00a0"),  # dropped
+           q.replace("'", "\u2019").replace(". ", "\u2014").replace("16", "１６").replace("ffi", "f\u00adfi"),  # dropped
+           "Solution: see Chapter 3 below, then the next chapter.",  # kept: its held-out texts are too short to check
+           "Janet\u2019s ducks lay 16 eggs per day. She eats three for lunch."]  # kept: 12 words shared
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    write_source(tmp_path / "web.jsonl", web)
+    prepare.main(["--hq", str(tmp_path / "web.jsonl"), "--web", str(tmp_path / "web.jsonl"), "--val",
+                  str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "out"), "--procs", "1"])
+    assert decode(tmp_path / "out", "web.bin") == web[2:]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())["decontamination"]
+    assert meta["too_short"] == 2 and meta["held_out_texts"] == 3 and meta["min_words"] == prepare.MIN_WORDS == 8
+    out = capsys.readouterr().out
+    assert re.search(r"prepare: decontamination: 3 held-out texts, 2 of them shorter than 8 words \(too short to "
+                     r"check: not used\); index \d+\.\d MB\n", out)
+
+def test_prepare_counts_bytes_that_are_not_utf8(tmp_path, capsys):
+    """Bytes that are not UTF-8 become U+FFFD, are counted per source in meta.json, and each source that had any gets
+    one warning line (hq, read twice without --val, once)."""
+    docs = [f"document {i} says caf\u00e9" for i in range(60)]
+    raw = "\n\n".join(docs).encode().replace(b"document 7 ", b"document \xff\xfe7 ")
+    raw = raw.replace(b"document 8 says caf\xc3\xa9", b"document 8 says caf\xe9")  # latin-1
+    (tmp_path / "hq.txt").write_bytes(raw)
+    write_source(tmp_path / "web.jsonl", docs)
+    prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "web.jsonl"), "--out", str(tmp_path / "o")])
+    sources = json.loads((tmp_path / "o" / "meta.json").read_text())["sources"]
+    assert sources["hq"]["non_utf8_bytes"] == 3 and sources["web"]["non_utf8_bytes"] == 0
+    assert decode(tmp_path / "o", "hq_train.bin")[7:9] == ["document \ufffd\ufffd7 says café",
+                                                           "document 8 says caf\ufffd"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [f"prepare: warning: {tmp_path / 'hq.txt'}: 3 byte(s) not UTF-8: each bad sequence became "
+                        f"U+FFFD (meta.json's sources count them); if the file is in another encoding, convert it to "
+                        f"UTF-8"]
 
 def test_prepare_without_val_holds_out_every_50th_hq_question(tmp_path):
     """Without --val, the 50th and 100th hq documents are the validation split: their questions are held out of web and
@@ -1221,6 +1390,7 @@ def decode(out, name):
 def test_prepare_procs_1_and_2_byte_identical(fmt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "TASK_CHARS", 20_000)  # ~20 tasks per source: more than the 2N in flight
     docs = corpus()
+    docs[49] += " the sum of 42" * 2  # 8 words at least: long enough to check
     docs[10] = docs[49]  # a training copy of a validation document (held out whole: plain text), read before it
     src = write_source(tmp_path / f"c.{fmt}", docs)
     for procs in (1, 2):
@@ -1234,7 +1404,9 @@ def test_prepare_procs_1_and_2_byte_identical(fmt, tmp_path, monkeypatch, capsys
     meta = json.loads((out / "meta.json").read_text())
     assert meta["decontamination"]["dropped_docs"] == {"hq_train": {src: 1}, "web": {src: 5}}
     with open(src, "rb") as f:
-        assert meta["sources"]["web"] == {"path": os.path.abspath(src), "sha256": hashlib.sha256(f.read()).hexdigest(), "bytes": os.path.getsize(src)}
+        assert meta["sources"]["web"] == {"path": os.path.abspath(src), "sha256": hashlib.sha256(f.read()).hexdigest(),
+                                          "bytes": os.path.getsize(src),
+                                          **({"non_utf8_bytes": 0} if fmt != "parquet" else {})}
     err = capsys.readouterr().err
     assert f"prepare: {src}: {meta['tokens']['web']:,} tokens in " in err and " tok/s)" in err  # the summary line
 
@@ -1532,6 +1704,26 @@ def test_bench_train_step_and_scoring_scale_run(impl):
     tiny = rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
     ms, _ = bench.bench_train(impl, tiny, 4, 0.5, torch.device("cpu"), "float32", 0, 1)
     assert ms > 0 and min(bench.bench_scale(4096, torch.device("cpu"), "float32")) > 0
+
+def test_bench_train_rounds_interleave_and_count_flops(monkeypatch, capsys):
+    """--cases train: CLM and SLM alternate round by round, each ratio is against the CLM of its own round, and the
+    FLOP count gives SLM's expected ratio: GPT-2 small's 124,439,808 parameters less its embeddings are the trunk."""
+    todo = bench.plan(["train"], 0.6, False, rounds=3)
+    assert [impl for _, impl, _ in todo] == ["clm", "slm", "slm_split"] * 3
+    ms = iter([10.0, 9.0, 12.0, 20.0, 19.0, 24.0, 10.0, 10.0, 13.0])  # round 2 on a machine twice as slow
+    monkeypatch.setattr(bench, "bench_one", lambda case, impl, shape, *a: {
+        "case": case, "impl": impl, "N": shape[0], "d": shape[1], "V": shape[2], "k": shape[3], "ms": next(ms),
+        "peak_mb": 1.0})
+    pool = lambda n: contextlib.nullcontext(types.SimpleNamespace(apply=lambda fn, args: fn(*args)))
+    monkeypatch.setattr(bench.mp, "get_context", lambda method: types.SimpleNamespace(Pool=pool))  # no spawn
+    summary = bench.train_summary(bench.measure(todo, "cpu", "float32"))
+    assert [summary[i]["ms"] for i in ("clm", "slm", "slm_split")] == [10.0, 10.0, 13.0]
+    assert summary["clm"]["ms_ratio"] == 1.0
+    assert summary["slm"]["ms_ratio"] == 0.95 and summary["slm_split"]["ms_ratio"] == 1.2
+    P, N, d, V, L, T = 124_439_808 - 50257 * 768 - 1024 * 768, 2048, 768, 50257, 12, 1024
+    dense = 6 * N * P + 12 * L * d * T * N
+    assert summary["slm"]["flops_ratio"] == round((dense + 5.6 * N * d * V) / (dense + 6 * N * d * V), 3) == 0.982
+    assert "0.950 0.900-1.000" in " ".join(capsys.readouterr().out.split())
 
 def test_bench_gpu_script_runs_in_its_cpu_mode(tmp_path, monkeypatch, capsys):
     """bench.py --gpu at toy sizes on a CPU: the whole plan runs and writes its rows (the tests it starts first are
