@@ -603,7 +603,7 @@ def test_answer_forms_of_the_data_and_of_generated_text(monkeypatch):
     assert prepare.eval_problem({"question": "Q?", "answer": "12"}) is None
     enc = prepare.get_encoding("bytes")
     out = [" 10 + 2.5 = 12.50\n#### 12.50\n", " The answer is: 1,000", " #### .5", " #### 12"]  # generated
-    monkeypatch.setattr(rho, "generate", lambda model, prompts, n: [enc.encode_ordinary(s) + [enc.eot_token] for s in out])
+    monkeypatch.setattr(rho, "generate", lambda model, prompts, *_: [enc.encode_ordinary(s) + [enc.eot_token] for s in out])
     problems = [{"prompt": "Q", "answer": a} for a in ("12.5", "1000", "0.5", "12.5")]
     assert rho.answer_accuracy(None, problems, enc) == 0.75 and rho.answer_accuracy(None, [], enc) is None
 
