@@ -38,7 +38,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from prepare import file_sha256, final_answer, get_encoding, write_atomic  # noqa: E402
+from prepare import ANSWER, file_sha256, final_answer, get_encoding, write_atomic  # noqa: E402
 
 IGNORE = -1  # target id that is never trained on and never selected
 
@@ -827,9 +827,10 @@ def score_web(model, meta, cfg, run):
 # evaluation: the target-distribution val loss (hq val), the web val loss, answer accuracy (greedy, exact match)
 
 def eval_sets(cfg, meta, web):
-    """What every evaluation reads: hq val windows, the val windows of web (web_windows) and the held-out problems."""
+    """What every evaluation reads: hq val windows, the val windows of web (web_windows) and the held-out problems
+    (all of eval.json: the final evaluation reads them all, the others the first --eval_problems)."""
     path = os.path.join(cfg.data, "eval.json")
-    problems = read_json(path)[:cfg.eval_problems]
+    problems = read_json(path) if cfg.eval_problems else []
     if cfg.eval_problems and not problems:
         die(f"{path}: no eval problems (prepare.py found no \"#### N\" or \"The answer is: N\" answer in --val): "
             f"prepare the data with such a --val, or pass --eval_problems 0 to train without measuring accuracy")
@@ -846,55 +847,68 @@ def val_loss(model, w, ws, device):
     return total / n
 
 @torch.no_grad()
-def generate(model, prompts, max_new, stop=None):
+def generate(model, prompts, max_new, done=None):
     """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with a KV cache; it ends early once
-    every row has generated the token stop."""
+    done(the tokens a row has generated) holds for every row."""
     T, device = model.config.block_size, model.lm_head.weight.device
     max_new = min(max_new, T // 2)
     prompts = [p[-(T - max_new):] for p in prompts]  # prompt and generated tokens fit the context
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
-    caches, out, eot = [[] for _ in model.transformer.h], [], torch.zeros(len(prompts), dtype=torch.bool)
+    caches, out, ended = [[] for _ in model.transformer.h], [], [False] * len(prompts)
     h = model(idx, pad, caches)
     for _ in range(max_new):
-        nxt = model.lm_head(h[:, -1]).argmax(-1)
-        out.append(nxt)
-        eot |= (nxt == stop).cpu() if stop is not None else eot
-        if eot.all():  # every row has ended its answer: what follows is cut anyway
-            break
-        h = model(nxt[:, None], pad, caches)
+        out.append(model.lm_head(h[:, -1]).argmax(-1))
+        if done is not None:  # the batch keeps its shape to the end, so stopping early changes no token
+            ended = [e or done(row) for e, row in zip(ended, torch.stack(out, 1).tolist())]
+            if all(ended):
+                break
+        h = model(out[-1][:, None], pad, caches)
     return torch.stack(out, 1).tolist()
 
-def answer_accuracy(model, problems, enc, max_new=48):
-    """The share of problems whose generated text's final answer ('#### N' or 'The answer is: N', read by prepare's
-    final_answer as a normalised number) equals the reference answer; None without problems (--eval_problems 0)."""
-    if not problems:
-        return None
-    correct = 0
+def answered(text):
+    """Whether text's final answer is settled: final_answer reads the first '#### N' or 'The answer is: N', and once
+    a line has ended after it, no token that follows can change that number."""
+    m = ANSWER.search(text)
+    return m is not None and "\n" in text[m.end():]
+
+def answers(model, problems, enc, max_new=48):
+    """1 or 0 per problem: whether the final answer of the text generated for its prompt ('#### N' or 'The answer is:
+    N', read by prepare's final_answer as a normalised number) equals the reference answer."""
+    def text(o):  # up to the end-of-text token; padded ids (beyond the vocabulary) dropped
+        o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
+        return enc.decode([t for t in o if t < enc.n_vocab])
+    done = lambda o: enc.eot_token in o or answered(text(o))  # what follows either cannot change the answer
+    correct = []
     for i in range(0, len(problems), 64):
         chunk = problems[i:i + 64]
-        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new,
-                        enc.eot_token)
-        for p, o in zip(chunk, outs):
-            o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
-            correct += final_answer(enc.decode([t for t in o if t < enc.n_vocab])) == p["answer"]  # padded ids: none
-    return round(correct / len(problems), 4)
+        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new, done)
+        correct += [int(final_answer(text(o)) == p["answer"]) for p, o in zip(chunk, outs)]
+    return correct
+
+def accuracy(correct):
+    return round(sum(correct) / len(correct), 4) if correct else None  # None: not measured (--eval_problems 0)
 
 def percent(accuracy):
     return "-" if accuracy is None else f"{accuracy:.1%}"  # None: not measured (--eval_problems 0)
 
 @torch.no_grad()
-def evaluate(model, ev, cfg):
+def evaluate(model, ev, cfg, final=False):
     """The measures of one evaluation, and per-token records of a fixed token set (the first 8 hq val windows, the
-    web val windows; float16) with the web val tokens that this run's rule would select now."""
+    web val windows; float16) with the web val tokens that this run's rule would select now. The accuracy is on the
+    first --eval_problems problems, the same at every evaluation; the final one also answers all the others and
+    keeps each answer's 0/1 (correct), for tests paired problem by problem."""
     model.eval()
     x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # web_split keeps them to one batch
     web = model_token_loss(model, x, y)  # (n_val, T)
     hq = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T))))  # 128 windows or 32k tokens, or all
+    correct = answers(model, ev["problems"] if final else ev["problems"][:cfg.eval_problems], ev["enc"])
     measures = {"val_loss_hq": round(val_loss(model, ev["hq"], hq, cfg.device), 4),
                 "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
-                "accuracy": answer_accuracy(model, ev["problems"], ev["enc"])}
+                "accuracy": accuracy(correct[:cfg.eval_problems])}
+    if final and correct:
+        measures["correct"] = correct
     x_hq, y_hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: the training RNG stays untouched
     sel = select_tokens(web, y, ref, cfg.k, cfg.scope, cfg.select, gen)
@@ -1095,12 +1109,14 @@ def write_token_losses(path, state, ev):
 def finish(cfg, meta, name, state, out_dir, model, extra):
     """Writes <out>/<name>/metrics.json: the run's config, its evaluations, every step's loss, and what the bits of a
     CPU run depend on (torch, threads, CPU kernels)."""
-    last = state["history"][-1]
+    last, history = state["history"][-1], [{m: v for m, v in h.items() if m != "correct"} for h in state["history"]]
+    correct = last.get("correct")  # the final evaluation's answers to all the problems, or None (--eval_problems 0)
     metrics = {"run": name, "mode": cfg.mode, "k": cfg.k, "select": cfg.select, "scope": cfg.scope, "steps": cfg.steps,
                "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
                "wall_s": round(state["wall_s"], 2), "eval_s": round(sum(h["eval_s"] for h in state["history"]), 2),
-               "final": {m: last[m] for m in ("val_loss_hq", "val_loss_web", "accuracy")},
-               "history": state["history"], "losses": state["losses"], "config": asdict(cfg),
+               "final": {"val_loss_hq": last["val_loss_hq"], "val_loss_web": last["val_loss_web"],
+                         "accuracy": accuracy(correct) if correct else last["accuracy"], "correct": correct},
+               "history": history, "losses": state["losses"], "config": asdict(cfg),
                "model_config": asdict(model.config), "n_params": sum(p.numel() for p in model.parameters()),
                "data": {"encoding": meta["encoding"], "sha256": meta["sha256"]}, "init_sha256": state["init_sha256"],
                **({"ref_weights_sha256": state["ref_sha256"]} if state["ref_sha256"] else {}), **extra,
@@ -1110,7 +1126,8 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
         metrics.update(noise_shares(state["by_label"], meta["labels"]))
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} "
-          f"acc {percent(last['accuracy'])} -> {out_dir}/metrics.json")
+          f"acc {percent(metrics['final']['accuracy'])}{f' ({len(correct)} problems)' if correct else ''} -> "
+          f"{out_dir}/metrics.json")
     return metrics
 
 RUN_FILES = ("ckpt.pt", "metrics.json", "tokens.npz", "ref_scores.bin", "ref_scores.bin.json",
@@ -1220,7 +1237,7 @@ def train(cfg, shape):
             if n_labels:  # every process counted its own share
                 sum_ranks(counts)
             if master:
-                measures, records = evaluate(model, ev, cfg)
+                measures, records = evaluate(model, ev, cfg, step + 1 == cfg.steps)
                 measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s
                 n, dt = step + 1 - last, now - t_last
                 line = record(state, step + 1, measures, counts.tolist(), n, loss_sum, meta.get("labels"))
@@ -1231,7 +1248,7 @@ def train(cfg, shape):
                       f"{(cfg.steps - step - 1) * dt / n:.0f}s", flush=True)
             t_last, last, loss_sum = time.time(), step + 1, 0.0
             counts.zero_()
-    extra = {"eval_problems": len(ev["problems"])}
+    extra = {"eval_problems": len(ev["problems"][:cfg.eval_problems])}
     if cfg.mode == "ref":  # every process scores its share
         info = score_web(model, meta, cfg, name)
         extra.update(score_s=info["score_s"], score_tok_s=info["score_tok_s"])

@@ -583,14 +583,14 @@ def test_batched_generation_equals_one_by_one():
     with torch.no_grad():  # and the first generated token is the plain forward's argmax
         assert batched[0][0] == model.lm_head(model(torch.tensor([prompts[0]])))[0, -1].argmax().item()
     for stop in {t for row in batched for t in row}:  # ends once every row has produced stop; the same tokens till then
-        early = rho.generate(model, prompts, 6, stop)
+        early = rho.generate(model, prompts, 6, lambda row: stop in row)
         ends = [row.index(stop) + 1 if stop in row else 6 for row in batched]
         assert len({len(r) for r in early}) == 1 and len(early[0]) == max(ends)
         assert all(e[:n] == b[:n] for e, b, n in zip(early, batched, ends))
 
 def test_answer_forms_of_the_data_and_of_generated_text(monkeypatch):
     """prepare.final_answer reads GSM8K's '#### N' and MetaMathQA's 'The answer is: N' as normalised numbers, both for
-    eval.json and in the model's text (answer_accuracy); without problems the accuracy is None, not 0."""
+    eval.json and in the model's text (answers); without problems the accuracy is None, not 0."""
     forms = {"#### 72": "72", "#### 1,000": "1000", "#### -3": "-3", "#### 12.5": "12.5", "#### 12.50": "12.5",
              "#### -0.5": "-0.5", "#### .5": "0.5", "####   007\n": "7", "#### -0": "0", "#### 7 apples": "7",
              "so 5 + 7 = 12.\nThe answer is: 12": "12", "The answer is: 12.": "12", "#### 7\nQuestion: #### 9": "7",
@@ -603,9 +603,21 @@ def test_answer_forms_of_the_data_and_of_generated_text(monkeypatch):
     assert prepare.eval_problem({"question": "Q?", "answer": "12"}) is None
     enc = prepare.get_encoding("bytes")
     out = [" 10 + 2.5 = 12.50\n#### 12.50\n", " The answer is: 1,000", " #### .5", " #### 12"]  # generated
-    monkeypatch.setattr(rho, "generate", lambda model, prompts, *_: [enc.encode_ordinary(s) + [enc.eot_token] for s in out])
+    monkeypatch.setattr(rho, "generate", lambda model, prompts, *_: [enc.encode_ordinary(s) + [enc.eot_token]
+                                                                     for s in out])
     problems = [{"prompt": "Q", "answer": a} for a in ("12.5", "1000", "0.5", "12.5")]
-    assert rho.answer_accuracy(None, problems, enc) == 0.75 and rho.answer_accuracy(None, [], enc) is None
+    assert rho.answers(None, problems, enc) == [1, 1, 1, 0] and rho.answers(None, [], enc) == []
+    assert rho.accuracy([1, 1, 1, 0]) == 0.75 and rho.accuracy([]) is None
+
+def test_a_row_ends_once_its_answer_is_settled():
+    """Decoding of a row stops once a line has ended after its first answer: no later token can change what
+    final_answer reads. Before that line ends, the number can still grow ('#### 7' -> '#### 72', '#### 7.' ->
+    '#### 7.5')."""
+    settled = ["#### 7\n", "#### 7.\n", "#### 7 apples\nQuestion:", "The answer is: 12\n", "#### 7\nQuestion: #### 9"]
+    open_ = ["#### 7", "#### 7.", "#### 7 apples", "5 + 7 = 12\n", "#### x\n", "#### 1,0"]
+    assert all(rho.answered(t) for t in settled) and not any(rho.answered(t) for t in open_)
+    for t in settled:  # and whatever follows, the answer read is the one read when decoding stopped
+        assert all(prepare.final_answer(t + more) == prepare.final_answer(t) for more in ("5", ".5", "\n#### 3", ""))
 
 def test_eval_set_of_metamath_records_and_an_empty_one_refused(tmp_path, capsys):
     """A --val of MetaMathQA records gives eval problems; a --val without answers is said by prepare.py, refused by
@@ -654,7 +666,11 @@ def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
     m = json.loads((tmp_path / "slm-k0.6" / "metrics.json").read_text())
     assert m["run"] == "slm-k0.6" and m["k"] == 0.6 and m["steps"] == 4 and len(m["history"]) == 2
     assert m["tokens_seen"] == 4 * 4 * 32 and m["tokens_trained"] == 4 * math.ceil(0.6 * 4 * 32)
-    assert set(m["final"]) == {"val_loss_hq", "val_loss_web", "accuracy"}
+    problems = json.loads((demo / "data" / "eval.json").read_text())
+    assert set(m["final"]) == {"val_loss_hq", "val_loss_web", "accuracy", "correct"} and m["eval_problems"] == 4
+    assert len(m["final"]["correct"]) == len(problems) > 4 and set(m["final"]["correct"]) <= {0, 1}  # all of them
+    assert m["final"]["accuracy"] == round(sum(m["final"]["correct"]) / len(problems), 4)
+    assert all("correct" not in h for h in m["history"])  # the curve: the first --eval_problems, at every evaluation
     assert m["eval_s"] == round(sum(h["eval_s"] for h in m["history"]), 2) > 0  # what the evaluations cost
     assert "timestamp" in m["noise_in_selected"] and "all" in m["noise_share_corpus"]
     assert "score_s" in json.loads((tmp_path / "ref" / "metrics.json").read_text())
