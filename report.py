@@ -2,14 +2,15 @@
 report.py: the table of every run in an --out folder, printed, and one self-contained HTML page (inline SVG, nothing
 fetched) with the same numbers as JSON; from one folder, or from several: the same pipeline run with other seeds.
 
-    python report.py                           # the table; out/report.html and out/report.json
-    python report.py out out-s2 out-s3         # over seeds: written into the first folder
+    python report.py out                       # the table; out/report.html and out/report.json
+    python report.py out out-seed1 out-seed2   # over seeds: written into the first folder
 
 Every run is compared with CLM of the same seed (the same base model, the same batches), paired: the target loss by a
-t interval on the mean difference over seeds, the accuracy on the same problems (one seed: McNemar's exact test;
-several: a bootstrap over seeds and problems). A table's tests are corrected together (Holm), and a difference is
-called one only when its corrected test rejects at 5%; its interval, at the level of its Holm step, then excludes 0.
-The curves are the means over the seeds; the token-level sections read the first folder.
+t interval on the mean difference over seeds, the accuracy problem by problem (final.correct: McNemar's exact test on
+the discordant answers pooled over seeds, the interval from a bootstrap over seeds and problems). A table's tests are
+corrected together (Holm), each interval at the level of its Holm step, and a difference is called one only when its
+test is rejected and its corrected interval excludes 0. The curves are the means over the seeds; the token-level
+sections read the first folder.
 """
 import argparse
 import math
@@ -128,48 +129,42 @@ def paired_t(d):
     return {"diff": mean, "p": t_sf2(mean / se, df),
             "ci": lambda level: (mean - t_ppf(1 - level / 2, df) * se, mean + t_ppf(1 - level / 2, df) * se)}
 
-def mcnemar(run, base):
-    """One seed, the same problems (0/1 each): the difference in accuracy, McNemar's exact test (a two-sided binomial
-    test on the discordant pairs) and the interval that inverts it: Clopper-Pearson's on the share of discordant pairs
-    that the run got right, times their count over the problems. The test and the interval agree by construction."""
-    run, base = np.asarray(run), np.asarray(base)
-    b, c, n_all = int(((run == 1) & (base == 0)).sum()), int(((run == 0) & (base == 1)).sum()), len(run)
-    n = b + c  # the discordant pairs: the only ones that carry a difference
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)  # exact integers, then one division
+def mcnemar(b, c):
+    """McNemar's exact test: b pairs only the run got right, c only the base: under no difference each discordant
+    pair goes either way with probability 1/2, so p = 2 P(X <= min(b, c)), X ~ Binomial(b + c, 1/2), at most 1."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)  # exact integers, one division
+
+def resampled_means(x, size, rng):
+    """Means of resamples of x (values -1, 0, 1) with replacement, an array of the given size: a resample's counts
+    of -1, 0 and 1 are multinomial."""
+    x = np.asarray(x)
+    n = rng.multinomial(len(x), [np.mean(x == v) for v in (-1, 0, 1)], size)
+    return (n[..., 2] - n[..., 0]) / len(x)
+
+def bootstrap(d, shared, draws=DRAWS, seed=0):
+    """The interval of the mean paired accuracy difference over seeds: d[s] = run - base on each problem of seed s
+    (-1, 0, 1). Each draw resamples the seeds, then the problems, with replacement: a seed's training randomness is
+    shared by all its problems, so resampling problems alone would understate the spread. shared: the seeds answered
+    the same problems, and one draw of problems serves every seed of a draw; else each seed drawn gets its own. The
+    estimate: the mean over seeds of each seed's mean difference; the interval: the draws' percentiles. A fixed
+    seed: the same report."""
+    S, rng = len(d), np.random.default_rng(seed)
+    seeds = rng.integers(0, S, (draws, S))  # the seeds of each draw, with replacement
+    if shared:
+        D, N = np.stack(d).astype(np.float64), len(d[0])  # (S, N)
+        sizes = [min(1000, draws - i) for i in range(0, draws, 1000)]  # 1000 draws of problems at a time
+        per_seed = np.concatenate([rng.multinomial(N, np.full(N, 1 / N), n) @ D.T / N for n in sizes])  # (draws, S)
+        means = np.take_along_axis(per_seed, seeds, 1).mean(1)
+    else:
+        per_seed = np.stack([resampled_means(x, (draws, S), rng) for x in d])  # (S, draws, S): seed, draw, slot
+        means = per_seed[seeds, np.arange(draws)[:, None], np.arange(S)].mean(1)
+    m = np.sort(means)
 
     def ci(level):
-        lo = beta_ppf(level / 2, b, n - b + 1) if b else 0.0
-        hi = beta_ppf(1 - level / 2, b + 1, n - b) if b < n else 1.0
-        return n / n_all * (2 * lo - 1), n / n_all * (2 * hi - 1)
-    return {"diff": (b - c) / n_all, "p": p, "ci": ci, "discordant": [b, c]}
-
-def bootstrap(d, shared=True, draws=DRAWS, seed=0):
-    """Several seeds: d[s, i] = run - base on problem i of seed s (-1, 0, 1). Each draw resamples the seeds and the
-    problems, with replacement: a seed's training randomness is shared by all its problems, so resampling problems
-    alone would understate the spread. shared: the seeds answered the same problems (one draw of problems for all);
-    else each seed drawn gets its own. The p-value is the interval's dual: twice the smaller share of draws on
-    either side of 0, so the interval at level a excludes 0 exactly when p <= a. A fixed seed: the same report."""
-    d = np.asarray(d, dtype=np.float64)
-    S, N = d.shape
-    rng, means, cols = np.random.default_rng(seed), [], np.arange(S)
-    for start in range(0, draws, 500):  # 500 draws at a time
-        n = min(500, draws - start)
-        seeds = rng.integers(0, S, (n, S))  # the seeds of each draw, with replacement
-        rows = n if shared else n * S  # one draw of problems per draw, or per seed drawn
-        picks = rng.integers(0, N, (rows, N)) + N * np.arange(rows)[:, None]
-        counts = np.bincount(picks.ravel(), minlength=rows * N).reshape(rows, N)  # how often each problem is drawn
-        sums = d @ counts.T  # (S, rows): every seed's sum over every draw of problems
-        if shared:
-            means.append(np.take_along_axis(sums.T, seeds, 1).sum(1) / (S * N))
-        else:
-            means.append(sums.reshape(S, n, S)[seeds, np.arange(n)[:, None], cols].sum(1) / (S * N))
-    m = np.sort(np.concatenate(means))
-    p = min(1.0, 2 * min(int((m <= 0).sum()), int((m >= 0).sum())) / draws)
-
-    def ci(level):
-        k = int(draws * level / 2 + 1e-9)  # the k + 1-th draw from either end: outside 0 iff at most k draws are
+        k = int(draws * level / 2 + 1e-9)  # the k + 1-th draw from either end
         return float(m[k]), float(m[draws - 1 - k])
-    return {"diff": float(d.mean()), "p": p, "ci": ci}
+    return {"diff": float(np.mean([np.mean(x) for x in d])), "ci": ci}
 
 def holm(ps, alpha=ALPHA):
     """Holm's step-down correction of a family of p-values, in their order: (adjusted p, rejected, level of the
@@ -247,14 +242,18 @@ def fmt(s, pct=False):
 def final(key):
     return lambda r: r["final"][key]
 
+def measured(run, measure):
+    return all(h[measure] is not None for h in run["history"])  # accuracy: None without problems
+
 def speedups(runs, clm, measure):
     """The speedups of the seeds that reached CLM's final value (a stat), and how many seeds never did."""
-    xs = [speedup(r, c, measure) for r, c in zip(runs, clm) if r and c]
+    both = [(r, c) for r, c in zip(runs, clm) if r and c and measured(r, measure) and measured(c, measure)]
+    xs = [speedup(r, c, measure) for r, c in both]
     return stat([x[1] for x in xs if x]), xs.count(None)
 
 def fmt_x(s, never=0):
     if s is None:
-        return "never"
+        return "never" if never else "-"
     x = f"{s['mean']:.2f}x" if s["n"] == 1 else f"{s['mean']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]"
     return x + (f" (never on {never} of {s['n'] + never} seeds)" if never else "")
 
@@ -263,38 +262,43 @@ def loss_test(runs, base):
     d = [r["final"]["val_loss_hq"] - b["final"]["val_loss_hq"] for r, b in zip(runs, base) if r and b]
     if not d:
         return None
-    return {**(paired_t(d) or {"diff": d[0], "why": "one seed: no test"}), "seeds": len(d), "method": "paired t"}
+    return {**(paired_t(d) or {"diff": d[0], "why": "n=1: no t interval"}), "seeds": len(d), "method": "paired t"}
+
+def data_sha(run):
+    return run.get("data", {}).get("sha256")  # one data (the same eval.json): the same problems
 
 def acc_test(runs, base):
-    """The paired accuracy test over the seeds that have both runs, on the problems of final.correct: McNemar on one
-    seed, the bootstrap over seeds and problems on several; a reason instead where it cannot be paired."""
-    pairs = [(r, b) for r, b in zip(runs, base) if r and b]
+    """The paired accuracy test over the seeds that have both runs, problem by problem (final.correct): McNemar's
+    exact test on the discordant pairs pooled over the seeds, and the interval of the bootstrap over seeds and
+    problems; a reason instead where the answers cannot be paired."""
+    pairs = [(r["final"], b["final"], data_sha(r) == data_sha(b)) for r, b in zip(runs, base)
+             if r and b and r["final"]["accuracy"] is not None and b["final"]["accuracy"] is not None]
     if not pairs:
         return None
-    diff = float(np.mean([r["final"]["accuracy"] - b["final"]["accuracy"] for r, b in pairs]))
-    seeds, problems = len(pairs), pairs[0][0]["eval_problems"]
-    if not all("correct" in r["final"] and "correct" in b["final"] for r, b in pairs):
-        return {"diff": diff, "why": "no per-problem records", "seeds": seeds, "problems": problems}
-    if len({len(x["final"]["correct"]) for pair in pairs for x in pair}) > 1:
-        return {"diff": diff, "why": "different numbers of problems", "seeds": seeds, "problems": problems}
-    problems, one = len(pairs[0][0]["final"]["correct"]), {"seeds": seeds}
-    if len(pairs) == 1:
-        return {**mcnemar(pairs[0][0]["final"]["correct"], pairs[0][1]["final"]["correct"]), "method": "McNemar",
-                "problems": problems, **one}
-    shared = len({x.get("data", {}).get("sha256") for pair in pairs for x in pair}) == 1  # one data: one problem set
-    d = [np.asarray(r["final"]["correct"], int) - np.asarray(b["final"]["correct"], int) for r, b in pairs]
-    return {**bootstrap(d, shared), "method": "bootstrap over seeds and " + ("problems" if shared else
-            "each seed's problems"), "problems": problems, **one}
+    diff = float(np.mean([r["accuracy"] - b["accuracy"] for r, b, _ in pairs]))
+    if not all(r.get("correct") and b.get("correct") for r, b, _ in pairs):
+        return {"diff": diff, "why": "no per-problem records"}
+    if not all(same and len(r["correct"]) == len(b["correct"]) for r, b, same in pairs):
+        return {"diff": diff, "why": "not the same problems"}
+    d = [np.asarray(r["correct"]) - np.asarray(b["correct"]) for r, b, _ in pairs]
+    right, wrong = int(sum((x == 1).sum() for x in d)), int(sum((x == -1).sum() for x in d))  # the discordant pairs
+    shared = len({data_sha(r) for r in runs if r}) == 1 and len({len(x) for x in d}) == 1  # one problem set
+    return {**bootstrap(d, shared), "p": mcnemar(right, wrong), "discordant": [right, wrong], "seeds": len(d),
+            "problems": [len(x) for x in d], "method": "McNemar exact, bootstrap interval"}
 
 def against(groups, base):
     """Each group of runs (name: [a run per seed]) paired with base's runs of the same seed, on the final target loss
-    and accuracy; Holm over every test of the family, each interval at its Holm level. {name: {measure: test}}."""
+    and accuracy; Holm over every test of the family; each interval at 95% and at its Holm level (corrected). A
+    difference is called one where Holm rejects its test and its corrected interval excludes 0 (for the t test the
+    two are the same; McNemar pools the seeds, the bootstrap resamples them: both must agree)."""
     tests = {n: {"val_loss_hq": loss_test(rs, groups[base]), "accuracy": acc_test(rs, groups[base])}
              for n, rs in groups.items() if n != base}
     family = [t for ts in tests.values() for t in ts.values() if t and "p" in t]
-    for t, (adj, called, level) in zip(family, holm([t["p"] for t in family])):
-        lo, hi = t.pop("ci")(level)
-        t.update(p_holm=adj, called=called, level=level, lo=lo, hi=hi, family=len(family))
+    for t, (adj, rejected, level) in zip(family, holm([t["p"] for t in family])):
+        ci = t.pop("ci")
+        lo, hi = ci(level)
+        t.update(p_holm=adj, level=level, lo=lo, hi=hi, ci95=ci(ALPHA), family=len(family),
+                 called=rejected and (lo > 0 or hi < 0))
     return tests
 
 def fmt_test(t, pct=False):
@@ -383,7 +387,9 @@ def svg_lines(series, title="", xlabel="", ylabel="", w=560, h=300, hline=None, 
     return "\n".join(o + ["</svg>"])
 
 def html_table(head, rows):
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else esc(v))
+    """A table; a cell that ends in ' *' (a difference called one) in bold."""
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else
+                                                              f"<b>{esc(v)}</b>" if str(v).endswith(" *") else esc(v))
     return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
 
@@ -416,8 +422,10 @@ def efficiency(runs, tests):
                      "val loss hq (nats/token)",
                      hline=stat([final("val_loss_hq")(r) for r in clm if r])["mean"] if clm else None)
     wilson_band = lambda r, ys: [wilson(p, r["eval_problems"]) for p in ys]  # one run, distinct problems
-    html += svg_lines(curves(web, shown, "accuracy", wilson_band), "answer accuracy vs tokens seen" + over
-                      + (" (band: 95% Wilson interval)" if seeds == 1 else ""), "tokens seen", "accuracy")
+    with_acc = [n for n in shown if all(measured(r, "accuracy") for r in web[n] if r)]  # --eval_problems 0: none
+    if with_acc:
+        html += svg_lines(curves(web, with_acc, "accuracy", wilson_band), "answer accuracy vs tokens seen" + over
+                          + (" (band: 95% Wilson interval)" if seeds == 1 else ""), "tokens seen", "accuracy")
     data, rows = {}, []
     for n, rs in web.items():
         d = {"seeds": sum(r is not None for r in rs), "val_loss_hq": stat([final("val_loss_hq")(r) for r in rs if r]),
@@ -444,31 +452,35 @@ def fmt_p(t):
     """The Holm-adjusted p-value of a test, or '-'."""
     if not t or "p_holm" not in t:
         return "-"
-    if t["p_holm"] == 0 and t["method"].startswith("bootstrap"):  # no draw on the other side of 0
-        return f"<{2 / DRAWS:g}"
     return f"{t['p_holm']:.2g}" if t["p_holm"] < 0.01 else f"{t['p_holm']:.2f}"
 
 def explain(tests):
-    """What the paired columns are: the tests, the family Holm corrects, the levels of the intervals."""
+    """What the paired columns are: the tests, the family Holm corrects, how the intervals are corrected."""
     ts = [t for ts in tests.values() for t in ts.values() if t and "p" in t]
     if not ts:
-        return "Paired differences: no test (one seed gives no spread for the loss; accuracy needs final.correct)."
-    methods = sorted({t["method"] for t in ts})
-    levels = sorted({1 - t["level"] for t in ts})
+        return ("Paired differences: no test (one seed gives no spread for the loss: n=1; the accuracy needs "
+                "per-problem records, final.correct).")
+    m, levels = len(ts), sorted({1 - t["level"] for t in ts})
     lv = f"{100 * levels[0]:.2f}%" + (f" to {100 * levels[-1]:.2f}%" if len(levels) > 1 else "")
-    return (f"Paired with the base run of the same seed ({', '.join(methods)}); Holm's correction over the "
-            f"{len(ts)} tests of this table: * = a difference (its corrected test rejects at {ALPHA:.0%}); p: "
-            f"Holm-adjusted; each interval at the level of its Holm step ({lv}), so it excludes 0 exactly where *.")
+    return (f"Paired with the base run of the same seed. val hq: the mean difference over the seeds, Student's t "
+            f"interval (n - 1 degrees of freedom). acc, in points: p from McNemar's exact test on the discordant "
+            f"answers pooled over seeds and problems, the interval from a bootstrap over seeds and problems ({DRAWS} "
+            f"draws, percentiles). Holm over the {m} tests of this table: with p sorted, the i-th (from 1) is rejected "
+            f"while every one before it was and p <= {ALPHA:g} / ({m} + 1 - i); each interval is at the level of its "
+            f"own step, 1 - {ALPHA:g} / ({m} + 1 - i), and for a test not rejected at the level of the step where "
+            f"Holm stopped (here {lv}). * (bold on the page): a difference: Holm rejects its test and its corrected "
+            "interval excludes 0. p: Holm-adjusted.")
 
 def noise(tests):
-    """The accuracy noise in points: the widest half-width of the table's accuracy intervals."""
-    ts = [t["accuracy"] for t in tests.values() if t.get("accuracy") and "lo" in t["accuracy"]]
+    """The accuracy noise in points: a single accuracy's 95% half-width at the number of problems, and the widest
+    95% half-width of the table's paired accuracy intervals."""
+    ts = [t["accuracy"] for t in tests.values() if t.get("accuracy") and "ci95" in t["accuracy"]]
     if not ts:
         return ""
-    half, n = max(((t["hi"] - t["lo"]) / 2, t["problems"]) for t in ts)
-    return (f"acc: {n} problems a seed; a paired difference of {100 * half:.1f} points or more is outside the noise "
-            f"here (the widest half-width of these accuracy intervals); on one seed at 95% it is at most about "
-            f"{196 / math.sqrt(n):.1f} points, whatever the answers (1.96 / sqrt(problems)).")
+    half, n = max((t["ci95"][1] - t["ci95"][0]) / 2 for t in ts), min(min(t["problems"]) for t in ts)
+    return (f"acc: {n} problems a seed at the final evaluation: one run's accuracy is known to +-"
+            f"{98 / math.sqrt(n):.1f} points at 95% (at most: 1.96 sqrt(1/4 / {n})); the paired differences here to "
+            f"+-{100 * half:.1f} points at most (the widest 95% half-width of this table's accuracy intervals).")
 
 def precision_recall(history):
     """Per eval interval: precision = clean share of the selected tokens; recall = selected clean / seen clean,
@@ -705,10 +717,12 @@ def fmt_reach(rs, clm, measure):
     if not clm or first(rs)["mode"] not in ("clm", "slm"):
         return "-"
     if len(rs) == 1:
-        x = speedup(rs[0], clm[0], measure) if clm[0] else None
+        if not clm[0] or not measured(rs[0], measure) or not measured(clm[0], measure):
+            return "-"
+        x = speedup(rs[0], clm[0], measure)
         return "never" if x is None else f"{x[0] / 1e6:.2f}M {x[1]:.1f}x"
     s, never = speedups(rs, clm, measure)
-    return "never" if s is None else (f"{s['mean']:.1f}x [{s['min']:.1f}-{s['max']:.1f}]"
+    return fmt_x(s, never) if s is None else (f"{s['mean']:.1f}x [{s['min']:.1f}-{s['max']:.1f}]"
                                       + (f" {never} never" if never else ""))
 
 def notes(runs, where=""):
@@ -747,15 +761,18 @@ def table(outs, groups, runs, tests):
     print(head + "\n" + "-" * len(head))
     for n, rs in runs.items():
         mean = lambda f: float(np.mean([f(r) for r in rs if r]))  # over the seeds that have the run
+        acc = stat([final("accuracy")(r) for r in rs if r])
         sel = "-" if "noise_in_selected" not in first(rs) else \
             f"{mean(lambda r: r['noise_in_selected']['all']):.1%}/{mean(lambda r: r['noise_share_corpus']['all']):.0%}"
         print(f"{n:<{w}}" + (f"{sum(r is not None for r in rs):>5}" if several else "")
-              + f"{mean(final('val_loss_hq')):>8.4f}{mean(final('val_loss_web')):>9.4f}{mean(final('accuracy')):>8.1%}"
+              + f"{mean(final('val_loss_hq')):>8.4f}{mean(final('val_loss_web')):>9.4f}"
+              f"{rho.percent(acc and acc['mean']):>8}"
               f"{mean(lambda r: r['tokens_seen']) / 1e6:>7.2f}M{mean(lambda r: r['tokens_trained']) / 1e6:>8.2f}M"
               f"{sel:>14}{mean(lambda r: r['wall_s']):>5.0f}s{fmt_reach(rs, clm, 'val_loss_hq'):>{x}}"
               f"{fmt_reach(rs, clm, 'accuracy'):>{x}}")
     over = f" (the mean over {len(outs)} seeds)" if several else ""
-    print(f"val hq: target-distribution val loss (nats/token); acc: answers right of the held-out problems{over};\n"
+    print(f"val hq: target-distribution val loss (nats/token); acc: the final answers right, of all the held-out "
+          f"problems{over};\n"
           "noise-in-sel: noise share of the trained tokens / of the corpus; to CLM loss, to CLM acc: "
           + ("CLM's tokens over a\nrun's tokens to CLM's final val hq or accuracy [min-max over the seeds that reach "
              "it], both on curves\n" if several else "tokens seen until the\nrun reaches CLM's final val hq or "
@@ -814,8 +831,9 @@ def report(outs):
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>rho report: {esc(outs[0])}</title>"
             f"<style>{style}</style></head><body><h1>rho report</h1><p>Folders: {esc(seeds)}. Runs: "
             f"{esc(', '.join(runs))}. Written by <code>python report.py {esc(' '.join(outs))}</code>. Every difference "
-            "is paired with the base run of the same seed, and called one (*) only when its test, corrected (Holm) "
-            f"over the tests of its table, rejects at 5%: its interval then excludes 0.</p>\n{body}</body></html>")
+            "is paired with the base run of the same seed, and called one (*, bold) only when its test, corrected "
+            "(Holm) over the tests of its table, rejects at 5% and its interval at the level of its Holm step "
+            f"excludes 0; each table says how.</p>\n{body}</body></html>")
     path = os.path.join(outs[0], "report.html")
     rho.write_atomic(path, page.encode())  # utf-8, as the page declares
     rho.write_json(os.path.join(outs[0], "report.json"), {"folders": outs, "runs": list(runs),

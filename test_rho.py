@@ -476,7 +476,12 @@ def test_fused_head_on_gpu_bf16(k, monkeypatch):
 def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo")
     prepare.main(["--out", str(d / "data"), "--web_tokens", "30000"])
-    record_files(d / "data")
+    problems = json.loads((d / "data" / "eval.json").read_text())
+    (d / "data" / "eval.json").write_text(json.dumps(problems[:48]))  # a final evaluation answers all: kept quick
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    meta["files"]["eval.json"] = {"bytes": (d / "data" / "eval.json").stat().st_size,
+                                  "sha256": prepare.file_sha256(d / "data" / "eval.json")}
+    (d / "data" / "meta.json").write_text(json.dumps(meta, indent=2))
     return d
 
 def run(demo, out, *args):
@@ -678,7 +683,8 @@ def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
     report.main([str(tmp_path)])  # the table, and the page
     table = capsys.readouterr().out
     assert "slm-k0.6" in table and "clm" in table and "to CLM loss" in table and "to CLM acc" in table
-    assert "\npaired with clm" in table and "(one seed: no test)" in table and "no paired accuracy test" in table
+    print(table)
+    assert "\npaired with clm" in table and "(n=1: no t interval)" in table and "McNemar" in table
 
 def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys):
     """A cut or key-less metrics.json: one line naming it, in report.py; a run with a checkpoint but no
@@ -1555,21 +1561,15 @@ def test_paired_t_interval_by_hand():
     assert report.paired_t([0.2]) is None and report.paired_t([0.1, 0.1])["p"] == 0.0  # no spread: no interval
     runs = [{"final": {"val_loss_hq": v}} for v in (1.0, 2.0, 3.0)]
     lower = [{"final": {"val_loss_hq": v}} for v in (0.9, 1.8, 2.95)]
-    assert report.loss_test(lower[:1], runs[:1]) == {"diff": -0.09999999999999998, "why": "one seed: no test",
+    assert report.loss_test(lower[:1], runs[:1]) == {"diff": -0.09999999999999998, "why": "n=1: no t interval",
                                                      "seeds": 1, "method": "paired t"}
     assert report.loss_test(lower, runs)["seeds"] == 3 and abs(report.loss_test(lower, runs)["diff"] + 0.1167) < 1e-3
 
 def test_mcnemar_on_a_small_table():
-    """20 problems: 10 only the run gets right, 2 only the base, 8 both or neither. Exact McNemar: 2 P(X <= 2) with
-    X ~ Bin(12, 1/2) = 2 (1 + 12 + 66) / 4096 = 0.038574; the difference (10 - 2) / 20 = 0.4."""
-    run, base = [1] * 10 + [0] * 2 + [1] * 5 + [0] * 3, [0] * 10 + [1] * 2 + [1] * 5 + [0] * 3
-    t = report.mcnemar(run, base)
-    assert abs(t["p"] - 158 / 4096) < 1e-12 and t["diff"] == 0.4 and t["discordant"] == [10, 2]
-    lo, hi = t["ci"](0.05)
-    assert 0 < lo < 0.4 < hi <= 12 / 20 and t["ci"](0.03)[0] < 0  # p = 0.0386: out at 95%, in at 97%
-    pi_lo = (lo * 20 / 12 + 1) / 2  # Clopper-Pearson's bound on the share: P(X >= 10 | pi_lo) = 0.025
-    assert abs(sum(math.comb(12, i) * pi_lo ** i * (1 - pi_lo) ** (12 - i) for i in range(10, 13)) - 0.025) < 1e-9
-    assert report.mcnemar([1, 0, 1], [1, 0, 1])["p"] == 1.0 and report.mcnemar([1, 0], [1, 0])["ci"](0.05) == (0, 0)
+    """12 discordant pairs, 10 of them the run's: 2 P(X <= 2) with X ~ Bin(12, 1/2) = 2 (1 + 12 + 66) / 4096 =
+    0.038574. No discordant pair: p = 1. Balanced: p = 1 (capped). One-sided 5 of 5: 2 / 32 = 0.0625."""
+    assert abs(report.mcnemar(10, 2) - 158 / 4096) < 1e-15 and report.mcnemar(2, 10) == report.mcnemar(10, 2)
+    assert report.mcnemar(0, 0) == 1.0 and report.mcnemar(3, 3) == 1.0 and report.mcnemar(5, 0) == 0.0625
 
 def test_holm_on_a_small_family():
     """alpha 0.05, p = 0.01, 0.04, 0.03, 0.005. Sorted: 0.005 <= 0.05/4 rejected; 0.01 <= 0.05/3 rejected; 0.03 >
@@ -1588,15 +1588,22 @@ def synthetic(losses, correct, data="same"):
 
 def test_bootstrap_is_deterministic_and_resamples_seeds():
     rng = np.random.default_rng(0)
-    d = (rng.random((3, 300)) < 0.3).astype(int) - (rng.random((3, 300)) < 0.25).astype(int)
-    a, b = report.bootstrap(d), report.bootstrap(d)
-    assert a["p"] == b["p"] and a["ci"](0.05) == b["ci"](0.05) and a["diff"] == d.mean()
+    d = list((rng.random((3, 300)) < 0.3).astype(int) - (rng.random((3, 300)) < 0.25).astype(int))
+    a, b = report.bootstrap(d, True), report.bootstrap(d, True)
+    assert a["ci"](0.05) == b["ci"](0.05) and a["diff"] == np.mean(d)
+    lo, hi = a["ci"](0.05)
+    assert lo < a["diff"] < hi and a["ci"](0.01)[0] < lo  # a wider interval at a stricter level
     spread = np.zeros((3, 300), int)  # every problem alike within a seed, the seeds apart: the spread is the seeds'
     spread[0, :90], spread[1, :30], spread[2, :3] = 1, 1, -1
-    lo, hi = report.bootstrap(spread)["ci"](0.05)
-    flat_lo, flat_hi = report.bootstrap(spread.reshape(1, -1))["ci"](0.05)  # the problems alone
-    assert hi - lo > 2 * (flat_hi - flat_lo)
-    assert report.bootstrap(d, shared=False)["ci"](0.05) != a["ci"](0.05)  # each seed its own draw of problems
+    for shared in (True, False):
+        lo, hi = report.bootstrap(list(spread), shared)["ci"](0.05)
+        flat_lo, flat_hi = report.bootstrap([spread.ravel()], shared)["ci"](0.05)  # the problems alone
+        assert hi - lo > 2 * (flat_hi - flat_lo)
+    one = [np.array([1] * 30 + [0] * 70)]  # one seed: the bootstrap of a mean of 0/1 over 100, sd sqrt(.21 / 100)
+    lo, hi = report.bootstrap(one, False)["ci"](0.05)
+    assert abs((hi - lo) / 2 - 1.96 * math.sqrt(0.21 / 100)) < 0.01
+    ragged = [d[0], d[1][:200]]  # each seed its own problems, of different numbers
+    assert report.bootstrap(ragged, False)["diff"] == (d[0].mean() + d[1][:200].mean()) / 2
 
 def test_calls_agree_with_intervals_and_records_missing():
     """Holm over a table's tests (loss and accuracy together): a difference is called exactly where its interval,
@@ -1610,13 +1617,20 @@ def test_calls_agree_with_intervals_and_records_missing():
     ts = [t for ts in tests.values() for t in ts.values()]
     assert len(ts) == 8 and all(t["family"] == 8 for t in ts) and any(t["called"] for t in ts)
     assert not all(t["called"] for t in ts)
-    assert all(t["called"] == (t["lo"] > 0 or t["hi"] < 0) == (t["p_holm"] <= 0.05) for t in ts)
+    assert all(t["called"] == ((t["lo"] > 0 or t["hi"] < 0) and t["p_holm"] <= 0.05) for t in ts)
+    loss = [ts["val_loss_hq"] for ts in tests.values()]  # for the t test, the interval and the test agree
+    assert all(t["called"] == (t["lo"] > 0 or t["hi"] < 0) == (t["p_holm"] <= 0.05) for t in loss)
+    acc = tests["run0"]["accuracy"]  # McNemar on the discordant pairs of the three seeds together
+    right, wrong = acc["discordant"]
+    d = [np.array(r["final"]["correct"]) - np.array(b["final"]["correct"]) for r, b in zip(groups["run0"], base)]
+    assert (right, wrong) == (sum((x == 1).sum() for x in d), sum((x == -1).sum() for x in d))
+    assert acc["p"] == report.mcnemar(right, wrong) and acc["problems"] == [200] * 3
     one = report.against({n: rs[:1] for n, rs in groups.items()}, "clm")  # one seed: McNemar, no loss test
-    assert one["run0"]["accuracy"]["method"] == "McNemar" and one["run0"]["val_loss_hq"]["why"] == "one seed: no test"
+    assert "p" in one["run0"]["accuracy"] and one["run0"]["val_loss_hq"]["why"] == "n=1: no t interval"
     for r in groups["run1"]:
         del r["final"]["correct"]
     assert report.against(groups, "clm")["run1"]["accuracy"]["why"] == "no per-problem records"
-    assert "a paired difference of" in report.noise(tests) and "200 problems" in report.noise(tests)
+    assert "200 problems a seed" in report.noise(tests) and "known to +-6.9 points" in report.noise(tests)  # 98/sqrt(200)
 
 def test_smoothed_crossing_on_a_hand_made_curve():
     """Loss 7 - x at x = 1..7 (tokens 100 x), with a dip of -2.5 at x = 3. Smoothed (a line through the 5 nearest
@@ -1649,7 +1663,7 @@ def test_speedups_say_how_many_seeds_never_reach():
     reach, never = ({"history": [{"tokens_seen": 50, "val_loss_hq": v}]} for v in (0.9, 1.1))
     s, n = report.speedups([reach, never], clm, "val_loss_hq")
     assert (s["mean"], s["n"], n) == (2.0, 1, 1) and report.fmt_x(s, n) == "2.00x (never on 1 of 2 seeds)"
-    assert report.speedups([never], clm, "val_loss_hq") == (None, 1) and report.fmt_x(None) == "never"
+    assert report.speedups([never], clm, "val_loss_hq") == (None, 1) and report.fmt_x(None, 1) == "never"
 
 def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     for seed, out in ((1337, tmp_path / "a"), (7, tmp_path / "b")):
