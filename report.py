@@ -1,26 +1,62 @@
 """
-report.py: one self-contained HTML page (inline SVG, nothing fetched) and the same numbers as JSON, from the runs of
-one --out folder, or of several: the same pipeline run with other seeds.
+report.py: the table of every run in an --out folder, printed, and one self-contained HTML page (inline SVG, nothing
+fetched) with the same numbers as JSON; from one folder, or from several: the same pipeline run with other seeds.
 
-    python report.py                           # out/report.html and out/report.json
-    python report.py out out-s2 out-s3         # over seeds: written into the first folder
+    python report.py out                       # the table; out/report.html and out/report.json
+    python report.py out out-seed1 out-seed2   # over seeds: written into the first folder
 
-Over several folders every table gives the mean over the seeds and their range [min, max], and each run's paired
-difference with CLM of the same seed (the same base model, the same batches); a difference is called one only when
-every seed shows it (its range excludes 0). The curves are the means over the seeds; the token-level sections read the
-first folder.
+Every run is compared with CLM of the same seed (the same base model, the same batches), paired: the target loss by a
+t interval on the mean difference over seeds, the accuracy problem by problem (final.correct: McNemar's exact test on
+the discordant answers pooled over seeds, the interval from a bootstrap over seeds and problems). A table's tests are
+corrected together (Holm), each interval at the level of its Holm step, and a difference is called one only when its
+test is rejected and its corrected interval excludes 0. The curves are the means over the seeds; the token-level
+sections read the first folder.
 """
 import argparse
 import math
 import os
 import tempfile
+import textwrap
 
 import numpy as np
 
 import rho
 
 # -----------------------------------------------------------------------------
-# over seeds: runs by name, statistics, paired differences
+# runs: the metrics.json of every finished run in a folder
+
+RUN_KEYS = ("run", "mode", "k", "select", "scope", "config", "final", "history", "tokens_seen", "tokens_trained",
+            "wall_s", "eval_problems", "n_params")  # what the report reads of every run
+ORDER = ("base", "ref", "clm", "slm")  # the pipeline's
+
+def read_metrics(path, out):
+    """A run's metrics.json, or one line naming it: cut short (a copy or a full disk) or written by another rho."""
+    why = (f"the run may be unfinished or written by another rho version: re-run it with --resume, or move "
+           f"{os.path.dirname(path)} out of {out}")
+    try:
+        r = rho.read_json(path)
+    except ValueError as e:  # UnicodeDecodeError is one too
+        rho.die(f"{path}: not valid JSON ({e}): {why}")
+    missing = [k for k in RUN_KEYS if k not in r] if isinstance(r, dict) else [RUN_KEYS[0]]
+    if missing:
+        rho.die(f"{path}: no key {missing[0]!r}: {why}")
+    if r["mode"] not in ORDER:
+        rho.die(f"{path}: mode {r['mode']!r} unknown: {why}")
+    return r
+
+def load_runs(out):
+    """metrics.json of every finished run in the folder out, in pipeline order; runs with a checkpoint but no
+    metrics.json are named, one line each."""
+    runs = []
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        if os.path.isfile(os.path.join(out, name, "metrics.json")):
+            runs.append(read_metrics(os.path.join(out, name, "metrics.json"), out))
+        elif os.path.isfile(os.path.join(out, name, "ckpt.pt")):
+            print(f"{name}: unfinished (no metrics.json; `--resume` continues it)")
+    if not runs:
+        rho.die(f"{out}: no runs with metrics.json: run `python rho.py --base`, `--ref`, `--clm`, `--slm --k 0.6` "
+                "first")
+    return sorted(runs, key=lambda r: (ORDER.index(r["mode"]), r["run"]))
 
 def by_name(groups):
     """{run name: [its metrics in each folder, None where missing]}, in pipeline order."""
@@ -28,8 +64,169 @@ def by_name(groups):
     for runs in groups:
         names += [r["run"] for r in runs if r["run"] not in names]
     found = {n: [next((r for r in runs if r["run"] == n), None) for runs in groups] for n in names}
-    order = lambda kv: next((["base", "ref", "clm", "slm"].index(r["mode"]), kv[0]) for r in kv[1] if r)
+    order = lambda kv: next((ORDER.index(r["mode"]), kv[0]) for r in kv[1] if r)
     return dict(sorted(found.items(), key=order))
+
+def first(rs):
+    return next(r for r in rs if r)
+
+# -----------------------------------------------------------------------------
+# statistics: pure functions of numbers (numpy and the standard library; checked against tables in test_rho.py)
+
+ALPHA = 0.05  # every table's family-wise error rate
+DRAWS = 10000  # bootstrap draws: p-values to 2 / DRAWS
+
+def betainc(a, b, x):
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (Lentz's method, as in
+    Numerical Recipes' betacf); for x past the mean, 1 - I_(1-x)(b, a), where the fraction converges fast."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - betainc(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(300):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 / (1 + num * d or 1e-300)  # Lentz: a zero denominator becomes a tiny one
+        c = 1 + num / c or 1e-300
+        f *= c * d
+        if abs(1 - c * d) < 1e-15:
+            break
+    return front * (f - 1)
+
+def beta_ppf(q, a, b):
+    """The x with I_x(a, b) = q, by bisection (I is increasing in x): 100 halvings reach the float's precision."""
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if betainc(a, b, mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+def t_sf2(t, df):
+    """Two-sided p-value of Student's t: P(|T| >= |t|) = I_(df / (df + t^2))(df / 2, 1 / 2)."""
+    return betainc(df / 2, 0.5, df / (df + t * t))
+
+def t_ppf(p, df):
+    """Student's t quantile for p > 0.5: the t whose two-sided p-value is 2 (1 - p)."""
+    x = beta_ppf(2 * (1 - p), df / 2, 0.5)
+    return math.sqrt(df * (1 - x) / x)
+
+def paired_t(d):
+    """Paired differences over seeds: their mean, the two-sided p-value of mean = 0 (Student's t, n - 1 degrees of
+    freedom) and the interval at any level: {"diff", "p", "ci": level -> (lo, hi)}; None under two seeds."""
+    d = np.asarray(d, dtype=np.float64)
+    if len(d) < 2:
+        return None
+    mean, se, df = float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d)), len(d) - 1
+    if se == 0:  # every seed the same difference: no spread to scale it by
+        return {"diff": mean, "p": float(mean == 0), "ci": lambda level: (mean, mean)}
+    return {"diff": mean, "p": t_sf2(mean / se, df),
+            "ci": lambda level: (mean - t_ppf(1 - level / 2, df) * se, mean + t_ppf(1 - level / 2, df) * se)}
+
+def mcnemar(b, c):
+    """McNemar's exact test: b pairs only the run got right, c only the base: under no difference each discordant
+    pair goes either way with probability 1/2, so p = 2 P(X <= min(b, c)), X ~ Binomial(b + c, 1/2), at most 1."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)  # exact integers, one division
+
+def resampled_means(x, size, rng):
+    """Means of resamples of x (values -1, 0, 1) with replacement, an array of the given size: a resample's counts
+    of -1, 0 and 1 are multinomial."""
+    x = np.asarray(x)
+    n = rng.multinomial(len(x), [np.mean(x == v) for v in (-1, 0, 1)], size)
+    return (n[..., 2] - n[..., 0]) / len(x)
+
+def bootstrap(d, shared, draws=DRAWS, seed=0):
+    """The interval of the mean paired accuracy difference over seeds: d[s] = run - base on each problem of seed s
+    (-1, 0, 1). Each draw resamples the seeds, then the problems, with replacement: a seed's training randomness is
+    shared by all its problems, so resampling problems alone would understate the spread. shared: the seeds answered
+    the same problems, and one draw of problems serves every seed of a draw; else each seed drawn gets its own. The
+    estimate: the mean over seeds of each seed's mean difference; the interval: the draws' percentiles. A fixed
+    seed: the same report."""
+    S, rng = len(d), np.random.default_rng(seed)
+    seeds = rng.integers(0, S, (draws, S))  # the seeds of each draw, with replacement
+    if shared:
+        D, N = np.stack(d).astype(np.float64), len(d[0])  # (S, N)
+        sizes = [min(1000, draws - i) for i in range(0, draws, 1000)]  # 1000 draws of problems at a time
+        per_seed = np.concatenate([rng.multinomial(N, np.full(N, 1 / N), n) @ D.T / N for n in sizes])  # (draws, S)
+        means = np.take_along_axis(per_seed, seeds, 1).mean(1)
+    else:
+        per_seed = np.stack([resampled_means(x, (draws, S), rng) for x in d])  # (S, draws, S): seed, draw, slot
+        means = per_seed[seeds, np.arange(draws)[:, None], np.arange(S)].mean(1)
+    m = np.sort(means)
+
+    def ci(level):
+        k = int(draws * level / 2 + 1e-9)  # the k + 1-th draw from either end
+        return float(m[k]), float(m[draws - 1 - k])
+    return {"diff": float(np.mean([np.mean(x) for x in d])), "ci": ci}
+
+def holm(ps, alpha=ALPHA):
+    """Holm's step-down correction of a family of p-values, in their order: (adjusted p, rejected, level of the
+    interval) each. Sorted, the i-th smallest (from 0) is rejected while every one before it was and p <= alpha / (m
+    - i); the level is that of its step, and for those not rejected, the level of the step where Holm stopped, so an
+    interval excludes 0 exactly when its test is rejected."""
+    m, order = len(ps), sorted(range(len(ps)), key=lambda i: ps[i])
+    out, adj, stop = [None] * m, 0.0, None
+    for step, i in enumerate(order):
+        adj = max(adj, min(1.0, (m - step) * ps[i]))  # adjusted p-values never decrease along the steps
+        if stop is None and ps[i] > alpha / (m - step):
+            stop = step
+        out[i] = (adj, stop is None, alpha / (m - (step if stop is None else stop)))
+    return out
+
+def smooth(xs, ys, width=5):
+    """A curve with its evaluation noise smoothed: at each evaluation, the least-squares line through the `width`
+    evaluations nearest it (the window centred, shifted inside at the ends), read at that evaluation. In the middle
+    of evenly spaced evaluations this is the centred moving average; at the ends the line removes the average's lag,
+    so the last value is not pulled towards earlier ones."""
+    xs, ys, n = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64), len(ys)
+    w = min(width, n)
+    out = []
+    for i in range(n):
+        lo = min(max(0, i - w // 2), n - w)
+        x, y = xs[lo:lo + w], ys[lo:lo + w]
+        slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum() if w > 1 else 0.0
+        out.append(float(y.mean() + slope * (xs[i] - x.mean())))
+    return out
+
+def crossing(history, target, measure, key="tokens_seen"):
+    """key (tokens seen, or wall time) where a run's smoothed curve of a measure first reaches target (a loss at or
+    below it, accuracy at or above it), linearly interpolated between evaluations; None if it never does."""
+    xs = [h["tokens_seen"] for h in history]
+    v, at = smooth(xs, [h[measure] for h in history]), [h[key] for h in history]
+    reached = (lambda y: y <= target) if measure.startswith("val_loss") else (lambda y: y >= target)
+    for i, y in enumerate(v):
+        if reached(y):
+            if i == 0 or v[i - 1] == y:
+                return at[i]
+            return at[i - 1] + (v[i - 1] - target) / (v[i - 1] - y) * (at[i] - at[i - 1])
+    return None
+
+def clm_target(clm, measure):
+    """CLM's final value of a measure, on its smoothed curve."""
+    return smooth([h["tokens_seen"] for h in clm["history"]], [h[measure] for h in clm["history"]])[-1]
+
+def speedup(run, clm, measure):
+    """(tokens, CLM's tokens over them) until run reaches CLM's final smoothed value of a measure, CLM's tokens found
+    by the same rule: the paper's 'x faster', exactly 1 for CLM itself; None if the run never reaches it."""
+    t = crossing(run["history"], clm_target(clm, measure), measure)
+    return (t, crossing(clm["history"], clm_target(clm, measure), measure) / t) if t else None
+
+def wilson(p, n, z=1.96):
+    """The 95% (Wilson) interval of a share p of n trials: one run's accuracy over n distinct problems."""
+    if not n:
+        return 0.0, 1.0
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+# -----------------------------------------------------------------------------
+# over seeds: statistics, paired comparisons with a base run, corrected per table
 
 def stat(xs):
     xs = [x for x in xs if x is not None]
@@ -42,45 +239,85 @@ def fmt(s, pct=False):
     f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
     return f(s["mean"]) if s["n"] == 1 else f"{f(s['mean'])} [{f(s['min'])}, {f(s['max'])}]"
 
-def paired(runs, base, value):
-    """value(run) - value(base) of each seed that has both: (stat, verdict)."""
-    d = [value(r) - value(b) for r, b in zip(runs, base) if r and b and value(r) is not None and value(b) is not None]
-    if not d:
-        return None, "-"
-    s = stat(d)
-    if s["n"] < 2:
-        return s, "one seed: no spread to compare with"
-    every = s["max"] < 0 or s["min"] > 0
-    return s, (f"a difference: all {s['n']} seeds agree" if every else f"within the spread of {s['n']} seeds")
-
-def fmt_diff(s, pct=False):
-    if s is None:
-        return "-"
-    f = (lambda v: f"{100 * v:+.1f} pts") if pct else (lambda v: f"{v:+.4f}")
-    return f(s["mean"]) if s["n"] == 1 else f"{f(s['mean'])} [{f(s['min'])}, {f(s['max'])}]"
-
 def final(key):
     return lambda r: r["final"][key]
 
-def speedup(clm, measure):
-    """CLM's tokens over the tokens a run needed to reach CLM's final value of a measure (the paper's 'x faster')."""
-    def f(r):
-        c = clm[0] if isinstance(clm, list) else clm
-        t = rho.tokens_to_reach(r["history"], c["final"][measure], measure=measure) if c else None
-        return c["tokens_seen"] / t if t else None
-    return f
+def measured(run, measure):
+    return all(h[measure] is not None for h in run["history"])  # accuracy: None without problems
 
 def speedups(runs, clm, measure):
     """The speedups of the seeds that reached CLM's final value (a stat), and how many seeds never did."""
-    xs = [speedup(c, measure)(r) for r, c in zip(runs, clm) if r and c]
-    return stat(xs), xs.count(None)
+    both = [(r, c) for r, c in zip(runs, clm) if r and c and measured(r, measure) and measured(c, measure)]
+    xs = [speedup(r, c, measure) for r, c in both]
+    return stat([x[1] for x in xs if x]), xs.count(None)
+
+def fmt_x(s, never=0):
+    if s is None:
+        return "never" if never else "-"
+    x = f"{s['mean']:.2f}x" if s["n"] == 1 else f"{s['mean']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]"
+    return x + (f" (never on {never} of {s['n'] + never} seeds)" if never else "")
+
+def loss_test(runs, base):
+    """The paired t test of the final target loss, run - base, over the seeds that have both."""
+    d = [r["final"]["val_loss_hq"] - b["final"]["val_loss_hq"] for r, b in zip(runs, base) if r and b]
+    if not d:
+        return None
+    return {**(paired_t(d) or {"diff": d[0], "why": "n=1: no t interval"}), "seeds": len(d), "method": "paired t"}
+
+def data_sha(run):
+    return run.get("data", {}).get("sha256")  # one data (the same eval.json): the same problems
+
+def acc_test(runs, base):
+    """The paired accuracy test over the seeds that have both runs, problem by problem (final.correct): McNemar's
+    exact test on the discordant pairs pooled over the seeds, and the interval of the bootstrap over seeds and
+    problems; a reason instead where the answers cannot be paired."""
+    pairs = [(r["final"], b["final"], data_sha(r) == data_sha(b)) for r, b in zip(runs, base)
+             if r and b and r["final"]["accuracy"] is not None and b["final"]["accuracy"] is not None]
+    if not pairs:
+        return None
+    diff = float(np.mean([r["accuracy"] - b["accuracy"] for r, b, _ in pairs]))
+    if not all(r.get("correct") and b.get("correct") for r, b, _ in pairs):
+        return {"diff": diff, "why": "no per-problem records"}
+    if not all(same and len(r["correct"]) == len(b["correct"]) for r, b, same in pairs):
+        return {"diff": diff, "why": "not the same problems"}
+    d = [np.asarray(r["correct"]) - np.asarray(b["correct"]) for r, b, _ in pairs]
+    right, wrong = int(sum((x == 1).sum() for x in d)), int(sum((x == -1).sum() for x in d))  # the discordant pairs
+    shared = len({data_sha(r) for r in runs if r}) == 1 and len({len(x) for x in d}) == 1  # one problem set
+    return {**bootstrap(d, shared), "p": mcnemar(right, wrong), "discordant": [right, wrong], "seeds": len(d),
+            "problems": [len(x) for x in d], "method": "McNemar exact, bootstrap interval"}
+
+def against(groups, base):
+    """Each group of runs (name: [a run per seed]) paired with base's runs of the same seed, on the final target loss
+    and accuracy; Holm over every test of the family; each interval at 95% and at its Holm level (corrected). A
+    difference is called one where Holm rejects its test and its corrected interval excludes 0 (for the t test the
+    two are the same; McNemar pools the seeds, the bootstrap resamples them: both must agree)."""
+    tests = {n: {"val_loss_hq": loss_test(rs, groups[base]), "accuracy": acc_test(rs, groups[base])}
+             for n, rs in groups.items() if n != base}
+    family = [t for ts in tests.values() for t in ts.values() if t and "p" in t]
+    for t, (adj, rejected, level) in zip(family, holm([t["p"] for t in family])):
+        ci = t.pop("ci")
+        lo, hi = ci(level)
+        t.update(p_holm=adj, level=level, lo=lo, hi=hi, ci95=ci(ALPHA), family=len(family),
+                 called=rejected and (lo > 0 or hi < 0))
+    return tests
+
+def fmt_test(t, pct=False):
+    """'diff [lo, hi] *' (* where the corrected test rejects), or the difference and why there is no test."""
+    if t is None:
+        return "-"
+    f = (lambda v: f"{100 * v + 0.0:+.1f}") if pct else (lambda v: f"{v + 0.0:+.4f}")  # + 0.0: no "-0.0"
+    if "p" not in t:
+        return f"{f(t['diff'])} ({t['why']})"
+    return f"{f(t['diff'])} [{f(t['lo'])}, {f(t['hi'])}]{' *' if t['called'] else ''}"
 
 def mean_curve(runs, key):
-    """(tokens seen, mean of key over the seeds at each evaluation) of the runs whose evaluations line up."""
+    """(tokens seen, mean of key over the seeds at each evaluation, (min, max) over them) of the runs whose
+    evaluations line up."""
     runs = [r for r in runs if r]
     n = min(len(r["history"]) for r in runs)
-    return [runs[0]["history"][i]["tokens_seen"] for i in range(n)], \
-        [float(np.mean([r["history"][i][key] for r in runs])) for i in range(n)]
+    ys = [[r["history"][i][key] for r in runs] for i in range(n)]
+    return [runs[0]["history"][i]["tokens_seen"] for i in range(n)], [float(np.mean(y)) for y in ys], \
+        [(min(y), max(y)) for y in ys]
 
 # -----------------------------------------------------------------------------
 # plots and tables: hand-written SVG and HTML, no plotting library
@@ -101,10 +338,11 @@ def esc(s):
     return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 def svg_lines(series, title="", xlabel="", ylabel="", w=560, h=300, hline=None, mark=None):
-    """A line plot as inline SVG. series: dicts with name, xs, ys and optionally dashed, color (an index) and err
-    (a (lo, hi) per point, drawn as a bar); hline: a y drawn as a grey rule; mark: (x, y, label) circled."""
+    """A line plot as inline SVG. series: dicts with name, xs, ys and optionally dashed, color (an index), err (a
+    (lo, hi) per point, drawn as a bar) and band (a (lo, hi) per point, drawn as a shaded band); hline: a y drawn as
+    a grey rule; mark: (x, y, label) circled."""
     pts = [(x, y) for s in series for x, y in zip(s["xs"], s["ys"]) if y is not None]
-    ys = [y for _, y in pts] + [v for s in series for e in s.get("err", []) if e for v in e]
+    ys = [y for _, y in pts] + [v for s in series for e in (s.get("err") or []) + (s.get("band") or []) if e for v in e]
     ys += [hline] if hline is not None else []
     xs = [x for x, _ in pts]
     xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
@@ -128,6 +366,11 @@ def svg_lines(series, title="", xlabel="", ylabel="", w=560, h=300, hline=None, 
                  f'stroke-dasharray="2,3"/>')
     for i, s in enumerate(series):
         c, dash = COLORS[s.get("color", i) % len(COLORS)], ' stroke-dasharray="6,4"' if s.get("dashed") else ""
+        if s.get("band"):  # up along the highs, back along the lows
+            edge = [(x, b[1]) for x, b in zip(s["xs"], s["band"])] + [(x, b[0]) for x, b in zip(s["xs"][::-1],
+                                                                                            s["band"][::-1])]
+            o.append(f'<polygon points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in edge)}" fill="{c}" '
+                     'fill-opacity="0.15" stroke="none"/>')
         xy = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(s["xs"], s["ys"]) if y is not None)
         o.append(f'<polyline points="{xy}" fill="none" stroke="{c}" stroke-width="1.8"{dash}/>')
         o += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.2" fill="{c}"/>'
@@ -144,32 +387,45 @@ def svg_lines(series, title="", xlabel="", ylabel="", w=560, h=300, hline=None, 
     return "\n".join(o + ["</svg>"])
 
 def html_table(head, rows):
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else esc(v))
+    """A table; a cell that ends in ' *' (a difference called one) in bold."""
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else
+                                                              f"<b>{esc(v)}</b>" if str(v).endswith(" *") else esc(v))
     return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
 
 # -----------------------------------------------------------------------------
 # the sections: each returns (html, the same numbers as a dict)
 
-def efficiency(runs):
-    """1. Data efficiency: target loss and answer accuracy against tokens seen; tokens until CLM's final values."""
-    web = {n: rs for n, rs in runs.items() if next(r for r in rs if r)["mode"] in ("clm", "slm")}
+def curves(runs, shown, key, band_of_one=None):
+    """The mean curves of the runs shown over the seeds, banded by their range over the seeds; one seed: by
+    band_of_one(run, its values), or none."""
+    out = []
+    for i, n in enumerate(shown):
+        xs, ys, band = mean_curve(runs[n], key)
+        seeds = [r for r in runs[n] if r]
+        if len(seeds) == 1:
+            band = band_of_one(seeds[0], ys) if band_of_one else None
+        out.append({"name": n, "xs": xs, "ys": ys, "color": i, "band": band})
+    return out
+
+def efficiency(runs, tests):
+    """1. Data efficiency: target loss and answer accuracy against tokens seen; tokens until CLM's final values; the
+    final measures paired with CLM's, corrected together."""
+    web = {n: rs for n, rs in runs.items() if first(rs)["mode"] in ("clm", "slm")}
     clm = runs.get("clm")
     if not web:
         return "<p>No continual-pretraining runs (--clm, --slm) in these folders.</p>", {}
     shown = [n for n in web if n in ("clm", "slm-k0.6", "slm-k0.6-random")] or list(web)
-    loss, acc = [], []
-    for i, n in enumerate(shown):
-        xs, ys = mean_curve(web[n], "val_loss_hq")
-        loss.append({"name": n, "xs": xs, "ys": ys, "color": i})
-        xs, ys = mean_curve(web[n], "accuracy")
-        problems = sum(r["eval_problems"] for r in web[n] if r)  # the seeds' problems pooled
-        acc.append({"name": n, "xs": xs, "ys": ys, "color": i, "err": [rho.wilson(p, problems) for p in ys]})
     seeds = len(next(iter(web.values())))
-    html = svg_lines(loss, "target val loss (hq) vs tokens seen" + (f", mean of {seeds} seeds" if seeds > 1 else ""),
-                     "tokens seen", "val loss hq (nats/token)",
+    over = f", mean of {seeds} seeds, band: their range (min to max)" if seeds > 1 else ", one seed"
+    html = svg_lines(curves(web, shown, "val_loss_hq"), "target val loss (hq) vs tokens seen" + over, "tokens seen",
+                     "val loss hq (nats/token)",
                      hline=stat([final("val_loss_hq")(r) for r in clm if r])["mean"] if clm else None)
-    html += svg_lines(acc, "answer accuracy vs tokens seen, with 95% intervals", "tokens seen", "accuracy")
+    wilson_band = lambda r, ys: [wilson(p, r["eval_problems"]) for p in ys]  # one run, distinct problems
+    with_acc = [n for n in shown if all(measured(r, "accuracy") for r in web[n] if r)]  # --eval_problems 0: none
+    if with_acc:
+        html += svg_lines(curves(web, with_acc, "accuracy", wilson_band), "answer accuracy vs tokens seen" + over
+                          + (" (band: 95% Wilson interval)" if seeds == 1 else ""), "tokens seen", "accuracy")
     data, rows = {}, []
     for n, rs in web.items():
         d = {"seeds": sum(r is not None for r in rs), "val_loss_hq": stat([final("val_loss_hq")(r) for r in rs if r]),
@@ -177,25 +433,54 @@ def efficiency(runs):
         if clm:
             for m in ("val_loss_hq", "accuracy"):
                 d[f"speedup_{m}"], d[f"never_{m}"] = speedups(rs, clm, m)
-                d[f"diff_{m}"], d[f"verdict_{m}"] = paired(rs, clm, final(m))
-        data[n] = d
+        t = tests.get(n, {})
+        data[n] = {**d, "vs_clm": t}
         rows.append([n, d["seeds"], fmt(d["val_loss_hq"]), fmt(d["accuracy"], True),
                      fmt_x(d.get("speedup_val_loss_hq"), d.get("never_val_loss_hq")),
                      fmt_x(d.get("speedup_accuracy"), d.get("never_accuracy")),
-                     f"{fmt_diff(d.get('diff_val_loss_hq'))}: {d.get('verdict_val_loss_hq', '-')}",
-                     f"{fmt_diff(d.get('diff_accuracy'), True)}: {d.get('verdict_accuracy', '-')}"])
+                     fmt_test(t.get("val_loss_hq")), fmt_p(t.get("val_loss_hq")),
+                     fmt_test(t.get("accuracy"), True), fmt_p(t.get("accuracy"))])
     html += html_table(["run", "seeds", "final val hq", "accuracy", "x faster to CLM's val hq",
-                        "x faster to CLM's accuracy", "val hq - CLM's (paired)", "accuracy - CLM's (paired)"], rows)
-    html += ("<p>x faster: CLM's tokens seen over this run's tokens seen until it first reaches CLM's final value "
-             "(linear between evaluations), over the seeds that reach it; how many never do is said. Intervals on "
-             "accuracy: 95% (Wilson) over the seeds' problems pooled.</p>")
+                        "x faster to CLM's accuracy", "val hq - CLM's", "p", "accuracy - CLM's (points)", "p"], rows)
+    html += (f"<p>{esc(explain(tests))} {esc(noise(tests))}</p><p>x faster: the tokens CLM needs to reach its own "
+             "final value over the tokens this run needs, both on curves smoothed over 5 evaluations (a local line), "
+             "linearly interpolated between evaluations: CLM against itself is 1.00x; over the seeds that reach it, "
+             "how many never do is said. Final values: the mean over seeds [min, max].</p>")
     return html, data
 
-def fmt_x(s, never=0):
-    if s is None:
-        return "never"
-    x = f"{s['mean']:.2f}x" if s["n"] == 1 else f"{s['mean']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]"
-    return x + (f" (never on {never} of {s['n'] + never} seeds)" if never else "")
+def fmt_p(t):
+    """The Holm-adjusted p-value of a test, or '-'."""
+    if not t or "p_holm" not in t:
+        return "-"
+    return f"{t['p_holm']:.2g}" if t["p_holm"] < 0.01 else f"{t['p_holm']:.2f}"
+
+def explain(tests):
+    """What the paired columns are: the tests, the family Holm corrects, how the intervals are corrected."""
+    ts = [t for ts in tests.values() for t in ts.values() if t and "p" in t]
+    if not ts:
+        return ("Paired differences: no test (one seed gives no spread for the loss: n=1; the accuracy needs "
+                "per-problem records, final.correct).")
+    m, levels = len(ts), sorted({1 - t["level"] for t in ts})
+    lv = f"{100 * levels[0]:.2f}%" + (f" to {100 * levels[-1]:.2f}%" if len(levels) > 1 else "")
+    return (f"Paired with the base run of the same seed. val hq: the mean difference over the seeds, Student's t "
+            f"interval (n - 1 degrees of freedom). acc, in points: p from McNemar's exact test on the discordant "
+            f"answers pooled over seeds and problems, the interval from a bootstrap over seeds and problems ({DRAWS} "
+            f"draws, percentiles). Holm over the {m} tests of this table: with p sorted, the i-th (from 1) is rejected "
+            f"while every one before it was and p <= {ALPHA:g} / ({m} + 1 - i); each interval is at the level of its "
+            f"own step, 1 - {ALPHA:g} / ({m} + 1 - i), and for a test not rejected at the level of the step where "
+            f"Holm stopped (here {lv}). * (bold on the page): a difference: Holm rejects its test and its corrected "
+            "interval excludes 0. p: Holm-adjusted.")
+
+def noise(tests):
+    """The accuracy noise in points: a single accuracy's 95% half-width at the number of problems, and the widest
+    95% half-width of the table's paired accuracy intervals."""
+    ts = [t["accuracy"] for t in tests.values() if t.get("accuracy") and "ci95" in t["accuracy"]]
+    if not ts:
+        return ""
+    half, n = max((t["ci95"][1] - t["ci95"][0]) / 2 for t in ts), min(min(t["problems"]) for t in ts)
+    return (f"acc: {n} problems a seed at the final evaluation: one run's accuracy is known to +-"
+            f"{98 / math.sqrt(n):.1f} points at 95% (at most: 1.96 sqrt(1/4 / {n})); the paired differences here to "
+            f"+-{100 * half:.1f} points at most (the widest 95% half-width of this table's accuracy intervals).")
 
 def precision_recall(history):
     """Per eval interval: precision = clean share of the selected tokens; recall = selected clean / seen clean,
@@ -272,7 +557,8 @@ def dynamics(outs, runs):
     for part in ("web", "hq"):
         shares = [[float((loss_category(z[part].reshape(len(z["step"]), -1).astype(np.float32), z["tokens_seen"])
                           == i).mean()) for i in range(4)] for z in clms]
-        data[f"categories_{part}"] = {c: round(float(np.mean([s[i] for s in shares])), 4) for i, c in enumerate(CATEGORIES)}
+        data[f"categories_{part}"] = {c: round(float(np.mean([s[i] for s in shares])), 4)
+                                      for i, c in enumerate(CATEGORIES)}
         rows.append([f"clm, {part} val tokens, {len(clms)} seed(s)"] + [fmt(stat([s[i] for s in shares]), True)
                                                                          for i in range(4)])
     rows.append(["paper (Fig. 2, 1B on OpenWebMath)", "51%", "26%", "12%", "11%"])
@@ -286,7 +572,8 @@ def dynamics(outs, runs):
     m = main_slm(runs)
     slm = load_tokens(outs[0], m) if m else None
     if slm is None:
-        return html + "<p>No SLM run with per-token records (tokens.npz): rerun <code>python rho.py --slm --k 0.6</code> " \
+        return html + "<p>No SLM run with per-token records (tokens.npz): rerun <code>python rho.py --slm --k 0.6" \
+                      "</code> " \
                       "to get the selected-vs-unselected plot.</p>", data
     sel, loss, t = slm["sel"], slm["web"].astype(np.float32), slm["tokens_seen"].tolist()
     mean = lambda a, s: [float(a[i][s[i]].mean()) for i in range(len(a))]
@@ -330,7 +617,8 @@ def highlight(outs, runs, data_dir, n_docs=3, n_chars=600):
                              f'{esc(enc.decode([tok]))}</span>')
             html += (f'<p><b>{name} (step {int(z["step"][i])})</b>, selected {z["sel"][i, w].mean():.0%}</p>'
                      f'<div class="doc">{"".join(spans)}</div>')
-            data["docs"].append({"window": w, "step": int(z["step"][i]), "selected": round(float(z["sel"][i, w].mean()), 4)})
+            data["docs"].append({"window": w, "step": int(z["step"][i]),
+                                 "selected": round(float(z["sel"][i, w].mean()), 4)})
     legend = (f'<p>{m}: background = excess loss (the training loss at that evaluation minus the reference loss), '
               f'<span style="background:{excess_color(3)}">high</span> / <span style="background:{excess_color(-3)}">'
               'negative</span>; <span style="border-bottom:2px solid #000">underlined</span> = selected at that '
@@ -359,21 +647,24 @@ def cost(runs, data_dir):
     if m:
         pipes[m["run"]] = [s for s in ("base", "reference training", "scoring", f"continual pretraining: {m['run']}")
                            if s in stages]
-    totals = {p: {"wall_s": round(sum(stages[s]["wall_s"] for s in ss), 2), "flops": sum(stages[s]["flops"] for s in ss)}
-              for p, ss in pipes.items()}
-    t = rho.tokens_to_reach(m["history"], clm["final"]["val_loss_hq"]) if m and clm else None
+    totals = {p: {"wall_s": round(sum(stages[s]["wall_s"] for s in ss), 2),
+                  "flops": sum(stages[s]["flops"] for s in ss)} for p, ss in pipes.items()}
+    goal = clm_target(clm, "val_loss_hq") if m and clm else None  # CLM's final val hq, smoothed
+    t = crossing(m["history"], goal, "val_loss_hq") if goal is not None else None
     if t:  # SLM's pipeline up to the point where it reaches CLM's final target loss
         pre = [s for s in pipes[m["run"]] if not s.startswith("continual")]
-        wall = rho.tokens_to_reach(m["history"], clm["final"]["val_loss_hq"], "wall_s") or 0
-        totals[f"{m['run']} until CLM's final val hq"] = {"wall_s": round(sum(stages[s]["wall_s"] for s in pre) + wall, 2),
-                                                          "flops": sum(stages[s]["flops"] for s in pre) + 6 * m["n_params"] * t}
+        wall = crossing(m["history"], goal, "val_loss_hq", "wall_s")
+        totals[f"{m['run']} until CLM's final val hq"] = {
+            "wall_s": round(sum(stages[s]["wall_s"] for s in pre) + wall, 2),
+            "flops": sum(stages[s]["flops"] for s in pre) + 6 * m["n_params"] * t}
     rows = [[s, f"{v['wall_s']:.0f}", f"{v['flops']:.3g}"] for s, v in stages.items()]
     rows += [[f"total: {p}", f"{v['wall_s']:.0f}", f"{v['flops']:.3g}"] for p, v in totals.items()]
     html = html_table(["stage", "wall s (first seed)", "FLOPs"], rows)
     html += ("<p>FLOPs = 6 &middot; n_params &middot; tokens for training (forward and backward; SLM's trunk backward "
-             "is dense, so it counts every token seen, not only the selected ones), 2 &middot; n_params &middot; tokens "
-             "for scoring (forward only). Attention FLOPs are left out. Wall times are this machine's.</p>")
-    return html, {"stages": stages, "totals": totals, "formula": "train 6*n_params*tokens_seen; score 2*n_params*tokens"}
+             "is dense, so it counts every token seen, not only the selected ones), 2 &middot; n_params &middot; "
+             "tokens for scoring (forward only). Attention FLOPs are left out. Wall times are this machine's.</p>")
+    return html, {"stages": stages, "totals": totals,
+                  "formula": "train 6*n_params*tokens_seen; score 2*n_params*tokens"}
 
 def k_sweep(runs):
     """6. k sweep: final target loss and accuracy against k, excess-loss SLM runs of scope batch; k = 1 is CLM."""
@@ -382,7 +673,8 @@ def k_sweep(runs):
     if "clm" in runs:
         pts[1.0] = runs["clm"]
     if len(pts) < 2:
-        return "<p>Fewer than two runs for a k sweep: run <code>python rho.py --slm --k 0.2</code> (and 0.4, 0.8).</p>", {}
+        return ("<p>Fewer than two runs for a k sweep: run <code>python rho.py --slm --k 0.2</code> (and 0.4, "
+                "0.8).</p>"), {}
     ks = sorted(pts)
     s = {k: stat([final("val_loss_hq")(r) for r in pts[k] if r]) for k in ks}
     best = min(ks, key=lambda k: s[k]["mean"])
@@ -390,32 +682,116 @@ def k_sweep(runs):
                        "err": [(s[k]["min"], s[k]["max"]) for k in ks]}], "k sweep (scope batch; k = 1 is CLM): mean "
                      "and range over seeds", "k (share of tokens selected)", "final val loss hq",
                      mark=(best, s[best]["mean"], f"best k={best:g}"))
+    tests = against({f"{k:g}": pts[k] for k in ks}, f"{best:g}")
     rows, data = [], {"best_k": best, "points": {}}
     for k in ks:
-        d, verdict = paired(pts[k], pts[best], final("val_loss_hq"))
-        acc = stat([final("accuracy")(r) for r in pts[k] if r])
+        acc, t = stat([final("accuracy")(r) for r in pts[k] if r]), tests.get(f"{k:g}", {})
         rows.append([f"{k:g}" + (" (best)" if k == best else ""), fmt(s[k]), fmt(acc, True),
-                     "-" if k == best else f"{fmt_diff(d)}: {verdict}"])
-        data["points"][f"{k:g}"] = {"val_loss_hq": s[k], "accuracy": acc, "minus_best": d}
-    html += html_table(["k", "final val hq", "accuracy", "val hq - best k's (paired)"], rows)
-    return html, data
+                     fmt_test(t.get("val_loss_hq")), fmt_p(t.get("val_loss_hq")), fmt_test(t.get("accuracy"), True),
+                     fmt_p(t.get("accuracy"))])
+        data["points"][f"{k:g}"] = {"val_loss_hq": s[k], "accuracy": acc, "vs_best": t}
+    html += html_table(["k", "final val hq", "accuracy", "val hq - best k's", "p", "accuracy - best k's (points)",
+                        "p"], rows)
+    return html + f"<p>{esc(explain(tests))} The best k is chosen on these same runs.</p>", data
 
 def variants(runs, title, pick, base):
     """A table of runs against one base run, paired over seeds: the selection rules at k = 0.6, or the scopes."""
-    chosen = {n: rs for n, rs in runs.items() if pick(next(r for r in rs if r))}
+    chosen = {n: rs for n, rs in runs.items() if pick(first(rs)) or n == base}
     if base not in runs or len(chosen) < 2:
         return f"<p>{title}: fewer than two such runs in these folders.</p>", {}
-    rows, data = [], {}
+    rows, data, tests = [], {}, against(chosen, base)
     for n, rs in chosen.items():
-        d = {"val_loss_hq": stat([final("val_loss_hq")(r) for r in rs if r]),
-             "accuracy": stat([final("accuracy")(r) for r in rs if r])}
-        for m, pct in (("val_loss_hq", False), ("accuracy", True)):
-            d[f"diff_{m}"], d[f"verdict_{m}"] = paired(rs, runs[base], final(m))
-        data[n] = d
-        rows.append([n, fmt(d["val_loss_hq"]), fmt(d["accuracy"], True),
-                     "-" if n == base else f"{fmt_diff(d['diff_val_loss_hq'])}: {d['verdict_val_loss_hq']}",
-                     "-" if n == base else f"{fmt_diff(d['diff_accuracy'], True)}: {d['verdict_accuracy']}"])
-    return html_table(["run", "final val hq", "accuracy", f"val hq - {base}'s", f"accuracy - {base}'s"], rows), data
+        t = tests.get(n, {})
+        data[n] = {"val_loss_hq": stat([final("val_loss_hq")(r) for r in rs if r]),
+                   "accuracy": stat([final("accuracy")(r) for r in rs if r]), f"vs_{base}": t}
+        rows.append([n, fmt(data[n]["val_loss_hq"]), fmt(data[n]["accuracy"], True), fmt_test(t.get("val_loss_hq")),
+                     fmt_p(t.get("val_loss_hq")), fmt_test(t.get("accuracy"), True), fmt_p(t.get("accuracy"))])
+    return html_table(["run", "final val hq", "accuracy", f"val hq - {base}'s", "p", f"accuracy - {base}'s (points)",
+                       "p"], rows) + f"<p>{esc(explain(tests))}</p>", data
+
+# -----------------------------------------------------------------------------
+# the table printed: one row a run, then each run paired with CLM of the same seed
+
+def fmt_reach(rs, clm, measure):
+    """Tokens until CLM's final value and CLM's tokens over them (one seed), or the speedups over the seeds."""
+    if not clm or first(rs)["mode"] not in ("clm", "slm"):
+        return "-"
+    if len(rs) == 1:
+        if not clm[0] or not measured(rs[0], measure) or not measured(clm[0], measure):
+            return "-"
+        x = speedup(rs[0], clm[0], measure)
+        return "never" if x is None else f"{x[0] / 1e6:.2f}M {x[1]:.1f}x"
+    s, never = speedups(rs, clm, measure)
+    return fmt_x(s, never) if s is None else (f"{s['mean']:.1f}x [{s['min']:.1f}-{s['max']:.1f}]"
+                                      + (f" {never} never" if never else ""))
+
+def notes(runs, where=""):
+    """The lines after the table of one folder: scoring time, and runs that are not comparable."""
+    for r in runs:  # the page breaks the noise down by kind
+        if "score_s" in r:
+            print(f"{where}{r['run']}: scoring every web token took {r['score_s']:.0f}s ({r['score_tok_s']:,} tok/s), "
+                  f"beside {r['wall_s']:.0f}s of training")
+    cpt = [r for r in runs if r["mode"] in ("clm", "slm")]
+    if len({r["tokens_seen"] for r in cpt}) > 1:
+        print(f"{where}note: the continual-pretraining runs saw different numbers of tokens: compare at equal tokens "
+              "seen.")
+    by_weights = all(r.get("init_sha256") for r in cpt)  # runs of an older rho name their start (--init_from) only
+    starts = differ(cpt, (lambda r: r["init_sha256"][:12]) if by_weights else (lambda r: r["config"]["init_from"]))
+    if starts:
+        print(f"{where}note: the continual-pretraining runs started from different "
+              f"{'weights' if by_weights else 'checkpoints (--init_from)'} ({starts}): not comparable.")
+    refs = differ([r for r in cpt if r.get("ref_weights_sha256")], lambda r: r["ref_weights_sha256"][:12])
+    if refs:
+        print(f"{where}note: the SLM runs read the scores of different reference models ({refs}): their selections "
+              "are not comparable.")
+
+def differ(runs, key):
+    """'names: value; names: value' of runs grouped by key(run) where they take more than one value, else None."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r["run"])
+    return "; ".join(f"{', '.join(names)}: {v}" for v, names in groups.items()) if len(groups) > 1 else None
+
+def table(outs, groups, runs, tests):
+    """Prints one row a run (over several folders: the mean over the seeds), each run paired with CLM, and notes."""
+    several, clm, w = len(outs) > 1, runs.get("clm"), max(18, max(map(len, runs)) + 2)
+    x = 18 if several else 13  # the width of the "to CLM" columns
+    head = (f"{'run':<{w}}" + (f"{'seeds':>5}" if several else "") + f"{'val hq':>8}{'val web':>9}{'acc':>8}"
+            f"{'seen':>8}{'trained':>9}{'noise-in-sel':>14}{'wall':>6}{'to CLM loss':>{x}}{'to CLM acc':>{x}}")
+    print(head + "\n" + "-" * len(head))
+    for n, rs in runs.items():
+        mean = lambda f: float(np.mean([f(r) for r in rs if r]))  # over the seeds that have the run
+        acc = stat([final("accuracy")(r) for r in rs if r])
+        sel = "-" if "noise_in_selected" not in first(rs) else \
+            f"{mean(lambda r: r['noise_in_selected']['all']):.1%}/{mean(lambda r: r['noise_share_corpus']['all']):.0%}"
+        print(f"{n:<{w}}" + (f"{sum(r is not None for r in rs):>5}" if several else "")
+              + f"{mean(final('val_loss_hq')):>8.4f}{mean(final('val_loss_web')):>9.4f}"
+              f"{rho.percent(acc and acc['mean']):>8}"
+              f"{mean(lambda r: r['tokens_seen']) / 1e6:>7.2f}M{mean(lambda r: r['tokens_trained']) / 1e6:>8.2f}M"
+              f"{sel:>14}{mean(lambda r: r['wall_s']):>5.0f}s{fmt_reach(rs, clm, 'val_loss_hq'):>{x}}"
+              f"{fmt_reach(rs, clm, 'accuracy'):>{x}}")
+    over = f" (the mean over {len(outs)} seeds)" if several else ""
+    print(f"val hq: target-distribution val loss (nats/token); acc: the final answers right, of all the held-out "
+          f"problems{over};\n"
+          "noise-in-sel: noise share of the trained tokens / of the corpus; to CLM loss, to CLM acc: "
+          + ("CLM's tokens over a\nrun's tokens to CLM's final val hq or accuracy [min-max over the seeds that reach "
+             "it], both on curves\n" if several else "tokens seen until the\nrun reaches CLM's final val hq or "
+             "accuracy, and CLM's tokens to it over that, both on curves\n")
+          + "smoothed over 5 evaluations (CLM against itself: 1.0x)")
+    if tests:
+        print(f"\n{'paired with clm':<{w}}{'val hq - clm':>30}{'p':>8}   {'acc - clm (points)':>30}{'p':>8}")
+        for n, t in tests.items():
+            print(f"{n:<{w}}{fmt_test(t['val_loss_hq']):>30}{fmt_p(t['val_loss_hq']):>8}   "
+                  f"{fmt_test(t['accuracy'], True):>30}{fmt_p(t['accuracy']):>8}")
+        print(textwrap.fill(explain(tests), 116))
+        print(textwrap.fill(noise(tests), 116) or "acc: no per-problem records (final.correct) in these runs: no "
+              "paired accuracy test.")
+    for o, g in zip(outs, groups):
+        notes(g, f"{o}: " if several else "")
+    seeds = [r["config"]["seed"] for r in clm if r] if clm else []
+    if len(set(seeds)) < len(seeds):
+        print(f"note: some folders ran with the same --seed ({', '.join(map(str, seeds))}): they are not independent "
+              "seeds.")
 
 def check_writable(folder):
     """Refuses, before the work, a folder the report cannot be written into. It writes a file to find out: os.access
@@ -429,12 +805,15 @@ def check_writable(folder):
 
 def report(outs):
     """Writes <first folder>/report.html (self-contained) and report.json from the runs in the folders."""
-    groups = [rho.load_runs(o) for o in outs]
+    groups = [load_runs(o) for o in outs]
     check_writable(outs[0])
     runs = by_name(groups)
+    web = {n: rs for n, rs in runs.items() if first(rs)["mode"] in ("clm", "slm")}
+    tests = against(web, "clm") if "clm" in web else {}
+    table(outs, groups, runs, tests)
     data_dir = next(r for r in groups[0])["config"]["data"]
     is_k6 = lambda r: r["mode"] == "clm" or (r["mode"] == "slm" and r["k"] == 0.6 and r["scope"] == "batch")
-    sections = [("efficiency", "1. Data efficiency", efficiency(runs)),
+    sections = [("efficiency", "1. Data efficiency", efficiency(runs, tests)),
                 ("selection", "2. Selection audit", selection(runs)),
                 ("dynamics", "3. Token-loss dynamics", dynamics(outs, runs)),
                 ("highlight", "4. Token highlighting", highlight(outs, runs, data_dir)),
@@ -451,8 +830,10 @@ def report(outs):
     seeds = ", ".join(f"{o} (seed {g[0]['config']['seed']})" for o, g in zip(outs, groups))
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>rho report: {esc(outs[0])}</title>"
             f"<style>{style}</style></head><body><h1>rho report</h1><p>Folders: {esc(seeds)}. Runs: "
-            f"{esc(', '.join(runs))}. Written by <code>python report.py {esc(' '.join(outs))}</code>. Over several "
-            f"seeds a difference is called one only when every seed shows it.</p>\n{body}</body></html>")
+            f"{esc(', '.join(runs))}. Written by <code>python report.py {esc(' '.join(outs))}</code>. Every difference "
+            "is paired with the base run of the same seed, and called one (*, bold) only when its test, corrected "
+            "(Holm) over the tests of its table, rejects at 5% and its interval at the level of its Holm step "
+            f"excludes 0; each table says how.</p>\n{body}</body></html>")
     path = os.path.join(outs[0], "report.html")
     rho.write_atomic(path, page.encode())  # utf-8, as the page declares
     rho.write_json(os.path.join(outs[0], "report.json"), {"folders": outs, "runs": list(runs),
@@ -461,9 +842,9 @@ def report(outs):
     return path
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="One self-contained HTML page (report.html) and report.json from the runs "
-                                "of rho.py in an --out folder, or in several: the same pipeline with other seeds. "
-                                "Written into the first folder.", allow_abbrev=False)
+    p = argparse.ArgumentParser(description="The table of the runs of rho.py in an --out folder, or in several (the "
+                                "same pipeline with other seeds), and one self-contained HTML page (report.html) and "
+                                "report.json, written into the first folder.", allow_abbrev=False)
     p.error = lambda msg: rho.die(f"{msg} (python report.py --help)")  # argparse's errors in one line
     p.add_argument("folders", nargs="*", default=["out"], help="--out folders of rho.py, one per seed (default: out)")
     return report(p.parse_args(argv).folders)

@@ -7,12 +7,12 @@ rho.py: Selective Language Modeling (Rho-1: Lin et al. 2024, arXiv 2404.07965) i
     python rho.py --clm            # continual pretraining of the base on web, loss on every token (the baseline)
     python rho.py --slm --k 0.6    # the same run, loss on the top 60% of tokens by excess loss
     python rho.py --slm --k 0.6 --select random   # the control: the same k, random tokens
-    python rho.py --compare        # one table of every run in --out
+    python report.py               # one table of every run in out/, and out/report.html
 
 At scale: torchrun --standalone --nproc_per_node 8 rho.py --slm --preset gpt2-owm --data data/owm --out out-owm
-Beside it, importing it: bench.py (speed and memory, side by side) and report.py (an HTML report, over seeds).
-The file reads in the order the data flows: config, model, processes, data, the SLM loss, the fused head, reference
-scoring, evaluation, training, comparison, main.
+Beside it, importing it: bench.py (speed and memory, side by side) and report.py (the table, an HTML report, over
+seeds). The file reads in the order the data flows: config, model, processes, data, the SLM loss, the fused head,
+reference scoring, evaluation, training, main.
 """
 import argparse
 import contextlib
@@ -38,7 +38,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from prepare import file_sha256, final_answer, get_encoding, write_atomic  # noqa: E402
+from prepare import ANSWER, file_sha256, final_answer, get_encoding, write_atomic  # noqa: E402
 
 IGNORE = -1  # target id that is never trained on and never selected
 
@@ -831,9 +831,10 @@ def score_web(model, meta, cfg, run):
 # evaluation: the target-distribution val loss (hq val), the web val loss, answer accuracy (greedy, exact match)
 
 def eval_sets(cfg, meta, web):
-    """What every evaluation reads: hq val windows, the val windows of web (web_windows) and the held-out problems."""
+    """What every evaluation reads: hq val windows, the val windows of web (web_windows) and the held-out problems
+    (all of eval.json: the final evaluation reads them all, the others the first --eval_problems)."""
     path = os.path.join(cfg.data, "eval.json")
-    problems = read_json(path)[:cfg.eval_problems]
+    problems = read_json(path) if cfg.eval_problems else []
     if cfg.eval_problems and not problems:
         die(f"{path}: no eval problems (prepare.py found no \"#### N\" or \"The answer is: N\" answer in --val): "
             f"prepare the data with such a --val, or pass --eval_problems 0 to train without measuring accuracy")
@@ -850,55 +851,68 @@ def val_loss(model, w, ws, device):
     return total / n
 
 @torch.no_grad()
-def generate(model, prompts, max_new, stop=None):
+def generate(model, prompts, max_new, done=None):
     """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with a KV cache; it ends early once
-    every row has generated the token stop."""
+    done(the tokens a row has generated) holds for every row."""
     T, device = model.config.block_size, model.lm_head.weight.device
     max_new = min(max_new, T // 2)
     prompts = [p[-(T - max_new):] for p in prompts]  # prompt and generated tokens fit the context
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
-    caches, out, eot = [[] for _ in model.transformer.h], [], torch.zeros(len(prompts), dtype=torch.bool)
+    caches, out, ended = [[] for _ in model.transformer.h], [], [False] * len(prompts)
     h = model(idx, pad, caches)
     for _ in range(max_new):
-        nxt = model.lm_head(h[:, -1]).argmax(-1)
-        out.append(nxt)
-        eot |= (nxt == stop).cpu() if stop is not None else eot
-        if eot.all():  # every row has ended its answer: what follows is cut anyway
-            break
-        h = model(nxt[:, None], pad, caches)
+        out.append(model.lm_head(h[:, -1]).argmax(-1))
+        if done is not None:  # the batch keeps its shape to the end, so stopping early changes no token
+            ended = [e or done(row) for e, row in zip(ended, torch.stack(out, 1).tolist())]
+            if all(ended):
+                break
+        h = model(out[-1][:, None], pad, caches)
     return torch.stack(out, 1).tolist()
 
-def answer_accuracy(model, problems, enc, max_new=48):
-    """The share of problems whose generated text's final answer ('#### N' or 'The answer is: N', read by prepare's
-    final_answer as a normalised number) equals the reference answer; None without problems (--eval_problems 0)."""
-    if not problems:
-        return None
-    correct = 0
+def answered(text):
+    """Whether text's final answer is settled: final_answer reads the first '#### N' or 'The answer is: N', and once
+    a line has ended after it, no token that follows can change that number."""
+    m = ANSWER.search(text)
+    return m is not None and "\n" in text[m.end():]
+
+def answers(model, problems, enc, max_new=48):
+    """1 or 0 per problem: whether the final answer of the text generated for its prompt ('#### N' or 'The answer is:
+    N', read by prepare's final_answer as a normalised number) equals the reference answer."""
+    def text(o):  # up to the end-of-text token; padded ids (beyond the vocabulary) dropped
+        o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
+        return enc.decode([t for t in o if t < enc.n_vocab])
+    done = lambda o: enc.eot_token in o or answered(text(o))  # what follows either cannot change the answer
+    correct = []
     for i in range(0, len(problems), 64):
         chunk = problems[i:i + 64]
-        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new,
-                        enc.eot_token)
-        for p, o in zip(chunk, outs):
-            o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
-            correct += final_answer(enc.decode([t for t in o if t < enc.n_vocab])) == p["answer"]  # padded ids: none
-    return round(correct / len(problems), 4)
+        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new, done)
+        correct += [int(final_answer(text(o)) == p["answer"]) for p, o in zip(chunk, outs)]
+    return correct
+
+def accuracy(correct):
+    return round(sum(correct) / len(correct), 4) if correct else None  # None: not measured (--eval_problems 0)
 
 def percent(accuracy):
     return "-" if accuracy is None else f"{accuracy:.1%}"  # None: not measured (--eval_problems 0)
 
 @torch.no_grad()
-def evaluate(model, ev, cfg):
+def evaluate(model, ev, cfg, final=False):
     """The measures of one evaluation, and per-token records of a fixed token set (the first 8 hq val windows, the
-    web val windows; float16) with the web val tokens that this run's rule would select now."""
+    web val windows; float16) with the web val tokens that this run's rule would select now. The accuracy is on the
+    first --eval_problems problems, the same at every evaluation; the final one also answers all the others and
+    keeps each answer's 0/1 (correct), for tests paired problem by problem."""
     model.eval()
     x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # web_split keeps them to one batch
     web = model_token_loss(model, x, y)  # (n_val, T)
     hq = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T))))  # 128 windows or 32k tokens, or all
+    correct = answers(model, ev["problems"] if final else ev["problems"][:cfg.eval_problems], ev["enc"])
     measures = {"val_loss_hq": round(val_loss(model, ev["hq"], hq, cfg.device), 4),
                 "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
-                "accuracy": answer_accuracy(model, ev["problems"], ev["enc"])}
+                "accuracy": accuracy(correct[:cfg.eval_problems])}
+    if final and correct:
+        measures["correct"] = correct
     x_hq, y_hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: the training RNG stays untouched
     sel = select_tokens(web, y, ref, cfg.k, cfg.scope, cfg.select, gen)
@@ -1099,12 +1113,14 @@ def write_token_losses(path, state, ev):
 def finish(cfg, meta, name, state, out_dir, model, extra):
     """Writes <out>/<name>/metrics.json: the run's config, its evaluations, every step's loss, and what the bits of a
     CPU run depend on (torch, threads, CPU kernels)."""
-    last = state["history"][-1]
+    last, history = state["history"][-1], [{m: v for m, v in h.items() if m != "correct"} for h in state["history"]]
+    correct = last.get("correct")  # the final evaluation's answers to all the problems, or None (--eval_problems 0)
     metrics = {"run": name, "mode": cfg.mode, "k": cfg.k, "select": cfg.select, "scope": cfg.scope, "steps": cfg.steps,
                "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
                "wall_s": round(state["wall_s"], 2), "eval_s": round(sum(h["eval_s"] for h in state["history"]), 2),
-               "final": {m: last[m] for m in ("val_loss_hq", "val_loss_web", "accuracy")},
-               "history": state["history"], "losses": state["losses"], "config": asdict(cfg),
+               "final": {"val_loss_hq": last["val_loss_hq"], "val_loss_web": last["val_loss_web"],
+                         "accuracy": accuracy(correct) if correct else last["accuracy"], "correct": correct},
+               "history": history, "losses": state["losses"], "config": asdict(cfg),
                "model_config": asdict(model.config), "n_params": sum(p.numel() for p in model.parameters()),
                "data": {"encoding": meta["encoding"], "sha256": meta["sha256"]}, "init_sha256": state["init_sha256"],
                **({"ref_weights_sha256": state["ref_sha256"]} if state["ref_sha256"] else {}), **extra,
@@ -1114,7 +1130,8 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
         metrics.update(noise_shares(state["by_label"], meta["labels"]))
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} "
-          f"acc {percent(last['accuracy'])} -> {out_dir}/metrics.json")
+          f"acc {percent(metrics['final']['accuracy'])}{f' ({len(correct)} problems)' if correct else ''} -> "
+          f"{out_dir}/metrics.json")
     return metrics
 
 RUN_FILES = ("ckpt.pt", "metrics.json", "tokens.npz", "ref_scores.bin", "ref_scores.bin.json",
@@ -1224,7 +1241,7 @@ def train(cfg, shape):
             if n_labels:  # every process counted its own share
                 sum_ranks(counts)
             if master:
-                measures, records = evaluate(model, ev, cfg)
+                measures, records = evaluate(model, ev, cfg, step + 1 == cfg.steps)
                 measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s
                 n, dt = step + 1 - last, now - t_last
                 line = record(state, step + 1, measures, counts.tolist(), n, loss_sum, meta.get("labels"))
@@ -1235,7 +1252,7 @@ def train(cfg, shape):
                       f"{(cfg.steps - step - 1) * dt / n:.0f}s", flush=True)
             t_last, last, loss_sum = time.time(), step + 1, 0.0
             counts.zero_()
-    extra = {"eval_problems": len(ev["problems"])}
+    extra = {"eval_problems": len(ev["problems"][:cfg.eval_problems])}
     if cfg.mode == "ref":  # every process scores its share
         info = score_web(model, meta, cfg, name)
         extra.update(score_s=info["score_s"], score_tok_s=info["score_tok_s"])
@@ -1244,122 +1261,13 @@ def train(cfg, shape):
         return finish(cfg, meta, name, state, out_dir, model, extra)
 
 # -----------------------------------------------------------------------------
-# comparison: one table of every run in --out (report.py compares several folders: seeds)
-
-def wilson(p, n, z=1.96):
-    """The 95% (Wilson) interval of a share p of n trials: answer accuracy over n problems."""
-    if not n:
-        return 0.0, 1.0
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
-
-def tokens_to_reach(history, target, key="tokens_seen", measure="val_loss_hq"):
-    """Tokens (linearly interpolated between evaluations) at which a measure first reaches target: a loss at or
-    below it, accuracy at or above it; None if never (or not measured: --eval_problems 0)."""
-    if target is None or any(h[measure] is None for h in history):
-        return None
-    reached = (lambda v: v <= target) if measure.startswith("val_loss") else (lambda v: v >= target)
-    prev = None
-    for h in history:
-        if reached(h[measure]):
-            if prev is None or prev[measure] == h[measure]:
-                return h[key]
-            f = (prev[measure] - target) / (prev[measure] - h[measure])
-            return prev[key] + f * (h[key] - prev[key])
-        prev = h
-    return None
-
-RUN_KEYS = ("run", "mode", "k", "select", "scope", "config", "final", "history", "tokens_seen", "tokens_trained",
-            "wall_s", "eval_problems", "n_params")  # what compare and report.py read of every run
-ORDER = ("base", "ref", "clm", "slm")  # the pipeline's
-
-def read_metrics(path, out):
-    """A run's metrics.json, or one line naming it: cut short (a copy or a full disk) or written by another rho."""
-    why = (f"the run may be unfinished or written by another rho version: re-run it with --resume, or move "
-           f"{os.path.dirname(path)} out of {out}")
-    try:
-        r = read_json(path)
-    except ValueError as e:  # UnicodeDecodeError is one too
-        die(f"{path}: not valid JSON ({e}): {why}")
-    missing = [k for k in RUN_KEYS if k not in r] if isinstance(r, dict) else [RUN_KEYS[0]]
-    if missing:
-        die(f"{path}: no key {missing[0]!r}: {why}")
-    if r["mode"] not in ORDER:
-        die(f"{path}: mode {r['mode']!r} unknown: {why}")
-    return r
-
-def load_runs(out):
-    """metrics.json of every finished run in the folder out, in pipeline order; runs with a checkpoint but no
-    metrics.json are named, one line each."""
-    runs = []
-    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        if os.path.isfile(os.path.join(out, name, "metrics.json")):
-            runs.append(read_metrics(os.path.join(out, name, "metrics.json"), out))
-        elif os.path.isfile(os.path.join(out, name, "ckpt.pt")):
-            print(f"{name}: unfinished (no metrics.json; `--resume` continues it)")
-    if not runs:
-        die(f"{out}: no runs with metrics.json: run `python rho.py --base`, `--ref`, `--clm`, `--slm --k 0.6` first")
-    return sorted(runs, key=lambda r: (ORDER.index(r["mode"]), r["run"]))
-
-def differ(runs, key):
-    """'names: value; names: value' of runs grouped by key(run) where they take more than one value, else None."""
-    groups = {}
-    for r in runs:
-        groups.setdefault(key(r), []).append(r["run"])
-    return "; ".join(f"{', '.join(names)}: {v}" for v, names in groups.items()) if len(groups) > 1 else None
-
-def reach(r, clm, measure):
-    """'tokens (CLM's tokens over them)' until run r first reaches CLM's final value of a measure."""
-    if not clm or r["mode"] not in ("clm", "slm") or None in (r["final"][measure], clm["final"][measure]):
-        return "-"
-    t = tokens_to_reach(r["history"], clm["final"][measure], measure=measure)
-    return "never" if t is None else f"{t / 1e6:.2f}M {clm['tokens_seen'] / t:.1f}x"
-
-def compare(cfg):
-    runs = load_runs(cfg.out)
-    clm = next((r for r in runs if r["run"] == "clm"), None)
-    head = (f"{'run':<18}{'val hq':>8}{'val web':>9}{'acc [95% CI]':>18}{'seen':>8}{'trained':>9}{'noise-in-sel':>14}"
-            f"{'wall':>6}{'to CLM loss':>13}{'to CLM acc':>13}")
-    print(head + "\n" + "-" * len(head))
-    for r in runs:
-        f, (lo, hi) = r["final"], wilson(r["final"]["accuracy"], r["eval_problems"])
-        noise = "-" if "noise_in_selected" not in r else \
-            f"{r['noise_in_selected']['all']:.1%}/{r['noise_share_corpus']['all']:.0%}"
-        print(f"{r['run']:<18}{f['val_loss_hq']:>8.4f}{f['val_loss_web']:>9.4f}{percent(f['accuracy']):>7} "
-              f"{f'[{lo:.0%}-{hi:.0%}]' if r['eval_problems'] else ''}"
-              f"{r['tokens_seen'] / 1e6:>7.2f}M{r['tokens_trained'] / 1e6:>8.2f}M{noise:>14}{r['wall_s']:>5.0f}s"
-              f"{reach(r, clm, 'val_loss_hq'):>13}{reach(r, clm, 'accuracy'):>13}")
-    print(f"val hq: target-distribution val loss (nats/token); acc: answers right out of {runs[-1]['eval_problems']} "
-          "held-out problems, with its 95% interval;\nnoise-in-sel: noise share of the trained tokens / of the "
-          "corpus; to CLM loss, to CLM acc: tokens seen until the run first\nreaches CLM's final val hq or accuracy, "
-          "and CLM's tokens over that. One seed: report.py compares seeds.")
-    for r in runs:  # report.py breaks the noise down by kind
-        if "score_s" in r:
-            print(f"{r['run']}: scoring every web token took {r['score_s']:.0f}s ({r['score_tok_s']:,} tok/s), "
-                  f"beside {r['wall_s']:.0f}s of training")
-    cpt = [r for r in runs if r["mode"] in ("clm", "slm")]
-    if len({r["tokens_seen"] for r in cpt}) > 1:
-        print("note: the continual-pretraining runs saw different numbers of tokens: compare at equal tokens seen.")
-    by_weights = all(r.get("init_sha256") for r in cpt)  # runs of an older rho name their start (--init_from) only
-    starts = differ(cpt, (lambda r: r["init_sha256"][:12]) if by_weights else (lambda r: r["config"]["init_from"]))
-    if starts:
-        print(f"note: the continual-pretraining runs started from different "
-              f"{'weights' if by_weights else 'checkpoints (--init_from)'} ({starts}): not comparable.")
-    refs = differ([r for r in cpt if r.get("ref_weights_sha256")], lambda r: r["ref_weights_sha256"][:12])
-    if refs:
-        print(f"note: the SLM runs read the scores of different reference models ({refs}): their selections are not "
-              "comparable.")
-    return runs
-
-# -----------------------------------------------------------------------------
 # main
 
 MODES = {"base": "train a base model on the general corpus (base.bin; the demo has one)",
          "ref": "train the reference model on hq, then score every web token with it",
          "score": "score the web tokens again with an existing reference model (--name, default ref)",
          "clm": "continual pretraining on web, loss on every token (the baseline)",
-         "slm": "continual pretraining on web with the SLM loss (--k, --select, --scope)",
-         "compare": "print one table of every run in --out"}
+         "slm": "continual pretraining on web with the SLM loss (--k, --select, --scope)"}
 CHOICES = {"select": SELECT, "scope": ("batch", "sequence"), "dtype": ("auto", "float32", "bfloat16"),
            "preset": ("", *PRESETS)}
 
@@ -1371,7 +1279,7 @@ RUN_FLAGS = {"steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip",
              "compile", "score_batch", "eval_every", "eval_problems", "init_from", "preset", "resume", "overwrite",
              "name", "block_size", "n_layer", "n_head", "n_embd"}
 MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | {"k", "select", "scope",
-              "ref_run"}, "score": {"name", "score_batch", "dtype", "overwrite"}, "compare": set()}
+              "ref_run"}, "score": {"name", "score_batch", "dtype", "overwrite"}}
 
 def check_flags(a, mode, given):
     """Bad values and flags the mode ignores, each as one line, before anything runs."""
@@ -1390,7 +1298,7 @@ def check_flags(a, mode, given):
         if not v >= at_least or v == math.inf:  # NaN fails every comparison
             die(f"--{flag} {v}: must be {'0 or more' if at_least == 0 else 'positive'}"
                 + (" and finite" if isinstance(v, float) else ""))
-    if a.warmup >= a.steps and mode not in ("score", "compare"):
+    if a.warmup >= a.steps and mode != "score":
         die(f"--warmup {a.warmup}: must be fewer than --steps {a.steps}, or the LR never reaches --lr")
     if a.resume and a.overwrite:
         die("--resume --overwrite: continue the earlier run or replace it, not both; drop one")
@@ -1442,8 +1350,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg, shape = parse_args(argv)
-    if cfg.mode == "compare":
-        return compare(cfg)
     init_processes(cfg)  # one process, or one of torchrun's
     try:
         if cfg.mode != "score":

@@ -476,7 +476,12 @@ def test_fused_head_on_gpu_bf16(k, monkeypatch):
 def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo")
     prepare.main(["--out", str(d / "data"), "--web_tokens", "30000"])
-    record_files(d / "data")
+    problems = json.loads((d / "data" / "eval.json").read_text())
+    (d / "data" / "eval.json").write_text(json.dumps(problems[:48]))  # a final evaluation answers all: kept quick
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    meta["files"]["eval.json"] = {"bytes": (d / "data" / "eval.json").stat().st_size,
+                                  "sha256": prepare.file_sha256(d / "data" / "eval.json")}
+    (d / "data" / "meta.json").write_text(json.dumps(meta, indent=2))
     return d
 
 def run(demo, out, *args):
@@ -583,14 +588,14 @@ def test_batched_generation_equals_one_by_one():
     with torch.no_grad():  # and the first generated token is the plain forward's argmax
         assert batched[0][0] == model.lm_head(model(torch.tensor([prompts[0]])))[0, -1].argmax().item()
     for stop in {t for row in batched for t in row}:  # ends once every row has produced stop; the same tokens till then
-        early = rho.generate(model, prompts, 6, stop)
+        early = rho.generate(model, prompts, 6, lambda row: stop in row)
         ends = [row.index(stop) + 1 if stop in row else 6 for row in batched]
         assert len({len(r) for r in early}) == 1 and len(early[0]) == max(ends)
         assert all(e[:n] == b[:n] for e, b, n in zip(early, batched, ends))
 
 def test_answer_forms_of_the_data_and_of_generated_text(monkeypatch):
     """prepare.final_answer reads GSM8K's '#### N' and MetaMathQA's 'The answer is: N' as normalised numbers, both for
-    eval.json and in the model's text (answer_accuracy); without problems the accuracy is None, not 0."""
+    eval.json and in the model's text (answers); without problems the accuracy is None, not 0."""
     forms = {"#### 72": "72", "#### 1,000": "1000", "#### -3": "-3", "#### 12.5": "12.5", "#### 12.50": "12.5",
              "#### -0.5": "-0.5", "#### .5": "0.5", "####   007\n": "7", "#### -0": "0", "#### 7 apples": "7",
              "so 5 + 7 = 12.\nThe answer is: 12": "12", "The answer is: 12.": "12", "#### 7\nQuestion: #### 9": "7",
@@ -603,9 +608,21 @@ def test_answer_forms_of_the_data_and_of_generated_text(monkeypatch):
     assert prepare.eval_problem({"question": "Q?", "answer": "12"}) is None
     enc = prepare.get_encoding("bytes")
     out = [" 10 + 2.5 = 12.50\n#### 12.50\n", " The answer is: 1,000", " #### .5", " #### 12"]  # generated
-    monkeypatch.setattr(rho, "generate", lambda model, prompts, *_: [enc.encode_ordinary(s) + [enc.eot_token] for s in out])
+    monkeypatch.setattr(rho, "generate", lambda model, prompts, *_: [enc.encode_ordinary(s) + [enc.eot_token]
+                                                                     for s in out])
     problems = [{"prompt": "Q", "answer": a} for a in ("12.5", "1000", "0.5", "12.5")]
-    assert rho.answer_accuracy(None, problems, enc) == 0.75 and rho.answer_accuracy(None, [], enc) is None
+    assert rho.answers(None, problems, enc) == [1, 1, 1, 0] and rho.answers(None, [], enc) == []
+    assert rho.accuracy([1, 1, 1, 0]) == 0.75 and rho.accuracy([]) is None
+
+def test_a_row_ends_once_its_answer_is_settled():
+    """Decoding of a row stops once a line has ended after its first answer: no later token can change what
+    final_answer reads. Before that line ends, the number can still grow ('#### 7' -> '#### 72', '#### 7.' ->
+    '#### 7.5')."""
+    settled = ["#### 7\n", "#### 7.\n", "#### 7 apples\nQuestion:", "The answer is: 12\n", "#### 7\nQuestion: #### 9"]
+    open_ = ["#### 7", "#### 7.", "#### 7 apples", "5 + 7 = 12\n", "#### x\n", "#### 1,0"]
+    assert all(rho.answered(t) for t in settled) and not any(rho.answered(t) for t in open_)
+    for t in settled:  # and whatever follows, the answer read is the one read when decoding stopped
+        assert all(prepare.final_answer(t + more) == prepare.final_answer(t) for more in ("5", ".5", "\n#### 3", ""))
 
 def test_eval_set_of_metamath_records_and_an_empty_one_refused(tmp_path, capsys):
     """A --val of MetaMathQA records gives eval problems; a --val without answers is said by prepare.py, refused by
@@ -631,13 +648,14 @@ def test_eval_set_of_metamath_records_and_an_empty_one_refused(tmp_path, capsys)
     metrics = rho.main([*args, "--eval_problems", "0"])
     assert metrics["final"]["accuracy"] is None and {h["accuracy"] for h in metrics["history"]} == {None}
     capsys.readouterr()
-    rho.main(["--compare", "--out", str(tmp_path / "out")])
+    report.main([str(tmp_path / "out")])
     assert re.search(r"\nref +\d\.\d{4} +\d\.\d{4} +- +\d", capsys.readouterr().out)
 
 def test_wilson_interval():
-    lo, hi = rho.wilson(0.5, 200)
+    lo, hi = report.wilson(0.5, 200)
     assert abs(lo - 0.4314) < 1e-3 and abs(hi - 0.5686) < 1e-3  # the textbook values
-    assert rho.wilson(0.0, 200)[0] == 0.0 and 0.0 < rho.wilson(0.0, 200)[1] < 0.02 and rho.wilson(1.0, 10)[1] == 1.0
+    assert report.wilson(0.0, 200)[0] == 0.0 and 0.0 < report.wilson(0.0, 200)[1] < 0.02
+    assert report.wilson(1.0, 10)[1] == 1.0
 
 # -----------------------------------------------------------------------------
 # training: end to end; a fixed seed bitwise; resume against an uninterrupted run; many processes against one
@@ -653,17 +671,23 @@ def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
     m = json.loads((tmp_path / "slm-k0.6" / "metrics.json").read_text())
     assert m["run"] == "slm-k0.6" and m["k"] == 0.6 and m["steps"] == 4 and len(m["history"]) == 2
     assert m["tokens_seen"] == 4 * 4 * 32 and m["tokens_trained"] == 4 * math.ceil(0.6 * 4 * 32)
-    assert set(m["final"]) == {"val_loss_hq", "val_loss_web", "accuracy"}
+    problems = json.loads((demo / "data" / "eval.json").read_text())
+    assert set(m["final"]) == {"val_loss_hq", "val_loss_web", "accuracy", "correct"} and m["eval_problems"] == 4
+    assert len(m["final"]["correct"]) == len(problems) > 4 and set(m["final"]["correct"]) <= {0, 1}  # all of them
+    assert m["final"]["accuracy"] == round(sum(m["final"]["correct"]) / len(problems), 4)
+    assert all("correct" not in h for h in m["history"])  # the curve: the first --eval_problems, at every evaluation
     assert m["eval_s"] == round(sum(h["eval_s"] for h in m["history"]), 2) > 0  # what the evaluations cost
     assert "timestamp" in m["noise_in_selected"] and "all" in m["noise_share_corpus"]
     assert "score_s" in json.loads((tmp_path / "ref" / "metrics.json").read_text())
     capsys.readouterr()
-    rho.main(["--compare", "--out", str(tmp_path)])
+    report.main([str(tmp_path)])  # the table, and the page
     table = capsys.readouterr().out
     assert "slm-k0.6" in table and "clm" in table and "to CLM loss" in table and "to CLM acc" in table
+    print(table)
+    assert "\npaired with clm" in table and "(n=1: no t interval)" in table and "McNemar" in table
 
 def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys):
-    """A cut or key-less metrics.json: one line naming it, in --compare and report.py; a run with a checkpoint but no
+    """A cut or key-less metrics.json: one line naming it, in report.py; a run with a checkpoint but no
     metrics.json: one line saying it is unfinished, and the table of the others. Notes compare starting weights and
     reference models by their sha256 where runs record them, else by --init_from."""
     out = tmp_path / "out"
@@ -672,19 +696,19 @@ def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys)
     for text, msg in ((path.read_text()[:200], r"not valid JSON \(.*\)"),
                       (json.dumps({k: v for k, v in good.items() if k != "final"}), "no key 'final'")):
         path.write_text(text)
-        for main in (lambda: rho.main(["--compare", "--out", str(out)]), lambda: report.main([str(out)])):
-            with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(path))}: {msg}: the run may be unfinished "
-                                                 rf"or written by another rho version: re-run it with --resume, or "
-                                                 rf"move {re.escape(str(path.parent))} out of {re.escape(str(out))}$"):
-                main()
+        with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(path))}: {msg}: the run may be unfinished "
+                                             rf"or written by another rho version: re-run it with --resume, or "
+                                             rf"move {re.escape(str(path.parent))} out of {re.escape(str(out))}$"):
+            report.main([str(out)])
     path.write_text(json.dumps(good))
     random_run = json.loads((out / "random" / "metrics.json").read_text())
     os.remove(out / "random" / "metrics.json")
     capsys.readouterr()
-    runs = rho.main(["--compare", "--out", str(out)])
+    report.main([str(out)])
     table = capsys.readouterr().out
     assert table.startswith("random: unfinished (no metrics.json; `--resume` continues it)\n")
-    assert [r["run"] for r in runs] == ["ref", "excess"] and "\nexcess " in table and "note" not in table
+    assert json.loads((out / "report.json").read_text())["runs"] == ["ref", "excess"]
+    assert "\nexcess " in table and "note" not in table
     for a, b, note in ((dict(init_sha256="a" * 64), dict(init_sha256="a" * 64, config={**random_run["config"],
                         "init_from": "base"}), None),  # the same weights under another name
                        (dict(init_sha256="a" * 64), dict(init_sha256="b" * 64), "note: the continual-pretraining runs "
@@ -696,9 +720,9 @@ def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys)
                         "read the scores of different reference models (excess: cccccccccccc; random: dddddddddddd)")):
         path.write_text(json.dumps({**good, **a}))
         (out / "random" / "metrics.json").write_text(json.dumps({**random_run, **b}))
-        rho.main(["--compare", "--out", str(out)])
+        report.main([str(out)])
         printed = capsys.readouterr().out
-        assert (note in printed) if note else "note" not in printed
+        assert (note in printed) if note else "note" not in printed, printed
 
 def test_fixed_seed_is_bitwise_reproducible_across_processes(demo, tmp_path):
     """The same command in two fresh processes, from other folders: bitwise the same losses and evaluations."""
@@ -914,7 +938,6 @@ def test_silent_mistakes_refused(demo, tmp_path):
     for argv, msg in ((["--clm", "--k", "0.3", "--select", "random", "--scope", "sequence"],
                        r"--k --scope --select: --clm does not read them \(--slm's flags\); drop them"),
                       (["--score", "--steps", "3"], r"--steps: --score does not read it; drop it"),
-                      (["--compare", "--lr", "1"], r"--lr: --compare does not read it; drop it"),
                       (["--clm", "--warmup", "100", "--steps", "4"], r"--warmup 100: must be fewer than --steps 4"),
                       (["--clm", "--resume", "--overwrite"], r"--resume --overwrite: .* not both")):
         with pytest.raises(SystemExit, match=rf"^error: {msg}"):
@@ -1147,7 +1170,7 @@ def test_prepare_demo_is_deterministic_and_labelled(tmp_path):
     enc = prepare.get_encoding("bytes")
     clean = enc.decode(web[(labels == 0) & (web != enc.eot_token)][:2000].tolist())
     assert "Question:" in clean and "Posted by" not in clean and "sid=" not in clean
-    assert 0.2 < 1 - meta["label_share"]["clean"] < 0.5  # the documented noise share
+    assert 0.2 < 1 - meta["label_share"]["clean"] < 0.55  # the documented noise share, give or take a 20k-token sample
     hq_text = enc.decode(np.fromfile(tmp_path / "a" / "hq_train.bin", np.uint16).tolist())
     for p in json.loads((tmp_path / "a" / "eval.json").read_text()):
         assert p["prompt"] not in hq_text  # eval problems are held out
@@ -1520,22 +1543,127 @@ def test_loss_category_rule():
     noisy = np.array([[1.0], [0.5], [1.3]])  # the fit, not the endpoints: 1.0 -> 1.3 but the line rises by 0.3
     assert report.CATEGORIES[report.loss_category(noisy, t)[0]] == "L->H"
 
-def test_paired_differences_over_seeds():
+def test_t_quantiles_against_the_tables():
+    for p, df, want in ((0.975, 4, 2.776), (0.975, 1, 12.706), (0.975, 30, 2.042), (0.995, 10, 3.169)):
+        assert abs(report.t_ppf(p, df) - want) < 5e-4
+    assert abs(report.betainc(2, 3, 0.4) - 0.5248) < 1e-12  # I_x(2, 3) = x^2 (6 - 8x + 3x^2), by hand
+    assert abs(report.t_sf2(report.t_ppf(0.975, 7), 7) - 0.05) < 1e-9  # the p-value inverts the quantile
+
+def test_paired_t_interval_by_hand():
+    """d = 0.1 .. 0.5: mean 0.3, sd sqrt(0.025) = 0.15811, se 0.15811 / sqrt(5) = 0.070711, t(0.975, 4) = 2.7764:
+    0.3 -+ 0.19632 = [0.1037, 0.4963]. d = 0.1, 0.3, 0.2: mean 0.2, se 0.1 / sqrt(3), t = 3.4641 with 2 degrees of
+    freedom, whose two-sided p-value is 1 - t / sqrt(2 + t^2) = 1 - 3.4641 / 3.7417 = 0.07418."""
+    t = report.paired_t([0.1, 0.2, 0.3, 0.4, 0.5])
+    lo, hi = t["ci"](0.05)
+    assert abs(t["diff"] - 0.3) < 1e-12 and abs(lo - 0.1037) < 1e-4 and abs(hi - 0.4963) < 1e-4
+    t = report.paired_t([0.1, 0.3, 0.2])
+    assert abs(t["p"] - 0.07418) < 1e-5 and t["ci"](0.05)[0] < 0 < t["ci"](0.1)[0]  # 0.074: out at 90%, in at 95%
+    assert report.paired_t([0.2]) is None and report.paired_t([0.1, 0.1])["p"] == 0.0  # no spread: no interval
     runs = [{"final": {"val_loss_hq": v}} for v in (1.0, 2.0, 3.0)]
     lower = [{"final": {"val_loss_hq": v}} for v in (0.9, 1.8, 2.95)]
-    mixed = [{"final": {"val_loss_hq": v}} for v in (0.9, 2.1, 2.95)]
-    s, verdict = report.paired(lower, runs, report.final("val_loss_hq"))
-    assert verdict.startswith("a difference") and s["n"] == 3 and abs(s["mean"] + 0.1167) < 1e-3
-    assert report.paired(mixed, runs, report.final("val_loss_hq"))[1] == "within the spread of 3 seeds"
-    assert report.paired(lower[:1], runs[:1], report.final("val_loss_hq"))[1].startswith("one seed")
+    assert report.loss_test(lower[:1], runs[:1]) == {"diff": -0.09999999999999998, "why": "n=1: no t interval",
+                                                     "seeds": 1, "method": "paired t"}
+    assert report.loss_test(lower, runs)["seeds"] == 3 and abs(report.loss_test(lower, runs)["diff"] + 0.1167) < 1e-3
+
+def test_mcnemar_on_a_small_table():
+    """12 discordant pairs, 10 of them the run's: 2 P(X <= 2) with X ~ Bin(12, 1/2) = 2 (1 + 12 + 66) / 4096 =
+    0.038574. No discordant pair: p = 1. Balanced: p = 1 (capped). One-sided 5 of 5: 2 / 32 = 0.0625."""
+    assert abs(report.mcnemar(10, 2) - 158 / 4096) < 1e-15 and report.mcnemar(2, 10) == report.mcnemar(10, 2)
+    assert report.mcnemar(0, 0) == 1.0 and report.mcnemar(3, 3) == 1.0 and report.mcnemar(5, 0) == 0.0625
+
+def test_holm_on_a_small_family():
+    """alpha 0.05, p = 0.01, 0.04, 0.03, 0.005. Sorted: 0.005 <= 0.05/4 rejected; 0.01 <= 0.05/3 rejected; 0.03 >
+    0.05/2: stop, 0.03 and 0.04 kept. Adjusted: 4 * 0.005 = 0.02, 3 * 0.01 = 0.03, 2 * 0.03 = 0.06, max(0.06, 0.04)
+    = 0.06. Levels: their step's (0.0125, 0.01667), the kept ones the stopping step's (0.025)."""
+    out = report.holm([0.01, 0.04, 0.03, 0.005])
+    assert [o[1] for o in out] == [True, False, False, True]
+    assert np.allclose([o[0] for o in out], [0.03, 0.06, 0.06, 0.02])
+    assert np.allclose([o[2] for o in out], [0.05 / 3, 0.025, 0.025, 0.0125])
+
+def synthetic(losses, correct, data="same"):
+    """A run per seed with a final loss and per-problem records: what report.py reads of metrics.json."""
+    return [{"final": {"val_loss_hq": v, "accuracy": float(np.mean(c)), "correct": [int(x) for x in c]},
+             "eval_problems": len(c),
+             "data": {"sha256": data}} for v, c in zip(losses, correct)]
+
+def test_bootstrap_is_deterministic_and_resamples_seeds():
+    rng = np.random.default_rng(0)
+    d = list((rng.random((3, 300)) < 0.3).astype(int) - (rng.random((3, 300)) < 0.25).astype(int))
+    a, b = report.bootstrap(d, True), report.bootstrap(d, True)
+    assert a["ci"](0.05) == b["ci"](0.05) and a["diff"] == np.mean(d)
+    lo, hi = a["ci"](0.05)
+    assert lo < a["diff"] < hi and a["ci"](0.01)[0] < lo  # a wider interval at a stricter level
+    spread = np.zeros((3, 300), int)  # every problem alike within a seed, the seeds apart: the spread is the seeds'
+    spread[0, :90], spread[1, :30], spread[2, :3] = 1, 1, -1
+    for shared in (True, False):
+        lo, hi = report.bootstrap(list(spread), shared)["ci"](0.05)
+        flat_lo, flat_hi = report.bootstrap([spread.ravel()], shared)["ci"](0.05)  # the problems alone
+        assert hi - lo > 2 * (flat_hi - flat_lo)
+    one = [np.array([1] * 30 + [0] * 70)]  # one seed: the bootstrap of a mean of 0/1 over 100, sd sqrt(.21 / 100)
+    lo, hi = report.bootstrap(one, False)["ci"](0.05)
+    assert abs((hi - lo) / 2 - 1.96 * math.sqrt(0.21 / 100)) < 0.01
+    ragged = [d[0], d[1][:200]]  # each seed its own problems, of different numbers
+    assert report.bootstrap(ragged, False)["diff"] == (d[0].mean() + d[1][:200].mean()) / 2
+
+def test_calls_agree_with_intervals_and_records_missing():
+    """Holm over a table's tests (loss and accuracy together): a difference is called exactly where its interval,
+    at its Holm level, excludes 0; accuracy without per-problem records is not tested, and says so."""
+    rng = np.random.default_rng(1)
+    base = synthetic([1.0, 1.1, 0.9], rng.random((3, 200)) < 0.3)
+    groups = {"clm": base}
+    for i, (shift, p) in enumerate(((-0.1, 0.45), (0.0, 0.3), (-0.02, 0.33), (0.01, 0.2))):
+        groups[f"run{i}"] = synthetic([1.0 + shift, 1.1 + shift * 1.5, 0.9 + shift * 0.5], rng.random((3, 200)) < p)
+    tests = report.against(groups, "clm")
+    ts = [t for ts in tests.values() for t in ts.values()]
+    assert len(ts) == 8 and all(t["family"] == 8 for t in ts) and any(t["called"] for t in ts)
+    assert not all(t["called"] for t in ts)
+    assert all(t["called"] == ((t["lo"] > 0 or t["hi"] < 0) and t["p_holm"] <= 0.05) for t in ts)
+    loss = [ts["val_loss_hq"] for ts in tests.values()]  # for the t test, the interval and the test agree
+    assert all(t["called"] == (t["lo"] > 0 or t["hi"] < 0) == (t["p_holm"] <= 0.05) for t in loss)
+    acc = tests["run0"]["accuracy"]  # McNemar on the discordant pairs of the three seeds together
+    right, wrong = acc["discordant"]
+    d = [np.array(r["final"]["correct"]) - np.array(b["final"]["correct"]) for r, b in zip(groups["run0"], base)]
+    assert (right, wrong) == (sum((x == 1).sum() for x in d), sum((x == -1).sum() for x in d))
+    assert acc["p"] == report.mcnemar(right, wrong) and acc["problems"] == [200] * 3
+    one = report.against({n: rs[:1] for n, rs in groups.items()}, "clm")  # one seed: McNemar, no loss test
+    assert "p" in one["run0"]["accuracy"] and one["run0"]["val_loss_hq"]["why"] == "n=1: no t interval"
+    for r in groups["run1"]:
+        del r["final"]["correct"]
+    assert report.against(groups, "clm")["run1"]["accuracy"]["why"] == "no per-problem records"
+    assert "200 problems a seed" in report.noise(tests) and "known to +-6.9 points" in report.noise(tests)  # 98/sqrt(200)
+
+def test_smoothed_crossing_on_a_hand_made_curve():
+    """Loss 7 - x at x = 1..7 (tokens 100 x), with a dip of -2.5 at x = 3. Smoothed (a line through the 5 nearest
+    evaluations): at x = 3, 4, 5 the moving averages 3.5, 2.5, 1.5; at x = 1, 2 the line 6.5 - x (the dip at the
+    window's centre lowers it by 0.5); at x = 6, 7 the line 6.5 - x + 0.5 (x - 5): 1.0 and 0.5. The raw curve first
+    reaches 3.0 in the dip (x = 2.57); the smoothed one between 3.5 at x = 3 and 2.5 at x = 4: at x = 3.5."""
+    history = [{"tokens_seen": 100 * x, "val_loss_hq": 7.0 - x - (2.5 if x == 3 else 0), "wall_s": 10.0 * x}
+               for x in range(1, 8)]
+    assert np.allclose(report.smooth([h["tokens_seen"] for h in history], [h["val_loss_hq"] for h in history]),
+                       [5.5, 4.5, 3.5, 2.5, 1.5, 1.0, 0.5])
+    assert abs(report.crossing(history, 3.0, "val_loss_hq") - 350) < 1e-9
+    assert abs(report.crossing(history, 3.0, "val_loss_hq", "wall_s") - 35) < 1e-9
+    assert report.crossing(history, 0.4, "val_loss_hq") is None
+    up = [{"tokens_seen": h["tokens_seen"], "accuracy": -h["val_loss_hq"]} for h in history]  # accuracy: at or above
+    assert abs(report.crossing(up, -3.0, "accuracy") - 350) < 1e-9
+
+def test_clm_against_itself_is_one():
+    rng = np.random.default_rng(2)
+    clm = {"history": [{"tokens_seen": 100 * (i + 1), "val_loss_hq": 5 - 0.3 * i + rng.normal(0, 0.2),
+                        "accuracy": 0.1 + 0.02 * i + rng.normal(0, 0.03)} for i in range(12)]}
+    for m in ("val_loss_hq", "accuracy"):
+        assert report.speedup(clm, clm, m)[1] == 1.0
+    line = {"history": [{"tokens_seen": 100 * x, "val_loss_hq": 6.0 - x} for x in range(1, 6)]}  # reaches 1 at 500
+    faster = {"history": [{"tokens_seen": 100 * x, "val_loss_hq": 5.0 - x} for x in range(1, 6)]}  # at 400
+    assert report.speedup(faster, line, "val_loss_hq") == (400.0, 1.25)
 
 def test_speedups_say_how_many_seeds_never_reach():
     """A seed that never reaches CLM's final value is not averaged in silently: the report counts it."""
-    clm = [{"final": {"val_loss_hq": 1.0}, "tokens_seen": 100}] * 2
+    clm = [{"history": [{"tokens_seen": 100, "val_loss_hq": 1.0}]}] * 2
     reach, never = ({"history": [{"tokens_seen": 50, "val_loss_hq": v}]} for v in (0.9, 1.1))
     s, n = report.speedups([reach, never], clm, "val_loss_hq")
     assert (s["mean"], s["n"], n) == (2.0, 1, 1) and report.fmt_x(s, n) == "2.00x (never on 1 of 2 seeds)"
-    assert report.speedups([never], clm, "val_loss_hq") == (None, 1) and report.fmt_x(None) == "never"
+    assert report.speedups([never], clm, "val_loss_hq") == (None, 1) and report.fmt_x(None, 1) == "never"
 
 def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     for seed, out in ((1337, tmp_path / "a"), (7, tmp_path / "b")):
@@ -1553,7 +1681,9 @@ def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     assert set(rep["rules"]) == {"clm", "slm-k0.6", "slm-k0.6-entropy"}
     report.report([str(tmp_path / "a"), str(tmp_path / "b")])  # over two seeds: means, ranges, paired differences
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert rep["efficiency"]["slm-k0.6"]["seeds"] == 2 and rep["efficiency"]["slm-k0.6"]["diff_val_loss_hq"]["n"] == 2
+    vs = rep["efficiency"]["slm-k0.6"]["vs_clm"]
+    assert rep["efficiency"]["slm-k0.6"]["seeds"] == 2 and vs["val_loss_hq"]["seeds"] == 2 and "lo" in vs["val_loss_hq"]
+    assert "every seed" not in (tmp_path / "a" / "report.html").read_text() and "polygon" in html
     for r in ("clm", "slm-k0.6"):  # runs without their token records: the report says so, and does not crash
         os.remove(tmp_path / "a" / r / "tokens.npz")
         os.remove(tmp_path / "b" / r / "tokens.npz")
