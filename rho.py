@@ -98,16 +98,16 @@ HELP = {
     "dtype": "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)", "compile": "torch.compile the model's forward",
     "score_batch": "windows per forward when scoring", "eval_every": "steps between evaluations and checkpoints",
     "eval_problems": "held-out problems for answer accuracy", "init_from": "start from a run in --out (the demo's "
-    "default: base), a ckpt.pt, scratch (random weights), or GPT-2 through transformers: gpt2 | gpt2-medium | "
-    "gpt2-large | gpt2-xl | a save_pretrained directory", "preset": "defaults for the paper's setting at small scale "
-    "(see PRESETS); flags given explicitly win", "resume": "continue <out>/<name>/ckpt.pt where it stopped",
+    "default: base), a ckpt.pt, scratch (random weights), or a transformers causal LM: hf:NAME (hf:gpt2, "
+    "hf:TinyLlama/TinyLlama_v1.1, ...) or a save_pretrained directory", "preset": "defaults for the paper's "
+    "setting (see PRESETS); flags given explicitly win", "resume": "continue <out>/<name>/ckpt.pt where it stopped",
     "overwrite": "replace the files of an earlier run of this name (a finished run is otherwise refused)",
     "device": "cpu, cuda or cuda:N"}
 
 PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags win), then per stage
     "gpt2-owm": {  # the paper's setting at small scale: GPT-2 124M from OpenAI's weights, a GSM8K/MetaMath-like
         # hq corpus, OpenWebMath-like web; 2000 steps of 512 x 1024 tokens = 1.05B tokens of continual pretraining
-        "init_from": "gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100,
+        "init_from": "hf:gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100,
         "eval_every": 250, "eval_problems": 200, "compile": True, "k": 0.6,
         "ref": {"steps": 600, "lr": 1e-4},  # 315M tokens: 3 epochs of ~100M hq tokens (the paper: 3 epochs)
         "clm": {"steps": 2000, "lr": 1e-4}, "slm": {"steps": 2000, "lr": 1e-4}},
@@ -188,31 +188,6 @@ class GPT(nn.Module):
             x = block(x, mask, caches[i] if caches is not None else None)
         return self.transformer.ln_f(x)
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 on the Hugging Face hub
-
-def is_gpt2(init_from):
-    """--init_from names OpenAI's GPT-2 or a directory saved with transformers' save_pretrained."""
-    return init_from in GPT2_NAMES or (bool(init_from) and os.path.isfile(os.path.join(init_from, "config.json")))
-
-def gpt_from_hf(hf, block_size=None):
-    """Our GPT with the weights of a transformers GPT2LMHeadModel (nanoGPT's from_pretrained), its context cropped to
-    block_size. The vocabulary stays HF's 50257: a padded row would put a logit of 0 into every softmax."""
-    c, name = hf.config, hf.config.name_or_path or "model"
-    same_math = {"model_type": c.model_type == "gpt2", "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5,
-                 "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
-                 "tie_word_embeddings": c.tie_word_embeddings, "n_inner": c.n_inner in (None, 4 * c.n_embd),
-                 "scale_attn_weights": c.scale_attn_weights, "add_cross_attention": not c.add_cross_attention,
-                 "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx}
-    if not all(same_math.values()):
-        die(f"{name}: {', '.join(f'{key}={getattr(c, key)!r}' for key, ok in same_math.items() if not ok)}: rho's GPT "
-            "is plain GPT-2 (gelu_new, layer_norm_epsilon 1e-5, tied embeddings, MLP of 4*n_embd, no cross-attention)")
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
-    sd = {key: v.t() if key.endswith(conv1d) else v for key, v in hf.state_dict().items()
-          if not key.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers of older transformers
-    shape = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                      n_embd=c.n_embd)
-    return gpt_with_context(shape, sd, block_size, name)
-
 def gpt_with_context(shape, sd, block_size, source):
     """A GPT of this shape with the weights sd, its context cropped to block_size (nanoGPT's crop_block_size: the
     first block_size position embeddings), strict: every weight mapped."""
@@ -224,23 +199,70 @@ def gpt_with_context(shape, sd, block_size, source):
     model.load_state_dict({**sd, "transformer.wpe.weight": sd["transformer.wpe.weight"][:T]})
     return model
 
-def load_gpt2(name):
-    """transformers' GPT2LMHeadModel: a hub name (through the Hugging Face cache) or a save_pretrained directory."""
+def is_hf(init_from):
+    """--init_from names a transformers causal LM: hf:NAME on the hub, or a directory saved with save_pretrained."""
+    return init_from.startswith("hf:") or os.path.isfile(os.path.join(init_from, "config.json"))
+
+class HF(nn.Module):
+    """A transformers causal LM in our GPT's place: its body gives the final hidden states (B, T, C), its head weight
+    goes to rho's fused head. Built without dropout (our GPT has none). config: its shape, as a GPTConfig."""
+
+    def __init__(self, hf, block_size, source):
+        super().__init__()
+        c, self.hf = hf.config, hf
+        T = block_size or min(c.max_position_embeddings, 2048)  # default: the model's context, at most the paper's
+        if T > c.max_position_embeddings:
+            die(f"--block_size {T}: {source} has {c.max_position_embeddings} positions; pass --block_size "
+                f"{c.max_position_embeddings} or less")
+        self.config = GPTConfig(T, self.lm_head.weight.shape[0], c.num_hidden_layers, c.num_attention_heads,
+                                c.hidden_size)
+        with torch.no_grad():  # the head must be h @ W.T: no soft-capping, logit scale or bias (Gemma 2, Granite)
+            idx = torch.arange(8)[None] % self.config.vocab_size
+            if not torch.allclose(hf(idx).logits, self(idx) @ self.lm_head.weight.t(), rtol=1e-4, atol=1e-4):
+                die(f"--init_from {source}: its logits are not a plain linear map of its final hidden states (logit "
+                    "soft-capping, scaling or a head bias): rho's fused head computes h @ W.T; use another model")
+
+    @property
+    def lm_head(self):  # the model's own head, tied or not (a property: not a second copy in the state_dict)
+        return self.hf.get_output_embeddings()
+
+    def forward(self, idx, pad=None, caches=None):
+        """Hidden states (B, T, C) as GPT.forward; for generation, pad and caches (caches[0]: transformers' cache)."""
+        if caches is None:
+            return self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state
+        past = caches[0][0] if caches[0] else None
+        keys = torch.arange((past.get_seq_length() if past else 0) + idx.shape[1], device=idx.device)
+        pos = (keys[None, -idx.shape[1]:] - pad[:, None]).clamp(min=0)
+        out = self.hf.base_model(input_ids=idx, attention_mask=(keys[None] >= pad[:, None]).long(), position_ids=pos,
+                                 past_key_values=past, use_cache=True)
+        caches[0][:] = [out.past_key_values]
+        return out.last_hidden_state
+
+def load_hf(source, block_size=None, config=None):
+    """HF of a hub name (hf:NAME, through the Hugging Face cache) or a save_pretrained directory; with config (a JSON
+    string, from a rho checkpoint), the model of that config with random weights."""
     try:
-        from transformers import GPT2LMHeadModel  # lazily: only GPT-2 runs need transformers
+        import transformers  # lazily: only these runs need transformers
     except ImportError:
-        die(f"--init_from {name}: needs transformers: pip install transformers")
+        die(f"--init_from {source}: needs transformers: pip install transformers")
+    name, auto = source.removeprefix("hf:"), transformers.AutoModelForCausalLM
     try:
-        hf, info = GPT2LMHeadModel.from_pretrained(name, output_loading_info=True)
-    except OSError as e:
+        c = transformers.AutoConfig.for_model(**json.loads(config)) if config else \
+            transformers.AutoConfig.from_pretrained(name)
+        for key, v in c.to_dict().items():
+            if "drop" in key and isinstance(v, float):  # no dropout: GPT-2's resid_pdrop, Llama's attention_dropout
+                setattr(c, key, 0.0)
+        hf, info = (auto.from_config(c), {"missing_keys": ()}) if config else \
+            auto.from_pretrained(name, config=c, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError) as e:
         why = (str(e).strip() or type(e).__name__).splitlines()[0]
-        die(f"--init_from {name}: " + (f"not a loadable GPT-2 directory ({why})" if os.path.isdir(name) else
+        die(f"--init_from {source}: " + (f"not a loadable transformers model ({why})" if os.path.isdir(name) else
             f"could not load it ({why}): run once with network to fill the Hugging Face cache (HF_HUB_OFFLINE=1 then "
             "reads only the cache), or pass a directory saved with save_pretrained"))
-    if info["missing_keys"]:  # transformers would leave them randomly initialised
-        die(f"--init_from {name}: not a GPT-2 checkpoint, no weights for {', '.join(sorted(info['missing_keys'])[:3])}"
-            ", ...")
-    return hf
+    if info["missing_keys"]:  # transformers would leave them randomly initialised, and only warn
+        die(f"--init_from {source}: no weights for {', '.join(sorted(info['missing_keys'])[:3])}: not a causal LM "
+            "checkpoint (a base model without its head?)")
+    return HF(hf.float(), block_size, source)
 
 # -----------------------------------------------------------------------------
 # processes: one, or one per GPU under torchrun (DDP); each process holds a contiguous share of every step
@@ -855,7 +877,7 @@ def generate(model, prompts, max_new, stop=None):
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
-    caches, out, eot = [[] for _ in model.transformer.h], [], torch.zeros(len(prompts), dtype=torch.bool)
+    caches, out, eot = [[] for _ in range(model.config.n_layer)], [], torch.zeros(len(prompts), dtype=torch.bool)
     h = model(idx, pad, caches)
     for _ in range(max_new):
         nxt = model.lm_head(h[:, -1]).argmax(-1)
@@ -913,7 +935,9 @@ def save_checkpoint(path, model, opt, gen, step, cfg, meta, state):
     try:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(), "step": step,
                     "config": asdict(cfg), "model_config": asdict(model.config), "encoding": meta["encoding"],
-                    "n_vocab": meta["vocab_size"], "data_sha256": meta["sha256"], "state": state}, path + ".tmp")
+                    "n_vocab": meta["vocab_size"], "data_sha256": meta["sha256"], "state": state,
+                    **({"hf_config": model.hf.config.to_json_string()} if isinstance(model, HF) else {})},
+                   path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a kill leaves the previous checkpoint intact
     except (OSError, RuntimeError) as e:  # a full disk: torch.save raises either
         if os.path.exists(path + ".tmp"):
@@ -939,6 +963,14 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
             f"{meta['encoding']} ({meta['vocab_size']}): prepare the data with --encoding {ckpt['encoding']} or "
             f"train a new model")
     return ckpt
+
+def model_of(ckpt, block_size, path):
+    """The model of a rho checkpoint, ours or a transformers one, its context cropped to block_size."""
+    if "hf_config" in ckpt:
+        model = load_hf(path, block_size or ckpt["model_config"]["block_size"], ckpt["hf_config"])
+        model.load_state_dict(ckpt["model"])
+        return model
+    return gpt_with_context(GPTConfig(**ckpt["model_config"]), ckpt["model"], block_size, path)
 
 def start_from(cfg, meta):
     """--init_from, resolved: on data with a base corpus (the demo), --ref, --clm and --slm start from the base run,
@@ -967,16 +999,16 @@ def build_model(cfg, meta, shape):
     ignored = [f"--{key}" for key in given if key != "block_size"]
     if ignored and RANK == 0:
         print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from {cfg.init_from}", file=sys.stderr)
-    if is_gpt2(cfg.init_from):
-        if meta["encoding"] != "gpt2":
-            die(f"--init_from {cfg.init_from}: GPT-2 weights need data prepared with `python prepare.py ... "
-                f"--encoding gpt2`; {cfg.data} has encoding {meta['encoding']}")
-        return gpt_from_hf(load_gpt2(cfg.init_from), given.get("block_size")).to(cfg.device)
+    if is_hf(cfg.init_from):
+        model = load_hf(cfg.init_from, given.get("block_size"))
+        if meta["vocab_size"] > model.config.vocab_size or meta["encoding"] == "bytes":
+            die(f"--init_from {cfg.init_from}: its vocabulary ({model.config.vocab_size} tokens) is not that of "
+                f"{cfg.data} ({meta['encoding']}, {meta['vocab_size']}): prepare the data with `python prepare.py ... "
+                f"--encoding {cfg.init_from}` (its own tokenizer; GPT-2: --encoding gpt2)")
+        return model.to(cfg.device)
     run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")  # a path, or the name of a run in --out
     path = run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from
-    ckpt = load_checkpoint(path, meta, "base checkpoint")
-    return gpt_with_context(GPTConfig(**ckpt["model_config"]), ckpt["model"], given.get("block_size"),
-                            path).to(cfg.device)
+    return model_of(load_checkpoint(path, meta, "base checkpoint"), given.get("block_size"), path).to(cfg.device)
 
 # how a run computes or where it lives, not what it computes (the data itself is checked by its sha256)
 FREE_ON_RESUME = ("resume", "device", "compile", "micro_batch", "score_batch", "preset", "out", "name", "data")
@@ -1446,8 +1478,7 @@ def main(argv=None):
             return train(cfg, shape)
         meta, name = load_meta(cfg.data), run_name(cfg)
         ckpt = load_checkpoint(os.path.join(cfg.out, name, "ckpt.pt"), meta, "reference model")
-        model = GPT(GPTConfig(**ckpt["model_config"])).to(cfg.device)
-        model.load_state_dict(ckpt["model"])
+        model = model_of(ckpt, None, name).to(cfg.device)
         info = score_web(model, meta, cfg, name)
         if RANK == 0 and not os.path.isfile(os.path.join(cfg.out, name, "metrics.json")):
             print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): `python rho.py --ref "

@@ -44,59 +44,73 @@ def ref_of(*shape, generator=None, scale=1.0):
     return torch.rand(*shape, 2, generator=generator) * scale
 
 # -----------------------------------------------------------------------------
-# model: our GPT against transformers' GPT-2 (a tiny random one built here: no download)
+# model: a transformers causal LM (tiny random ones built here: no download) through rho's fused head, against
+# transformers' own loss with labels, every gradient, and the full-logits reference slm_loss
 
-def tiny_hf(vocab=50257, **kw):
-    """GPT-2's real vocabulary (unpadded, several head chunks), 2 layers of 32; every weight, bias and
-    LayerNorm perturbed so that a wrong transpose or a dropped bias shows."""
+def tiny_hf(vocab=50257, kind="gpt2", **kw):
+    """A tiny random causal LM of a kind (gpt2: GPT-2's real vocabulary by default, several head chunks; llama: an
+    untied head; qwen2: a tied head, q/k/v biases); every weight perturbed so that a wrong transpose or a dropped
+    bias shows."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, **kw)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=vocab, max_position_embeddings=64, **kw)
+    cfg = {"gpt2": lambda: transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, **kw),
+           "llama": lambda: transformers.LlamaConfig(**small, tie_word_embeddings=False),
+           "qwen2": lambda: transformers.Qwen2Config(**small, tie_word_embeddings=True),
+           "granite": lambda: transformers.GraniteConfig(**small, logits_scaling=2.0),
+           "gemma2": lambda: transformers.Gemma2Config(**small, head_dim=8, final_logit_softcapping=1.0)}[kind]()
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return hf
 
-def test_gpt2_logits_equal_transformers():
-    hf = tiny_hf()
-    model = rho.gpt_from_hf(hf).eval()
-    assert model.config == rho.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
-    assert model.lm_head.weight is model.transformer.wte.weight
-    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = hf(idx).logits
-        torch.testing.assert_close(model.lm_head(model(idx)), want, rtol=1e-5, atol=1e-5)
-        cropped = rho.gpt_from_hf(hf, block_size=16).eval()  # nanoGPT's crop_block_size: the first 16 positions
-        assert cropped.transformer.wpe.weight.shape == (16, 32)
-        torch.testing.assert_close(cropped.lm_head(cropped(idx[:, :16])), want[:, :16], rtol=1e-5, atol=1e-5)
-    with pytest.raises(SystemExit, match=r"--block_size 65: .*has 64 positions; pass --block_size 64 or less"):
-        rho.gpt_from_hf(hf, block_size=65)
-
-def test_gpt2_fused_head_loss_and_grads_equal_transformers():
-    hf = tiny_hf()
-    model = rho.gpt_from_hf(hf)
-    idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(2))  # 252 rows: 2 chunks of 128 (at V = 50257)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_hf_fused_head_loss_and_grads_equal_transformers(kind, tmp_path):
+    hf = tiny_hf(vocab=320, kind=kind)
+    hf.save_pretrained(tmp_path / kind)
+    model = rho.load_hf(str(tmp_path / kind), 33)
+    assert model.config == rho.GPTConfig(33, 320, 2, *((2, 32) if kind == "gpt2" else (4, 32)))
+    assert (model.lm_head.weight is model.hf.get_input_embeddings().weight) == (kind != "llama")
+    idx = torch.randint(0, 320, (4, 34), generator=torch.Generator().manual_seed(2))
     labels = idx.clone()
     labels[1, 10:20] = -100  # HF's ignore index; ours is IGNORE
     y = labels[:, 1:].masked_fill(labels[:, 1:] == -100, rho.IGNORE)
     hf_loss = hf(idx, labels=labels).loss
     loss, _, _ = rho.fused_slm_loss(model(idx[:, :-1]), model.lm_head.weight, y, None, cfg_of(1.0))
-    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-6, atol=1e-6)
     hf_loss.backward()
     loss.backward()
-    torch.testing.assert_close(model.transformer.wte.weight.grad, hf.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.grad, hf.transformer.h[0].attn.c_attn.weight.grad.t(), rtol=1e-4, atol=1e-6)
+    for name, p in hf.named_parameters():
+        torch.testing.assert_close(model.hf.get_parameter(name).grad, p.grad, rtol=1e-4, atol=1e-6)
+    ref = ref_of(4, 33, generator=torch.Generator().manual_seed(3))
+    h = model(idx[:, :-1])
+    want = rho.slm_loss(model.lm_head(h), y, ref, 0.5)
+    got = rho.fused_slm_loss(h, model.lm_head.weight, y, ref, cfg_of(0.5))
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    gw = [torch.autograd.grad(out, model.lm_head.weight, retain_graph=True)[0] for out in (want[0], got[0])]
+    torch.testing.assert_close(gw[1], gw[0], rtol=1e-4, atol=1e-6)
 
-@pytest.mark.parametrize("bad", [dict(activation_function="relu"), dict(layer_norm_epsilon=1e-6),
-                                 dict(scale_attn_by_inverse_layer_idx=True), dict(n_inner=64)])
-def test_gpt2_error_config_not_our_math(bad):
-    hf = tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0, **bad)
-    key, value = next(iter(bad.items()))
-    with pytest.raises(SystemExit, match=rf"{key}={value!r}: rho's GPT is plain GPT-2"):
-        rho.gpt_from_hf(hf)
+@pytest.mark.parametrize("kind", ["granite", "gemma2"])
+def test_hf_error_head_not_plain_linear(kind, tmp_path):
+    tiny_hf(vocab=320, kind=kind).save_pretrained(tmp_path / kind)
+    with pytest.raises(SystemExit, match=r"^error: --init_from .*: its logits are not a plain linear map of its final "
+                                         r"hidden states .*: rho's fused head computes h @ W.T; use another model$"):
+        rho.load_hf(str(tmp_path / kind))
 
-def test_gpt2_init_from_local_directory(tmp_path, capsys):
+def test_hf_batched_generation_equals_transformers(tmp_path):
+    """rho's generate on a transformers model (left padding, its KV cache) gives transformers' own greedy tokens."""
+    hf = tiny_hf(vocab=320, kind="llama")
+    hf.save_pretrained(tmp_path / "llama")
+    model = rho.load_hf(str(tmp_path / "llama"), 64).eval()
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    got = rho.generate(model, prompts, 6)
+    for p, g in zip(prompts, got):
+        assert hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist() == g
+
+def test_hf_init_from_local_directory(tmp_path, capsys):
     hf = tiny_hf()
     hf.save_pretrained(tmp_path / "tiny-gpt2")
     cfg, model_cfg = rho.parse_args(["--clm", "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32", "--device", "cpu"])
@@ -107,13 +121,15 @@ def test_gpt2_init_from_local_directory(tmp_path, capsys):
         torch.testing.assert_close(model.lm_head(model(idx)), hf(idx).logits, rtol=1e-5, atol=1e-5)
     transformers = pytest.importorskip("transformers")
     cfg_llama = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=320)
-    transformers.LlamaForCausalLM(cfg_llama).save_pretrained(tmp_path / "llama")
-    cfg.init_from = str(tmp_path / "llama")  # transformers would load it with random GPT-2 weights, and only warn
-    with pytest.raises(SystemExit, match=r"llama: not a GPT-2 checkpoint, no weights for transformer.h.0.attn"):
+    transformers.LlamaModel(cfg_llama).save_pretrained(tmp_path / "llama")  # a body without its head
+    cfg.init_from = str(tmp_path / "llama")  # transformers would load it with a random head, and only warn
+    with pytest.raises(SystemExit, match=r"llama: no weights for lm_head.weight: not a causal LM checkpoint"):
         rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
     cfg.init_from = str(tmp_path / "tiny-gpt2")
+    with pytest.raises(SystemExit, match=r"--block_size 65: .*tiny-gpt2 has 64 positions; pass --block_size 64 or less"):
+        rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, rho.GPTConfig(block_size=65))
     (tmp_path / "tiny-gpt2" / "model.safetensors").unlink()
-    with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable GPT-2 directory \(.*model.safetensors"):
+    with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable transformers model \(.*model.safetensors"):
         rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
 
 def test_gpt2_shape_flags_with_init_from(tmp_path, capsys):
@@ -1024,24 +1040,26 @@ def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"has no base corpus .*--init_from CKPT"):
         rho.main(["--base", "--data", str(tmp_path / "real"), "--out", str(tmp_path), *TINY])
 
-def test_gpt2_error_wrong_encoding(demo, tmp_path):
-    with pytest.raises(SystemExit, match=r"GPT-2 weights need data prepared with `python prepare.py ... --encoding gpt2`; .* has encoding bytes"):
-        rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from", "gpt2"])
+def test_hf_error_wrong_encoding(demo, tmp_path):
+    tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "tiny-gpt2")
+    with pytest.raises(SystemExit, match=r"its vocabulary \(320 tokens\) is not that of .* \(bytes, 257\): prepare the "
+                                         r"data with `python prepare.py ... --encoding .*tiny-gpt2` \(its own tokenizer"):
+        rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from", str(tmp_path / "tiny-gpt2")])
 
-def test_gpt2_error_transformers_missing_or_offline(tmp_path, monkeypatch):
-    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--device", "cpu"])
+def test_hf_error_transformers_missing_or_offline(tmp_path, monkeypatch):
+    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", "hf:gpt2", "--device", "cpu"])
     meta = {"encoding": "gpt2", "vocab_size": 50257}
     import sys
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    with pytest.raises(SystemExit, match=r"^error: --init_from gpt2: needs transformers: pip install transformers$"):
+    with pytest.raises(SystemExit, match=r"^error: --init_from hf:gpt2: needs transformers: pip install transformers$"):
         rho.build_model(cfg, meta, model_cfg)
     monkeypatch.undo()
     transformers = pytest.importorskip("transformers")
 
     def offline(*args, **kwargs):  # what from_pretrained raises with no network and an empty cache
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.\nCheck ...")
-    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", offline)
-    with pytest.raises(SystemExit, match=r"gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(SystemExit, match=r"hf:gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
                                          r"Hugging Face cache \(HF_HUB_OFFLINE=1 .*save_pretrained$"):
         rho.build_model(cfg, meta, model_cfg)
 
@@ -1101,7 +1119,7 @@ def test_error_bad_flags_one_line_each():
 
 def test_preset_values_are_defaults_that_flags_beat():
     cfg, model_cfg = rho.parse_args(["--slm", "--preset", "gpt2-owm", "--batch_size", "64", "--device", "cpu"])
-    assert (cfg.batch_size, cfg.micro_batch, cfg.steps, cfg.lr, cfg.init_from) == (64, 32, 2000, 1e-4, "gpt2")
+    assert (cfg.batch_size, cfg.micro_batch, cfg.steps, cfg.lr, cfg.init_from) == (64, 32, 2000, 1e-4, "hf:gpt2")
     cfg, _ = rho.parse_args(["--ref", "--preset", "gpt2-owm", "--steps", "10", "--device", "cpu"])
     assert (cfg.batch_size, cfg.steps, cfg.lr, cfg.k, cfg.select) == (512, 10, 1e-4, 1.0, "all")
 
