@@ -55,7 +55,8 @@ def tiny_hf(vocab=50257, kind="gpt2", **kw):
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=vocab, max_position_embeddings=64, **kw)
-    cfg = {"gpt2": lambda: transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, **kw),
+    cfg = {"gpt2": lambda: transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab,
+                                                  activation_function="gelu_pytorch_tanh", **kw),  # gelu_new, fast
            "llama": lambda: transformers.LlamaConfig(**small, tie_word_embeddings=False),
            "qwen2": lambda: transformers.Qwen2Config(**small, tie_word_embeddings=True),
            "granite": lambda: transformers.GraniteConfig(**small, logits_scaling=2.0),
@@ -1062,6 +1063,55 @@ def test_hf_error_transformers_missing_or_offline(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"hf:gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
                                          r"Hugging Face cache \(HF_HUB_OFFLINE=1 .*save_pretrained$"):
         rho.build_model(cfg, meta, model_cfg)
+
+def tiny_llama_with_tokenizer(path, texts):
+    """A tiny random Llama saved with save_pretrained, beside a byte-level BPE tokenizer trained here on texts (no
+    download) that starts every document with <s> (Llama's convention) and ends it with </s>."""
+    transformers, tok = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    tk = tok.Tokenizer(tok.models.BPE())
+    tk.pre_tokenizer, tk.decoder = tok.pre_tokenizers.ByteLevel(add_prefix_space=False), tok.decoders.ByteLevel()
+    tk.train_from_iterator(texts, tok.trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                         initial_alphabet=tok.pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = tok.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=320, max_position_embeddings=64, bos_token_id=0,
+                                   eos_token_id=1, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+
+def test_hf_model_and_tokenizer_end_to_end(tmp_path, capsys):
+    """prepare.py with a model's own tokenizer (its BOS/EOS at document boundaries), then --ref, --clm, --slm and
+    --compare, all from that model."""
+    qa = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+          for a in range(12) for b in range(12)]
+    web = [f"Page {i}: buy now, {i} deals. The sum of {i} and {i + 1} is {2 * i + 1}." for i in range(400)]
+    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    (tmp_path / "web.txt").write_text("\n\n".join(web) + "\n")
+    model = str(tmp_path / "tiny-llama")
+    tiny_llama_with_tokenizer(model, [r["question"] + " " + r["answer"] for r in qa] + web)
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    prepare.main(["--hq", str(tmp_path / "hq.jsonl"), "--web", str(tmp_path / "web.txt"), "--out", data,
+                  "--encoding", model, "--procs", "2"])
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert (meta["encoding"], meta["vocab_size"], meta["eot"], meta["dtype"]) == (model, 300, 1, "uint16")
+    ids = np.fromfile(tmp_path / "data" / "web.bin", np.uint16)
+    assert ids[0] == 0 and ids[-1] == 1 and (ids == 1).sum() == 400 and (ids == 0).sum() == 400  # <s> doc </s>
+    assert all(ids[i + 1] == 0 for i in np.flatnonzero(ids[:-1] == 1))  # every </s> followed by the next <s>
+    enc = prepare.get_encoding(model)
+    assert enc.decode(ids[:np.argmax(ids == 1)].tolist()) == web[0]
+    assert prepare.token_dtype(128256) == np.uint32  # Llama 3's vocabulary needs 32 bits
+    common = ["--data", data, "--out", out, "--init_from", model, "--steps", "2", "--batch_size", "4",
+              "--block_size", "32", "--eval_every", "2", "--eval_problems", "4", "--device", "cpu"]
+    rho.main(["--ref", *common])
+    clm, slm = rho.main(["--clm", *common]), rho.main(["--slm", "--k", "0.6", *common])
+    assert clm["model_config"] == slm["model_config"] == {"block_size": 32, "vocab_size": 320, "n_layer": 2,
+                                                         "n_head": 4, "n_embd": 32}
+    assert slm["tokens_trained"] == math.ceil(0.6 * 4 * 32) * 2 and clm["tokens_trained"] == 4 * 32 * 2
+    info = rho.main(["--score", "--data", data, "--out", out])  # the reference model again, from its checkpoint
+    assert "already holds this model's scores" in capsys.readouterr().out and info["n_tokens"] == len(ids)
+    runs = rho.main(["--compare", "--out", out])
+    assert [r["run"] for r in runs] == ["ref", "clm", "slm-k0.6"]
 
 def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypatch):
     """A tiny GPT-2 continually pretrained on gpt2-labelled data: resume equals an uninterrupted run, and the
