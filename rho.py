@@ -76,6 +76,8 @@ class RunConfig:  # every field is a flag: --help
     micro_batch: int = 0
     dtype: str = "auto"
     compile: bool = False
+    fsdp: bool = False
+    act_ckpt: bool = False
     score_batch: int = 64
     eval_every: int = 100
     eval_problems: int = 200
@@ -96,6 +98,8 @@ HELP = {
     "control", "seed": "seed of the model init, batch order and random selection", "micro_batch": "sequences per "
     "forward on each process (gradient accumulation; the top-k still spans the step); 0: the process's whole share",
     "dtype": "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)", "compile": "torch.compile the model's forward",
+    "fsdp": "under torchrun, shard parameters, gradients and AdamW's state across processes (FSDP2), not DDP",
+    "act_ckpt": "recompute each block's activations in the backward (less memory, a third more compute)",
     "score_batch": "windows per forward when scoring", "eval_every": "steps between evaluations and checkpoints",
     "eval_problems": "held-out problems for answer accuracy", "init_from": "start from a run in --out (the demo's "
     "default: base), a ckpt.pt, scratch (random weights), or a transformers causal LM: hf:NAME (hf:gpt2, "
@@ -272,12 +276,45 @@ RANK, WORLD, LOCAL = 0, 1, 0  # this process, the number of processes, its GPU: 
 def init_processes(cfg):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (nccl on GPUs, gloo on CPUs)."""
     global RANK, WORLD, LOCAL
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or cfg.fsdp:  # FSDP on one process too: a resume on fewer
         RANK, WORLD, LOCAL = (int(os.environ.get(key, 0)) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{LOCAL}"
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+
+def wrap(model, cfg):
+    """--act_ckpt: each block's activations recomputed in the backward. --fsdp (FSDP2): each block's parameters, and at
+    the root the rest (embeddings, head, final norm), sharded across processes and all-gathered for each forward and
+    backward; on CUDA bf16 parameters, gradients reduced in fp32. Before the optimizer: its parameters change."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    cuda = cfg.device.startswith("cuda")
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cuda else MixedPrecisionPolicy()
+    for block in next(m for m in model.modules() if isinstance(m, nn.ModuleList)) if cfg.act_ckpt or cfg.fsdp else ():
+        if cfg.act_ckpt:
+            checkpoint(block)
+        if cfg.fsdp:
+            fully_shard(block, mp_policy=mp)
+    # the root keeps its parameters gathered after the forward: the fused head reads the whole head weight after the
+    # model's forward, not inside it (it would otherwise get this process's shard of it, a DTensor)
+    return fully_shard(model, mp_policy=mp, reshard_after_forward=False) if cfg.fsdp else model
+
+def full_states(model, opt, cfg):
+    """(the model's, the optimizer's state_dict), whole: under FSDP gathered from every process (all must call it)."""
+    if not cfg.fsdp:
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, opt, options=whole)
+
+def load_states(model, opt, ckpt, cfg):
+    """full_states back into a model and optimizer, on any number of processes (FSDP shards them as it loads)."""
+    if not cfg.fsdp:
+        return model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
 
 def gather_rows(t):
     """Every process's rows of t, concatenated in rank order: the whole step's rows."""
@@ -931,9 +968,9 @@ def run_name(cfg):
     return f"slm-k{cfg.k:g}" + ("" if cfg.select == "excess" else f"-{cfg.select}") + \
         ("" if cfg.scope == "batch" else f"-{cfg.scope}")
 
-def save_checkpoint(path, model, opt, gen, step, cfg, meta, state):
+def save_checkpoint(path, model, states, gen, step, cfg, meta, state):
     try:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(), "step": step,
+        torch.save({"model": states[0], "optimizer": states[1], "rng": gen.get_state(), "step": step,
                     "config": asdict(cfg), "model_config": asdict(model.config), "encoding": meta["encoding"],
                     "n_vocab": meta["vocab_size"], "data_sha256": meta["sha256"], "state": state,
                     **({"hf_config": model.hf.config.to_json_string()} if isinstance(model, HF) else {})},
@@ -1011,7 +1048,8 @@ def build_model(cfg, meta, shape):
     return model_of(load_checkpoint(path, meta, "base checkpoint"), given.get("block_size"), path).to(cfg.device)
 
 # how a run computes or where it lives, not what it computes (the data itself is checked by its sha256)
-FREE_ON_RESUME = ("resume", "device", "compile", "micro_batch", "score_batch", "preset", "out", "name", "data")
+FREE_ON_RESUME = ("resume", "device", "compile", "act_ckpt", "micro_batch", "score_batch", "preset", "out", "name",
+                  "data")
 
 def check_resume(ckpt, cfg, model, meta, path):
     """--resume continues the run that was saved, or refuses: every flag that defines the run (k, select, scope,
@@ -1070,7 +1108,9 @@ def train_step(model, fwd, ddp, micro, cfg, gen):
     total = []
     for i, (x, y, ref, *_) in enumerate(micro):
         sync = WORLD == 1 or i == len(micro) - 1  # DDP all-reduces the gradients once, after the last micro-batch
-        with contextlib.nullcontext() if sync else ddp.no_sync():
+        if cfg.fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or cfg.fsdp else ddp.no_sync():
             with autocast(cfg):  # ddp: the model's forward (maybe compiled, maybe DDP); then the fused head
                 loss, every, sels[i] = fused_slm_loss(ddp(x), model.lm_head.weight, y, ref, cfg, gen, sels[i], n)
             (loss * WORLD if WORLD > 1 else loss).backward()  # DDP averages over processes: undo it
@@ -1192,12 +1232,13 @@ def train(cfg, shape):
     T = model.config.block_size
     train_w, hi, ref_sha = training_windows(cfg, meta, T)
     ev = eval_sets(cfg, meta, train_w if cfg.mode in ("clm", "slm") else web_windows(cfg, meta, T))
-    opt = adamw(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise: the same on every process
     n_labels = len(meta["labels"]) if "labels" in meta and cfg.mode in ("clm", "slm") else 0  # the demo's audit
     state = {"history": [], "losses": [], "tokens_seen": 0, "tokens_trained": 0, "wall_s": 0.0,
              "by_label": [[0] * n_labels, [0] * n_labels], "tokens": {"hq": [], "web": [], "sel": []},  # seen, selected
              "init_sha256": weights_sha256(model), "ref_sha256": ref_sha}  # what the run starts from, by content
+    model = wrap(model, cfg)
+    opt = adamw(model, cfg)
     start = 0
     if cfg.resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, meta)
@@ -1208,8 +1249,7 @@ def train(cfg, shape):
             die(f"--resume: {cfg.out}/{cfg.ref_run}/ref_scores.bin now holds the scores of another reference model "
                 f"than the one {ckpt_path} trained with (was --ref run again?): restore those scores, or start "
                 "this run again with --overwrite")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        load_states(model, opt, ckpt, cfg)
         gen.set_state(ckpt["rng"])
         start, state = ckpt["step"], ckpt["state"]
     if master:
@@ -1217,7 +1257,7 @@ def train(cfg, shape):
     if master and cfg.resume:
         print(f"{name}: " + (f"resumed from {ckpt_path} at step {start}" if start else "no checkpoint: from step 0"))
     fwd = torch.compile(model) if cfg.compile else model
-    ddp = DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None) if WORLD > 1 else fwd
+    ddp = fwd if WORLD == 1 or cfg.fsdp else DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None)
     n_micro = cfg.batch_size // WORLD // micro_bs
     if master:
         split = f", {WORLD} process{'es' * (WORLD > 1)} x {n_micro} micro-batch{'es' * (n_micro > 1)} of {micro_bs}"
@@ -1251,20 +1291,24 @@ def train(cfg, shape):
             state["wall_s"] += now - t_last
             if n_labels:  # every process counted its own share
                 sum_ranks(counts)
-            if master:
+            if master or cfg.fsdp:  # under FSDP every process takes part in the evaluation's forwards
                 measures, records = evaluate(model, ev, cfg)
+                states = full_states(model, opt, cfg)
+            if master:
                 measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s
                 n, dt = step + 1 - last, now - t_last
                 line = record(state, step + 1, measures, counts.tolist(), n, loss_sum, meta.get("labels"))
                 for key, v in records.items():
                     state["tokens"][key].append(v)
-                save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
+                save_checkpoint(ckpt_path, model, states, gen, step + 1, cfg, meta, state)
                 print(f"{name} {line} | {n * cfg.batch_size * T / dt / 1000:.1f}k tok/s | eta "
                       f"{(cfg.steps - step - 1) * dt / n:.0f}s", flush=True)
             t_last, last, loss_sum = time.time(), step + 1, 0.0
             counts.zero_()
     extra = {"eval_problems": len(ev["problems"])}
     if cfg.mode == "ref":  # every process scores its share
+        if cfg.fsdp:  # scoring needs no gradients or optimizer: each process scores with the whole model
+            model = model_of(load_checkpoint(ckpt_path), None, ckpt_path).to(cfg.device)
         info = score_web(model, meta, cfg, name)
         extra.update(score_s=info["score_s"], score_tok_s=info["score_tok_s"])
     if master:
@@ -1396,8 +1440,8 @@ def arg_error(msg):
 
 # the flags each mode reads beyond the data, the output and the device; any other flag given is refused
 RUN_FLAGS = {"steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "seed", "micro_batch", "dtype",
-             "compile", "score_batch", "eval_every", "eval_problems", "init_from", "preset", "resume", "overwrite",
-             "name", "block_size", "n_layer", "n_head", "n_embd"}
+             "compile", "fsdp", "act_ckpt", "score_batch", "eval_every", "eval_problems", "init_from", "preset",
+             "resume", "overwrite", "name", "block_size", "n_layer", "n_head", "n_embd"}
 MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | {"k", "select", "scope",
               "ref_run"}, "score": {"name", "score_batch", "dtype", "overwrite"}, "compare": set()}
 
@@ -1420,6 +1464,8 @@ def check_flags(a, mode, given):
                 + (" and finite" if isinstance(v, float) else ""))
     if a.warmup >= a.steps and mode not in ("score", "compare"):
         die(f"--warmup {a.warmup}: must be fewer than --steps {a.steps}, or the LR never reaches --lr")
+    if a.fsdp and "RANK" not in os.environ:
+        die("--fsdp: shards the model across torchrun's processes: run under torchrun --nproc_per_node N")
     if a.resume and a.overwrite:
         die("--resume --overwrite: continue the earlier run or replace it, not both; drop one")
     if a.select == "sample" and a.scope != "batch":
@@ -1487,7 +1533,7 @@ def main(argv=None):
     except OSError as e:  # a full disk or a lost folder mid-run: a killed or failed run resumes
         die(f"{e.filename or cfg.out}: {e.strerror or e}: free space or fix the folder, then run again with --resume")
     finally:
-        if WORLD > 1:  # free DDP's reference cycles first: a gloo group left to interpreter exit can SIGABRT
+        if dist.is_initialized():  # free DDP's reference cycles first: a gloo group left to interpreter exit can SIGABRT
             gc.collect()
             dist.destroy_process_group()
 

@@ -774,21 +774,46 @@ def test_resume_refuses_a_changed_run(demo, tmp_path, capsys):
     os.rename(tmp_path / "x", tmp_path / "moved" / "y")  # a run moved to another --out and --name is the same run
     run(demo, tmp_path / "moved", "--clm", "--steps", "4", "--eval_every", "2", "--name", "y", "--resume")
 
-@pytest.mark.parametrize("world,micro,select", [(1, 2, "excess"), (2, 2, "excess"), (2, 4, "excess"), (2, 2, "random")])
-def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, world, micro, select, tmp_path,
+@pytest.mark.parametrize("world,micro,select,shard", [(1, 2, "excess", ()), (2, 2, "excess", ()), (2, 4, "excess", ()),
+                                                      (2, 2, "random", ()), (2, 4, "excess", ("--fsdp",)),
+                                                      (2, 2, "excess", ("--fsdp", "--act_ckpt"))])
+def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, world, micro, select, shard, tmp_path,
                                                             monkeypatch):
-    """world=1, micro=2: 4 micro-batches of gradient accumulation; world=2: two gloo processes (DDP), with
-    2 micro-batches each (micro 2) or a whole share in one forward (micro 4)."""
+    """world=1, micro=2: 4 micro-batches of gradient accumulation; world=2: two gloo processes (DDP, or FSDP2 with
+    the head weight sharded: pytorch #162338's silent gloo AVG bug would show here), with 2 micro-batches each
+    (micro 2) or a whole share in one forward (micro 4)."""
     out, runs = one_process
     os.symlink(out / "ref", tmp_path / "ref")
     argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--select", select, "--batch_size", "8",
-            "--steps", "3", "--eval_every", "3", "--name", select, "--micro_batch", str(micro), "--lr", SPLIT_LR]
+            "--steps", "3", "--eval_every", "3", "--name", select, "--micro_batch", str(micro), "--lr", SPLIT_LR, *shard]
     if world == 1:
         masks = recording_selection(monkeypatch)
         rho.main(argv)
     else:
         masks = torchrun(world, argv, tmp_path / "sel")
     assert_same_run(out / select, tmp_path / select, runs[select], masks)
+
+def killed_child(rank, world, port, argv, step):
+    """torchrun_child, killed (KeyboardInterrupt) as step `step` begins."""
+    real = rho.lr_at
+    rho.lr_at = lambda s, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if s == step else real(s, cfg)
+    torchrun_child(rank, world, port, argv, None)
+
+def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path):
+    """An FSDP2 run on 2 gloo processes, killed after its checkpoint of step 2, resumed by 1 process: the same
+    selection and losses as the uninterrupted run of one process (the checkpoint holds whole tensors)."""
+    out, runs = one_process
+    os.symlink(out / "ref", tmp_path / "ref")
+    argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--batch_size", "8", "--steps", "3",
+            "--eval_every", "1", "--eval_problems", "0", "--name", "excess", "--lr", SPLIT_LR, "--fsdp"]
+    torch.multiprocessing.spawn(killed_child, args=(2, free_port(), argv, 2), nprocs=2)  # spawn hides the interrupt
+    assert torch.load(tmp_path / "excess" / "ckpt.pt", weights_only=True)["step"] == 2
+    masks = torchrun(1, [*argv, "--resume"], tmp_path / "sel")
+    assert torch.equal(masks[0], runs["excess"][2])
+    m, want = (json.loads((d / "excess" / "metrics.json").read_text()) for d in (tmp_path, out))
+    np.testing.assert_allclose(m["losses"], want["losses"], rtol=1e-5)
+    with pytest.raises(SystemExit, match=r"^error: --fsdp: shards the model across torchrun's processes"):
+        rho.main(argv)
 
 def assert_same_run(a, b, masks_a, masks_b):
     """The same tokens selected at every step; losses and weights equal up to float summation order."""
