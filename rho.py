@@ -115,6 +115,16 @@ PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags w
         "eval_every": 250, "eval_problems": 200, "compile": True, "k": 0.6,
         "ref": {"steps": 600, "lr": 1e-4},  # 315M tokens: 3 epochs of ~100M hq tokens (the paper: 3 epochs)
         "clm": {"steps": 2000, "lr": 1e-4}, "slm": {"steps": 2000, "lr": 1e-4}},
+    # the paper's own runs (Sec. 3): OpenWebMath web, 15B tokens in steps of ~1M (512 x 2048, 256 x 4096); the
+    # reference model 3 epochs of a 0.5B-token math hq corpus. FSDP2 under torchrun; warmup and micro-batches are ours
+    "tinyllama-owm": {"init_from": "hf:TinyLlama/TinyLlama_v1.1", "block_size": 2048, "batch_size": 512, "k": 0.6,
+                      "micro_batch": 8, "warmup": 200, "eval_every": 500, "fsdp": True,
+                      "ref": {"steps": 1431, "lr": 5e-5}, "clm": {"steps": 14305, "lr": 8e-5},
+                      "slm": {"steps": 14305, "lr": 8e-5}},
+    "mistral-owm": {"init_from": "hf:mistralai/Mistral-7B-v0.1", "block_size": 4096, "batch_size": 256, "k": 0.7,
+                    "micro_batch": 2, "warmup": 200, "eval_every": 500, "fsdp": True,
+                    "ref": {"steps": 1431, "lr": 1e-5}, "clm": {"steps": 14305, "lr": 2e-5},
+                    "slm": {"steps": 14305, "lr": 2e-5}},
 }
 
 # -----------------------------------------------------------------------------
@@ -1533,7 +1543,7 @@ def main(argv=None):
     except OSError as e:  # a full disk or a lost folder mid-run: a killed or failed run resumes
         die(f"{e.filename or cfg.out}: {e.strerror or e}: free space or fix the folder, then run again with --resume")
     finally:
-        if dist.is_initialized():  # free DDP's reference cycles first: a gloo group left to interpreter exit can SIGABRT
+        if dist.is_initialized():  # free DDP's reference cycles first: a gloo group left at interpreter exit can abort
             gc.collect()
             dist.destroy_process_group()
 

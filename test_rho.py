@@ -1729,6 +1729,21 @@ def test_bench_gpu_script_runs_in_its_cpu_mode(tmp_path, monkeypatch, capsys):
     assert {r["impl"] for r in rows} >= {"naive_clm", "fused_clm", "fused_slm", "clm", "slm", "slm_split"}
     assert json.loads((tmp_path / "b.json").read_text())["rows"] == rows and "1 passed" in capsys.readouterr().out
 
+def test_bench_estimate_of_the_paper_presets(capsys, monkeypatch):
+    """The estimate counts what it says: TinyLlama's 1.1B and Mistral's 7.24B parameters from their configs, 16 bytes
+    a parameter sharded over 8 GPUs, and SLM's head at (2 + 6k) N d V beside CLM's 6 N d V."""
+    tiny, mistral = bench.estimate("tinyllama-owm"), bench.estimate("mistral-owm")
+    assert round(tiny["params"] / 1e6) == 1100 and round(mistral["params"] / 1e6) == 7242
+    mem = mistral["memory"]
+    assert mem["params fp32 (sharded)"] + mem["grads fp32 (sharded)"] + mem["AdamW fp32 (sharded)"] == 2 * mistral["params"]
+    assert mistral["act_ckpt"] < mistral["act_full"] / 5
+    assert "estimate tinyllama-owm (not measured)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^error: --fsdp: .* run under torchrun --nproc_per_node N$"):
+        rho.parse_args(["--slm", "--preset", "tinyllama-owm", "--device", "cpu"])
+    monkeypatch.setenv("RANK", "0")  # as under torchrun
+    cfg, _ = rho.parse_args(["--slm", "--preset", "tinyllama-owm", "--device", "cpu"])
+    assert (cfg.k, cfg.lr, cfg.batch_size, cfg.fsdp, cfg.init_from) == (0.6, 8e-5, 512, True, "hf:TinyLlama/TinyLlama_v1.1")
+
 def test_bench_prepare_is_linear_in_size(monkeypatch, capsys):
     monkeypatch.setattr(bench, "PREPARE_MB", 0.05)
     rows = bench.bench_prepare(2, "bytes")
