@@ -9,6 +9,7 @@ peak memory, its max RSS, is its own); ratios are against CLM of the same case a
     python bench.py --gpu                    # on a CUDA GPU, everything in one call: see gpu() below
     python bench.py --gpu --device cpu       # the same plan at toy sizes: checks that the script runs
     python bench.py --estimate tinyllama-owm # estimates for a paper preset: memory per GPU, FLOPs, hours on 8 H100
+    python bench.py --score_dtype data/demo out   # how often float16/bfloat16 reference scores change I_k
 
 Head implementations (case head), all forward and backward of the loss from hidden states (N, d) and a head (V, d):
     naive_clm      full logits, F.cross_entropy                 naive_slm   full logits, rho.slm_loss
@@ -612,6 +613,36 @@ def estimate(name, gpus=8, mfu=0.4):
     print(f"  reference scores: {8 * WEB_TOKENS / 1e9:.0f} GB (float32 loss and entropy, 8 bytes a web token)")
     return {"params": P, "memory": mem, "act_full": act_full, "act_ckpt": act_ckpt, "flops": runs}
 
+def score_dtype_change(data="data/demo", out="out", steps=200, k=0.6, batch_size=16, seed=1337):
+    """How often a smaller dtype of the stored reference scores changes I_k (--select excess, scope batch): for the
+    first `steps` batches of continual pretraining, the tokens selected with float32 scores against those selected
+    with the scores rounded to float16 and bfloat16, under the model SLM starts from (<out>/base, else the reference
+    model itself). Returns {dtype: (steps whose selection changed, selected tokens that changed)}."""
+    meta = rho.load_meta(data)
+    start = os.path.join(out, "base" if os.path.isfile(os.path.join(out, "base", "ckpt.pt")) else "ref", "ckpt.pt")
+    model = rho.model_of(rho.load_checkpoint(start, meta), None, start).eval()
+    cfg = rho.RunConfig(data=data, out=out, k=k)
+    ref, _ = rho.load_ref_scores(cfg, meta, model.config.block_size)
+    web = rho.web_windows(cfg, meta, model.config.block_size, ref)
+    hi = rho.web_split(web.n, web.T)
+    changed = {"float16": [0, 0], "bfloat16": [0, 0]}
+    n_sel = 0
+    for step in range(steps):
+        x, y, r = web.get(web.step_windows(step, batch_size, seed, hi), "cpu")[:3]
+        loss = rho.model_token_loss(model, x, y)
+        want = rho.select_tokens(loss, y, r, k)
+        n_sel += int(want.sum())
+        for dt, c in changed.items():
+            got = rho.select_tokens(loss, y, r.to(getattr(torch, dt)).float(), k)
+            c[0] += not torch.equal(got, want)
+            c[1] += int((got & ~want).sum())
+    print(f"score dtype: over {steps} steps of {batch_size} x {web.T} tokens from {start}, k {k}, "
+          f"{n_sel:,} tokens selected in float32:")
+    for dt, (s, t) in changed.items():
+        print(f"  {dt}: the selection changed in {s} of {steps} steps; {t:,} selected tokens ({t / n_sel:.3%}) "
+              f"swapped; 4 bytes a web token (4 GB per billion tokens) against float32's 8")
+    return changed
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="rho's costs, side by side: the head, a step, scoring, tokenizing.",
                                 allow_abbrev=False)
@@ -628,9 +659,13 @@ def main(argv=None):
     p.add_argument("--encoding", default="bytes", help="prepare: tiktoken encoding")
     p.add_argument("--json", default="bench.json", help="--gpu: where the rows go")
     p.add_argument("--estimate", choices=list(ARCH), help="memory, FLOPs and hours of a paper preset (estimates)")
+    p.add_argument("--score_dtype", nargs=2, metavar=("DATA", "OUT"), help="how often float16 or bfloat16 reference "
+                   "scores change the selection, on prepared data and its runs (after --base and --ref)")
     args = p.parse_args(argv)
     if args.estimate:
         return estimate(args.estimate)
+    if args.score_dtype:
+        return score_dtype_change(*args.score_dtype)
     if args.gpu:
         return gpu(args)
     cases = args.cases.split(",")

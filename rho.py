@@ -79,6 +79,7 @@ class RunConfig:  # every field is a flag: --help
     fsdp: bool = False
     act_ckpt: bool = False
     score_batch: int = 64
+    score_dtype: str = "float32"
     eval_every: int = 100
     eval_problems: int = 200
     init_from: str = ""
@@ -100,7 +101,9 @@ HELP = {
     "dtype": "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)", "compile": "torch.compile the model's forward",
     "fsdp": "under torchrun, shard parameters, gradients and AdamW's state across processes (FSDP2), not DDP",
     "act_ckpt": "recompute each block's activations in the backward (less memory, a third more compute)",
-    "score_batch": "windows per forward when scoring", "eval_every": "steps between evaluations and checkpoints",
+    "score_batch": "windows per forward when scoring", "score_dtype": "--ref, --score: the stored reference scores' "
+    "dtype: float32 (8 bytes a web token) or float16 (4; it changes a few selections: bench.py --score_dtype)",
+    "eval_every": "steps between evaluations and checkpoints",
     "eval_problems": "held-out problems for answer accuracy", "init_from": "start from a run in --out (the demo's "
     "default: base), a ckpt.pt, scratch (random weights), or a transformers causal LM: hf:NAME (hf:gpt2, "
     "hf:TinyLlama/TinyLlama_v1.1, ...) or a save_pretrained directory", "preset": "defaults for the paper's "
@@ -405,8 +408,8 @@ class Windows:
     def get(self, ws, device):
         """(x, y, *extras) of windows ws: inputs and targets (B, T), and the extras aligned with the targets."""
         x = torch.from_numpy(np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in ws]).astype(np.int64))
-        ex = [torch.from_numpy(np.stack([a[w * self.T + 1: w * self.T + self.T + 1] for w in ws]).copy()).to(device)
-              for a in self.extras]
+        ex = [torch.from_numpy(np.stack([a[w * self.T + 1: w * self.T + self.T + 1] for w in ws]).astype(
+              np.float32 if a.dtype == np.float16 else a.dtype)).to(device) for a in self.extras]  # float16 scores
         x = x.to(device)
         return (x[:, :-1], x[:, 1:], *ex)
 
@@ -443,7 +446,7 @@ def web_windows(cfg, meta, T, ref=None):
     return windows(cfg.data, "web.bin", meta, T, (no_ref(meta["tokens"]["web"]) if ref is None else ref, *labels))
 
 def load_ref_scores(cfg, meta, T):
-    """The reference scores of --ref_run (<out>/<run>/ref_scores.bin, float32 (web tokens, 2): L_RM and H_RM),
+    """The reference scores of --ref_run (<out>/<run>/ref_scores.bin, (web tokens, 2) of --score_dtype: L_RM, H_RM),
     checked to belong to this data and to this run's windows (the same context for both models), and the
     fingerprint of the reference model that computed them."""
     path, n_web = os.path.join(cfg.out, cfg.ref_run, "ref_scores.bin"), meta["tokens"]["web"]
@@ -456,15 +459,16 @@ def load_ref_scores(cfg, meta, T):
         ref = "" if cfg.ref_run == "ref" else f" --name {cfg.ref_run}"
         die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
     info = read_json(path + ".json")
+    dtype = np.dtype(info.get("score_dtype", "float32"))
     if "weights_sha256" not in info:
         die(f"{path}: scored by an older rho, without the reference model's fingerprint: {redo}")
-    if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != 8 * n_web:  # the sha covers the encoding
+    if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != 2 * dtype.itemsize * n_web:  # sha: encoding
         die(f"{path}: reference scores do not match {cfg.data} (computed for {info['data']}, or cut short: "
-            f"{os.path.getsize(path) // 8:,} of {n_web:,} tokens): {redo}")
+            f"{os.path.getsize(path) // (2 * dtype.itemsize):,} of {n_web:,} tokens): {redo}")
     if info["block_size"] != T:
         die(f"{path}: reference scores were computed with windows of {info['block_size']} tokens, this run uses "
             f"{T}: pass --block_size {info['block_size']} so both models see the same context")
-    return np.memmap(path, dtype=np.float32, mode="r", shape=(n_web, 2)), info["weights_sha256"]
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_web, 2)), info["weights_sha256"]
 
 # -----------------------------------------------------------------------------
 # the SLM loss (Rho-1, Sec. 2.2):  L_SLM = -1/(N*k) * sum_i I_k(x_i) * log P_theta(x_i | x_<i)
@@ -807,15 +811,16 @@ def same_scores(old, info):
     return all(old.get(key) == info[key] for key in ("n_tokens", "block_size", "data_sha256", "weights_sha256"))
 
 def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
-    """Process 0 creates <path>.partial (float32 (n_tokens, 2)), .done (a byte per block of windows) and .partial.json,
+    """Process 0 creates <path>.partial ((n_tokens, 2) scores), .done (a byte per block of windows) and .partial.json,
     or keeps them if they are of the same data, windows and weights (a resume): (their description, with the windows
     per block, and the done flags), or (None, None) when the finished scores of this data and model are at path."""
     info = {"n_tokens": n_tokens, "block_size": T, "score_batch": cfg.score_batch, "data_sha256": meta["sha256"],
-            "weights_sha256": weights}
+            "weights_sha256": weights, "score_dtype": cfg.score_dtype}
+    dtype = np.dtype(cfg.score_dtype)
     if RANK == 0:
         old = read_json(path + ".partial.json") if os.path.isfile(path + ".partial.json") else {}
         done = read_json(path + ".json") if os.path.isfile(path) and os.path.isfile(path + ".json") else None
-        if done and same_scores(done, info) and os.path.getsize(path) == 8 * n_tokens:
+        if done and same_scores(done, info) and os.path.getsize(path) == 2 * dtype.itemsize * n_tokens:
             print(f"score: {path} already holds this model's scores of {cfg.data}: kept")
         elif done and not same_scores(done, info) and not cfg.overwrite:
             run = os.path.dirname(path)
@@ -830,10 +835,11 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
                 if os.path.exists(stale):
                     os.remove(stale)
             with open(path + ".partial.tmp", "wb") as f:  # sparse zeros; NaN where no window predicts a token
-                f.truncate(8 * n_tokens)
-                os.pwrite(f.fileno(), np.full(2, np.nan, np.float32).tobytes(), 0)
+                f.truncate(2 * dtype.itemsize * n_tokens)
+                os.pwrite(f.fileno(), np.full(2, np.nan, dtype).tobytes(), 0)
                 tail = n_windows * T + 1
-                os.pwrite(f.fileno(), np.full(2 * (n_tokens - tail), np.nan, np.float32).tobytes(), 8 * tail)
+                os.pwrite(f.fileno(), np.full(2 * (n_tokens - tail), np.nan, dtype).tobytes(),
+                          2 * dtype.itemsize * tail)
             write_atomic(path + ".done", bytes(-(-n_windows // info["score_batch"])))
             os.replace(path + ".partial.tmp", path + ".partial")
             write_json(path + ".partial.json", info)
@@ -855,6 +861,7 @@ def score_web(model, meta, cfg, run):
     if info is None:
         return read_json(path + ".json")
     B, todo = info["score_batch"], [b for b in range(len(done)) if not done[b] and b % WORLD == RANK]
+    dtype = np.dtype(info.get("score_dtype", "float32"))  # a resume keeps the dtype it started with
     t0 = t_sync = time.time()
     marks, n_scored = [], 0
     with open(path + ".partial", "r+b") as out, open(path + ".done", "r+b") as flags:
@@ -863,7 +870,8 @@ def score_web(model, meta, cfg, run):
             x, y = web.get(ws, cfg.device)
             with autocast(cfg):
                 scores = torch.stack(model_token_loss(model, x, y, entropy=True), -1)  # (len(ws), T, 2)
-            os.pwrite(out.fileno(), scores.float().cpu().numpy().tobytes(), 8 * (ws[0] * T + 1))
+            os.pwrite(out.fileno(), scores.float().cpu().numpy().astype(dtype).tobytes(),
+                      2 * dtype.itemsize * (ws[0] * T + 1))
             marks.append(b)
             n_scored += len(ws) * T
             if time.time() - t_sync > 30 or i == len(todo) - 1:  # the scores on disk first, then their marks
@@ -1443,7 +1451,7 @@ MODES = {"base": "train a base model on the general corpus (base.bin; the demo h
          "slm": "continual pretraining on web with the SLM loss (--k, --select, --scope)",
          "compare": "print one table of every run in --out"}
 CHOICES = {"select": SELECT, "scope": ("batch", "sequence"), "dtype": ("auto", "float32", "bfloat16"),
-           "preset": ("", *PRESETS)}
+           "score_dtype": ("float32", "float16"), "preset": ("", *PRESETS)}
 
 def arg_error(msg):
     die(f"{msg} (python rho.py --help lists the flags; abbreviations of them are not accepted)")
@@ -1451,9 +1459,9 @@ def arg_error(msg):
 # the flags each mode reads beyond the data, the output and the device; any other flag given is refused
 RUN_FLAGS = {"steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "seed", "micro_batch", "dtype",
              "compile", "fsdp", "act_ckpt", "score_batch", "eval_every", "eval_problems", "init_from", "preset",
-             "resume", "overwrite", "name", "block_size", "n_layer", "n_head", "n_embd"}
+             "resume", "overwrite", "name", "block_size", "n_layer", "n_head", "n_embd", "score_dtype"}
 MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | {"k", "select", "scope",
-              "ref_run"}, "score": {"name", "score_batch", "dtype", "overwrite"}, "compare": set()}
+              "ref_run"}, "score": {"name", "score_batch", "score_dtype", "dtype", "overwrite"}, "compare": set()}
 
 def check_flags(a, mode, given):
     """Bad values and flags the mode ignores, each as one line, before anything runs."""

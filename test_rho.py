@@ -588,6 +588,16 @@ def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_proc
     assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float32), whole, equal_nan=True)
     assert json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())["processes"] == 2
 
+def test_float16_scores_are_the_float32_ones_rounded_and_train(demo, one_process, tmp_path):
+    """--score_dtype float16: 4 bytes a web token, each the float32 score rounded; an SLM run reads them."""
+    out, _ = one_process
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--score_dtype", "float16")
+    half = np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float16)
+    full = np.fromfile(out / "ref" / "ref_scores.bin", np.float32)
+    assert half.nbytes * 2 == full.nbytes and np.array_equal(half, full.astype(np.float16), equal_nan=True)
+    m = run(demo, tmp_path, "--slm", "--steps", "1", "--eval_every", "1", "--eval_problems", "0")
+    assert m["tokens_trained"] == math.ceil(0.6 * 4 * 32)
+
 # -----------------------------------------------------------------------------
 # evaluation: batched generation against one prompt at a time
 
