@@ -1131,7 +1131,7 @@ def train_step(model, fwd, ddp, micro, cfg, gen):
         with contextlib.nullcontext() if sync or cfg.fsdp else ddp.no_sync():
             with autocast(cfg):  # ddp: the model's forward (maybe compiled, maybe DDP); then the fused head
                 loss, every, sels[i] = fused_slm_loss(ddp(x), model.lm_head.weight, y, ref, cfg, gen, sels[i], n)
-            (loss * WORLD if WORLD > 1 else loss).backward()  # DDP averages over processes: undo it
+            (loss * WORLD if WORLD > 1 else loss).backward()  # DDP and FSDP average over processes: undo it
         # a NaN in any token's loss stops the run, also where SLM selected none of them (it never selects NaN)
         total.append(torch.where(every.isfinite().all(), loss.detach(), float("nan")))
     return sum_ranks(torch.stack(total).sum()), sels
