@@ -8,6 +8,8 @@ peak memory, its max RSS, is its own); ratios are against CLM of the same case a
     python bench.py --cases prepare          # prepare.py: tokenizing (and decontamination) against size and processes
     python bench.py --gpu                    # on a CUDA GPU, everything in one call: see gpu() below
     python bench.py --gpu --device cpu       # the same plan at toy sizes: checks that the script runs
+    python bench.py --estimate tinyllama-owm # estimates for a paper preset: memory per GPU, FLOPs, hours on 8 H100
+    python bench.py --score_dtype data/demo out   # how often float16/bfloat16 reference scores change I_k
 
 Head implementations (case head), all forward and backward of the loss from hidden states (N, d) and a head (V, d):
     naive_clm      full logits, F.cross_entropy                 naive_slm   full logits, rho.slm_loss
@@ -551,6 +553,96 @@ def gpu(args):
     print(f"bench: {len(rows)} rows -> {args.json}")
     return rows
 
+# -----------------------------------------------------------------------------
+# estimates (not measurements) for the paper's presets: memory per GPU under FSDP2, FLOPs and hours of the whole run
+
+# the architectures behind the presets' hf: names (their config.json), so that no download is needed
+ARCH = {"tinyllama-owm": dict(d=2048, L=22, ff=5632, heads=32, kv_heads=4, V=32000),
+        "mistral-owm": dict(d=4096, L=32, ff=14336, heads=32, kv_heads=8, V=32000)}
+H100_BF16 = 989e12  # H100 SXM dense bf16 peak, FLOP/s
+HQ_TOKENS, WEB_TOKENS = 0.5e9, 15e9  # the paper: a 0.5B-token math hq corpus, 3 epochs; 15B OpenWebMath tokens
+
+def llama_params(a):
+    """(body, head) parameter counts of a Llama-shaped model with an untied head: attention with grouped KV heads,
+    a SwiGLU MLP, RMSNorm gains; the embedding counts to the body."""
+    kv = a["d"] // a["heads"] * a["kv_heads"]
+    block = a["d"] * (2 * a["d"] + 2 * kv) + 3 * a["d"] * a["ff"] + 2 * a["d"]
+    return a["V"] * a["d"] + a["L"] * block + a["d"], a["V"] * a["d"]
+
+def estimate(name, gpus=8, mfu=0.4):
+    """Prints the estimate of a preset: GPUs, memory per GPU (parameters, gradients, AdamW, activations with and
+    without --act_ckpt), the FLOPs of the reference model's training and scoring and of one CPT run (CLM and SLM),
+    and hours on `gpus` H100s at `mfu`. Activations: 34 bytes per token per layer per d of a bf16 block with
+    flash attention (Korthikanti et al. 2022), or with checkpointing its 2-byte input plus one block recomputed."""
+    a, p = ARCH[name], rho.PRESETS[name]
+    body, head = llama_params(a)
+    P, T, k = body + head, p["block_size"], p["k"]
+    micro = p["micro_batch"]  # sequences per forward on each GPU
+    GB = 2 ** 30
+    mem = {"params fp32 (sharded)": 4 * P / gpus, "grads fp32 (sharded)": 4 * P / gpus,
+           "AdamW fp32 (sharded)": 8 * P / gpus,
+           "bf16 gathered: root + 2 blocks": 2 * (2 * a["V"] * a["d"] + 2 * (body - a["V"] * a["d"]) / a["L"]),
+           "fused head: logits chunk + dW": 2 ** 29 + 2 ** 28 + 4 * head}
+    act_full = 34 * micro * T * a["d"] * a["L"]
+    act_ckpt = 2 * micro * T * a["d"] * a["L"] + 34 * micro * T * a["d"]
+    attn = 12 * a["L"] * a["d"] * T  # per token, forward and backward: QK^T and AV (6 d T per layer each way)
+    forward = 2 * P + attn / 3
+    split = micro < p["batch_size"] // gpus  # several micro-batches: SLM's no-grad selection pass first (train_step)
+    per_token = {"clm": 6 * P + attn, "slm": 6 * body + (2 + 6 * k) * head + attn + split * forward}
+    ckpt = (2 * body + attn / 3) if p.get("act_ckpt") else 0  # the recomputed forward of the blocks
+    runs = {"reference training (CLM, 3 x 0.5B hq tokens)": (per_token["clm"] + ckpt) * 3 * HQ_TOKENS,
+            "reference scoring (forward, 15B web tokens)": forward * WEB_TOKENS,
+            "CPT CLM baseline (15B tokens)": (per_token["clm"] + ckpt) * WEB_TOKENS,
+            "CPT SLM (15B tokens)": (per_token["slm"] + ckpt) * WEB_TOKENS}
+    print(f"estimate {name} (not measured): {P / 1e9:.2f}B params, context {T}, k {k}, {gpus} H100 80GB at "
+          f"{mfu:.0%} MFU of {H100_BF16 / 1e12:.0f} TFLOP/s bf16; FSDP2 over {gpus}, micro-batch {micro} x {T}")
+    for what, b in mem.items():
+        print(f"  memory/GPU  {what:<34}{b / GB:8.1f} GB")
+    print(f"  memory/GPU  {'activations, no --act_ckpt':<34}{act_full / GB:8.1f} GB")
+    print(f"  memory/GPU  {'activations, --act_ckpt':<34}{act_ckpt / GB:8.1f} GB")
+    fixed = sum(mem.values())
+    print(f"  memory/GPU  {'total, no --act_ckpt / --act_ckpt':<34}{(fixed + act_full) / GB:8.1f} / "
+          f"{(fixed + act_ckpt) / GB:.1f} GB (the preset: {'--act_ckpt' if p.get('act_ckpt') else 'no --act_ckpt'})")
+    least = math.ceil(16 * P / (80 * GB - (fixed - 16 * P / gpus) - act_ckpt))
+    print(f"  GPUs        at least {least} for the 16 bytes a parameter of fp32 weights, gradients and AdamW, sharded")
+    for what, flops in runs.items():
+        print(f"  compute     {what:<48}{flops:10.3g} FLOPs {flops / (gpus * H100_BF16 * mfu) / 3600:8.1f} h")
+    total = sum(runs.values())
+    print(f"  compute     {'the whole pipeline (ref, scoring, CLM, SLM)':<48}{total:10.3g} FLOPs "
+          f"{total / (gpus * H100_BF16 * mfu) / 3600:8.1f} h")
+    print(f"  reference scores: {8 * WEB_TOKENS / 1e9:.0f} GB (float32 loss and entropy, 8 bytes a web token)")
+    return {"params": P, "memory": mem, "act_full": act_full, "act_ckpt": act_ckpt, "flops": runs}
+
+def score_dtype_change(data="data/demo", out="out", steps=200, k=0.6, batch_size=16, seed=1337):
+    """How often a smaller dtype of the stored reference scores changes I_k (--select excess, scope batch): for the
+    first `steps` batches of continual pretraining, the tokens selected with float32 scores against those selected
+    with the scores rounded to float16 and bfloat16, under the model SLM starts from (<out>/base, else the reference
+    model itself). Returns {dtype: (steps whose selection changed, selected tokens that changed)}."""
+    meta = rho.load_meta(data)
+    start = os.path.join(out, "base" if os.path.isfile(os.path.join(out, "base", "ckpt.pt")) else "ref", "ckpt.pt")
+    model = rho.model_of(rho.load_checkpoint(start, meta), None, start).eval()
+    cfg = rho.RunConfig(data=data, out=out, k=k)
+    ref, _ = rho.load_ref_scores(cfg, meta, model.config.block_size)
+    web = rho.web_windows(cfg, meta, model.config.block_size, ref)
+    hi = rho.web_split(web.n, web.T)
+    changed = {"float16": [0, 0], "bfloat16": [0, 0]}
+    n_sel = 0
+    for step in range(steps):
+        x, y, r = web.get(web.step_windows(step, batch_size, seed, hi), "cpu")[:3]
+        loss = rho.model_token_loss(model, x, y)
+        want = rho.select_tokens(loss, y, r, k)
+        n_sel += int(want.sum())
+        for dt, c in changed.items():
+            got = rho.select_tokens(loss, y, r.to(getattr(torch, dt)).float(), k)
+            c[0] += not torch.equal(got, want)
+            c[1] += int((got & ~want).sum())
+    print(f"score dtype: over {steps} steps of {batch_size} x {web.T} tokens from {start}, k {k}, "
+          f"{n_sel:,} tokens selected in float32:")
+    for dt, (s, t) in changed.items():
+        print(f"  {dt}: the selection changed in {s} of {steps} steps; {t:,} selected tokens ({t / n_sel:.3%}) "
+              f"swapped; 4 bytes a web token (4 GB per billion tokens) against float32's 8")
+    return changed
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="rho's costs, side by side: the head, a step, scoring, tokenizing.",
                                 allow_abbrev=False)
@@ -566,7 +658,14 @@ def main(argv=None):
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="prepare: tokenizing processes")
     p.add_argument("--encoding", default="bytes", help="prepare: tiktoken encoding")
     p.add_argument("--json", default="bench.json", help="--gpu: where the rows go")
+    p.add_argument("--estimate", choices=list(ARCH), help="memory, FLOPs and hours of a paper preset (estimates)")
+    p.add_argument("--score_dtype", nargs=2, metavar=("DATA", "OUT"), help="how often float16 or bfloat16 reference "
+                   "scores change the selection, on prepared data and its runs (after --base and --ref)")
     args = p.parse_args(argv)
+    if args.estimate:
+        return estimate(args.estimate)
+    if args.score_dtype:
+        return score_dtype_change(*args.score_dtype)
     if args.gpu:
         return gpu(args)
     cases = args.cases.split(",")

@@ -81,9 +81,39 @@ def byte_encoding():
     ranks = {bytes([i]): i for i in range(256)}
     return tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={EOT: 256})
 
+class HFEncoding:
+    """A model's own fast tokenizer (hf:NAME or a save_pretrained directory) with the tiktoken calls prepare.py and
+    rho.py make: each document is encoded with the model's special tokens (Llama's BOS first; GPT-2 and Qwen2 add
+    none) and ends with its EOS, the same convention for training, scoring and the eval prompts."""
+
+    def __init__(self, name):
+        try:
+            from transformers import AutoTokenizer  # lazily: the demo needs neither transformers nor tokenizers
+        except ImportError:
+            sys.exit(f"error: --encoding {name}: needs transformers and tokenizers: pip install transformers "
+                     "tokenizers")
+        try:
+            self.tok = AutoTokenizer.from_pretrained(name.removeprefix("hf:"))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --encoding {name}: could not load its tokenizer ({str(e).strip().splitlines()[0]}): a "
+                     "directory saved with save_pretrained, or hf:NAME once cached (run once with network)")
+        self.name, self.n_vocab = name, len(self.tok)
+        self.eot_token = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.bos_token_id
+        if not self.tok.is_fast or self.eot_token is None:
+            why = "no EOS or BOS token" if self.tok.is_fast else "not a fast tokenizer"
+            sys.exit(f"error: --encoding {name}: {why}: rho needs a fast tokenizer with an end-of-document token")
+
+    def encode_ordinary(self, text):
+        return self.tok(text, verbose=False)["input_ids"]  # with the model's own special tokens: BOS, if it has one
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
 def get_encoding(name):
     if name == "bytes":
         return byte_encoding()
+    if name.startswith("hf:") or os.path.isdir(name):
+        return HFEncoding(name)
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # unknown name, or the BPE file cannot be downloaded
@@ -942,7 +972,8 @@ def main(argv=None):
                    "(shards, e.g. owm/*.parquet), tokenized in the order given into one web.bin")
     p.add_argument("--val", help="validation split of the target distribution (a source; default: 1 in 50 hq documents)")
     p.add_argument("--out", help="output folder (default data/demo for the demo, required otherwise)")
-    p.add_argument("--encoding", default="bytes", help="tiktoken encoding: bytes (default, built in, no download), gpt2, cl100k_base, ...")
+    p.add_argument("--encoding", default="bytes", help="tiktoken encoding: bytes (default, built in, no download), gpt2, cl100k_base, "
+                   "...; or a model's own tokenizer: hf:NAME or a save_pretrained directory (needs transformers)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the embedded demo corpus")
     p.add_argument("--max_web_tokens", type=int, default=0, help="stop reading the web sources after about this many "
                    "tokens (a large stream or many shards; meta.json records where it stopped); default: read them all")

@@ -76,7 +76,10 @@ class RunConfig:  # every field is a flag: --help
     micro_batch: int = 0
     dtype: str = "auto"
     compile: bool = False
+    fsdp: bool = False
+    act_ckpt: bool = False
     score_batch: int = 64
+    score_dtype: str = "float32"
     eval_every: int = 100
     eval_problems: int = 200
     init_from: str = ""
@@ -96,11 +99,16 @@ HELP = {
     "control", "seed": "seed of the model init, batch order and random selection", "micro_batch": "sequences per "
     "forward on each process (gradient accumulation; the top-k still spans the step); 0: the process's whole share",
     "dtype": "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)", "compile": "torch.compile the model's forward",
-    "score_batch": "windows per forward when scoring", "eval_every": "steps between evaluations and checkpoints",
+    "fsdp": "under torchrun, shard parameters, gradients and AdamW's state across processes (FSDP2), not DDP",
+    "act_ckpt": "recompute each block's activations in the backward (less memory, a third more compute)",
+    "score_batch": "windows per forward when scoring", "score_dtype": "--ref, --score: the stored reference scores' "
+    "dtype: float32 (8 bytes a web token) or float16 (4; it changes a few selections: bench.py --score_dtype)",
+    "eval_every": "steps between evaluations and checkpoints",
     "eval_problems": "held-out problems for answer accuracy", "init_from": "start from a run in --out (the demo's "
-    "default: base), a ckpt.pt, scratch (random weights), or GPT-2 through transformers: gpt2 | gpt2-medium | "
-    "gpt2-large | gpt2-xl | a save_pretrained directory", "preset": "defaults for every flag it names, per stage "
-    "(see PRESETS); flags given explicitly win; '' for none", "resume": "continue <out>/<name>/ckpt.pt where it stopped",
+    "default: base), a ckpt.pt, scratch (random weights), or a transformers causal LM: hf:NAME (hf:gpt2, "
+    "hf:TinyLlama/TinyLlama_v1.1, ...) or a save_pretrained directory", "preset": "defaults for every flag it names, "
+    "per stage (see PRESETS); flags given explicitly win; '' for none", "resume": "continue <out>/<name>/ckpt.pt "
+    "where it stopped",
     "overwrite": "replace the files of an earlier run of this name (a finished run is otherwise refused)",
     "device": "cpu, cuda or cuda:N"}
 
@@ -111,10 +119,20 @@ PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags w
         "eval_every": 200, "ref": {"steps": 2000}, "clm": {"steps": 8000}, "slm": {"steps": 8000}},
     "gpt2-owm": {  # the paper's setting at small scale: GPT-2 124M from OpenAI's weights, a GSM8K/MetaMath-like
         # hq corpus, OpenWebMath-like web; 2000 steps of 512 x 1024 tokens = 1.05B tokens of continual pretraining
-        "init_from": "gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100,
+        "init_from": "hf:gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100,
         "eval_every": 250, "eval_problems": 200, "compile": True, "k": 0.6,
         "ref": {"steps": 600, "lr": 1e-4},  # 315M tokens: 3 epochs of ~100M hq tokens (the paper: 3 epochs)
         "clm": {"steps": 2000, "lr": 1e-4}, "slm": {"steps": 2000, "lr": 1e-4}},
+    # the paper's own runs (Sec. 3): OpenWebMath web, 15B tokens in steps of ~1M (512 x 2048, 256 x 4096); the
+    # reference model 3 epochs of a 0.5B-token math hq corpus. FSDP2 under torchrun; warmup and micro-batches are ours
+    "tinyllama-owm": {"init_from": "hf:TinyLlama/TinyLlama_v1.1", "block_size": 2048, "batch_size": 512, "k": 0.6,
+                      "micro_batch": 8, "warmup": 200, "eval_every": 500, "fsdp": True,
+                      "ref": {"steps": 1431, "lr": 5e-5}, "clm": {"steps": 14305, "lr": 8e-5},
+                      "slm": {"steps": 14305, "lr": 8e-5}},
+    "mistral-owm": {"init_from": "hf:mistralai/Mistral-7B-v0.1", "block_size": 4096, "batch_size": 256, "k": 0.7,
+                    "micro_batch": 2, "warmup": 200, "eval_every": 500, "fsdp": True,
+                    "ref": {"steps": 1431, "lr": 1e-5}, "clm": {"steps": 14305, "lr": 2e-5},
+                    "slm": {"steps": 14305, "lr": 2e-5}},
 }
 
 # -----------------------------------------------------------------------------
@@ -192,31 +210,6 @@ class GPT(nn.Module):
             x = block(x, mask, caches[i] if caches is not None else None)
         return self.transformer.ln_f(x)
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 on the Hugging Face hub
-
-def is_gpt2(init_from):
-    """--init_from names OpenAI's GPT-2 or a directory saved with transformers' save_pretrained."""
-    return init_from in GPT2_NAMES or (bool(init_from) and os.path.isfile(os.path.join(init_from, "config.json")))
-
-def gpt_from_hf(hf, block_size=None):
-    """Our GPT with the weights of a transformers GPT2LMHeadModel (nanoGPT's from_pretrained), its context cropped to
-    block_size. The vocabulary stays HF's 50257: a padded row would put a logit of 0 into every softmax."""
-    c, name = hf.config, hf.config.name_or_path or "model"
-    same_math = {"model_type": c.model_type == "gpt2", "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5,
-                 "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
-                 "tie_word_embeddings": c.tie_word_embeddings, "n_inner": c.n_inner in (None, 4 * c.n_embd),
-                 "scale_attn_weights": c.scale_attn_weights, "add_cross_attention": not c.add_cross_attention,
-                 "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx}
-    if not all(same_math.values()):
-        die(f"{name}: {', '.join(f'{key}={getattr(c, key)!r}' for key, ok in same_math.items() if not ok)}: rho's GPT "
-            "is plain GPT-2 (gelu_new, layer_norm_epsilon 1e-5, tied embeddings, MLP of 4*n_embd, no cross-attention)")
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
-    sd = {key: v.t() if key.endswith(conv1d) else v for key, v in hf.state_dict().items()
-          if not key.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers of older transformers
-    shape = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                      n_embd=c.n_embd)
-    return gpt_with_context(shape, sd, block_size, name)
-
 def gpt_with_context(shape, sd, block_size, source):
     """A GPT of this shape with the weights sd, its context cropped to block_size (nanoGPT's crop_block_size: the
     first block_size position embeddings), strict: every weight mapped."""
@@ -228,23 +221,70 @@ def gpt_with_context(shape, sd, block_size, source):
     model.load_state_dict({**sd, "transformer.wpe.weight": sd["transformer.wpe.weight"][:T]})
     return model
 
-def load_gpt2(name):
-    """transformers' GPT2LMHeadModel: a hub name (through the Hugging Face cache) or a save_pretrained directory."""
+def is_hf(init_from):
+    """--init_from names a transformers causal LM: hf:NAME on the hub, or a directory saved with save_pretrained."""
+    return init_from.startswith("hf:") or os.path.isfile(os.path.join(init_from, "config.json"))
+
+class HF(nn.Module):
+    """A transformers causal LM in our GPT's place: its body gives the final hidden states (B, T, C), its head weight
+    goes to rho's fused head. Built without dropout (our GPT has none). config: its shape, as a GPTConfig."""
+
+    def __init__(self, hf, block_size, source):
+        super().__init__()
+        c, self.hf = hf.config, hf
+        T = block_size or min(c.max_position_embeddings, 2048)  # default: the model's context, at most the paper's
+        if T > c.max_position_embeddings:
+            die(f"--block_size {T}: {source} has {c.max_position_embeddings} positions; pass --block_size "
+                f"{c.max_position_embeddings} or less")
+        self.config = GPTConfig(T, self.lm_head.weight.shape[0], c.num_hidden_layers, c.num_attention_heads,
+                                c.hidden_size)
+        with torch.no_grad():  # the head must be h @ W.T: no soft-capping, logit scale or bias (Gemma 2, Granite)
+            idx = torch.arange(8)[None] % self.config.vocab_size
+            if not torch.allclose(hf(idx).logits, self(idx) @ self.lm_head.weight.t(), rtol=1e-4, atol=1e-4):
+                die(f"--init_from {source}: its logits are not a plain linear map of its final hidden states (logit "
+                    "soft-capping, scaling or a head bias): rho's fused head computes h @ W.T; use another model")
+
+    @property
+    def lm_head(self):  # the model's own head, tied or not (a property: not a second copy in the state_dict)
+        return self.hf.get_output_embeddings()
+
+    def forward(self, idx, pad=None, caches=None):
+        """Hidden states (B, T, C) as GPT.forward; for generation, pad and caches (caches[0]: transformers' cache)."""
+        if caches is None:
+            return self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state
+        past = caches[0][0] if caches[0] else None
+        keys = torch.arange((past.get_seq_length() if past else 0) + idx.shape[1], device=idx.device)
+        pos = (keys[None, -idx.shape[1]:] - pad[:, None]).clamp(min=0)
+        out = self.hf.base_model(input_ids=idx, attention_mask=(keys[None] >= pad[:, None]).long(), position_ids=pos,
+                                 past_key_values=past, use_cache=True)
+        caches[0][:] = [out.past_key_values]
+        return out.last_hidden_state
+
+def load_hf(source, block_size=None, config=None):
+    """HF of a hub name (hf:NAME, through the Hugging Face cache) or a save_pretrained directory; with config (a JSON
+    string, from a rho checkpoint), the model of that config with random weights."""
     try:
-        from transformers import GPT2LMHeadModel  # lazily: only GPT-2 runs need transformers
+        import transformers  # lazily: only these runs need transformers
     except ImportError:
-        die(f"--init_from {name}: needs transformers: pip install transformers")
+        die(f"--init_from {source}: needs transformers: pip install transformers")
+    name, auto = source.removeprefix("hf:"), transformers.AutoModelForCausalLM
     try:
-        hf, info = GPT2LMHeadModel.from_pretrained(name, output_loading_info=True)
-    except OSError as e:
+        c = transformers.AutoConfig.for_model(**json.loads(config)) if config else \
+            transformers.AutoConfig.from_pretrained(name)
+        for key, v in c.to_dict().items():
+            if "drop" in key and isinstance(v, float):  # no dropout: GPT-2's resid_pdrop, Llama's attention_dropout
+                setattr(c, key, 0.0)
+        hf, info = (auto.from_config(c), {"missing_keys": ()}) if config else \
+            auto.from_pretrained(name, config=c, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError) as e:
         why = (str(e).strip() or type(e).__name__).splitlines()[0]
-        die(f"--init_from {name}: " + (f"not a loadable GPT-2 directory ({why})" if os.path.isdir(name) else
+        die(f"--init_from {source}: " + (f"not a loadable transformers model ({why})" if os.path.isdir(name) else
             f"could not load it ({why}): run once with network to fill the Hugging Face cache (HF_HUB_OFFLINE=1 then "
             "reads only the cache), or pass a directory saved with save_pretrained"))
-    if info["missing_keys"]:  # transformers would leave them randomly initialised
-        die(f"--init_from {name}: not a GPT-2 checkpoint, no weights for {', '.join(sorted(info['missing_keys'])[:3])}"
-            ", ...")
-    return hf
+    if info["missing_keys"]:  # transformers would leave them randomly initialised, and only warn
+        die(f"--init_from {source}: no weights for {', '.join(sorted(info['missing_keys'])[:3])}: not a causal LM "
+            "checkpoint (a base model without its head?)")
+    return HF(hf.float(), block_size, source)
 
 # -----------------------------------------------------------------------------
 # processes: one, or one per GPU under torchrun (DDP); each process holds a contiguous share of every step
@@ -254,12 +294,45 @@ RANK, WORLD, LOCAL = 0, 1, 0  # this process, the number of processes, its GPU: 
 def init_processes(cfg):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (nccl on GPUs, gloo on CPUs)."""
     global RANK, WORLD, LOCAL
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or cfg.fsdp:  # FSDP on one process too: a resume on fewer
         RANK, WORLD, LOCAL = (int(os.environ.get(key, 0)) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{LOCAL}"
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+
+def wrap(model, cfg):
+    """--act_ckpt: each block's activations recomputed in the backward. --fsdp (FSDP2): each block's parameters, and at
+    the root the rest (embeddings, head, final norm), sharded across processes and all-gathered for each forward and
+    backward; on CUDA bf16 parameters, gradients reduced in fp32. Before the optimizer: its parameters change."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    cuda = cfg.device.startswith("cuda")
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cuda else MixedPrecisionPolicy()
+    for block in next(m for m in model.modules() if isinstance(m, nn.ModuleList)) if cfg.act_ckpt or cfg.fsdp else ():
+        if cfg.act_ckpt:
+            checkpoint(block)
+        if cfg.fsdp:
+            fully_shard(block, mp_policy=mp)
+    # the root keeps its parameters gathered after the forward: the fused head reads the whole head weight after the
+    # model's forward, not inside it (it would otherwise get this process's shard of it, a DTensor)
+    return fully_shard(model, mp_policy=mp, reshard_after_forward=False) if cfg.fsdp else model
+
+def full_states(model, opt, cfg):
+    """(the model's, the optimizer's state_dict), whole: under FSDP gathered from every process (all must call it)."""
+    if not cfg.fsdp:
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, opt, options=whole)
+
+def load_states(model, opt, ckpt, cfg):
+    """full_states back into a model and optimizer, on any number of processes (FSDP shards them as it loads)."""
+    if not cfg.fsdp:
+        return model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
 
 def gather_rows(t):
     """Every process's rows of t, concatenated in rank order: the whole step's rows."""
@@ -340,8 +413,8 @@ class Windows:
     def get(self, ws, device):
         """(x, y, *extras) of windows ws: inputs and targets (B, T), and the extras aligned with the targets."""
         x = torch.from_numpy(np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in ws]).astype(np.int64))
-        ex = [torch.from_numpy(np.stack([a[w * self.T + 1: w * self.T + self.T + 1] for w in ws]).copy()).to(device)
-              for a in self.extras]
+        ex = [torch.from_numpy(np.stack([a[w * self.T + 1: w * self.T + self.T + 1] for w in ws]).astype(
+              np.float32 if a.dtype == np.float16 else a.dtype)).to(device) for a in self.extras]  # float16 scores
         x = x.to(device)
         return (x[:, :-1], x[:, 1:], *ex)
 
@@ -378,7 +451,7 @@ def web_windows(cfg, meta, T, ref=None):
     return windows(cfg.data, "web.bin", meta, T, (no_ref(meta["tokens"]["web"]) if ref is None else ref, *labels))
 
 def load_ref_scores(cfg, meta, T):
-    """The reference scores of --ref_run (<out>/<run>/ref_scores.bin, float32 (web tokens, 2): L_RM and H_RM),
+    """The reference scores of --ref_run (<out>/<run>/ref_scores.bin, (web tokens, 2) of --score_dtype: L_RM, H_RM),
     checked to belong to this data and to this run's windows (the same context for both models), and the
     fingerprint of the reference model that computed them."""
     path, n_web = os.path.join(cfg.out, cfg.ref_run, "ref_scores.bin"), meta["tokens"]["web"]
@@ -391,15 +464,16 @@ def load_ref_scores(cfg, meta, T):
         ref = "" if cfg.ref_run == "ref" else f" --name {cfg.ref_run}"
         die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
     info = read_json(path + ".json")
+    dtype = np.dtype(info.get("score_dtype", "float32"))
     if "weights_sha256" not in info:
         die(f"{path}: scored by an older rho, without the reference model's fingerprint: {redo}")
-    if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != 8 * n_web:  # the sha covers the encoding
+    if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != 2 * dtype.itemsize * n_web:  # sha: encoding
         die(f"{path}: reference scores do not match {cfg.data} (computed for {info['data']}, or cut short: "
-            f"{os.path.getsize(path) // 8:,} of {n_web:,} tokens): {redo}")
+            f"{os.path.getsize(path) // (2 * dtype.itemsize):,} of {n_web:,} tokens): {redo}")
     if info["block_size"] != T:
         die(f"{path}: reference scores were computed with windows of {info['block_size']} tokens, this run uses "
             f"{T}: pass --block_size {info['block_size']} so both models see the same context")
-    return np.memmap(path, dtype=np.float32, mode="r", shape=(n_web, 2)), info["weights_sha256"]
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_web, 2)), info["weights_sha256"]
 
 # -----------------------------------------------------------------------------
 # the SLM loss (Rho-1, Sec. 2.2):  L_SLM = -1/(N*k) * sum_i I_k(x_i) * log P_theta(x_i | x_<i)
@@ -742,15 +816,16 @@ def same_scores(old, info):
     return all(old.get(key) == info[key] for key in ("n_tokens", "block_size", "data_sha256", "weights_sha256"))
 
 def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
-    """Process 0 creates <path>.partial (float32 (n_tokens, 2)), .done (a byte per block of windows) and .partial.json,
+    """Process 0 creates <path>.partial ((n_tokens, 2) scores), .done (a byte per block of windows) and .partial.json,
     or keeps them if they are of the same data, windows and weights (a resume): (their description, with the windows
     per block, and the done flags), or (None, None) when the finished scores of this data and model are at path."""
     info = {"n_tokens": n_tokens, "block_size": T, "score_batch": cfg.score_batch, "data_sha256": meta["sha256"],
-            "weights_sha256": weights}
+            "weights_sha256": weights, "score_dtype": cfg.score_dtype}
+    dtype = np.dtype(cfg.score_dtype)
     if RANK == 0:
         old = read_json(path + ".partial.json") if os.path.isfile(path + ".partial.json") else {}
         done = read_json(path + ".json") if os.path.isfile(path) and os.path.isfile(path + ".json") else None
-        if done and same_scores(done, info) and os.path.getsize(path) == 8 * n_tokens:
+        if done and same_scores(done, info) and os.path.getsize(path) == 2 * dtype.itemsize * n_tokens:
             print(f"score: {path} already holds this model's scores of {cfg.data}: kept")
         elif done and not same_scores(done, info) and not cfg.overwrite:
             run = os.path.dirname(path)
@@ -765,10 +840,11 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
                 if os.path.exists(stale):
                     os.remove(stale)
             with open(path + ".partial.tmp", "wb") as f:  # sparse zeros; NaN where no window predicts a token
-                f.truncate(8 * n_tokens)
-                os.pwrite(f.fileno(), np.full(2, np.nan, np.float32).tobytes(), 0)
+                f.truncate(2 * dtype.itemsize * n_tokens)
+                os.pwrite(f.fileno(), np.full(2, np.nan, dtype).tobytes(), 0)
                 tail = n_windows * T + 1
-                os.pwrite(f.fileno(), np.full(2 * (n_tokens - tail), np.nan, np.float32).tobytes(), 8 * tail)
+                os.pwrite(f.fileno(), np.full(2 * (n_tokens - tail), np.nan, dtype).tobytes(),
+                          2 * dtype.itemsize * tail)
             write_atomic(path + ".done", bytes(-(-n_windows // info["score_batch"])))
             os.replace(path + ".partial.tmp", path + ".partial")
             write_json(path + ".partial.json", info)
@@ -790,6 +866,7 @@ def score_web(model, meta, cfg, run):
     if info is None:
         return read_json(path + ".json")
     B, todo = info["score_batch"], [b for b in range(len(done)) if not done[b] and b % WORLD == RANK]
+    dtype = np.dtype(info.get("score_dtype", "float32"))  # a resume keeps the dtype it started with
     t0 = t_sync = time.time()
     marks, n_scored = [], 0
     with open(path + ".partial", "r+b") as out, open(path + ".done", "r+b") as flags:
@@ -798,7 +875,8 @@ def score_web(model, meta, cfg, run):
             x, y = web.get(ws, cfg.device)
             with autocast(cfg):
                 scores = torch.stack(model_token_loss(model, x, y, entropy=True), -1)  # (len(ws), T, 2)
-            os.pwrite(out.fileno(), scores.float().cpu().numpy().tobytes(), 8 * (ws[0] * T + 1))
+            os.pwrite(out.fileno(), scores.float().cpu().numpy().astype(dtype).tobytes(),
+                      2 * dtype.itemsize * (ws[0] * T + 1))
             marks.append(b)
             n_scored += len(ws) * T
             if time.time() - t_sync > 30 or i == len(todo) - 1:  # the scores on disk first, then their marks
@@ -860,7 +938,7 @@ def generate(model, prompts, max_new, done=None):
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
-    caches, out, ended = [[] for _ in model.transformer.h], [], [False] * len(prompts)
+    caches, out, ended = [[] for _ in range(model.config.n_layer)], [], [False] * len(prompts)
     h = model(idx, pad, caches)
     for _ in range(max_new):
         out.append(model.lm_head(h[:, -1]).argmax(-1))
@@ -927,11 +1005,13 @@ def run_name(cfg):
     return f"slm-k{cfg.k:g}" + ("" if cfg.select == "excess" else f"-{cfg.select}") + \
         ("" if cfg.scope == "batch" else f"-{cfg.scope}")
 
-def save_checkpoint(path, model, opt, gen, step, cfg, meta, state):
+def save_checkpoint(path, model, states, gen, step, cfg, meta, state):
     try:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(), "step": step,
+        torch.save({"model": states[0], "optimizer": states[1], "rng": gen.get_state(), "step": step,
                     "config": asdict(cfg), "model_config": asdict(model.config), "encoding": meta["encoding"],
-                    "n_vocab": meta["vocab_size"], "data_sha256": meta["sha256"], "state": state}, path + ".tmp")
+                    "n_vocab": meta["vocab_size"], "data_sha256": meta["sha256"], "state": state,
+                    **({"hf_config": model.hf.config.to_json_string()} if isinstance(model, HF) else {})},
+                   path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a kill leaves the previous checkpoint intact
     except (OSError, RuntimeError) as e:  # a full disk: torch.save raises either
         if os.path.exists(path + ".tmp"):
@@ -957,6 +1037,14 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
             f"{meta['encoding']} ({meta['vocab_size']}): prepare the data with --encoding {ckpt['encoding']} or "
             f"train a new model")
     return ckpt
+
+def model_of(ckpt, block_size, path):
+    """The model of a rho checkpoint, ours or a transformers one, its context cropped to block_size."""
+    if "hf_config" in ckpt:
+        model = load_hf(path, block_size or ckpt["model_config"]["block_size"], ckpt["hf_config"])
+        model.load_state_dict(ckpt["model"])
+        return model
+    return gpt_with_context(GPTConfig(**ckpt["model_config"]), ckpt["model"], block_size, path)
 
 def start_from(cfg, meta):
     """--init_from, resolved: on data with a base corpus (the demo), --ref, --clm and --slm start from the base run,
@@ -985,19 +1073,20 @@ def build_model(cfg, meta, shape):
     ignored = [f"--{key}" for key in given if key != "block_size"]
     if ignored and RANK == 0:
         print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from {cfg.init_from}", file=sys.stderr)
-    if is_gpt2(cfg.init_from):
-        if meta["encoding"] != "gpt2":
-            die(f"--init_from {cfg.init_from}: GPT-2 weights need data prepared with `python prepare.py ... "
-                f"--encoding gpt2`; {cfg.data} has encoding {meta['encoding']}")
-        return gpt_from_hf(load_gpt2(cfg.init_from), given.get("block_size")).to(cfg.device)
+    if is_hf(cfg.init_from):
+        model = load_hf(cfg.init_from, given.get("block_size"))
+        if meta["vocab_size"] > model.config.vocab_size or meta["encoding"] == "bytes":
+            die(f"--init_from {cfg.init_from}: its vocabulary ({model.config.vocab_size} tokens) is not that of "
+                f"{cfg.data} ({meta['encoding']}, {meta['vocab_size']}): prepare the data with `python prepare.py ... "
+                f"--encoding {cfg.init_from}` (its own tokenizer; GPT-2: --encoding gpt2)")
+        return model.to(cfg.device)
     run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")  # a path, or the name of a run in --out
     path = run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from
-    ckpt = load_checkpoint(path, meta, "base checkpoint")
-    return gpt_with_context(GPTConfig(**ckpt["model_config"]), ckpt["model"], given.get("block_size"),
-                            path).to(cfg.device)
+    return model_of(load_checkpoint(path, meta, "base checkpoint"), given.get("block_size"), path).to(cfg.device)
 
 # how a run computes or where it lives, not what it computes (the data itself is checked by its sha256)
-FREE_ON_RESUME = ("resume", "device", "compile", "micro_batch", "score_batch", "preset", "out", "name", "data")
+FREE_ON_RESUME = ("resume", "device", "compile", "act_ckpt", "micro_batch", "score_batch", "preset", "out", "name",
+                  "data")
 
 def check_resume(ckpt, cfg, model, meta, path):
     """--resume continues the run that was saved, or refuses: every flag that defines the run (k, select, scope,
@@ -1056,10 +1145,12 @@ def train_step(model, fwd, ddp, micro, cfg, gen):
     total = []
     for i, (x, y, ref, *_) in enumerate(micro):
         sync = WORLD == 1 or i == len(micro) - 1  # DDP all-reduces the gradients once, after the last micro-batch
-        with contextlib.nullcontext() if sync else ddp.no_sync():
+        if cfg.fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or cfg.fsdp else ddp.no_sync():
             with autocast(cfg):  # ddp: the model's forward (maybe compiled, maybe DDP); then the fused head
                 loss, every, sels[i] = fused_slm_loss(ddp(x), model.lm_head.weight, y, ref, cfg, gen, sels[i], n)
-            (loss * WORLD if WORLD > 1 else loss).backward()  # DDP averages over processes: undo it
+            (loss * WORLD if WORLD > 1 else loss).backward()  # DDP and FSDP average over processes: undo it
         # a NaN in any token's loss stops the run, also where SLM selected none of them (it never selects NaN)
         total.append(torch.where(every.isfinite().all(), loss.detach(), float("nan")))
     return sum_ranks(torch.stack(total).sum()), sels
@@ -1181,12 +1272,13 @@ def train(cfg, shape):
     T = model.config.block_size
     train_w, hi, ref_sha = training_windows(cfg, meta, T)
     ev = eval_sets(cfg, meta, train_w if cfg.mode in ("clm", "slm") else web_windows(cfg, meta, T))
-    opt = adamw(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise: the same on every process
     n_labels = len(meta["labels"]) if "labels" in meta and cfg.mode in ("clm", "slm") else 0  # the demo's audit
     state = {"history": [], "losses": [], "tokens_seen": 0, "tokens_trained": 0, "wall_s": 0.0,
              "by_label": [[0] * n_labels, [0] * n_labels], "tokens": {"hq": [], "web": [], "sel": []},  # seen, selected
              "init_sha256": weights_sha256(model), "ref_sha256": ref_sha}  # what the run starts from, by content
+    model = wrap(model, cfg)
+    opt = adamw(model, cfg)
     start = 0
     if cfg.resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, meta)
@@ -1197,8 +1289,7 @@ def train(cfg, shape):
             die(f"--resume: {cfg.out}/{cfg.ref_run}/ref_scores.bin now holds the scores of another reference model "
                 f"than the one {ckpt_path} trained with (was --ref run again?): restore those scores, or start "
                 "this run again with --overwrite")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        load_states(model, opt, ckpt, cfg)
         gen.set_state(ckpt["rng"])
         start, state = ckpt["step"], ckpt["state"]
     if master:
@@ -1206,7 +1297,7 @@ def train(cfg, shape):
     if master and cfg.resume:
         print(f"{name}: " + (f"resumed from {ckpt_path} at step {start}" if start else "no checkpoint: from step 0"))
     fwd = torch.compile(model) if cfg.compile else model
-    ddp = DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None) if WORLD > 1 else fwd
+    ddp = fwd if WORLD == 1 or cfg.fsdp else DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None)
     n_micro = cfg.batch_size // WORLD // micro_bs
     if master:
         split = f", {WORLD} process{'es' * (WORLD > 1)} x {n_micro} micro-batch{'es' * (n_micro > 1)} of {micro_bs}"
@@ -1240,20 +1331,24 @@ def train(cfg, shape):
             state["wall_s"] += now - t_last
             if n_labels:  # every process counted its own share
                 sum_ranks(counts)
-            if master:
+            if master or cfg.fsdp:  # under FSDP every process takes part in the evaluation's forwards
                 measures, records = evaluate(model, ev, cfg, step + 1 == cfg.steps)
+                states = full_states(model, opt, cfg)
+            if master:
                 measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s
                 n, dt = step + 1 - last, now - t_last
                 line = record(state, step + 1, measures, counts.tolist(), n, loss_sum, meta.get("labels"))
                 for key, v in records.items():
                     state["tokens"][key].append(v)
-                save_checkpoint(ckpt_path, model, opt, gen, step + 1, cfg, meta, state)
+                save_checkpoint(ckpt_path, model, states, gen, step + 1, cfg, meta, state)
                 print(f"{name} {line} | {n * cfg.batch_size * T / dt / 1000:.1f}k tok/s | eta "
                       f"{(cfg.steps - step - 1) * dt / n:.0f}s", flush=True)
             t_last, last, loss_sum = time.time(), step + 1, 0.0
             counts.zero_()
     extra = {"eval_problems": len(ev["problems"][:cfg.eval_problems])}
     if cfg.mode == "ref":  # every process scores its share
+        if cfg.fsdp:  # scoring needs no gradients or optimizer: each process scores with the whole model
+            model = model_of(load_checkpoint(ckpt_path), None, ckpt_path).to(cfg.device)
         info = score_web(model, meta, cfg, name)
         extra.update(score_s=info["score_s"], score_tok_s=info["score_tok_s"])
     if master:
@@ -1269,17 +1364,17 @@ MODES = {"base": "train a base model on the general corpus (base.bin; the demo h
          "clm": "continual pretraining on web, loss on every token (the baseline)",
          "slm": "continual pretraining on web with the SLM loss (--k, --select, --scope)"}
 CHOICES = {"select": SELECT, "scope": ("batch", "sequence"), "dtype": ("auto", "float32", "bfloat16"),
-           "preset": ("", *PRESETS)}
+           "score_dtype": ("float32", "float16"), "preset": ("", *PRESETS)}
 
 def arg_error(msg):
     die(f"{msg} (python rho.py --help lists the flags; abbreviations of them are not accepted)")
 
 # the flags each mode reads beyond the data, the output and the device; any other flag given is refused
 RUN_FLAGS = {"steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "seed", "micro_batch", "dtype",
-             "compile", "score_batch", "eval_every", "eval_problems", "init_from", "preset", "resume", "overwrite",
-             "name", "block_size", "n_layer", "n_head", "n_embd"}
+             "compile", "fsdp", "act_ckpt", "score_batch", "eval_every", "eval_problems", "init_from", "preset",
+             "resume", "overwrite", "name", "block_size", "n_layer", "n_head", "n_embd", "score_dtype"}
 MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | {"k", "select", "scope",
-              "ref_run"}, "score": {"name", "score_batch", "dtype", "overwrite"}}
+              "ref_run"}, "score": {"name", "score_batch", "score_dtype", "dtype", "overwrite"}}
 
 def check_flags(a, mode, given):
     """Bad values and flags the mode ignores, each as one line, before anything runs."""
@@ -1300,6 +1395,8 @@ def check_flags(a, mode, given):
                 + (" and finite" if isinstance(v, float) else ""))
     if a.warmup >= a.steps and mode != "score":
         die(f"--warmup {a.warmup}: must be fewer than --steps {a.steps}, or the LR never reaches --lr")
+    if a.fsdp and "RANK" not in os.environ:
+        die("--fsdp: shards the model across torchrun's processes: run under torchrun --nproc_per_node N")
     if a.resume and a.overwrite:
         die("--resume --overwrite: continue the earlier run or replace it, not both; drop one")
     if a.select == "sample" and a.scope != "batch":
@@ -1356,8 +1453,7 @@ def main(argv=None):
             return train(cfg, shape)
         meta, name = load_meta(cfg.data), run_name(cfg)
         ckpt = load_checkpoint(os.path.join(cfg.out, name, "ckpt.pt"), meta, "reference model")
-        model = GPT(GPTConfig(**ckpt["model_config"])).to(cfg.device)
-        model.load_state_dict(ckpt["model"])
+        model = model_of(ckpt, None, name).to(cfg.device)
         info = score_web(model, meta, cfg, name)
         if RANK == 0 and not os.path.isfile(os.path.join(cfg.out, name, "metrics.json")):
             print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): `python rho.py --ref "
@@ -1366,7 +1462,7 @@ def main(argv=None):
     except OSError as e:  # a full disk or a lost folder mid-run: a killed or failed run resumes
         die(f"{e.filename or cfg.out}: {e.strerror or e}: free space or fix the folder, then run again with --resume")
     finally:
-        if WORLD > 1:  # free DDP's reference cycles first: a gloo group left to interpreter exit can SIGABRT
+        if dist.is_initialized():  # free DDP's reference cycles first: a gloo group left at interpreter exit can abort
             gc.collect()
             dist.destroy_process_group()
 

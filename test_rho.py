@@ -44,59 +44,74 @@ def ref_of(*shape, generator=None, scale=1.0):
     return torch.rand(*shape, 2, generator=generator) * scale
 
 # -----------------------------------------------------------------------------
-# model: our GPT against transformers' GPT-2 (a tiny random one built here: no download)
+# model: a transformers causal LM (tiny random ones built here: no download) through rho's fused head, against
+# transformers' own loss with labels, every gradient, and the full-logits reference slm_loss
 
-def tiny_hf(vocab=50257, **kw):
-    """GPT-2's real vocabulary (unpadded, several head chunks), 2 layers of 32; every weight, bias and
-    LayerNorm perturbed so that a wrong transpose or a dropped bias shows."""
+def tiny_hf(vocab=50257, kind="gpt2", **kw):
+    """A tiny random causal LM of a kind (gpt2: GPT-2's real vocabulary by default, several head chunks; llama: an
+    untied head; qwen2: a tied head, q/k/v biases); every weight perturbed so that a wrong transpose or a dropped
+    bias shows."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, **kw)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=vocab, max_position_embeddings=64, **kw)
+    cfg = {"gpt2": lambda: transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab,
+                                                  activation_function="gelu_pytorch_tanh", **kw),  # gelu_new, fast
+           "llama": lambda: transformers.LlamaConfig(**small, tie_word_embeddings=False),
+           "qwen2": lambda: transformers.Qwen2Config(**small, tie_word_embeddings=True),
+           "granite": lambda: transformers.GraniteConfig(**small, logits_scaling=2.0),
+           "gemma2": lambda: transformers.Gemma2Config(**small, head_dim=8, final_logit_softcapping=1.0)}[kind]()
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return hf
 
-def test_gpt2_logits_equal_transformers():
-    hf = tiny_hf()
-    model = rho.gpt_from_hf(hf).eval()
-    assert model.config == rho.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
-    assert model.lm_head.weight is model.transformer.wte.weight
-    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = hf(idx).logits
-        torch.testing.assert_close(model.lm_head(model(idx)), want, rtol=1e-5, atol=1e-5)
-        cropped = rho.gpt_from_hf(hf, block_size=16).eval()  # nanoGPT's crop_block_size: the first 16 positions
-        assert cropped.transformer.wpe.weight.shape == (16, 32)
-        torch.testing.assert_close(cropped.lm_head(cropped(idx[:, :16])), want[:, :16], rtol=1e-5, atol=1e-5)
-    with pytest.raises(SystemExit, match=r"--block_size 65: .*has 64 positions; pass --block_size 64 or less"):
-        rho.gpt_from_hf(hf, block_size=65)
-
-def test_gpt2_fused_head_loss_and_grads_equal_transformers():
-    hf = tiny_hf()
-    model = rho.gpt_from_hf(hf)
-    idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(2))  # 252 rows: 2 chunks of 128 (at V = 50257)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_hf_fused_head_loss_and_grads_equal_transformers(kind, tmp_path):
+    hf = tiny_hf(vocab=320, kind=kind)
+    hf.save_pretrained(tmp_path / kind)
+    model = rho.load_hf(str(tmp_path / kind), 33)
+    assert model.config == rho.GPTConfig(33, 320, 2, *((2, 32) if kind == "gpt2" else (4, 32)))
+    assert (model.lm_head.weight is model.hf.get_input_embeddings().weight) == (kind != "llama")
+    idx = torch.randint(0, 320, (4, 34), generator=torch.Generator().manual_seed(2))
     labels = idx.clone()
     labels[1, 10:20] = -100  # HF's ignore index; ours is IGNORE
     y = labels[:, 1:].masked_fill(labels[:, 1:] == -100, rho.IGNORE)
     hf_loss = hf(idx, labels=labels).loss
     loss, _, _ = rho.fused_slm_loss(model(idx[:, :-1]), model.lm_head.weight, y, None, cfg_of(1.0))
-    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-6, atol=1e-6)
     hf_loss.backward()
     loss.backward()
-    torch.testing.assert_close(model.transformer.wte.weight.grad, hf.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.grad, hf.transformer.h[0].attn.c_attn.weight.grad.t(), rtol=1e-4, atol=1e-6)
+    for name, p in hf.named_parameters():
+        torch.testing.assert_close(model.hf.get_parameter(name).grad, p.grad, rtol=1e-4, atol=1e-6)
+    ref = ref_of(4, 33, generator=torch.Generator().manual_seed(3))
+    h = model(idx[:, :-1])
+    want = rho.slm_loss(model.lm_head(h), y, ref, 0.5)
+    got = rho.fused_slm_loss(h, model.lm_head.weight, y, ref, cfg_of(0.5))
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    gw = [torch.autograd.grad(out, model.lm_head.weight, retain_graph=True)[0] for out in (want[0], got[0])]
+    torch.testing.assert_close(gw[1], gw[0], rtol=1e-4, atol=1e-6)
 
-@pytest.mark.parametrize("bad", [dict(activation_function="relu"), dict(layer_norm_epsilon=1e-6),
-                                 dict(scale_attn_by_inverse_layer_idx=True), dict(n_inner=64)])
-def test_gpt2_error_config_not_our_math(bad):
-    hf = tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0, **bad)
-    key, value = next(iter(bad.items()))
-    with pytest.raises(SystemExit, match=rf"{key}={value!r}: rho's GPT is plain GPT-2"):
-        rho.gpt_from_hf(hf)
+@pytest.mark.parametrize("kind", ["granite", "gemma2"])
+def test_hf_error_head_not_plain_linear(kind, tmp_path):
+    tiny_hf(vocab=320, kind=kind).save_pretrained(tmp_path / kind)
+    with pytest.raises(SystemExit, match=r"^error: --init_from .*: its logits are not a plain linear map of its final "
+                                         r"hidden states .*: rho's fused head computes h @ W.T; use another model$"):
+        rho.load_hf(str(tmp_path / kind))
 
-def test_gpt2_init_from_local_directory(tmp_path, capsys):
+def test_hf_batched_generation_equals_transformers(tmp_path):
+    """rho's generate on a transformers model (left padding, its KV cache) gives transformers' own greedy tokens."""
+    hf = tiny_hf(vocab=320, kind="llama")
+    hf.save_pretrained(tmp_path / "llama")
+    model = rho.load_hf(str(tmp_path / "llama"), 64).eval()
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    got = rho.generate(model, prompts, 6)
+    for p, g in zip(prompts, got):
+        assert hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist() == g
+
+def test_hf_init_from_local_directory(tmp_path, capsys):
     hf = tiny_hf()
     hf.save_pretrained(tmp_path / "tiny-gpt2")
     cfg, model_cfg = rho.parse_args(["--clm", "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32", "--device", "cpu"])
@@ -107,13 +122,15 @@ def test_gpt2_init_from_local_directory(tmp_path, capsys):
         torch.testing.assert_close(model.lm_head(model(idx)), hf(idx).logits, rtol=1e-5, atol=1e-5)
     transformers = pytest.importorskip("transformers")
     cfg_llama = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=320)
-    transformers.LlamaForCausalLM(cfg_llama).save_pretrained(tmp_path / "llama")
-    cfg.init_from = str(tmp_path / "llama")  # transformers would load it with random GPT-2 weights, and only warn
-    with pytest.raises(SystemExit, match=r"llama: not a GPT-2 checkpoint, no weights for transformer.h.0.attn"):
+    transformers.LlamaModel(cfg_llama).save_pretrained(tmp_path / "llama")  # a body without its head
+    cfg.init_from = str(tmp_path / "llama")  # transformers would load it with a random head, and only warn
+    with pytest.raises(SystemExit, match=r"llama: no weights for lm_head.weight: not a causal LM checkpoint"):
         rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
     cfg.init_from = str(tmp_path / "tiny-gpt2")
+    with pytest.raises(SystemExit, match=r"--block_size 65: .*tiny-gpt2 has 64 positions; pass --block_size 64 or less"):
+        rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, rho.GPTConfig(block_size=65))
     (tmp_path / "tiny-gpt2" / "model.safetensors").unlink()
-    with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable GPT-2 directory \(.*model.safetensors"):
+    with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable transformers model \(.*model.safetensors"):
         rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
 
 def test_gpt2_shape_flags_with_init_from(tmp_path, capsys):
@@ -576,6 +593,16 @@ def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_proc
     assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float32), whole, equal_nan=True)
     assert json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())["processes"] == 2
 
+def test_float16_scores_are_the_float32_ones_rounded_and_train(demo, one_process, tmp_path):
+    """--score_dtype float16: 4 bytes a web token, each the float32 score rounded; an SLM run reads them."""
+    out, _ = one_process
+    run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--score_dtype", "float16")
+    half = np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float16)
+    full = np.fromfile(out / "ref" / "ref_scores.bin", np.float32)
+    assert half.nbytes * 2 == full.nbytes and np.array_equal(half, full.astype(np.float16), equal_nan=True)
+    m = run(demo, tmp_path, "--slm", "--steps", "1", "--eval_every", "1", "--eval_problems", "0")
+    assert m["tokens_trained"] == math.ceil(0.6 * 4 * 32)
+
 # -----------------------------------------------------------------------------
 # evaluation: batched generation against one prompt at a time
 
@@ -781,21 +808,46 @@ def test_resume_refuses_a_changed_run(demo, tmp_path, capsys):
     os.rename(tmp_path / "x", tmp_path / "moved" / "y")  # a run moved to another --out and --name is the same run
     run(demo, tmp_path / "moved", "--clm", "--steps", "4", "--eval_every", "2", "--name", "y", "--resume")
 
-@pytest.mark.parametrize("world,micro,select", [(1, 2, "excess"), (2, 2, "excess"), (2, 4, "excess"), (2, 2, "random")])
-def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, world, micro, select, tmp_path,
+@pytest.mark.parametrize("world,micro,select,shard", [(1, 2, "excess", ()), (2, 2, "excess", ()), (2, 4, "excess", ()),
+                                                      (2, 2, "random", ()), (2, 4, "excess", ("--fsdp",)),
+                                                      (2, 2, "excess", ("--fsdp", "--act_ckpt"))])
+def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, world, micro, select, shard, tmp_path,
                                                             monkeypatch):
-    """world=1, micro=2: 4 micro-batches of gradient accumulation; world=2: two gloo processes (DDP), with
-    2 micro-batches each (micro 2) or a whole share in one forward (micro 4)."""
+    """world=1, micro=2: 4 micro-batches of gradient accumulation; world=2: two gloo processes (DDP, or FSDP2 with
+    the head weight sharded: pytorch #162338's silent gloo AVG bug would show here), with 2 micro-batches each
+    (micro 2) or a whole share in one forward (micro 4)."""
     out, runs = one_process
     os.symlink(out / "ref", tmp_path / "ref")
     argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--select", select, "--batch_size", "8",
-            "--steps", "3", "--eval_every", "3", "--name", select, "--micro_batch", str(micro), "--lr", SPLIT_LR]
+            "--steps", "3", "--eval_every", "3", "--name", select, "--micro_batch", str(micro), "--lr", SPLIT_LR, *shard]
     if world == 1:
         masks = recording_selection(monkeypatch)
         rho.main(argv)
     else:
         masks = torchrun(world, argv, tmp_path / "sel")
     assert_same_run(out / select, tmp_path / select, runs[select], masks)
+
+def killed_child(rank, world, port, argv, step):
+    """torchrun_child, killed (KeyboardInterrupt) as step `step` begins."""
+    real = rho.lr_at
+    rho.lr_at = lambda s, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if s == step else real(s, cfg)
+    torchrun_child(rank, world, port, argv, None)
+
+def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path):
+    """An FSDP2 run on 2 gloo processes, killed after its checkpoint of step 2, resumed by 1 process: the same
+    selection and losses as the uninterrupted run of one process (the checkpoint holds whole tensors)."""
+    out, runs = one_process
+    os.symlink(out / "ref", tmp_path / "ref")
+    argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--batch_size", "8", "--steps", "3",
+            "--eval_every", "1", "--eval_problems", "0", "--name", "excess", "--lr", SPLIT_LR, "--fsdp"]
+    torch.multiprocessing.spawn(killed_child, args=(2, free_port(), argv, 2), nprocs=2)  # spawn hides the interrupt
+    assert torch.load(tmp_path / "excess" / "ckpt.pt", weights_only=True)["step"] == 2
+    masks = torchrun(1, [*argv, "--resume"], tmp_path / "sel")
+    assert torch.equal(masks[0], runs["excess"][2])
+    m, want = (json.loads((d / "excess" / "metrics.json").read_text()) for d in (tmp_path, out))
+    np.testing.assert_allclose(m["losses"], want["losses"], rtol=1e-5)
+    with pytest.raises(SystemExit, match=r"^error: --fsdp: shards the model across torchrun's processes"):
+        rho.main(argv)
 
 def assert_same_run(a, b, masks_a, masks_b):
     """The same tokens selected at every step; losses and weights equal up to float summation order."""
@@ -1047,26 +1099,77 @@ def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
     with pytest.raises(SystemExit, match=r"has no base corpus .*--init_from CKPT"):
         rho.main(["--base", "--data", str(tmp_path / "real"), "--out", str(tmp_path), *TINY])
 
-def test_gpt2_error_wrong_encoding(demo, tmp_path):
-    with pytest.raises(SystemExit, match=r"GPT-2 weights need data prepared with `python prepare.py ... --encoding gpt2`; .* has encoding bytes"):
-        rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from", "gpt2"])
+def test_hf_error_wrong_encoding(demo, tmp_path):
+    tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "tiny-gpt2")
+    with pytest.raises(SystemExit, match=r"its vocabulary \(320 tokens\) is not that of .* \(bytes, 257\): prepare the "
+                                         r"data with `python prepare.py ... --encoding .*tiny-gpt2` \(its own tokenizer"):
+        rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from", str(tmp_path / "tiny-gpt2")])
 
-def test_gpt2_error_transformers_missing_or_offline(tmp_path, monkeypatch):
-    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", "gpt2", "--device", "cpu"])
+def test_hf_error_transformers_missing_or_offline(tmp_path, monkeypatch):
+    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", "hf:gpt2", "--device", "cpu"])
     meta = {"encoding": "gpt2", "vocab_size": 50257}
     import sys
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    with pytest.raises(SystemExit, match=r"^error: --init_from gpt2: needs transformers: pip install transformers$"):
+    with pytest.raises(SystemExit, match=r"^error: --init_from hf:gpt2: needs transformers: pip install transformers$"):
         rho.build_model(cfg, meta, model_cfg)
     monkeypatch.undo()
     transformers = pytest.importorskip("transformers")
 
     def offline(*args, **kwargs):  # what from_pretrained raises with no network and an empty cache
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.\nCheck ...")
-    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", offline)
-    with pytest.raises(SystemExit, match=r"gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(SystemExit, match=r"hf:gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
                                          r"Hugging Face cache \(HF_HUB_OFFLINE=1 .*save_pretrained$"):
         rho.build_model(cfg, meta, model_cfg)
+
+def tiny_llama_with_tokenizer(path, texts):
+    """A tiny random Llama saved with save_pretrained, beside a byte-level BPE tokenizer trained here on texts (no
+    download) that starts every document with <s> (Llama's convention) and ends it with </s>."""
+    transformers, tok = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    tk = tok.Tokenizer(tok.models.BPE())
+    tk.pre_tokenizer, tk.decoder = tok.pre_tokenizers.ByteLevel(add_prefix_space=False), tok.decoders.ByteLevel()
+    tk.train_from_iterator(texts, tok.trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                         initial_alphabet=tok.pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = tok.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=320, max_position_embeddings=64, bos_token_id=0,
+                                   eos_token_id=1, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+
+def test_hf_model_and_tokenizer_end_to_end(tmp_path, capsys):
+    """prepare.py with a model's own tokenizer (its BOS/EOS at document boundaries), then --ref, --clm, --slm and
+    --compare, all from that model."""
+    qa = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+          for a in range(12) for b in range(12)]
+    web = [f"Page {i}: buy now, {i} deals. The sum of {i} and {i + 1} is {2 * i + 1}." for i in range(400)]
+    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    (tmp_path / "web.txt").write_text("\n\n".join(web) + "\n")
+    model = str(tmp_path / "tiny-llama")
+    tiny_llama_with_tokenizer(model, [r["question"] + " " + r["answer"] for r in qa] + web)
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    prepare.main(["--hq", str(tmp_path / "hq.jsonl"), "--web", str(tmp_path / "web.txt"), "--out", data,
+                  "--encoding", model, "--procs", "2"])
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert (meta["encoding"], meta["vocab_size"], meta["eot"], meta["dtype"]) == (model, 300, 1, "uint16")
+    ids = np.fromfile(tmp_path / "data" / "web.bin", np.uint16)
+    assert ids[0] == 0 and ids[-1] == 1 and (ids == 1).sum() == 400 and (ids == 0).sum() == 400  # <s> doc </s>
+    assert all(ids[i + 1] == 0 for i in np.flatnonzero(ids[:-1] == 1))  # every </s> followed by the next <s>
+    enc = prepare.get_encoding(model)
+    assert enc.decode(ids[:np.argmax(ids == 1)].tolist()) == web[0]
+    assert prepare.token_dtype(128256) == np.uint32  # Llama 3's vocabulary needs 32 bits
+    common = ["--data", data, "--out", out, "--init_from", model, "--steps", "2", "--batch_size", "4",
+              "--block_size", "32", "--eval_every", "2", "--eval_problems", "4", "--device", "cpu"]
+    rho.main(["--ref", *common])
+    clm, slm = rho.main(["--clm", *common]), rho.main(["--slm", "--k", "0.6", *common])
+    assert clm["model_config"] == slm["model_config"] == {"block_size": 32, "vocab_size": 320, "n_layer": 2,
+                                                         "n_head": 4, "n_embd": 32}
+    assert slm["tokens_trained"] == math.ceil(0.6 * 4 * 32) * 2 and clm["tokens_trained"] == 4 * 32 * 2
+    info = rho.main(["--score", "--data", data, "--out", out])  # the reference model again, from its checkpoint
+    assert "already holds this model's scores" in capsys.readouterr().out and info["n_tokens"] == len(ids)
+    runs = rho.main(["--compare", "--out", out])
+    assert [r["run"] for r in runs] == ["ref", "clm", "slm-k0.6"]
 
 def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypatch):
     """A tiny GPT-2 continually pretrained on gpt2-labelled data: resume equals an uninterrupted run, and the
@@ -1124,7 +1227,7 @@ def test_error_bad_flags_one_line_each():
 
 def test_preset_values_are_defaults_that_flags_beat():
     cfg, model_cfg = rho.parse_args(["--slm", "--preset", "gpt2-owm", "--batch_size", "64", "--device", "cpu"])
-    assert (cfg.batch_size, cfg.micro_batch, cfg.steps, cfg.lr, cfg.init_from) == (64, 32, 2000, 1e-4, "gpt2")
+    assert (cfg.batch_size, cfg.micro_batch, cfg.steps, cfg.lr, cfg.init_from) == (64, 32, 2000, 1e-4, "hf:gpt2")
     cfg, _ = rho.parse_args(["--ref", "--preset", "gpt2-owm", "--steps", "10", "--device", "cpu"])
     assert (cfg.batch_size, cfg.steps, cfg.lr, cfg.k, cfg.select) == (512, 10, 1e-4, 1.0, "all")
 
@@ -1765,6 +1868,21 @@ def test_bench_gpu_script_runs_in_its_cpu_mode(tmp_path, monkeypatch, capsys):
     rows = bench.main(["--gpu", "--device", "cpu", "--json", str(tmp_path / "b.json")])
     assert {r["impl"] for r in rows} >= {"naive_clm", "fused_clm", "fused_slm", "clm", "slm", "slm_split"}
     assert json.loads((tmp_path / "b.json").read_text())["rows"] == rows and "1 passed" in capsys.readouterr().out
+
+def test_bench_estimate_of_the_paper_presets(capsys, monkeypatch):
+    """The estimate counts what it says: TinyLlama's 1.1B and Mistral's 7.24B parameters from their configs, 16 bytes
+    a parameter sharded over 8 GPUs, and SLM's head at (2 + 6k) N d V beside CLM's 6 N d V."""
+    tiny, mistral = bench.estimate("tinyllama-owm"), bench.estimate("mistral-owm")
+    assert round(tiny["params"] / 1e6) == 1100 and round(mistral["params"] / 1e6) == 7242
+    mem = mistral["memory"]
+    assert mem["params fp32 (sharded)"] + mem["grads fp32 (sharded)"] + mem["AdamW fp32 (sharded)"] == 2 * mistral["params"]
+    assert mistral["act_ckpt"] < mistral["act_full"] / 5
+    assert "estimate tinyllama-owm (not measured)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^error: --fsdp: .* run under torchrun --nproc_per_node N$"):
+        rho.parse_args(["--slm", "--preset", "tinyllama-owm", "--device", "cpu"])
+    monkeypatch.setenv("RANK", "0")  # as under torchrun
+    cfg, _ = rho.parse_args(["--slm", "--preset", "tinyllama-owm", "--device", "cpu"])
+    assert (cfg.k, cfg.lr, cfg.batch_size, cfg.fsdp, cfg.init_from) == (0.6, 8e-5, 512, True, "hf:TinyLlama/TinyLlama_v1.1")
 
 def test_bench_prepare_is_linear_in_size(monkeypatch, capsys):
     monkeypatch.setattr(bench, "PREPARE_MB", 0.05)
