@@ -1140,7 +1140,7 @@ def tiny_llama_with_tokenizer(path, texts):
 
 def test_hf_model_and_tokenizer_end_to_end(tmp_path, capsys):
     """prepare.py with a model's own tokenizer (its BOS/EOS at document boundaries), then --ref, --clm, --slm and
-    --compare, all from that model."""
+    report.py, all from that model."""
     qa = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
           for a in range(12) for b in range(12)]
     web = [f"Page {i}: buy now, {i} deals. The sum of {i} and {i + 1} is {2 * i + 1}." for i in range(400)]
@@ -1168,8 +1168,8 @@ def test_hf_model_and_tokenizer_end_to_end(tmp_path, capsys):
     assert slm["tokens_trained"] == math.ceil(0.6 * 4 * 32) * 2 and clm["tokens_trained"] == 4 * 32 * 2
     info = rho.main(["--score", "--data", data, "--out", out])  # the reference model again, from its checkpoint
     assert "already holds this model's scores" in capsys.readouterr().out and info["n_tokens"] == len(ids)
-    runs = rho.main(["--compare", "--out", out])
-    assert [r["run"] for r in runs] == ["ref", "clm", "slm-k0.6"]
+    report.main([str(out)])  # the table and the page, from that model's runs
+    assert [r["run"] for r in report.load_runs(str(out))] == ["ref", "clm", "slm-k0.6"]
 
 def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypatch):
     """A tiny GPT-2 continually pretrained on gpt2-labelled data: resume equals an uninterrupted run, and the
@@ -1364,13 +1364,13 @@ def test_prepare_demo_holds_out_its_questions(tmp_path):
     evals = [p["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
              for p in json.loads((out / "eval.json").read_text())]
     val = [d.split("\nAnswer:")[0].removeprefix("Question: ") for d in text("hq_val.bin").split(prepare.EOT)[:-1]]
-    assert len(evals) == 200 and len(val) == 300 and len(set(evals + val)) == 500
+    assert len(evals) == 1000 and len(val) == 300 and len(set(evals + val)) == 1300
     runs = [r for q in evals + val for r in held_out_runs(q)]
     for name in ("web.bin", "hq_train.bin", "base.bin"):
         train = normalised(text(name))
         assert not [r for r in runs if r in train], name
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["decontamination"] == {"n": 13, "min_words": 8, "held_out_texts": 500, "too_short": 0, "kept": False,
+    assert meta["decontamination"] == {"n": 13, "min_words": 8, "held_out_texts": 1300, "too_short": 0, "kept": False,
                                        "dropped_docs": {"hq_train": 0, "web": 0, "base": 0}}  # none drawn: none found
 
 def test_prepare_drops_training_documents_that_hold_a_held_out_question(tmp_path, capsys):
