@@ -310,7 +310,8 @@ def plan(cases, k, gpu, micro_batch=0, compiled=False, rounds=1):
         rows += [("step", impl, (DEMO_N, 128, 320, k)) for impl in ("clm", "slm_stored", "slm_online", "score")]
     if "train" in cases:  # GPT-2 small at T = 1024: --micro_batch, else the preset's on a GPU, 2 sequences on a CPU
         B = micro_batch or (rho.PRESETS["gpt2-owm"]["micro_batch"] if gpu else 2)
-        impls = ("clm", "slm", "slm_split") + (("clm_compiled", "slm_compiled", "slm_split_compiled") if compiled else ())
+        impls = ("clm", "slm", "slm_split") + (("clm_compiled", "slm_compiled", "slm_split_compiled")
+                                               if compiled else ())
         rows += [("train", impl, (B * 1024, 768, 50257, k)) for _ in range(rounds) for impl in impls]
     if "scale" in cases:  # scoring 2^18, 2^19, 2^20 tokens, there and back (a drifting machine cancels out)
         rows += [("scale", "score", (2**e, 128, 320, k)) for e in (18, 19, 20, 20, 19, 18)]
@@ -419,11 +420,12 @@ def preset_time(rows, device):
     p = rho.PRESETS["gpt2-owm"]
     tokens = {stage: p[stage]["steps"] * p["batch_size"] * p["block_size"] for stage in ("ref", "clm", "slm")}
     split = "slm_split" if p["batch_size"] > p["micro_batch"] else "slm"  # one device: gradient accumulation
-    hours = {"ref": tokens["ref"] / tok_s["clm"], "clm": tokens["clm"] / tok_s["clm"], "slm": tokens["slm"] / tok_s[split]}
+    hours = {"ref": tokens["ref"] / tok_s["clm"], "clm": tokens["clm"] / tok_s["clm"],
+             "slm": tokens["slm"] / tok_s[split]}
     print(f"\npreset gpt2-owm on one {device} device, from these tok/s: " + ", ".join(
         f"{stage} {tokens[stage] / 1e9:.2f}B tokens {h / 3600:.1f} h" for stage, h in hours.items())
-        + f" (SLM at the {split} rate: {tok_s[split]:,} tok/s); scoring the web corpus is a forward: about 1/3 of a CLM "
-          f"step per token")
+        + f" (SLM at the {split} rate: {tok_s[split]:,} tok/s); scoring the web corpus is a forward: about 1/3 of a "
+          f"CLM step per token")
 
 # -----------------------------------------------------------------------------
 # prepare.py's cost: tokenizing (decontamination included) against data size and processes
@@ -500,7 +502,8 @@ def bench_prepare(procs, encoding, seed=1337):
     return rows
 
 def prepare_table(rows):
-    """The fastest measurement of each (size, procs); CPU seconds (all processes) are the cost, wall seconds the speed."""
+    """The fastest measurement of each (size, procs); CPU seconds (all processes) are the cost, wall seconds
+    the speed."""
     best = {}
     for r in rows:
         key = (r["procs"], r["size"])
@@ -512,8 +515,8 @@ def prepare_table(rows):
     print(f"{'size':<5}{'MB':>7}{'procs':>6}{'tokens':>13}{'seconds':>9}{'s/Mtok':>8}{'vs 1x':>7}{'cpu s/Mtok':>11}"
           f"{'vs 1x':>7}{'speedup':>9}")
     for r in rows:
-        print(f"{r['size']:<5}{r['mb']:>7.1f}{r['procs']:>6}{r['tokens']:>13,}{r['seconds']:>9.2f}{r['s_per_mtok']:>8.3f}"
-              f"{r['s_per_mtok'] / wall_1x[r['procs']]:>7.2f}{r['cpu_s_per_mtok']:>11.3f}"
+        print(f"{r['size']:<5}{r['mb']:>7.1f}{r['procs']:>6}{r['tokens']:>13,}{r['seconds']:>9.2f}"
+              f"{r['s_per_mtok']:>8.3f}{r['s_per_mtok'] / wall_1x[r['procs']]:>7.2f}{r['cpu_s_per_mtok']:>11.3f}"
               f"{r['cpu_s_per_mtok'] / cpu_1x[r['procs']]:>7.2f}{seconds_1p[r['size']] / r['seconds']:>8.2f}x")
 
 # -----------------------------------------------------------------------------
@@ -530,7 +533,8 @@ def gpu(args):
     and there: pip install --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site python bench.py --gpu.
     With --device cpu: the same plan at toy sizes, to check that it runs."""
     device, on_gpu = torch.device(args.device), args.device.startswith("cuda")
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_rho.py", "-k", "fused or chunk or triton or gpu"],
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_rho.py", "-k",
+                            "fused or chunk or triton or gpu"],
                            capture_output=True, text=True)  # on a GPU, the tests that skip on a CPU run too
     print(tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-2000:], flush=True)
     if tests.returncode not in (0, 5):

@@ -3,15 +3,17 @@ prepare.py: text in, token files out.
 
     python prepare.py                                  # the embedded demo corpus -> data/demo/
     python prepare.py --hq hq.jsonl --web web.txt --out data/mine [--val val.jsonl] [--encoding gpt2] [--procs N]
-    python prepare.py --hq hf:openai/gsm8k:main@train --val hf:openai/gsm8k:main@test --web owm/*.parquet --out data/mine
+    python prepare.py --hq hf:openai/gsm8k:main@train --val hf:openai/gsm8k:main@test \\
+        --web owm/*.parquet --out data/mine
 
 Sources: .txt (documents separated by blank lines), .jsonl or .jsonl.gz (a "text" field, or "question" and
 "answer", or MetaMathQA's "query" and "response"), .parquet (the same columns; needs pyarrow), or
 hf:NAME[:CONFIG][@SPLIT], a Hugging Face dataset streamed by name (needs datasets and the network; the split
-defaults to train). --web takes several sources, and --max_web_tokens N stops after about N. Each source is read once, in
-order, by this process (hq twice without --val: its validation documents first); a pool of --procs workers parses and
-tokenizes it in tasks of about 2 MB of text, and the tokens are written in order, so the output is byte-identical for
-any --procs. Bytes that are not UTF-8 become U+FFFD: a warning line says how many, and meta.json counts them per source.
+defaults to train). --web takes several sources, and --max_web_tokens N stops after about N. Each source is read
+once, in order, by this process (hq twice without --val: its validation documents first); a pool of --procs workers
+parses and tokenizes it in tasks of about 2 MB of text, and the tokens are written in order, so the output is
+byte-identical for any --procs. Bytes that are not UTF-8 become U+FFFD: a warning line says how many, and meta.json
+counts them per source.
 A source or flag that would give a file rho.py cannot read (a directory, no documents, every training document
 dropped, a negative size) is refused in one line, and the folder keeps what it held.
 
@@ -340,15 +342,17 @@ ADS = ["[Ad] Get 50% off textbooks today! Free shipping on orders over $35.\n",
 MARKUP = ["<br />", "</p><p>", "&nbsp;", "<div class=\"post-body\">", "</div>", "\\begin{align}", "\\end{align}",
           "<span class=\"MathJax\">", "[/quote]", "[quote]", "&amp;", "<td>", "</tr>"]
 OFFTOPIC = ["lol thanks, btw is anyone watching the game tonight?", "My cat knocked my coffee over again this morning.",
-            "The weather here has been awful all week, rain every single day.", "Does anyone know a good pizza place downtown?",
+            "The weather here has been awful all week, rain every single day.",
+            "Does anyone know a good pizza place downtown?",
             "I just got back from vacation and I am so tired.", "New phone arrived today, the battery is amazing.",
             "We are painting the kitchen green this weekend.", "Traffic on the highway was terrible today."]
-SUBJECTS = ["My neighbour", "The new manager", "Our team", "A friend of mine", "The kids", "My brother", "The old bakery",
-            "Everyone at work", "The city council", "Our landlord", "The band", "My grandmother"]
+SUBJECTS = ["My neighbour", "The new manager", "Our team", "A friend of mine", "The kids", "My brother",
+            "The old bakery", "Everyone at work", "The city council", "Our landlord", "The band", "My grandmother"]
 VERBS = ["finally fixed", "talked about", "complained about", "bought", "painted", "cancelled", "recommended",
          "forgot about", "cleaned", "moved", "sold", "reviewed"]
-OBJECTS = ["the garden fence", "the weekend trip", "a used car", "the kitchen", "the concert tickets", "the broken heater",
-           "a new laptop", "the parking rules", "the football match", "the summer festival", "an old bicycle", "the roof"]
+OBJECTS = ["the garden fence", "the weekend trip", "a used car", "the kitchen", "the concert tickets",
+           "the broken heater", "a new laptop", "the parking rules", "the football match", "the summer festival",
+           "an old bicycle", "the roof"]
 TAILS = ["yesterday.", "last week.", "again!", "and nobody was surprised.", "before the rain started.", "lol.",
          "for the third time this year.", "which took forever.", "and it was worth it.", "?? no idea why."]
 
@@ -361,7 +365,8 @@ def username(rng):
     return rng.choice(USER_PARTS) + rng.choice(["_", "", "."]) + rng.choice(USER_PARTS) + str(rng.randint(1, 2024))
 
 def timestamp(rng):
-    return f"{rng.randint(2008, 2023)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
+    return (f"{rng.randint(2008, 2023)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} "
+            f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}")
 
 def random_string(rng, n):
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(n))
@@ -383,7 +388,8 @@ def web_post(rng, segs, general=False, problems=None):
     if rng.random() < 0.15:  # timestamp and username inside the sentence, as in edited posts
         cut = q.index(". ") + 2 if ". " in q else len(q) // 2
         segs += [("Question: " + q[:cut], 0), ("(edited ", L("boilerplate")), (timestamp(rng), L("timestamp")),
-                 (" by ", L("boilerplate")), (username(rng), L("username")), (") ", L("boilerplate")), (q[cut:] + "\n", 0)]
+                 (" by ", L("boilerplate")), (username(rng), L("username")), (") ", L("boilerplate")),
+                 (q[cut:] + "\n", 0)]
     else:
         segs.append(("Question: " + q + "\n", 0))
     if rng.random() < 0.2:
@@ -462,7 +468,7 @@ def write_demo_corpus(path, enc, docs, index, keep, files, n_tokens=0, labels_pa
         lw.close()
     return w.close(), n_docs, int(n_caught), per_kind
 
-def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=1000, web_tokens=8_300_000,
+def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=1000, web_tokens=6_300_000,
                  base_tokens=1_250_000):
     """Builds the embedded default. hq, web and eval draw problems from one family. The held-out problems (hq_val and
     eval) are drawn first; hq_train and the web posts then draw only problems whose question shares no 13-word run
@@ -496,7 +502,8 @@ def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=1000, 
 # streamed by name (needs datasets)
 
 TASK_CHARS = 2_000_000  # text per pool task: pickling is cheap next to tokenizing, and 2N tasks in flight stay small
-PAIRS = (("question", "answer"), ("query", "response"))  # GSM8K's fields, MetaMathQA's: one "Question: ...\nAnswer: ..." text
+# GSM8K's fields, MetaMathQA's: one "Question: ...\nAnswer: ..." text
+PAIRS = (("question", "answer"), ("query", "response"))
 N_EVAL = 500  # eval problems kept from the validation documents
 VAL_EVERY = 50  # without --val, every 50th hq document (by global index) is a validation document
 
@@ -598,7 +605,8 @@ def read_lines(path, kind, src):
             while buf.read(1 << 20):  # hash any bytes the decoder did not need (gzip padding)
                 pass
         except (OSError, EOFError, zlib.error) as e:
-            raise BadInput(f"{path}: cannot read it ({short(e)}); check that the file is complete and is what its name says")
+            raise BadInput(f"{path}: cannot read it ({short(e)}); check that the file is complete "
+                           f"and is what its name says")
     if doc:
         yield lineno, "".join(doc).rstrip("\n")
     src["sha256"], src["pos"] = raw.sha.hexdigest(), raw.pos
@@ -610,8 +618,8 @@ def read_parquet(path, src):
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
         if "text" not in names and not any(set(pair) <= set(names) for pair in PAIRS):
-            raise BadInput(f'{path}: needs a "text" column, or "question" and "answer" columns (GSM8K style, or MetaMathQA\'s '
-                           f'"query" and "response"); it has {names}')
+            raise BadInput(f'{path}: needs a "text" column, or "question" and "answer" columns '
+                           f'(GSM8K style, or MetaMathQA\'s "query" and "response"); it has {names}')
         n, rows = 0, max(pf.metadata.num_rows, 1)
         for batch in pf.iter_batches(batch_size=1024, columns=[c for c in ("text", *sum(PAIRS, ())) if c in names]):
             for rec in batch.to_pylist():
@@ -636,10 +644,12 @@ def read_hf(spec, src):
     """Yields (row number, record) of a Hugging Face dataset, streamed: nothing is downloaded whole."""
     datasets = need("datasets", spec, "streaming a Hugging Face dataset")
     try:
-        yield from enumerate(datasets.load_dataset(src["dataset"], src["config"], split=src["split"], streaming=True), 1)
+        yield from enumerate(datasets.load_dataset(src["dataset"], src["config"], split=src["split"],
+                                                   streaming=True), 1)
     except Exception as e:  # no network, an unknown name, config or split, ...
         raise BadInput(f"{spec}: could not stream it ({short(e)}); check the name, config and split. Streaming needs "
-                       f"huggingface.co: run where the network is, or download the data and pass a local .jsonl or .parquet file") from None
+                       f"huggingface.co: run where the network is, or download the data and pass a local "
+                       f".jsonl or .parquet file") from None
 
 def open_source(spec):
     """(kind, the source's meta.json record, its items as they are read)."""
@@ -690,8 +700,8 @@ def record_text(rec, where):
     for q, a in PAIRS:
         if isinstance(rec, dict) and q in rec and a in rec:
             return f"Question: {rec[q]}\nAnswer: {rec[a]}"
-    raise BadInput(f"{where}: needs a \"text\" field, or \"question\" and \"answer\" fields (GSM8K style, or MetaMathQA's "
-                   f"\"query\" and \"response\")")
+    raise BadInput(f"{where}: needs a \"text\" field, or \"question\" and \"answer\" fields "
+                   f"(GSM8K style, or MetaMathQA's \"query\" and \"response\")")
 
 def jsonl_record(line, path, lineno):
     try:
@@ -819,7 +829,8 @@ class Progress:
 
     def done(self):
         dt = time.time() - self.t0
-        self.show(f"prepare: {self.name}: {self.tokens:,} tokens in {dt:.1f} s ({rate(self.tokens / max(dt, 1e-6))} tok/s)")
+        self.show(f"prepare: {self.name}: {self.tokens:,} tokens in {dt:.1f} s "
+                  f"({rate(self.tokens / max(dt, 1e-6))} tok/s)")
 
     def show(self, line, end="\n"):
         print("\r" + line.ljust(self.width), end=end, file=sys.stderr, flush=True)
@@ -852,13 +863,15 @@ def tokenize_source(spec, writer, pool, depth, val_every=0, held_out=False, limi
             found["docs"], found["caught"], found["read"] = found["docs"] + docs, found["caught"] + caught, mark[1]
             progress.update(mark, len(ids))
             if limit and writer.n >= limit:
-                src.update(sha256=None, stopped_at_tokens=writer.n, bytes_read=mark[0], documents_read=mark[1])  # a prefix
+                src.update(sha256=None, stopped_at_tokens=writer.n, bytes_read=mark[0],
+                           documents_read=mark[1])  # a prefix
                 break
     except BaseException as e:
         if progress.width:  # a progress line is showing: end it, so that an error starts on a line of its own
             print(file=sys.stderr)
         if isinstance(e, BrokenProcessPool):
-            raise BadInput(f"{spec}: a tokenizing process died ({short(e)}); if it ran out of memory, use fewer --procs") from None
+            raise BadInput(f"{spec}: a tokenizing process died ({short(e)}); if it ran out of memory, "
+                           f"use fewer --procs") from None
         raise
     progress.done()
     if src.get("non_utf8_bytes") and not first_of_two:
@@ -970,18 +983,22 @@ def main(argv=None):
     p.add_argument("--hq", help="high-quality corpus of the target distribution (a source, as above)")
     p.add_argument("--web", nargs="+", help="large web-like corpus for continual pretraining: one source or several "
                    "(shards, e.g. owm/*.parquet), tokenized in the order given into one web.bin")
-    p.add_argument("--val", help="validation split of the target distribution (a source; default: 1 in 50 hq documents)")
+    p.add_argument("--val", help="validation split of the target distribution "
+                   "(a source; default: 1 in 50 hq documents)")
     p.add_argument("--out", help="output folder (default data/demo for the demo, required otherwise)")
-    p.add_argument("--encoding", default="bytes", help="tiktoken encoding: bytes (default, built in, no download), gpt2, cl100k_base, "
+    p.add_argument("--encoding", default="bytes",
+                   help="tiktoken encoding: bytes (default, built in, no download), gpt2, cl100k_base, "
                    "...; or a model's own tokenizer: hf:NAME or a save_pretrained directory (needs transformers)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the embedded demo corpus")
     p.add_argument("--max_web_tokens", type=int, default=0, help="stop reading the web sources after about this many "
                    "tokens (a large stream or many shards; meta.json records where it stopped); default: read them all")
-    p.add_argument("--web_tokens", type=int, default=8_300_000, help="size of the demo web corpus in tokens")
-    p.add_argument("--base_tokens", type=int, default=1_250_000, help="size of the demo base corpus (general web) in tokens")
+    p.add_argument("--web_tokens", type=int, default=6_300_000, help="size of the demo web corpus in tokens")
+    p.add_argument("--base_tokens", type=int, default=1_250_000, help="size of the demo base corpus "
+                   "(general web) in tokens")
     p.add_argument("--keep_contaminated", action="store_true", help="keep the training documents that share a "
                    f"{NGRAM}-word run with a held-out question (default: drop them); they are counted either way")
-    p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores; 1: no pool)")
+    p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="tokenizing processes "
+                   "(default: all cores; 1: no pool)")
     args = p.parse_args(argv)
     if bool(args.hq) != bool(args.web):
         p.error("--hq and --web go together (or neither, for the embedded demo)")
@@ -997,10 +1014,12 @@ def main(argv=None):
                                      base_tokens=args.base_tokens)
     meta = {"encoding": args.encoding, "vocab_size": enc.n_vocab, "eot": enc.eot_token,
             "dtype": np.dtype(token_dtype(enc.n_vocab)).name, "tokens": counts, **extra}
-    write_atomic(os.path.join(args.out, "meta.json"), json.dumps(meta, indent=2).encode())  # last: marks the folder complete
+    # last: marks the folder complete
+    write_atomic(os.path.join(args.out, "meta.json"), json.dumps(meta, indent=2).encode())
     print(f"prepare: wrote {args.out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()))
     if "label_share" in extra:
-        print("prepare: web token share by label: " + ", ".join(f"{k} {v:.1%}" for k, v in extra["label_share"].items()))
+        print("prepare: web token share by label: "
+              + ", ".join(f"{k} {v:.1%}" for k, v in extra["label_share"].items()))
 
 if __name__ == "__main__":
     main()

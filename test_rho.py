@@ -53,8 +53,8 @@ def tiny_hf(vocab=50257, kind="gpt2", **kw):
     bias shows."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=vocab, max_position_embeddings=64, **kw)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, **kw)
     cfg = {"gpt2": lambda: transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab,
                                                   activation_function="gelu_pytorch_tanh", **kw),  # gelu_new, fast
            "llama": lambda: transformers.LlamaConfig(**small, tie_word_embeddings=False),
@@ -114,20 +114,23 @@ def test_hf_batched_generation_equals_transformers(tmp_path):
 def test_hf_init_from_local_directory(tmp_path, capsys):
     hf = tiny_hf()
     hf.save_pretrained(tmp_path / "tiny-gpt2")
-    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32", "--device", "cpu"])
+    cfg, model_cfg = rho.parse_args(["--clm", "--init_from", str(tmp_path / "tiny-gpt2"), "--block_size", "32",
+                                     "--device", "cpu"])
     assert model_cfg.block_size == 32 and model_cfg.n_layer is None and "warning" not in capsys.readouterr().err
     model = rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg).eval()
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(model.lm_head(model(idx)), hf(idx).logits, rtol=1e-5, atol=1e-5)
     transformers = pytest.importorskip("transformers")
-    cfg_llama = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=320)
+    cfg_llama = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=320)
     transformers.LlamaModel(cfg_llama).save_pretrained(tmp_path / "llama")  # a body without its head
     cfg.init_from = str(tmp_path / "llama")  # transformers would load it with a random head, and only warn
     with pytest.raises(SystemExit, match=r"llama: no weights for lm_head.weight: not a causal LM checkpoint"):
         rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, model_cfg)
     cfg.init_from = str(tmp_path / "tiny-gpt2")
-    with pytest.raises(SystemExit, match=r"--block_size 65: .*tiny-gpt2 has 64 positions; pass --block_size 64 or less"):
+    with pytest.raises(SystemExit, match=r"--block_size 65: .*tiny-gpt2 has 64 positions; "
+                                         r"pass --block_size 64 or less"):
         rho.build_model(cfg, {"encoding": "gpt2", "vocab_size": 50257}, rho.GPTConfig(block_size=65))
     (tmp_path / "tiny-gpt2" / "model.safetensors").unlink()
     with pytest.raises(SystemExit, match=r"tiny-gpt2: not a loadable transformers model \(.*model.safetensors"):
@@ -221,7 +224,8 @@ def reference_slm(logits, targets, ref, k, scope):
     B, T, V = logits.shape
     logp = logits.log_softmax(-1)
     loss = {(b, t): -logp[b, t, targets[b, t]] for b in range(B) for t in range(T) if targets[b, t] != rho.IGNORE}
-    groups = [[(b, t) for b in range(B) for t in range(T)]] if scope == "batch" else [[(b, t) for t in range(T)] for b in range(B)]
+    groups = ([[(b, t) for b in range(B) for t in range(T)]] if scope == "batch"
+              else [[(b, t) for t in range(T)] for b in range(B)])
     chosen = []
     for g in groups:
         valid = [bt for bt in g if bt in loss]
@@ -308,7 +312,8 @@ def test_k1_equals_cross_entropy():
 
 def test_random_select_is_seeded_and_uniform():
     logits, targets, ref = torch.zeros(4, 50, 5), torch.zeros(4, 50, dtype=torch.long), torch.zeros(4, 50, 2)
-    pick = lambda seed: rho.slm_loss(logits, targets, ref, 0.3, select="random", gen=torch.Generator().manual_seed(seed))[2]
+    pick = lambda seed: rho.slm_loss(logits, targets, ref, 0.3, select="random",
+                                     gen=torch.Generator().manual_seed(seed))[2]
     assert torch.equal(pick(0), pick(0)) and not torch.equal(pick(0), pick(1))
     assert pick(0).sum() == 60
 
@@ -530,7 +535,8 @@ def recording_selection(monkeypatch=None):
 
 def torchrun_child(rank, world, port, argv, record):
     """One of `world` processes, as torchrun would start it."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
     masks = recording_selection()
     rho.main(argv)
     torch.save(masks, f"{record}.{rank}.pt")
@@ -758,7 +764,8 @@ def test_fixed_seed_is_bitwise_reproducible_across_processes(demo, tmp_path):
         (tmp_path / d).mkdir()
         env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(rho.__file__)), "X": d * 1000}
         subprocess.run([sys.executable, "-m", "rho", *argv], cwd=tmp_path / d, env=env, check=True, capture_output=True)
-    a, b = (json.loads((tmp_path / d / "out" / "clm" / "metrics.json").read_text()) for d in ("a", "bbbbbbbbbbbbbbbbbbbb"))
+    a, b = (json.loads((tmp_path / d / "out" / "clm" / "metrics.json").read_text())
+            for d in ("a", "bbbbbbbbbbbbbbbbbbbb"))
     assert a["losses"] == b["losses"] and len(a["losses"]) == 4 and a["env"] == b["env"]
     assert [h["val_loss_hq"] for h in a["history"]] == [h["val_loss_hq"] for h in b["history"]]
     assert a["env"]["threads"] == torch.get_num_threads() and a["env"]["processes"] == 1
@@ -783,7 +790,8 @@ def test_resume_equals_uninterrupted(demo, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["step"] == 4
     run(demo, tmp_path / "killed", *args, "--name", "x", "--resume")
     full, resumed = (json.loads((tmp_path / d / "x" / "metrics.json").read_text()) for d in ("full", "killed"))
-    assert full["losses"] == resumed["losses"] and full["history"][-1]["val_loss_hq"] == resumed["history"][-1]["val_loss_hq"]
+    assert (full["losses"] == resumed["losses"]
+            and full["history"][-1]["val_loss_hq"] == resumed["history"][-1]["val_loss_hq"])
     a = torch.load(tmp_path / "full" / "x" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -798,10 +806,12 @@ def test_resume_refuses_a_changed_run(demo, tmp_path, capsys):
     ckpt = (tmp_path / "x" / "ckpt.pt").read_bytes()
     for flag, value, saved in (("--lr", "0.001", "0.003"), ("--seed", "7", "1337"), ("--batch_size", "2", "4"),
                                ("--steps", "8", "4"), ("--n_layer", "2", "1")):
-        with pytest.raises(SystemExit, match=rf"^error: --resume: {flag} is {value}\S* here but {saved}\S* in .*ckpt.pt"):
+        with pytest.raises(SystemExit, match=rf"^error: --resume: {flag} is {value}\S* here "
+                                             rf"but {saved}\S* in .*ckpt.pt"):
             run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--name", "x", "--resume", flag, value)
     with pytest.raises(SystemExit, match=r"^error: --resume: this is a --slm run, but .* holds a --clm run"):
-        run(demo, tmp_path, "--slm", "--select", "random", "--steps", "4", "--eval_every", "2", "--name", "x", "--resume")
+        run(demo, tmp_path, "--slm", "--select", "random", "--steps", "4", "--eval_every", "2", "--name", "x",
+            "--resume")
     assert (tmp_path / "x" / "ckpt.pt").read_bytes() == ckpt
     run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--name", "x", "--resume", "--micro_batch", "2")
     os.makedirs(tmp_path / "moved")
@@ -818,8 +828,9 @@ def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, wo
     (micro 2) or a whole share in one forward (micro 4)."""
     out, runs = one_process
     os.symlink(out / "ref", tmp_path / "ref")
-    argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--select", select, "--batch_size", "8",
-            "--steps", "3", "--eval_every", "3", "--name", select, "--micro_batch", str(micro), "--lr", SPLIT_LR, *shard]
+    argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--select", select,
+            "--batch_size", "8", "--steps", "3", "--eval_every", "3", "--name", select, "--micro_batch", str(micro),
+            "--lr", SPLIT_LR, *shard]
     if world == 1:
         masks = recording_selection(monkeypatch)
         rho.main(argv)
@@ -898,7 +909,8 @@ def test_error_reference_scores_missing_or_mismatched(demo, tmp_path):
     path = tmp_path / "ref" / "ref_scores.bin"
     info = json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())
     path.write_bytes(path.read_bytes()[:-40])
-    with pytest.raises(SystemExit, match=r"do not match .*cut short: [\d,]+ of [\d,]+ tokens\): re-run `python rho.py --score"):
+    with pytest.raises(SystemExit, match=r"do not match .*cut short: [\d,]+ of [\d,]+ tokens\): "
+                                         r"re-run `python rho.py --score"):
         run(demo, tmp_path, "--slm", "--steps", "1")
     score(demo, tmp_path)  # re-scoring repairs it
     with pytest.raises(SystemExit, match=r"windows of 32 tokens, this run uses 16: pass --block_size 32"):
@@ -926,8 +938,8 @@ def test_error_nan_loss_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(rho, "fused_slm_loss", nan_at_third_step)
     with pytest.raises(SystemExit, match=r"clm: the loss became nan at step 2: lower --lr \(e.g. --lr 0.001\) and "
-                                         r"start again with --overwrite \(or another --name\); .*clm/ckpt.pt \(step 2\) "
-                                         r"holds the last good weights$"):
+                                         r"start again with --overwrite \(or another --name\); .*clm/ckpt.pt "
+                                         r"\(step 2\) holds the last good weights$"):
         run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
     assert torch.load(tmp_path / "clm" / "ckpt.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "clm" / "metrics.json").exists()
@@ -1102,8 +1114,10 @@ def test_error_too_few_windows_and_no_base_corpus(demo, tmp_path):
 def test_hf_error_wrong_encoding(demo, tmp_path):
     tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "tiny-gpt2")
     with pytest.raises(SystemExit, match=r"its vocabulary \(320 tokens\) is not that of .* \(bytes, 257\): prepare the "
-                                         r"data with `python prepare.py ... --encoding .*tiny-gpt2` \(its own tokenizer"):
-        rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from", str(tmp_path / "tiny-gpt2")])
+                                         r"data with `python prepare.py ... --encoding .*tiny-gpt2` "
+                                         r"\(its own tokenizer"):
+        rho.main(["--clm", "--data", str(demo / "data"), "--out", str(tmp_path), "--init_from",
+                  str(tmp_path / "tiny-gpt2")])
 
 def test_hf_error_transformers_missing_or_offline(tmp_path, monkeypatch):
     cfg, model_cfg = rho.parse_args(["--clm", "--init_from", "hf:gpt2", "--device", "cpu"])
@@ -1116,9 +1130,11 @@ def test_hf_error_transformers_missing_or_offline(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
 
     def offline(*args, **kwargs):  # what from_pretrained raises with no network and an empty cache
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.\nCheck ...")
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      "in the cached files.\nCheck ...")
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
-    with pytest.raises(SystemExit, match=r"hf:gpt2: could not load it \(We couldn't connect.*\): run once with network to fill the "
+    with pytest.raises(SystemExit, match=r"hf:gpt2: could not load it \(We couldn't connect.*\): "
+                                         r"run once with network to fill the "
                                          r"Hugging Face cache \(HF_HUB_OFFLINE=1 .*save_pretrained$"):
         rho.build_model(cfg, meta, model_cfg)
 
@@ -1174,7 +1190,8 @@ def test_hf_model_and_tokenizer_end_to_end(tmp_path, capsys):
 def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypatch):
     """A tiny GPT-2 continually pretrained on gpt2-labelled data: resume equals an uninterrupted run, and the
     checkpoint is an ordinary rho checkpoint (weights_only, --init_from <run>)."""
-    tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "tiny-gpt2")  # a small head: fast evals
+    # a small head: fast evals
+    tiny_hf(vocab=320, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "tiny-gpt2")
     data = tmp_path / "data"
     data.mkdir()
     for f in (demo / "data").iterdir():
@@ -1197,7 +1214,8 @@ def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypa
     assert full["model_config"] == {"block_size": 32, "vocab_size": 320, "n_layer": 2, "n_head": 2, "n_embd": 32}
     assert torch.load(tmp_path / "out" / "full" / "ckpt.pt", weights_only=True)["encoding"] == "gpt2"
     cont = rho.main([*args, "--init_from", "full", "--steps", "2", "--name", "cont"])  # a rho checkpoint now
-    assert cont["model_config"] == full["model_config"] and cont["losses"][0] < full["losses"][0]  # starts where full ended
+    assert (cont["model_config"] == full["model_config"]
+            and cont["losses"][0] < full["losses"][0])  # starts where full ended
 
 # -----------------------------------------------------------------------------
 # main: bad flags against the one line each must give
@@ -1208,7 +1226,8 @@ def test_error_data_not_prepared(tmp_path):
 
 def test_error_bad_flags_one_line_each():
     for argv, msg in ((["--slm", "--k", "0"], r"--k 0.0: k is the share of tokens selected and must be in \(0, 1\]"),
-                      (["--slm", "--k", "1.5"], r"--k 1.5: .*must be in \(0, 1\]"), (["--clm", "--lr", "-1"], r"--lr -1.0: must be positive"),
+                      (["--slm", "--k", "1.5"], r"--k 1.5: .*must be in \(0, 1\]"),
+                      (["--clm", "--lr", "-1"], r"--lr -1.0: must be positive"),
                       (["--clm", "--steps", "0"], r"--steps 0: must be positive"),
                       (["--clm", "--warmup", "-1"], r"--warmup -1: must be 0 or more"),
                       (["--clm", "--lr", "nan"], r"--lr nan: must be positive and finite"),
@@ -1218,7 +1237,8 @@ def test_error_bad_flags_one_line_each():
                       (["--clm", "--block_size", "0"], r"--block_size 0: must be positive"),
                       (["--clm", "--n_embd", "0"], r"--n_embd 0: must be positive"),
                       (["--clm", "--device", "tpu"], r"--device tpu: rho runs on cpu, cuda or cuda:N"),
-                      (["--slm", "--select", "sample", "--scope", "sequence"], r"--select sample ranks whole sequences"),
+                      (["--slm", "--select", "sample", "--scope", "sequence"],
+                       r"--select sample ranks whole sequences"),
                       (["--clm", "--batch", "64"], r"unrecognized arguments: --batch 64 .*abbreviations"),
                       (["--clm", "--preset", "gpt2-owm", "--batch", "64"], r"unrecognized arguments: --batch 64")):
         with pytest.raises(SystemExit, match=rf"^error: {msg}") as e:
@@ -1238,16 +1258,19 @@ def test_prepare_roundtrips_text(tmp_path):
     docs = ["First document.\nIt has two lines.", "Second, with unicode: é ✓ π", "Third"]
     (tmp_path / "hq.txt").write_text("\n\n".join(docs * 30) + "\n")
     (tmp_path / "web.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (tmp_path / "val.jsonl").write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"question": "What is 2 + 3?",
+                                                    "answer": "2 + 3 = 5\n#### 5"}) + "\n")
     out = tmp_path / "data"
-    prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "web.jsonl"), "--val", str(tmp_path / "val.jsonl"), "--out", str(out)])
+    prepare.main(["--hq", str(tmp_path / "hq.txt"), "--web", str(tmp_path / "web.jsonl"),
+                  "--val", str(tmp_path / "val.jsonl"), "--out", str(out)])
     meta = json.loads((out / "meta.json").read_text())
     enc = prepare.get_encoding(meta["encoding"])
     decode = lambda name: enc.decode(np.fromfile(out / name, dtype=meta["dtype"]).tolist()).split(prepare.EOT)[:-1]
     assert decode("web.bin") == docs
     assert decode("hq_train.bin") == docs * 30
     assert decode("hq_val.bin") == ["Question: What is 2 + 3?\nAnswer: 2 + 3 = 5\n#### 5"]
-    assert json.loads((out / "eval.json").read_text()) == [{"prompt": "Question: What is 2 + 3?\nAnswer:", "answer": "5"}]
+    assert json.loads((out / "eval.json").read_text()) == [{"prompt": "Question: What is 2 + 3?\nAnswer:",
+                                                            "answer": "5"}]
     assert meta["tokens"]["web"] == os.path.getsize(out / "web.bin") // 2 and meta["dtype"] == "uint16"
     assert len(meta["sources"]["web"]["sha256"]) == 64
     assert not list(out.glob("*.tmp"))
@@ -1345,8 +1368,8 @@ def test_contaminated_equals_plain_reference():
     """The hashed, vectorised check against substring search on normalised text, on random texts of few words (so that
     runs match often), unicode, held-out texts of 0 to ~30 words, and texts that span the 100k-character pieces."""
     rng = random.Random(0)
-    pieces = ["a", "B", "7", "é", "É", "数", ".", ", ", " ", "\n", "--", "\u00a0", "’", "—", "\u00ad", "Ａ", "ß",
-              "x" * 5_000]
+    pieces = ["a", "B", "7", "é", "É", "数", ".", ", ", " ", "\n", "--", "\u00a0", "’", "—", "\u00ad",
+              "Ａ", "ß", "x" * 5_000]
     for _ in range(200):
         held = ["".join(rng.choice(pieces[:-1]) for _ in range(rng.randint(0, 90))) for _ in range(rng.randint(0, 4))]
         texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 80))) for _ in range(rng.randint(0, 12))]
@@ -1427,7 +1450,8 @@ def test_decontamination_unicode_and_too_short_held_out_texts(tmp_path, capsys):
     val = [{"question": q, "answer": "#### 18"}, {"question": "Solution", "answer": "#### 1"},
            {"question": "Chapter 3", "answer": "#### 3"}]
     web = ["Copied from a page: " + q.replace(" ", "\u00a0"),  # dropped
-           q.replace("'", "\u2019").replace(". ", "\u2014").replace("16", "１６").replace("ffi", "f\u00adfi"),  # dropped
+           q.replace("'", "\u2019").replace(". ", "\u2014").replace("16", "１６")
+            .replace("ffi", "f\u00adfi"),  # dropped
            "Solution: see Chapter 3 below, then the next chapter.",  # kept: its held-out texts are too short to check
            "Janet\u2019s ducks lay 16 eggs per day. She eats three for lunch."]  # kept: 12 words shared
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
@@ -1489,7 +1513,8 @@ OUTPUTS = ["hq_train.bin", "hq_val.bin", "web.bin", "eval.json", "meta.json"]
 def corpus(n=240, seed=0):
     """Documents of mixed size and script; two are larger than a (shrunk) task."""
     rng = random.Random(seed)
-    words = ["the", "sum", "of", "42", "é", "naïve", "✓", "π", "数学", "😀", "Ω≈ç", "<br/>", "\\frac{1}{2}", "#### 7"]
+    words = ["the", "sum", "of", "42", "é", "naïve", "✓", "π", "数学", "😀", "Ω≈ç", "<br/>",
+             "\\frac{1}{2}", "#### 7"]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 300))) for _ in range(n)]
     docs[7] = docs[n // 2] = "\n".join(" ".join(rng.choice(words) for _ in range(20)) for _ in range(500))  # ~50k chars
     return docs
@@ -1509,9 +1534,12 @@ def write_source(path, docs):
 
 def decode(out, name):
     meta = json.loads((out / "meta.json").read_text())
-    return prepare.get_encoding(meta["encoding"]).decode(np.fromfile(out / name, dtype=meta["dtype"]).tolist()).split(prepare.EOT)[:-1]
+    return (prepare.get_encoding(meta["encoding"]).decode(np.fromfile(out / name, dtype=meta["dtype"]).tolist())
+            .split(prepare.EOT)[:-1])
 
-@pytest.mark.parametrize("fmt", ["txt", "jsonl", "jsonl.gz", pytest.param("parquet", marks=pytest.mark.skipif(pq is None, reason="pyarrow not installed"))])
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "jsonl.gz",
+                                 pytest.param("parquet", marks=pytest.mark.skipif(pq is None,
+                                                                                  reason="pyarrow not installed"))])
 def test_prepare_procs_1_and_2_byte_identical(fmt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "TASK_CHARS", 20_000)  # ~20 tasks per source: more than the 2N in flight
     docs = corpus()
@@ -1537,7 +1565,8 @@ def test_prepare_procs_1_and_2_byte_identical(fmt, tmp_path, monkeypatch, capsys
 
 def test_prepare_web_shards_equal_one_file(tmp_path):
     docs = corpus(60)
-    one, a, b = (write_source(tmp_path / f"{n}.jsonl", d) for n, d in (("one", docs), ("a", docs[:25]), ("b", docs[25:])))
+    one, a, b = (write_source(tmp_path / f"{n}.jsonl", d)
+                 for n, d in (("one", docs), ("a", docs[:25]), ("b", docs[25:])))
     prepare.main(["--hq", one, "--web", one, "--out", str(tmp_path / "one"), "--procs", "1"])
     prepare.main(["--hq", one, "--web", a, b, "--out", str(tmp_path / "shards"), "--procs", "2"])
     assert (tmp_path / "one" / "web.bin").read_bytes() == (tmp_path / "shards" / "web.bin").read_bytes()
@@ -1550,13 +1579,15 @@ def test_prepare_max_web_tokens_and_metamath_fields(tmp_path, monkeypatch):
     hq = tmp_path / "hq.jsonl"
     hq.write_text("".join(json.dumps({"query": f"q{i}", "response": f"r{i}"}) + "\n" for i in range(100)))
     for procs in (1, 2):
-        prepare.main(["--hq", str(hq), "--web", web, web, "--max_web_tokens", "20000", "--out", str(tmp_path / str(procs)), "--procs", str(procs)])
+        prepare.main(["--hq", str(hq), "--web", web, web, "--max_web_tokens", "20000",
+                      "--out", str(tmp_path / str(procs)), "--procs", str(procs)])
     one, two = tmp_path / "1", tmp_path / "2"
     assert (one / "web.bin").read_bytes() == (two / "web.bin").read_bytes()
     meta = json.loads((two / "meta.json").read_text())
     kept = decode(two, "web.bin")
     assert 20000 <= meta["tokens"]["web"] < 30000 and kept == docs[:len(kept)]  # a prefix, cut after a task
-    assert meta["sources"]["web"]["stopped_at_tokens"] == meta["tokens"]["web"] and meta["sources"]["web"]["sha256"] is None
+    assert (meta["sources"]["web"]["stopped_at_tokens"] == meta["tokens"]["web"]
+            and meta["sources"]["web"]["sha256"] is None)
     assert decode(two, "hq_train.bin")[0] == "Question: q0\nAnswer: r0"  # MetaMathQA's query and response
 
 def test_run_tasks_keeps_at_most_depth_tasks_in_flight():
@@ -1592,8 +1623,10 @@ def test_prepare_hf_streams_like_jsonl(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(records, calls))
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    prepare.main(["--hq", "hf:openai/gsm8k:main@test", "--web", "hf:someone/web", "--out", str(tmp_path / "hf"), "--procs", "1"])
-    prepare.main(["--hq", str(tmp_path / "c.jsonl"), "--web", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "jsonl"), "--procs", "1"])
+    prepare.main(["--hq", "hf:openai/gsm8k:main@test", "--web", "hf:someone/web",
+                  "--out", str(tmp_path / "hf"), "--procs", "1"])
+    prepare.main(["--hq", str(tmp_path / "c.jsonl"), "--web", str(tmp_path / "c.jsonl"),
+                  "--out", str(tmp_path / "jsonl"), "--procs", "1"])
     for name in OUTPUTS[:4]:
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "jsonl" / name).read_bytes(), name
     assert json.loads((tmp_path / "hf" / "eval.json").read_text()) == [prepare.eval_problem(records[49])]  # val only
@@ -1614,22 +1647,27 @@ def test_prepare_errors_at_scale(tmp_path, monkeypatch, capsys):
     good = write_source(tmp_path / "good.jsonl", docs)
     monkeypatch.setattr(prepare, "TASK_CHARS", 20_000)
     (tmp_path / "bad.jsonl").write_text(open(good).read() + '{"text": "cut short\n')  # in the last task, in a worker
-    assert fails("--hq", good, "--web", str(tmp_path / "bad.jsonl"), procs=2) == f"error: {tmp_path / 'bad.jsonl'}:121: not valid JSON; each line of a .jsonl file must be one JSON object"
+    assert fails("--hq", good, "--web", str(tmp_path / "bad.jsonl"), procs=2) == (
+        f"error: {tmp_path / 'bad.jsonl'}:121: not valid JSON; each line of a .jsonl file must be one JSON object")
     gz = write_source(tmp_path / "c.jsonl.gz", docs)
     (tmp_path / "cut.jsonl.gz").write_bytes(open(gz, "rb").read()[:3000])
-    assert fails("--hq", good, "--web", str(tmp_path / "cut.jsonl.gz")).startswith(f"error: {tmp_path / 'cut.jsonl.gz'}: cannot read it (EOFError")
+    assert fails("--hq", good, "--web", str(tmp_path / "cut.jsonl.gz")).startswith(
+        f"error: {tmp_path / 'cut.jsonl.gz'}: cannot read it (EOFError")
     assert "no such file" in fails("--hq", good, "--web", str(tmp_path / "nope.jsonl"))
     (tmp_path / "c.csv").write_text("a,b\n")
     assert "unsupported format" in fails("--hq", good, "--web", str(tmp_path / "c.csv"))
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now fails
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    assert fails("--hq", good, "--web", str(tmp_path / "x.parquet")) == f"error: {tmp_path / 'x.parquet'}: reading parquet needs pyarrow: pip install pyarrow"
+    assert fails("--hq", good, "--web", str(tmp_path / "x.parquet")) == (
+        f"error: {tmp_path / 'x.parquet'}: reading parquet needs pyarrow: pip install pyarrow")
     monkeypatch.setitem(sys.modules, "datasets", None)
-    assert fails("--hq", good, "--web", "hf:someone/web") == "error: hf:someone/web: streaming a Hugging Face dataset needs datasets: pip install datasets"
+    assert fails("--hq", good, "--web", "hf:someone/web") == (
+        "error: hf:someone/web: streaming a Hugging Face dataset needs datasets: pip install datasets")
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets([], []))
     msg = fails("--hq", good, "--web", "hf:offline/x")
-    assert msg.startswith("error: hf:offline/x: could not stream it (ConnectionError: Couldn't reach") and "run where the network is" in msg
+    assert (msg.startswith("error: hf:offline/x: could not stream it (ConnectionError: Couldn't reach")
+            and "run where the network is" in msg)
     assert "hf:NAME[:CONFIG][@SPLIT]" in fails("--hq", good, "--web", "hf:")
 
 # -----------------------------------------------------------------------------
@@ -1642,7 +1680,8 @@ def test_loss_category_rule():
                        [1.0, 1.0, 3.0, 4.0, 1.2, 1.8, 1.2002]])  # mean final loss 1.886
     cats = [report.CATEGORIES[c] for c in report.loss_category(losses, t)]
     assert cats == ["L->L", "H->L", "L->H", "H->H", "L->L", "L->L", "L->H"]
-    assert report.CATEGORIES[report.loss_category(np.array([[3.0], [3.1], [3.2]]), t)[0]] == "L->L"  # one token: final = mean
+    # one token: final = mean
+    assert report.CATEGORIES[report.loss_category(np.array([[3.0], [3.1], [3.2]]), t)[0]] == "L->L"
     noisy = np.array([[1.0], [0.5], [1.3]])  # the fit, not the endpoints: 1.0 -> 1.3 but the line rises by 0.3
     assert report.CATEGORIES[report.loss_category(noisy, t)[0]] == "L->H"
 
@@ -1733,7 +1772,8 @@ def test_calls_agree_with_intervals_and_records_missing():
     for r in groups["run1"]:
         del r["final"]["correct"]
     assert report.against(groups, "clm")["run1"]["accuracy"]["why"] == "no per-problem records"
-    assert "200 problems a seed" in report.noise(tests) and "known to +-6.9 points" in report.noise(tests)  # 98/sqrt(200)
+    assert ("200 problems a seed" in report.noise(tests)
+            and "known to +-6.9 points" in report.noise(tests))  # 98/sqrt(200)
 
 def test_smoothed_crossing_on_a_hand_made_curve():
     """Loss 7 - x at x = 1..7 (tokens 100 x), with a dip of -2.5 at x = 3. Smoothed (a line through the 5 nearest
@@ -1861,7 +1901,8 @@ def test_bench_train_rounds_interleave_and_count_flops(monkeypatch, capsys):
 def test_bench_gpu_script_runs_in_its_cpu_mode(tmp_path, monkeypatch, capsys):
     """bench.py --gpu at toy sizes on a CPU: the whole plan runs and writes its rows (the tests it starts first are
     this file's, run here anyway: faked)."""
-    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: types.SimpleNamespace(returncode=0, stdout="1 passed", stderr=""))
+    monkeypatch.setattr(subprocess, "run",
+                        lambda *a, **kw: types.SimpleNamespace(returncode=0, stdout="1 passed", stderr=""))
     monkeypatch.setattr(bench, "measure", lambda todo, device, dtype, ceiling, repeats: [
         {**bench.bench_one(c, i, s, device, dtype, 0, 1), "ms_ratio": 1.0, "mem_ratio": 1.0} for c, i, s in todo
         if not (c == "head" and bench.unavailable(i, torch.device(device)))])  # in this process: no spawn
@@ -1875,14 +1916,16 @@ def test_bench_estimate_of_the_paper_presets(capsys, monkeypatch):
     tiny, mistral = bench.estimate("tinyllama-owm"), bench.estimate("mistral-owm")
     assert round(tiny["params"] / 1e6) == 1100 and round(mistral["params"] / 1e6) == 7242
     mem = mistral["memory"]
-    assert mem["params fp32 (sharded)"] + mem["grads fp32 (sharded)"] + mem["AdamW fp32 (sharded)"] == 2 * mistral["params"]
+    assert (mem["params fp32 (sharded)"] + mem["grads fp32 (sharded)"] + mem["AdamW fp32 (sharded)"]
+            == 2 * mistral["params"])
     assert mistral["act_ckpt"] < mistral["act_full"] / 5
     assert "estimate tinyllama-owm (not measured)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"^error: --fsdp: .* run under torchrun --nproc_per_node N$"):
         rho.parse_args(["--slm", "--preset", "tinyllama-owm", "--device", "cpu"])
     monkeypatch.setenv("RANK", "0")  # as under torchrun
     cfg, _ = rho.parse_args(["--slm", "--preset", "tinyllama-owm", "--device", "cpu"])
-    assert (cfg.k, cfg.lr, cfg.batch_size, cfg.fsdp, cfg.init_from) == (0.6, 8e-5, 512, True, "hf:TinyLlama/TinyLlama_v1.1")
+    assert (cfg.k, cfg.lr, cfg.batch_size, cfg.fsdp, cfg.init_from) == (0.6, 8e-5, 512, True,
+                                                                        "hf:TinyLlama/TinyLlama_v1.1")
 
 def test_bench_prepare_is_linear_in_size(monkeypatch, capsys):
     monkeypatch.setattr(bench, "PREPARE_MB", 0.05)
