@@ -454,7 +454,7 @@ def fmt_p(t):
         return "-"
     return f"{t['p_holm']:.2g}" if t["p_holm"] < 0.01 else f"{t['p_holm']:.2f}"
 
-def explain(tests):
+def explain(tests, base="clm"):
     """What the paired columns are: the tests, the family Holm corrects, how the intervals are corrected."""
     ts = [t for ts in tests.values() for t in ts.values() if t and "p" in t]
     if not ts:
@@ -462,10 +462,10 @@ def explain(tests):
                 "per-problem records, final.correct).")
     m, levels = len(ts), sorted({1 - t["level"] for t in ts})
     lv = f"{100 * levels[0]:.2f}%" + (f" to {100 * levels[-1]:.2f}%" if len(levels) > 1 else "")
-    return (f"Paired with the base run of the same seed. val hq: the mean difference over the seeds, Student's t "
-            f"interval (n - 1 degrees of freedom). acc, in points: p from McNemar's exact test on the discordant "
-            f"answers pooled over seeds and problems, the interval from a bootstrap over seeds and problems ({DRAWS} "
-            f"draws, percentiles). Holm over the {m} tests of this table: with p sorted, the i-th (from 1) is rejected "
+    return (f"Paired with {base} of the same seed (the same base model, the same batches). val hq: the mean "
+            f"difference over the seeds, Student's t interval (n - 1 degrees of freedom). acc, in points: p from "
+            f"McNemar's exact test on the discordant answers pooled over seeds and problems, the interval from a "
+            f"bootstrap over seeds and problems ({DRAWS} draws, percentiles). Holm over the {m} tests of this table: with p sorted, the i-th (from 1) is rejected "
             f"while every one before it was and p <= {ALPHA:g} / ({m} + 1 - i); each interval is at the level of its "
             f"own step, 1 - {ALPHA:g} / ({m} + 1 - i), and for a test not rejected at the level of the step where "
             f"Holm stopped (here {lv}). * (bold on the page): a difference: Holm rejects its test and its corrected "
@@ -531,7 +531,7 @@ def loss_category(losses, t):
     t = np.asarray(t, dtype=np.float64)
     l = np.asarray(losses, dtype=np.float64)  # (n_ckpt, n_tok)
     tc = t - t.mean()
-    a = (tc[:, None] * (l - l.mean(0))).sum(0) / (tc ** 2).sum()  # least-squares slope per token
+    a = (tc[:, None] * (l - l.mean(0))).sum(0) / max((tc ** 2).sum(), 1e-12)  # least-squares slope (0: one point)
     dl = np.round(a * (t[-1] - t[0]), 6)  # rounded so that a change of exactly 0.2 is not a float away from it
     final_loss = l[-1]
     flat = np.where(final_loss <= final_loss.mean(), 0, 3)
@@ -692,7 +692,7 @@ def k_sweep(runs):
         data["points"][f"{k:g}"] = {"val_loss_hq": s[k], "accuracy": acc, "vs_best": t}
     html += html_table(["k", "final val hq", "accuracy", "val hq - best k's", "p", "accuracy - best k's (points)",
                         "p"], rows)
-    return html + f"<p>{esc(explain(tests))} The best k is chosen on these same runs.</p>", data
+    return html + f"<p>{esc(explain(tests, f'k = {best:g}'))} The best k is chosen on these same runs.</p>", data
 
 def variants(runs, title, pick, base):
     """A table of runs against one base run, paired over seeds: the selection rules at k = 0.6, or the scopes."""
@@ -707,7 +707,7 @@ def variants(runs, title, pick, base):
         rows.append([n, fmt(data[n]["val_loss_hq"]), fmt(data[n]["accuracy"], True), fmt_test(t.get("val_loss_hq")),
                      fmt_p(t.get("val_loss_hq")), fmt_test(t.get("accuracy"), True), fmt_p(t.get("accuracy"))])
     return html_table(["run", "final val hq", "accuracy", f"val hq - {base}'s", "p", f"accuracy - {base}'s (points)",
-                       "p"], rows) + f"<p>{esc(explain(tests))}</p>", data
+                       "p"], rows) + f"<p>{esc(explain(tests, base))}</p>", data
 
 # -----------------------------------------------------------------------------
 # the table printed: one row a run, then each run paired with CLM of the same seed
@@ -831,7 +831,8 @@ def report(outs):
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>rho report: {esc(outs[0])}</title>"
             f"<style>{style}</style></head><body><h1>rho report</h1><p>Folders: {esc(seeds)}. Runs: "
             f"{esc(', '.join(runs))}. Written by <code>python report.py {esc(' '.join(outs))}</code>. Every difference "
-            "is paired with the base run of the same seed, and called one (*, bold) only when its test, corrected "
+            "is paired with the run it is compared with (CLM, unless a table says otherwise) of the same seed, and "
+            "called one (*, bold) only when its test, corrected "
             "(Holm) over the tests of its table, rejects at 5% and its interval at the level of its Holm step "
             f"excludes 0; each table says how.</p>\n{body}</body></html>")
     path = os.path.join(outs[0], "report.html")
