@@ -465,11 +465,11 @@ def explain(tests, base="clm"):
     return (f"Paired with {base} of the same seed (the same base model, the same batches). val hq: the mean "
             f"difference over the seeds, Student's t interval (n - 1 degrees of freedom). acc, in points: p from "
             f"McNemar's exact test on the discordant answers pooled over seeds and problems, the interval from a "
-            f"bootstrap over seeds and problems ({DRAWS} draws, percentiles). Holm over the {m} tests of this table: with p sorted, the i-th (from 1) is rejected "
-            f"while every one before it was and p <= {ALPHA:g} / ({m} + 1 - i); each interval is at the level of its "
-            f"own step, 1 - {ALPHA:g} / ({m} + 1 - i), and for a test not rejected at the level of the step where "
-            f"Holm stopped (here {lv}). * (bold on the page): a difference: Holm rejects its test and its corrected "
-            "interval excludes 0. p: Holm-adjusted.")
+            f"bootstrap over seeds and problems ({DRAWS} draws, percentiles). Holm over the {m} tests of this table: "
+            f"with p sorted, the i-th (from 1) is rejected while every one before it was and p <= {ALPHA:g} / ({m} + 1"
+            f" - i); each interval is at the level of its own step, 1 - {ALPHA:g} / ({m} + 1 - i), and for a test not "
+            f"rejected at the level of the step where Holm stopped (here {lv}). * (bold on the page): a difference: "
+            f"Holm rejects its test and its corrected interval excludes 0. p: Holm-adjusted.")
 
 def noise(tests):
     """The accuracy noise in points: a single accuracy's 95% half-width at the number of problems, and the widest
