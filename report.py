@@ -452,6 +452,8 @@ def fmt_p(t):
     """The Holm-adjusted p-value of a test, or '-'."""
     if not t or "p_holm" not in t:
         return "-"
+    if t["p_holm"] < 1e-300:
+        return "<1e-300"  # below what a float64 holds
     return f"{t['p_holm']:.2g}" if t["p_holm"] < 0.01 else f"{t['p_holm']:.2f}"
 
 def explain(tests, base="clm"):
@@ -771,18 +773,18 @@ def table(outs, groups, runs, tests):
               f"{sel:>14}{mean(lambda r: r['wall_s']):>5.0f}s{fmt_reach(rs, clm, 'val_loss_hq'):>{x}}"
               f"{fmt_reach(rs, clm, 'accuracy'):>{x}}")
     over = f" (the mean over {len(outs)} seeds)" if several else ""
-    print(f"val hq: target-distribution val loss (nats/token); acc: the final answers right, of all the held-out "
-          f"problems{over};\n"
-          "noise-in-sel: noise share of the trained tokens / of the corpus; to CLM loss, to CLM acc: "
-          + ("CLM's tokens over a\nrun's tokens to CLM's final val hq or accuracy [min-max over the seeds that reach "
-             "it], both on curves\n" if several else "tokens seen until the\nrun reaches CLM's final val hq or "
-             "accuracy, and CLM's tokens to it over that, both on curves\n")
-          + "smoothed over 5 evaluations (CLM against itself: 1.0x)")
+    reach = ("CLM's tokens over a run's tokens to CLM's final val hq or accuracy [min-max over the seeds that reach it]"
+             if several else "tokens seen until the run reaches CLM's final val hq or accuracy, and CLM's tokens to "
+             "it over that")
+    print(textwrap.fill(f"val hq: target-distribution val loss (nats/token); acc: the final answers right, of all the "
+                        f"held-out problems{over}; noise-in-sel: noise share of the trained tokens / of the corpus; "
+                        f"to CLM loss, to CLM acc: {reach}, both on curves smoothed over 5 evaluations (CLM against "
+                        "itself: 1.0x)", 116))
     if tests:
-        print(f"\n{'paired with clm':<{w}}{'val hq - clm':>30}{'p':>8}   {'acc - clm (points)':>30}{'p':>8}")
+        print(f"\n{'paired with clm':<{w}}{'val hq - clm':>30}{'p':>9}   {'acc - clm (points)':>30}{'p':>9}")
         for n, t in tests.items():
-            print(f"{n:<{w}}{fmt_test(t['val_loss_hq']):>30}{fmt_p(t['val_loss_hq']):>8}   "
-                  f"{fmt_test(t['accuracy'], True):>30}{fmt_p(t['accuracy']):>8}")
+            print(f"{n:<{w}}{fmt_test(t['val_loss_hq']):>30}{fmt_p(t['val_loss_hq']):>9}   "
+                  f"{fmt_test(t['accuracy'], True):>30}{fmt_p(t['accuracy']):>9}")
         print(textwrap.fill(explain(tests), 116))
         print(textwrap.fill(noise(tests), 116) or "acc: no per-problem records (final.correct) in these runs: no "
               "paired accuracy test.")
