@@ -146,16 +146,14 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x, mask=None, cache=None):
+    def qkv(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # generation: keys and values of earlier positions
-            if cache:
-                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-            cache[:] = [k, v]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(x.shape))
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -172,8 +170,8 @@ class Block(nn.Module):
         self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
         self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 class GPT(nn.Module):
@@ -196,19 +194,11 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             torch.nn.init.zeros_(m.bias)
 
-    def forward(self, idx, pad=None, caches=None):
-        """Hidden states after ln_f, (B, T, C): the loss applies the head. Generation: pad, caches (see generate)."""
-        B, T = idx.shape
-        past = caches[0][0].shape[2] if caches and caches[0] else 0
-        pos = torch.arange(past, past + T, device=idx.device)
-        mask = None
-        if pad is not None:  # causal, and no attention to a row's padding
-            keys = torch.arange(past + T, device=idx.device)
-            mask = (keys[None, None, :] <= pos[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
-            mask, pos = mask[:, None], (pos[None, :] - pad[:, None]).clamp(min=0)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, caches[i] if caches is not None else None)
+    def forward(self, idx):
+        """Hidden states after ln_f, (B, T, C): the loss applies the head (the fused head: no B*T x V logits)."""
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.transformer.h:
+            x = block(x)
         return self.transformer.ln_f(x)
 
 def gpt_with_context(shape, sd, block_size, source):
@@ -249,17 +239,8 @@ class HF(nn.Module):
     def lm_head(self):  # the model's own head, tied or not (a property: not a second copy in the state_dict)
         return self.hf.get_output_embeddings()
 
-    def forward(self, idx, pad=None, caches=None):
-        """Hidden states (B, T, C) as GPT.forward; for generation, pad and caches (caches[0]: transformers' cache)."""
-        if caches is None:
-            return self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state
-        past = caches[0][0] if caches[0] else None
-        keys = torch.arange((past.get_seq_length() if past else 0) + idx.shape[1], device=idx.device)
-        pos = (keys[None, -idx.shape[1]:] - pad[:, None]).clamp(min=0)
-        out = self.hf.base_model(input_ids=idx, attention_mask=(keys[None] >= pad[:, None]).long(), position_ids=pos,
-                                 past_key_values=past, use_cache=True)
-        caches[0][:] = [out.past_key_values]
-        return out.last_hidden_state
+    def forward(self, idx):
+        return self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state  # (B, T, C), as GPT.forward
 
 def load_hf(source, block_size=None, config=None):
     """HF of a hub name (hf:NAME, through the Hugging Face cache) or a save_pretrained directory; with config (a JSON
@@ -290,13 +271,12 @@ def load_hf(source, block_size=None, config=None):
 # -----------------------------------------------------------------------------
 # processes: one, or one per GPU under torchrun (DDP); each process holds a contiguous share of every step
 
-RANK, WORLD, LOCAL = 0, 1, 0  # this process, the number of processes, its GPU: set once, by init_processes
+# torchrun starts each process with RANK, WORLD_SIZE and LOCAL_RANK set: read once, here, as nanoGPT does
+RANK, WORLD, LOCAL = (int(os.environ.get(key, v)) for key, v in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 def init_processes(cfg):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (nccl on GPUs, gloo on CPUs)."""
-    global RANK, WORLD, LOCAL
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or cfg.fsdp:  # FSDP on one process too: a resume on fewer
-        RANK, WORLD, LOCAL = (int(os.environ.get(key, 0)) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    """Joins torchrun's process group (nccl on GPUs, gloo on CPUs); --fsdp on one process too (a resume on fewer)."""
+    if WORLD > 1 or cfg.fsdp:
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{LOCAL}"
             torch.cuda.set_device(cfg.device)
@@ -929,6 +909,31 @@ def val_loss(model, w, ws, device):
         total, n = total + model_token_loss(model, x, y).sum().item(), n + int((y != IGNORE).sum())
     return total / n
 
+def decode_step(model, idx, pad, cache):
+    """Generation's forward: hidden states (B, t) of the new tokens idx of left-padded rows (pad: each row's padding
+    tokens), attending to the keys and values of earlier positions, kept in cache (a list, filled here)."""
+    if isinstance(model, HF):  # transformers' own cache, attention mask and positions
+        past = cache[0] if cache else None
+        keys = torch.arange((past.get_seq_length() if past else 0) + idx.shape[1], device=idx.device)
+        pos = (keys[None, -idx.shape[1]:] - pad[:, None]).clamp(min=0)
+        out = model.hf.base_model(input_ids=idx, attention_mask=(keys[None] >= pad[:, None]).long(),
+                                  position_ids=pos, past_key_values=past, use_cache=True)
+        cache[:] = [out.past_key_values]
+        return out.last_hidden_state
+    tr, (B, T), past = model.transformer, idx.shape, cache[0][0].shape[2] if cache else 0
+    pos, keys = torch.arange(past, past + T, device=idx.device), torch.arange(past + T, device=idx.device)
+    mask = ((keys[None, None, :] <= pos[None, :, None]) & (keys[None, None, :] >= pad[:, None, None]))[:, None]
+    x = tr.wte(idx) + tr.wpe((pos[None, :] - pad[:, None]).clamp(min=0))  # causal, no attention to the padding
+    for i, block in enumerate(tr.h):  # Block.forward, with the cache and the mask
+        q, k, v = block.attn.qkv(block.ln_1(x))
+        if i < len(cache):  # the keys and values of the earlier positions first
+            k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+        cache[i:i + 1] = [(k, v)]  # layer i's entry: replaced, or at the first step appended
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + block.attn.c_proj(y.transpose(1, 2).contiguous().view(x.shape))
+        x = x + block.mlp(block.ln_2(x))
+    return tr.ln_f(x)
+
 @torch.no_grad()
 def generate(model, prompts, max_new, done=None):
     """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with a KV cache; it ends early once
@@ -939,15 +944,15 @@ def generate(model, prompts, max_new, done=None):
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
-    caches, out, ended = [[] for _ in range(model.config.n_layer)], [], [False] * len(prompts)
-    h = model(idx, pad, caches)
+    cache, out, ended = [], [], [False] * len(prompts)
+    h = decode_step(model, idx, pad, cache)
     for _ in range(max_new):
         out.append(model.lm_head(h[:, -1]).argmax(-1))
         if done is not None:  # the batch keeps its shape to the end, so stopping early changes no token
             ended = [e or done(row) for e, row in zip(ended, torch.stack(out, 1).tolist())]
             if all(ended):
                 break
-        h = model(out[-1][:, None], pad, caches)
+        h = decode_step(model, out[-1][:, None], pad, cache)
     return torch.stack(out, 1).tolist()
 
 def answered(text):

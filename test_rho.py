@@ -5,6 +5,7 @@ prepare.py and the instruments; each opens with a line that says what is compare
 import contextlib
 import gzip
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -533,10 +534,14 @@ def recording_selection(monkeypatch=None):
         rho.train_step = train_step
     return masks
 
-def torchrun_child(rank, world, port, argv, record):
-    """One of `world` processes, as torchrun would start it."""
+def torchrun_child(rank, world, port, argv, record, kill_at=None):
+    """One of `world` processes, as torchrun starts it; killed (KeyboardInterrupt) as step kill_at begins."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    importlib.reload(rho)  # rho reads the environment at import: torchrun sets it before Python starts, spawn after
+    if kill_at is not None:
+        real = rho.lr_at
+        rho.lr_at = lambda s, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if s == kill_at else real(s, cfg)
     masks = recording_selection()
     rho.main(argv)
     torch.save(masks, f"{record}.{rank}.pt")
@@ -838,12 +843,6 @@ def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, wo
         masks = torchrun(world, argv, tmp_path / "sel")
     assert_same_run(out / select, tmp_path / select, runs[select], masks)
 
-def killed_child(rank, world, port, argv, step):
-    """torchrun_child, killed (KeyboardInterrupt) as step `step` begins."""
-    real = rho.lr_at
-    rho.lr_at = lambda s, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if s == step else real(s, cfg)
-    torchrun_child(rank, world, port, argv, None)
-
 def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path):
     """An FSDP2 run on 2 gloo processes, killed after its checkpoint of step 2, resumed by 1 process: the same
     selection and losses as the uninterrupted run of one process (the checkpoint holds whole tensors)."""
@@ -851,7 +850,8 @@ def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path
     os.symlink(out / "ref", tmp_path / "ref")
     argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--batch_size", "8", "--steps", "3",
             "--eval_every", "1", "--eval_problems", "0", "--name", "excess", "--lr", SPLIT_LR, "--fsdp"]
-    torch.multiprocessing.spawn(killed_child, args=(2, free_port(), argv, 2), nprocs=2)  # spawn hides the interrupt
+    # killed as step 2 begins, after its checkpoint; spawn hides the interrupt
+    torch.multiprocessing.spawn(torchrun_child, args=(2, free_port(), argv, None, 2), nprocs=2)
     assert torch.load(tmp_path / "excess" / "ckpt.pt", weights_only=True)["step"] == 2
     masks = torchrun(1, [*argv, "--resume"], tmp_path / "sel")
     assert torch.equal(masks[0], runs["excess"][2])
