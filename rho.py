@@ -15,7 +15,6 @@ seeds). The file reads in the order the data flows: config, model, processes, da
 reference scoring, evaluation, training, main.
 """
 import argparse
-import contextlib
 import gc
 import hashlib
 import json
@@ -25,6 +24,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import Callable, NamedTuple
 
 # one code path for MKL's and PyTorch's CPU kernels on any x86-64 CPU with AVX2, AVX-512 ones included: fewer ways
 # for another machine to give other losses (it still can: README, Reproducible; metrics.json records the threads)
@@ -381,23 +381,33 @@ def memmap(data, name, meta, dtype):
         die(f"{path}: its content is not what prepare.py wrote (sha256 differs): run prepare.py again")
     return np.memmap(path, dtype=dtype, mode="r")
 
-class Windows:
-    """Windows of one token file, with arrays aligned with its tokens (extras: reference scores, noise labels). Batch
-    order is a function of (seed, step) alone: CLM, SLM and the control see the same batches; a resume continues."""
+REF_LOSS, REF_ENTROPY = 0, 1  # the two columns of reference scores (..., 2): L_RM(x_i) and H_RM(x_i)
 
-    def __init__(self, tokens, T, extras=(), name="tokens"):
-        self.tokens, self.T, self.extras, self.name = tokens, T, extras, name
+class Batch(NamedTuple):
+    x: torch.Tensor  # (B, T) inputs
+    y: torch.Tensor  # (B, T) targets: x shifted by one
+    ref: torch.Tensor  # (B, T, 2) the targets' reference scores, fp32 (zeros where a run reads none)
+    labels: torch.Tensor | None  # (B, T) the demo's noise labels of the targets, for audits (the loss reads none)
+
+class Windows:
+    """Windows of one token file, with the reference scores and noise labels aligned with its tokens. Batch order is a
+    function of (seed, step) alone: CLM, SLM and the control see the same batches; a resume continues."""
+
+    def __init__(self, tokens, T, ref=None, labels=None, name="tokens"):
+        self.tokens, self.T, self.ref, self.labels, self.name = tokens, T, ref, labels, name
         self.n = (len(tokens) - 1) // T
         if self.n < 1:
             die(f"{name}: {len(tokens)} tokens, fewer than one window of {T + 1}: use a smaller --block_size")
 
     def get(self, ws, device):
-        """(x, y, *extras) of windows ws: inputs and targets (B, T), and the extras aligned with the targets."""
+        """The Batch of windows ws."""
         x = torch.from_numpy(np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in ws]).astype(np.int64))
-        ex = [torch.from_numpy(np.stack([a[w * self.T + 1: w * self.T + self.T + 1] for w in ws]).astype(
-              np.float32 if a.dtype == np.float16 else a.dtype)).to(device) for a in self.extras]  # float16 scores
+        targets = lambda a, dtype: torch.from_numpy(np.stack([a[w * self.T + 1: w * self.T + self.T + 1] for w in ws])
+                                                    .astype(dtype)).to(device)  # aligned with the targets
+        ref = torch.zeros(len(ws), self.T, 2, device=device) if self.ref is None else targets(self.ref, np.float32)
+        labels = None if self.labels is None else targets(self.labels, self.labels.dtype)
         x = x.to(device)
-        return (x[:, :-1], x[:, 1:], *ex)
+        return Batch(x[:, :-1], x[:, 1:], ref, labels)
 
     def step_windows(self, step, B, seed, hi=None):
         """The B windows of a step, of the first hi: each once per epoch, in an order drawn from (seed, epoch)."""
@@ -413,23 +423,18 @@ class Windows:
         ws = self.step_windows(step, B, seed, hi)[RANK * share:(RANK + 1) * share]
         return [self.get(ws[i:i + micro], device) for i in range(0, share, micro)]
 
-def windows(data, name, meta, T, extras=()):
-    return Windows(memmap(data, name, meta, meta["dtype"]), T, extras, os.path.join(data, name))
+def windows(data, name, meta, T, ref=None, labels=None):
+    return Windows(memmap(data, name, meta, meta["dtype"]), T, ref, labels, os.path.join(data, name))
 
 def web_split(n_windows, T):
     """The last 5% of web windows (at most 32, or 8,192 tokens of short windows) are web validation; continual
     pretraining trains on the rest."""
     return n_windows - min(max(32, 8192 // T), max(1, n_windows // 20))
 
-def no_ref(n):
-    """Zeros in place of the reference scores of n tokens, for runs that read none: a view, no memory."""
-    return np.broadcast_to(np.float32(0), (n, 2))
-
 def web_windows(cfg, meta, T, ref=None):
-    """The web's windows with their extras: reference scores (zeros where a run reads none) and, on the demo, the
-    noise labels (for auditing the selection; the loss never reads them)."""
-    labels = (memmap(cfg.data, "web_labels.bin", meta, np.uint8),) if "labels" in meta else ()
-    return windows(cfg.data, "web.bin", meta, T, (no_ref(meta["tokens"]["web"]) if ref is None else ref, *labels))
+    """The web's windows with the reference scores (ref) and on the demo the noise labels."""
+    labels = memmap(cfg.data, "web_labels.bin", meta, np.uint8) if "labels" in meta else None
+    return windows(cfg.data, "web.bin", meta, T, ref, labels)
 
 def load_ref_scores(cfg, meta, T):
     """The reference scores of --ref_run (<out>/<run>/ref_scores.bin, (web tokens, 2) of --score_dtype: L_RM, H_RM),
@@ -458,7 +463,6 @@ def load_ref_scores(cfg, meta, T):
 
 # -----------------------------------------------------------------------------
 # the SLM loss (Rho-1, Sec. 2.2):  L_SLM = -1/(N*k) * sum_i I_k(x_i) * log P_theta(x_i | x_<i)
-# ref: (B, T, 2), each target's reference loss L_RM (ref[..., 0]) and the reference model's entropy H_RM (ref[..., 1])
 
 def token_loss(logits, targets):
     """Per-token loss -log P(x_i | x_<i) in fp32, (B, T); 0 where the target is ignored."""
@@ -506,16 +510,16 @@ def token_score(select, loss, ref, valid, scope, gen):
       train        highest L_theta (no reference model)
       sample       RHO-LOSS: whole sequences by their mean excess loss (select_tokens)"""
     if select == "excess":
-        return excess_loss(loss, ref[..., 0])
+        return excess_loss(loss, ref[..., REF_LOSS])
     if select == "random":
         return torch.rand(loss.shape, generator=gen).to(loss.device)
     if select == "ref_entropy":
-        worse = torch.maximum(rank_of(-ref[..., 0], valid, scope), rank_of(-ref[..., 1], valid, scope))
+        worse = torch.maximum(rank_of(-ref[..., REF_LOSS], valid, scope), rank_of(-ref[..., REF_ENTROPY], valid, scope))
         return (-worse.float()).masked_fill(ref.isnan().any(-1), float("nan"))
     if select == "ref":
-        return -ref[..., 0]
+        return -ref[..., REF_LOSS]
     if select == "entropy":
-        return -ref[..., 1]
+        return -ref[..., REF_ENTROPY]
     return loss.detach()  # train
 
 def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=None):
@@ -524,7 +528,7 @@ def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=Non
     if k >= 1:
         return valid
     if select == "sample":  # whole sequences of the step, ranked by their mean excess loss
-        seq = (excess_loss(loss, ref[..., 0]) * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # (B,)
+        seq = (excess_loss(loss, ref[..., REF_LOSS]) * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # (B,)
         return select_topk(seq[None], valid.any(-1)[None], k)[0][:, None] & valid
     return select_topk(token_score(select, loss, ref, valid, scope, gen), valid, k, scope)
 
@@ -553,36 +557,46 @@ def select_step(loss, targets, ref, cfg, gen=None):
 # one buffer whose row stride is padded to 64 floats (aligned rows; V itself stays, e.g. 50257); dW accumulates in
 # place in fp32. The per-row softmax math runs as a Triton kernel on CUDA and as the PyTorch code below elsewhere.
 
+# Per chunk of fp32 logits x (c, V), one function per mode, on each backend: loss (scoring, evaluation and SLM's
+# forward: loss, lse, entropy), loss_grad (CLM: the loss, and the gradient (softmax - onehot) * scale from the same
+# exp) and grad (SLM's backward: the gradient, given the forward's lse). A gradient goes into g, the GEMMs' buffer:
+# for an fp32 head, x itself (buffers), so the gradient is then computed in place.
+
 def sub_onehot_(g, y, row_scale):
     """g[i, y_i] -= row_scale_i on the rows whose target is not ignored."""
     valid = y != IGNORE
     g[torch.arange(len(y), device=g.device)[valid], y[valid]] -= row_scale[valid].to(g.dtype)
 
-def chunk_loss_torch(x, y, scale=None, g=None, entropy=False):
-    """Per row of an fp32 (c, V) chunk of logits, overwriting it: (lse, loss, the softmax's entropy or None), fp32; the
-    loss is 0 where the target is ignored. With a scale (CLM), also writes (softmax - onehot) * scale into g (or x)."""
+def chunk_loss_torch(x, y, entropy=False):
+    """(loss, lse, the softmax's entropy or None) of each row, fp32, overwriting x; loss 0 where y is ignored."""
     x_y = x.gather(1, y.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read column 0, then get loss 0
     m = x.amax(1, keepdim=True)
     z = x.sub_(m)  # logits - max, in place
     e = z.exp() if entropy else z.exp_()  # exp(logits - max): in place, unless the entropy still needs z
     s = e.sum(1)
     lse = m.squeeze(1) + s.log()
-    loss = torch.where(y == IGNORE, 0.0, lse - x_y)
     ent = (e * (s.log()[:, None] - z)).sum(1) / s if entropy else None  # H = sum_j p_j (lse - x_j): terms >= 0
-    if scale is not None:
-        row_scale = (y != IGNORE) * scale
-        torch.mul(e, (row_scale / s)[:, None], out=x)  # softmax * scale into x: one exp for the loss and the gradient
-        sub_onehot_(x, y, row_scale)
-        if g is not None and g.data_ptr() != x.data_ptr():
-            g.copy_(x)
-    return lse, loss, ent
+    return torch.where(y == IGNORE, 0.0, lse - x_y), lse, ent
 
-def chunk_grad_torch(x, y, lse, scale, g=None):
-    """Writes (softmax - onehot) * scale of an fp32 chunk of logits, given its lse, into g (default: x, in place)."""
+def chunk_loss_grad_torch(x, y, scale, g):
+    """CLM: each row's loss, as chunk_loss_torch; (softmax - onehot) * scale into g, from the same exp."""
+    x_y = x.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+    m = x.amax(1, keepdim=True)
+    e = x.sub_(m).exp_()  # exp(logits - max), in place
+    s = e.sum(1)
+    lse = m.squeeze(1) + s.log()
+    row_scale = (y != IGNORE) * scale
+    torch.mul(e, (row_scale / s)[:, None], out=x)  # softmax * scale: one exp for the loss and the gradient
+    sub_onehot_(x, y, row_scale)
+    g.copy_(x)  # free where g is x: copy_ returns at once for a tensor onto its own memory
+    return torch.where(y == IGNORE, 0.0, lse - x_y)
+
+def chunk_grad_torch(x, y, lse, scale, g):
+    """SLM's backward: (softmax - onehot) * scale of each row, given its lse, into g (x is overwritten)."""
     row_scale = (y != IGNORE) * scale
     x.sub_(lse[:, None]).exp_().mul_(row_scale[:, None])
     sub_onehot_(x, y, row_scale)
-    return x if g is None or g.data_ptr() == x.data_ptr() else g.copy_(x)
+    g.copy_(x)
 
 try:
     import triton
@@ -593,9 +607,9 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _chunk_kernel(x_ptr, g_ptr, y_ptr, lse_ptr, loss_ptr, ent_ptr, scale_ptr, stride_x, stride_g, V,
+    def _chunk_kernel(x_ptr, g_ptr, y_ptr, loss_ptr, lse_ptr, ent_ptr, scale_ptr, stride_x, stride_g, V,
                       BLOCK_V: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, ENTROPY: tl.constexpr):
-        """One row of a chunk of logits: with LOSS its lse and loss (and with ENTROPY the softmax's entropy), else its
+        """One row of a chunk of logits: with LOSS its loss and lse (and with ENTROPY the softmax's entropy), else its
         lse is read; with GRAD, (softmax - onehot) * scale into g's row, in g's dtype (bf16 for the GEMMs)."""
         row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2**31
         x_row, y = x_ptr + row * stride_x, tl.load(y_ptr + row)
@@ -610,8 +624,8 @@ if triton is not None:
                 m = m_new
             lse = m + tl.log(s)
             x_y = tl.load(x_row + tl.maximum(y, 0)).to(tl.float32)  # ignored rows read column 0, then drop it
-            tl.store(lse_ptr + row, lse)
             tl.store(loss_ptr + row, tl.where(y == -1, 0.0, lse - x_y))
+            tl.store(lse_ptr + row, lse)
         else:  # the SLM backward: lse from the forward
             lse = tl.load(lse_ptr + row)
         if ENTROPY:  # scoring: a second pass, H = sum_j p_j (lse - x_j), every term >= 0
@@ -629,30 +643,39 @@ if triton is not None:
                 g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)  # softmax - onehot
                 tl.store(g_row + cols, tl.where(y == -1, 0.0, g * scale).to(g_row.dtype.element_ty), mask=cols < V)
 
-def chunk_loss_triton(x, y, scale=None, g=None, entropy=False, block_v=None, lse=None):
-    """chunk_loss_torch as one launch of _chunk_kernel (a program per row), reading x without overwriting it; given
-    the lse, chunk_grad_torch (then the loss and entropy it returns are not computed)."""
-    assert x.stride(1) == 1 and (g is None or g.stride(1) == 1), "logits and gradient rows must be contiguous"
+def launch_chunk_kernel(x, y, g, lse, scale, block_v, loss, grad, entropy):
+    """One launch of _chunk_kernel, a program per row, reading x without overwriting it: (3, c) fp32 rows of loss,
+    lse and entropy, those the flags ask for."""
+    assert x.stride(1) == 1 and g.stride(1) == 1, "logits and gradient rows must be contiguous"
     block = block_v or min(4096, triton.next_power_of_2(x.shape[1]))
-    out = torch.empty(3, len(x), dtype=torch.float32, device=x.device)  # lse, loss, entropy
-    scale_t = torch.as_tensor(0.0 if scale is None else scale, dtype=torch.float32, device=x.device).reshape(1)
-    loss = lse is None  # else the SLM backward: the lse is the forward's
-    g, lse = x if g is None else g, out[0] if loss else lse
-    _chunk_kernel[(len(x),)](x, g, y, lse, out[1], out[2], scale_t, x.stride(0), g.stride(0), x.shape[1],
-                             BLOCK_V=block, LOSS=loss, GRAD=scale is not None, ENTROPY=entropy,
+    out = torch.empty(3, len(x), dtype=torch.float32, device=x.device)  # loss, lse, entropy
+    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(1)
+    _chunk_kernel[(len(x),)](x, g, y, out[0], out[1] if lse is None else lse, out[2], scale_t, x.stride(0),
+                             g.stride(0), x.shape[1], BLOCK_V=block, LOSS=loss, GRAD=grad, ENTROPY=entropy,
                              num_warps=8 if block >= 2048 else 4)
-    return lse, out[1], (out[2] if entropy else None)
+    return out
 
-def chunk_grad_triton(x, y, lse, scale, g=None, block_v=None):
-    """chunk_grad_torch as one Triton launch."""
-    chunk_loss_triton(x, y, scale, g, block_v=block_v, lse=lse)
-    return x if g is None else g
+def chunk_loss_triton(x, y, entropy=False, block_v=None):
+    out = launch_chunk_kernel(x, y, x, None, 0.0, block_v, loss=True, grad=False, entropy=entropy)
+    return out[0], out[1], (out[2] if entropy else None)
+
+def chunk_loss_grad_triton(x, y, scale, g, block_v=None):
+    return launch_chunk_kernel(x, y, g, None, scale, block_v, loss=True, grad=True, entropy=False)[0]
+
+def chunk_grad_triton(x, y, lse, scale, g, block_v=None):
+    launch_chunk_kernel(x, y, g, lse, scale, block_v, loss=False, grad=True, entropy=False)
+
+class ChunkOps(NamedTuple):  # one backend's per-chunk math, a function per mode
+    loss: Callable  # (x, y, entropy) -> (loss, lse, entropy or None)
+    loss_grad: Callable  # (x, y, scale, g) -> loss; the gradient into g
+    grad: Callable  # (x, y, lse, scale, g); the gradient into g
+
+TORCH_OPS = ChunkOps(chunk_loss_torch, chunk_loss_grad_torch, chunk_grad_torch)
+TRITON_OPS = ChunkOps(chunk_loss_triton, chunk_loss_grad_triton, chunk_grad_triton) if triton else None
 
 def chunk_ops(device):
-    """The per-chunk (loss, grad) pair for a device: Triton on CUDA when it is installed, else PyTorch."""
-    if device.type == "cuda" and triton is not None:
-        return chunk_loss_triton, chunk_grad_triton
-    return chunk_loss_torch, chunk_grad_torch
+    """Triton's on CUDA when it is installed, else PyTorch's."""
+    return TRITON_OPS if device.type == "cuda" and triton is not None else TORCH_OPS
 
 def chunk_rows(V, device):
     """Rows per chunk, a multiple of 64, from a budget of fp32 logits: 32 MB on a CPU (cache-sized), 512 MB on a GPU
@@ -661,7 +684,8 @@ def chunk_rows(V, device):
 
 def buffers(n_rows, V, device, dtype):
     """The head's work space, reused chunk after chunk: rows per chunk, and (rows, V) views of buffers whose rows
-    start at aligned addresses (the row stride rounded up to 64): fp32 logits, and the gradient in the GEMMs' dtype."""
+    start at aligned addresses (the row stride rounded up to 64): fp32 logits, and the gradient in the GEMMs' dtype
+    (for fp32, the logits' buffer itself: the gradient overwrites the logits it comes from)."""
     rows, pad = chunk_rows(V, device), -(-V // 64) * 64
     x = torch.empty(max(1, min(rows, n_rows)), pad, device=device)[:, :V]
     return rows, x, x if dtype == torch.float32 else torch.empty(len(x), pad, dtype=dtype, device=device)[:, :V]
@@ -685,25 +709,41 @@ def head_dtype(h):
     """The head's GEMM dtype: autocast's (bfloat16; the head runs outside autocast, accumulating in fp32), else h's."""
     return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
 
+class HeadOut(NamedTuple):  # per token, fp32, shaped as the targets
+    loss: torch.Tensor  # -log P(x_i | x_<i); 0 where the target is ignored
+    lse: torch.Tensor  # log-sum-exp of the logits: SLM's backward reads it
+    entropy: torch.Tensor | None  # the softmax's entropy, for scoring (H_RM); else None
+
 @torch.no_grad()
-def head_chunks(h, w, y, dtype, scale=None, entropy=False):
-    """The head over chunks of the rows of h (N, C), w (V, C): (loss, lse, entropy or None) of every row, fp32, and
-    with a scale (CLM) the gradients of scale * sum(loss) in the same pass, (dh, dw); else None."""
+def head_losses(h, w, y, entropy=False):
+    """The head over chunks of rows of h (B, T, C) and w (V, C), no grad: every token's HeadOut."""
+    dtype = head_dtype(h)  # autocast's: read before the head leaves autocast
+    with torch.autocast(h.device.type, enabled=False):
+        hc, wc, yf = h.flatten(0, 1).to(dtype), w.to(dtype), y.flatten()
+        (rows, x, _), loss_fn = buffers(len(hc), len(wc), h.device, dtype), chunk_ops(h.device).loss
+        out = torch.empty(3, len(hc), dtype=torch.float32, device=h.device)  # loss, lse, entropy
+        for i in range(0, len(hc), rows):
+            c = len(hc[i:i + rows])
+            out[0, i:i + c], out[1, i:i + c], ent = loss_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), yf[i:i + c], entropy)
+            if entropy:
+                out[2, i:i + c] = ent
+    return HeadOut(out[0].view(y.shape), out[1].view(y.shape), out[2].view(y.shape) if entropy else None)
+
+@torch.no_grad()
+def head_loss_grad(h, w, y, dtype, scale):
+    """CLM: the head over chunks of rows of h (N, C) and w (V, C): every row's loss, fp32, and in the same pass the
+    gradients of scale * sum(loss): (loss, dh, dw)."""
     hc, wc = h.to(dtype), w.to(dtype)
     (N, C), V = h.shape, w.shape[0]
-    (rows, x, g), loss_fn = buffers(N, V, h.device, dtype), chunk_ops(h.device)[0]
-    out = torch.empty(3, N, dtype=torch.float32, device=h.device)  # loss, lse, entropy
-    grads = None if scale is None else (torch.empty_like(hc), torch.zeros(V, C, dtype=torch.float32, device=h.device))
+    (rows, x, g), loss_grad_fn = buffers(N, V, h.device, dtype), chunk_ops(h.device).loss_grad
+    loss = torch.empty(N, dtype=torch.float32, device=h.device)
+    dh, dw = torch.empty_like(hc), torch.zeros(V, C, dtype=torch.float32, device=h.device)
     for i in range(0, N, rows):
         c = len(hc[i:i + rows])
-        out[1, i:i + c], out[0, i:i + c], ent = loss_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), y[i:i + c], scale, g[:c],
-                                                        entropy)
-        if entropy:
-            out[2, i:i + c] = ent
-        if grads:
-            torch.mm(g[:c], wc, out=grads[0][i:i + c])  # dH = G W
-            addmm_fp32_(grads[1], g[:c].t(), hc[i:i + c])  # dW += G^T H
-    return out[0], out[1], (out[2] if entropy else None), grads
+        loss[i:i + c] = loss_grad_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), y[i:i + c], scale, g[:c])
+        torch.mm(g[:c], wc, out=dh[i:i + c])  # dH = G W
+        addmm_fp32_(dw, g[:c].t(), hc[i:i + c])  # dW += G^T H
+    return loss, dh, dw
 
 def first_derivative_only():
     """Both heads' backwards refuse create_graph: their gradients are constants to autograd, so a second derivative
@@ -719,13 +759,13 @@ class FullHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, y, n, dtype):
-        loss, _, _, grads = head_chunks(h, w, y, dtype, 1.0 / n)
-        ctx.save_for_backward(*grads)
+        loss, dh, dw = head_loss_grad(h, w, y, dtype, 1.0 / n)
+        ctx.save_for_backward(dh, dw)
         ctx.mark_non_differentiable(loss)
         return loss.sum() / n, loss
 
     @staticmethod
-    def backward(ctx, grad, _):
+    def backward(ctx, grad, _token_loss_grad):  # every token's loss is non-differentiable: no gradient comes
         first_derivative_only()
         dh, dw = ctx.saved_tensors
         return dh * grad, dw * grad, None, None, None  # a (V, C) fp32 temporary, for a moment
@@ -746,41 +786,44 @@ class SelectedHeadLoss(torch.autograd.Function):
         first_derivative_only()
         h, w, y, lse, idx = ctx.saved_tensors
         hc, wc = h.to(ctx.dtype), w.to(ctx.dtype)
-        (rows, x, g), grad_fn = buffers(len(idx), w.shape[0], h.device, ctx.dtype), chunk_ops(h.device)[1]
+        (rows, x, g), grad_fn = buffers(len(idx), w.shape[0], h.device, ctx.dtype), chunk_ops(h.device).grad
         dh, dw = torch.zeros_like(hc), torch.zeros(w.shape, dtype=torch.float32, device=h.device)
         for i in range(0, len(idx), rows):
             r = idx[i:i + rows]
-            hs = hc[r]  # (c, C)
-            gc = grad_fn(mm_fp32(hs, wc.t(), x[:len(r)]), y[i:i + rows], lse[i:i + rows], grad / ctx.n, g[:len(r)])
+            hs, gc = hc[r], g[:len(r)]  # (c, C), (c, V)
+            grad_fn(mm_fp32(hs, wc.t(), x[:len(r)]), y[i:i + rows], lse[i:i + rows], grad / ctx.n, gc)
             dh[r] = gc @ wc
             addmm_fp32_(dw, gc.t(), hs)
         return dh, dw, None, None, None, None, None, None
 
-def fused_slm_loss(h, w, targets, ref, cfg, gen=None, sel=None, n=None):
-    """slm_loss(h @ w.T, targets, ref, cfg.k, cfg.scope, cfg.select, gen) from hidden states h (B, T, C) and the head
-    weight w (V, C), never holding B*T x V logits: (loss, every token's loss, I_k). I_k is chosen over the step
-    (select_step) unless a step in micro-batches gives it (sel, n: from its selection pass)."""
-    (B, T, C), dtype, y = h.shape, head_dtype(h), targets.reshape(-1)
+def fused_clm_loss(h, w, targets, n):
+    """CLM's loss from hidden states h (B, T, C) and the head weight w (V, C), never holding B*T x V logits: (the sum
+    of every token's loss over n, the number of valid targets in the whole step; every token's loss (B, T))."""
+    (B, T, C), dtype = h.shape, head_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
-        if cfg.k >= 1:  # CLM and the reference model: every valid token, gradients in the forward
-            valid = targets != IGNORE
-            n = n if n is not None else int(sum_ranks(valid.sum()))
-            out, loss = FullHeadLoss.apply(h.reshape(-1, C), w, y, max(n, 1), dtype)
-            return out, loss.view(B, T), valid
-        loss, lse, _, _ = head_chunks(h.detach().reshape(-1, C), w.detach(), y, dtype)  # every token, no grad
-        if sel is None:
-            sel, n = select_step(loss.view(B, T), targets, ref, cfg, gen)
-        out = SelectedHeadLoss.apply(h.reshape(-1, C), w, y, loss, lse, sel.reshape(-1), max(n, 1), dtype)
-    return out, loss.view(B, T), sel
+        out, loss = FullHeadLoss.apply(h.reshape(-1, C), w, targets.reshape(-1), max(n, 1), dtype)
+    return out, loss.view(B, T)
+
+def selected_loss(h, w, targets, every, sel, n):
+    """SLM's loss from h and w, as fused_clm_loss, given every token's HeadOut (head_losses(h, w, targets)) and I_k
+    (B, T): the sum of the selected tokens' losses over n, the number selected in the whole step."""
+    dtype = head_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):
+        return SelectedHeadLoss.apply(h.flatten(0, 1), w, targets.flatten(), every.loss.flatten(), every.lse.flatten(),
+                                      sel.flatten(), max(n, 1), dtype)
+
+def fused_slm_loss(h, w, targets, ref, cfg, gen=None):
+    """slm_loss(h @ w.T, targets, ref, cfg.k, cfg.scope, cfg.select, gen) from hidden states h (B, T, C) and the head
+    weight w (V, C), never holding B*T x V logits, I_k chosen over the whole step: (loss, every token's loss, I_k)."""
+    every = head_losses(h, w, targets)  # one pass, no grad
+    sel, n = select_step(every.loss, targets, ref, cfg, gen)
+    return selected_loss(h, w, targets, every, sel, n), every.loss, sel
 
 @torch.no_grad()
 def model_token_loss(model, x, y, entropy=False):
     """Every token's loss under model, (B, T), without grad or B*T x V logits; with entropy, (loss, entropy)."""
-    h = model(x).flatten(0, 1)
-    dtype = head_dtype(h)  # autocast's: read before the head leaves autocast
-    with torch.autocast(h.device.type, enabled=False):
-        loss, _, ent, _ = head_chunks(h, model.lm_head.weight, y.flatten(), dtype, entropy=entropy)
-    return (loss.view(y.shape), ent.view(y.shape)) if entropy else loss.view(y.shape)
+    out = head_losses(model(x), model.lm_head.weight, y, entropy)
+    return (out.loss, out.entropy) if entropy else out.loss
 
 # -----------------------------------------------------------------------------
 # reference scoring: one forward pass of the frozen reference model over every web token
@@ -853,9 +896,9 @@ def score_web(model, meta, cfg, run):
     with open(path + ".partial", "r+b") as out, open(path + ".done", "r+b") as flags:
         for i, b in enumerate(todo):
             ws = range(b * B, min(b * B + B, web.n))  # consecutive windows: their targets are consecutive tokens
-            x, y = web.get(ws, cfg.device)
+            batch = web.get(ws, cfg.device)
             with autocast(cfg):
-                scores = torch.stack(model_token_loss(model, x, y, entropy=True), -1)  # (len(ws), T, 2)
+                scores = torch.stack(model_token_loss(model, batch.x, batch.y, entropy=True), -1)  # (len(ws), T, 2)
             os.pwrite(out.fileno(), scores.float().cpu().numpy().astype(dtype).tobytes(),
                       2 * dtype.itemsize * (ws[0] * T + 1))
             marks.append(b)
@@ -905,8 +948,8 @@ def eval_sets(cfg, meta, web):
 def val_loss(model, w, ws, device):
     total, n = 0.0, 0
     for i in range(0, len(ws), 32):
-        x, y = w.get(ws[i:i + 32], device)[:2]
-        total, n = total + model_token_loss(model, x, y).sum().item(), n + int((y != IGNORE).sum())
+        b = w.get(ws[i:i + 32], device)
+        total, n = total + model_token_loss(model, b.x, b.y).sum().item(), n + int((b.y != IGNORE).sum())
     return total / n
 
 def decode_step(model, idx, pad, cache):
@@ -988,19 +1031,19 @@ def evaluate(model, ev, cfg, final=False):
     first --eval_problems problems, the same at every evaluation; the final one also answers all the others and
     keeps each answer's 0/1 (correct), for tests paired problem by problem."""
     model.eval()
-    x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # web_split keeps them to one batch
-    web = model_token_loss(model, x, y)  # (n_val, T)
-    hq = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T))))  # 128 windows or 32k tokens, or all
+    b = ev["web"].get(ev["web_val"], cfg.device)  # web_split keeps them to one batch
+    web = model_token_loss(model, b.x, b.y)  # (n_val, T)
+    hq_val = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T))))  # 128 windows or 32k tokens, or all
     correct = answers(model, ev["problems"] if final else ev["problems"][:cfg.eval_problems], ev["enc"])
-    measures = {"val_loss_hq": round(val_loss(model, ev["hq"], hq, cfg.device), 4),
-                "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
+    measures = {"val_loss_hq": round(val_loss(model, ev["hq"], hq_val, cfg.device), 4),
+                "val_loss_web": round(web.sum().item() / int((b.y != IGNORE).sum()), 4),
                 "accuracy": accuracy(correct[:cfg.eval_problems])}
     if final and correct:
         measures["correct"] = correct
-    x_hq, y_hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
+    hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: the training RNG stays untouched
-    sel = select_tokens(web, y, ref, cfg.k, cfg.scope, cfg.select, gen)
-    return measures, {"hq": model_token_loss(model, x_hq, y_hq).half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
+    sel = select_tokens(web, b.y, b.ref, cfg.k, cfg.scope, cfg.select, gen)
+    return measures, {"hq": model_token_loss(model, hq.x, hq.y).half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
 
 # -----------------------------------------------------------------------------
 # training: the base model (demo), the reference model (CLM on hq), continual pretraining (CLM or SLM on web)
@@ -1117,7 +1160,7 @@ def lr_at(step, cfg):
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 def training_windows(cfg, meta, T):
-    """(the windows with their extras, how many of them training reads, the reference model's fingerprint or None):
+    """(the windows, how many of them training reads, the reference model's fingerprint or None):
     base for the base model, hq for the reference model, web_windows for continual pretraining (with the reference
     scores if its rule reads them)."""
     if cfg.mode in ("base", "ref"):
@@ -1125,7 +1168,6 @@ def training_windows(cfg, meta, T):
             die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
                 f"model with --init_from CKPT, or from scratch without it")
         w = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T)
-        w.extras = (no_ref(len(w.tokens)),)
         return w, w.n, None
     needs_ref = cfg.mode == "slm" and cfg.select not in ("random", "train")
     ref, ref_sha = load_ref_scores(cfg, meta, T) if needs_ref else (None, None)
@@ -1133,30 +1175,46 @@ def training_windows(cfg, meta, T):
     return w, web_split(w.n, T), ref_sha
 
 @torch.no_grad()
-def selection_pass(fwd, micro, cfg, gen):
-    """A step in several micro-batches needs every token's loss before its first backward: one no-grad forward over
-    them (none when the rule reads no training loss), then I_k over the whole step."""
-    y, ref = torch.cat([m[1] for m in micro]), torch.cat([m[2] for m in micro])
+def selection_pass(fwd, w, micro, cfg, gen):
+    """SLM over several micro-batches needs every token's loss before its first backward: one no-grad forward over
+    them (none when the rule reads no training loss), then I_k over the whole step: (I_k per micro-batch, n)."""
+    y, ref = torch.cat([b.y for b in micro]), torch.cat([b.ref for b in micro])
     loss = torch.zeros(y.shape, device=y.device)
-    if cfg.k < 1 and cfg.select in ("excess", "train", "sample"):
+    if cfg.select in ("excess", "train", "sample"):
         with autocast(cfg):
-            loss = torch.cat([model_token_loss(fwd, x, yy) for x, yy, *_ in micro])
+            loss = torch.cat([head_losses(fwd(b.x), w, b.y).loss for b in micro])
     sel, n = select_step(loss, y, ref, cfg, gen)
-    return list(sel.split(len(micro[0][1]))), n
+    return list(sel.split(len(micro[0].y))), n
 
-def train_step(model, fwd, ddp, micro, cfg, gen):
-    """One step's forward and backward over this process's micro-batches, the gradient of the mean loss over the
-    tokens selected in the whole step, whatever the split: (the step's loss, this process's I_k per micro-batch)."""
-    sels, n = selection_pass(fwd, micro, cfg, gen) if len(micro) > 1 else ([None] * len(micro), None)
+def train_step(model, fwd, micro, cfg, gen):
+    """One step's forward and backward over this process's micro-batches (model: the module, its head weight; fwd:
+    its forward as trained, compiled or DDP), the gradient of the mean loss over the tokens selected in the whole
+    step, whatever the split: (the step's loss, this process's I_k per micro-batch)."""
+    w, clm = model.lm_head.weight, cfg.k == 1  # clm: every valid token carries the loss (--slm --k 1 too)
+    if clm:
+        sels = [b.y != IGNORE for b in micro]
+        n = int(sum_ranks(sum(s.sum() for s in sels)))
+    elif len(micro) > 1:
+        sels, n = selection_pass(fwd, w, micro, cfg, gen)
     total = []
-    for i, (x, y, ref, *_) in enumerate(micro):
-        sync = WORLD == 1 or i == len(micro) - 1  # DDP all-reduces the gradients once, after the last micro-batch
-        if cfg.fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
+    for i, b in enumerate(micro):
+        sync = WORLD == 1 or i == len(micro) - 1  # gradients are reduced across processes after the last micro-batch
+        if cfg.fsdp:
             model.set_requires_gradient_sync(sync)
-        with contextlib.nullcontext() if sync or cfg.fsdp else ddp.no_sync():
-            with autocast(cfg):  # ddp: the model's forward (maybe compiled, maybe DDP); then the fused head
-                loss, every, sels[i] = fused_slm_loss(ddp(x), model.lm_head.weight, y, ref, cfg, gen, sels[i], n)
-            (loss * WORLD if WORLD > 1 else loss).backward()  # DDP and FSDP average over processes: undo it
+        elif WORLD > 1:
+            fwd.require_backward_grad_sync = sync  # all that DDP's no_sync() context sets (nanoGPT does the same)
+        with autocast(cfg):
+            h = fwd(b.x)
+            if clm:
+                loss, every = fused_clm_loss(h, w, b.y, n)
+            elif len(micro) == 1:  # the whole step in one forward: I_k from its own token losses
+                loss, every, sel = fused_slm_loss(h, w, b.y, b.ref, cfg, gen)
+                sels = [sel]
+            else:
+                out = head_losses(h, w, b.y)
+                loss, every = selected_loss(h, w, b.y, out, sels[i], n), out.loss
+        # DDP and FSDP average the gradients over processes, but n counts every process's tokens: sum them instead
+        (loss * WORLD).backward()
         # a NaN in any token's loss stops the run, also where SLM selected none of them (it never selects NaN)
         total.append(torch.where(every.isfinite().all(), loss.detach(), float("nan")))
     return sum_ranks(torch.stack(total).sum()), sels
@@ -1197,12 +1255,13 @@ def write_token_losses(path, state, ev):
     each eval, and the web val windows (tokens, reference scores, labels) that they belong to. Atomic."""
     if not state["tokens"]["web"]:
         return
-    x, y, ref, *labels = ev["web"].get(ev["web_val"], "cpu")
+    b = ev["web"].get(ev["web_val"], "cpu")
     arrays = {key: torch.stack(v).numpy() for key, v in state["tokens"].items()}  # (evals, windows, T)
     evals = state["history"][-len(state["tokens"]["web"]):]
     arrays.update(step=np.array([h["step"] for h in evals]), tokens_seen=np.array([h["tokens_seen"] for h in evals]),
-                  web_x=torch.cat([x, y[:, -1:]], 1).int().numpy(), web_ref=ref[..., 0].numpy(),
-                  web_ref_entropy=ref[..., 1].numpy(), **({"web_labels": labels[0].numpy()} if labels else {}))
+                  web_x=torch.cat([b.x, b.y[:, -1:]], 1).int().numpy(), web_ref=b.ref[..., REF_LOSS].numpy(),
+                  web_ref_entropy=b.ref[..., REF_ENTROPY].numpy(),
+                  **({} if b.labels is None else {"web_labels": b.labels.numpy()}))
     with open(path + ".tmp", "wb") as f:
         np.savez(f, **arrays)
     os.replace(path + ".tmp", path)
@@ -1302,8 +1361,9 @@ def train(cfg, shape):
         claim(out_dir, old, cfg)
     if master and cfg.resume:
         print(f"{name}: " + (f"resumed from {ckpt_path} at step {start}" if start else "no checkpoint: from step 0"))
-    fwd = torch.compile(model) if cfg.compile else model
-    ddp = fwd if WORLD == 1 or cfg.fsdp else DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None)
+    fwd = torch.compile(model) if cfg.compile else model  # the forward that training calls; model keeps the weights
+    if WORLD > 1 and not cfg.fsdp:
+        fwd = DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None)
     n_micro = cfg.batch_size // WORLD // micro_bs
     if master:
         split = f", {WORLD} process{'es' * (WORLD > 1)} x {n_micro} micro-batch{'es' * (n_micro > 1)} of {micro_bs}"
@@ -1318,7 +1378,7 @@ def train(cfg, shape):
             g["lr"] = lr_at(step, cfg)
         micro = train_w.micro_batches(step, cfg.batch_size, cfg.seed, cfg.device, hi, micro_bs)
         opt.zero_grad(set_to_none=True)
-        loss, sels = train_step(model, fwd, ddp, micro, cfg, gen)
+        loss, sels = train_step(model, fwd, micro, cfg, gen)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for what, v in (("loss", loss), ("gradient norm", norm)):
             if not torch.isfinite(v):
@@ -1328,8 +1388,8 @@ def train(cfg, shape):
         state["tokens_trained"] += int(sum_ranks(sum(s.sum() for s in sels)))
         state["losses"].append(loss.item())
         loss_sum += state["losses"][-1]
-        for m, sel in zip(micro, sels) if n_labels else ():  # web runs on the demo: (x, y, ref, labels)
-            labels = m[3].flatten().long()
+        for b, sel in zip(micro, sels) if n_labels else ():  # web runs on the demo
+            labels = b.labels.flatten().long()
             counts += torch.stack([torch.bincount(labels, minlength=n_labels),
                                    torch.bincount(labels[sel.flatten()], minlength=n_labels)])
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
