@@ -421,7 +421,7 @@ def preset_time(rows, device):
     if not {"clm", "slm", "slm_split"} <= set(tok_s):
         return
     p = rho.PRESETS["gpt2-owm"]
-    tokens = {stage: p[stage]["steps"] * p["batch_size"] * p["block_size"] for stage in ("ref", "clm", "slm")}
+    tokens = {stage: p["steps"][stage] * p["batch_size"] * p["block_size"] for stage in ("ref", "clm", "slm")}
     split = "slm_split" if p["batch_size"] > p["micro_batch"] else "slm"  # one device: gradient accumulation
     hours = {"ref": tokens["ref"] / tok_s["clm"], "clm": tokens["clm"] / tok_s["clm"],
              "slm": tokens["slm"] / tok_s[split]}

@@ -26,19 +26,19 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, NamedTuple
 
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from prepare import ANSWER, file_sha256, final_answer, get_encoding, write_atomic
+
 # one code path for MKL's and PyTorch's CPU kernels on any x86-64 CPU with AVX2, AVX-512 ones included: fewer ways
-# for another machine to give other losses (it still can: README, Reproducible; metrics.json records the threads)
+# for another machine to give other losses (README, Reproducible). Both read these at their first kernel, not import.
 os.environ.setdefault("MKL_CBWR", "AVX2")
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-
-import numpy as np  # noqa: E402 (after the environment that torch reads)
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-from prepare import ANSWER, file_sha256, final_answer, get_encoding, write_atomic  # noqa: E402
 
 IGNORE = -1  # target id that is never trained on and never selected
 
@@ -88,52 +88,60 @@ class RunConfig:  # every field is a flag: --help
     overwrite: bool = False
     device: str = "cpu"
 
-HELP = {
-    "data": "prepared data folder", "out": "runs folder", "name": "run name (default: base, ref, clm, slm-k0.6, ...)",
+HELP = {  # --help of each RunConfig field
+    "data": "prepared data folder",
+    "out": "runs folder",
+    "name": "run name (default: base, ref, clm, slm-k0.6, ...)",
     "ref_run": "--slm: the reference run whose scores it reads",
     "steps": "optimizer steps (the default preset, demo: --ref 2000, --clm and --slm 6000)",
-    "batch_size": "sequences per step", "lr": "peak learning rate (warmup, then cosine to 10%%)",
+    "batch_size": "sequences per step",
+    "lr": "peak learning rate (warmup, then cosine to 10%%)",
     "warmup": "steps of linear warmup (default 20, or a preset's, but at most a tenth of --steps)",
-    "weight_decay": "AdamW weight decay of the matrices and embeddings", "grad_clip": "gradient norm clip",
-    "k": "--slm: the share of tokens selected, in (0, 1]", "scope": "top-k over every token of the step (batch) or "
-    "within each sequence", "select": "--slm: what I_k ranks by (see token_score): excess is the paper's, random the "
-    "control", "seed": "seed of the model init, batch order and random selection", "micro_batch": "sequences per "
-    "forward on each process (gradient accumulation; the top-k still spans the step); 0: the process's whole share",
-    "dtype": "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)", "compile": "torch.compile the model's forward",
+    "weight_decay": "AdamW weight decay of the matrices and embeddings",
+    "grad_clip": "gradient norm clip",
+    "k": "--slm: the share of tokens selected, in (0, 1]",
+    "select": "--slm: what I_k ranks by (see token_score): excess is the paper's, random the control",
+    "scope": "top-k over every token of the step (batch) or within each sequence",
+    "seed": "seed of the model init, batch order and random selection",
+    "micro_batch": "sequences per forward on each process (gradient accumulation; the top-k still spans the step); "
+                   "0: the process's whole share",
+    "dtype": "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+    "compile": "torch.compile the model's forward",
     "fsdp": "under torchrun, shard parameters, gradients and AdamW's state across processes (FSDP2), not DDP",
     "act_ckpt": "recompute each block's activations in the backward (less memory, a third more compute)",
-    "score_batch": "windows per forward when scoring", "score_dtype": "--ref, --score: the stored reference scores' "
-    "dtype: float32 (8 bytes a web token) or float16 (4; it changes a few selections: bench.py --score_dtype)",
+    "score_batch": "windows per forward when scoring",
+    "score_dtype": "--ref, --score: the stored reference scores' dtype: float32 (8 bytes a web token) or float16 (4; "
+                   "it changes a few selections: bench.py --score_dtype)",
     "eval_every": "steps between evaluations and checkpoints",
-    "eval_problems": "held-out problems for answer accuracy", "init_from": "start from a run in --out (the demo's "
-    "default: base), a ckpt.pt, scratch (random weights), or a transformers causal LM: hf:NAME (hf:gpt2, "
-    "hf:TinyLlama/TinyLlama_v1.1, ...) or a save_pretrained directory", "preset": "defaults for every flag it names, "
-    "per stage (see PRESETS); flags given explicitly win; '' for none", "resume": "continue <out>/<name>/ckpt.pt "
-    "where it stopped",
+    "eval_problems": "held-out problems for answer accuracy",
+    "init_from": "start from a run in --out (the demo's default: base), a ckpt.pt, scratch (random weights), or a "
+                 "transformers causal LM: hf:NAME (hf:gpt2, hf:TinyLlama/TinyLlama_v1.1, ...) or a save_pretrained "
+                 "directory",
+    "preset": "defaults for every flag it names (see PRESETS); flags given explicitly win; '' for none",
+    "resume": "continue <out>/<name>/ckpt.pt where it stopped",
     "overwrite": "replace the files of an earlier run of this name (a finished run is otherwise refused)",
     "device": "cpu, cuda or cuda:N"}
 
-PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags win), then per stage
-    "demo": {  # the paper's shape on the demo: the reference model past its accuracy transition (at 1,200 steps a
-        # data seed can leave it at 45%); continual pretraining 3x its tokens (the paper: 10x; 3x is what fits the
-        # quick start's 10 minutes on a 2-core CPU), one pass over the demo's web
-        "eval_every": 200, "ref": {"steps": 2000}, "clm": {"steps": 6000}, "slm": {"steps": 6000}},
-    "gpt2-owm": {  # the paper's setting at small scale: GPT-2 124M from OpenAI's weights, a GSM8K/MetaMath-like
-        # hq corpus, OpenWebMath-like web; 2000 steps of 512 x 1024 tokens = 1.05B tokens of continual pretraining
-        "init_from": "hf:gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100,
-        "eval_every": 250, "eval_problems": 200, "compile": True, "k": 0.6,
-        "ref": {"steps": 600, "lr": 1e-4},  # 315M tokens: 3 epochs of ~100M hq tokens (the paper: 3 epochs)
-        "clm": {"steps": 2000, "lr": 1e-4}, "slm": {"steps": 2000, "lr": 1e-4}},
+PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags win); {mode: value}: one per mode
+    # the paper's shape on the demo: the reference model past its accuracy transition (at 1,200 steps a data seed can
+    # leave it at 45%); continual pretraining 3x its tokens (the paper: 10x; 3x is what fits the quick start's 10
+    # minutes on a 2-core CPU), one pass over the demo's web
+    "demo": {"eval_every": 200, "steps": {"ref": 2000, "clm": 6000, "slm": 6000}},
+    # the paper's setting at small scale: GPT-2 124M from OpenAI's weights, a GSM8K/MetaMath-like hq corpus,
+    # OpenWebMath-like web; the reference model 600 steps of 512 x 1024 tokens = 315M tokens (3 epochs of ~100M hq
+    # tokens, as the paper's 3), continual pretraining 2000 steps = 1.05B tokens
+    "gpt2-owm": {"init_from": "hf:gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100,
+                 "eval_every": 250, "eval_problems": 200, "compile": True, "k": 0.6,
+                 "steps": {"ref": 600, "clm": 2000, "slm": 2000}, "lr": {"ref": 1e-4, "clm": 1e-4, "slm": 1e-4}},
     # the paper's own runs (Sec. 3): OpenWebMath web, 15B tokens in steps of ~1M (512 x 2048, 256 x 4096); the
     # reference model 3 epochs of a 0.5B-token math hq corpus. FSDP2 under torchrun; warmup and micro-batches are ours
     "tinyllama-owm": {"init_from": "hf:TinyLlama/TinyLlama_v1.1", "block_size": 2048, "batch_size": 512, "k": 0.6,
                       "micro_batch": 8, "warmup": 200, "eval_every": 500, "fsdp": True,
-                      "ref": {"steps": 1431, "lr": 5e-5}, "clm": {"steps": 14305, "lr": 8e-5},
-                      "slm": {"steps": 14305, "lr": 8e-5}},
+                      "steps": {"ref": 1431, "clm": 14305, "slm": 14305},
+                      "lr": {"ref": 5e-5, "clm": 8e-5, "slm": 8e-5}},
     "mistral-owm": {"init_from": "hf:mistralai/Mistral-7B-v0.1", "block_size": 4096, "batch_size": 256, "k": 0.7,
                     "micro_batch": 2, "warmup": 200, "eval_every": 500, "fsdp": True,
-                    "ref": {"steps": 1431, "lr": 1e-5}, "clm": {"steps": 14305, "lr": 2e-5},
-                    "slm": {"steps": 14305, "lr": 2e-5}},
+                    "steps": {"ref": 1431, "clm": 14305, "slm": 14305}, "lr": {"ref": 1e-5, "clm": 2e-5, "slm": 2e-5}},
 }
 
 # -----------------------------------------------------------------------------
@@ -474,21 +482,22 @@ def excess_loss(train_loss, ref_loss):
     return train_loss.detach() - ref_loss
 
 def n_select(k, n):
-    """ceil(k * n) of a count, or of a tensor of counts (per row, with no sync), at least 1 of a count of 1 or more;
-    rounded to 6 decimals first, so that k*n = 6.000000000000001 gives 6."""
+    """ceil(k * n), at least 1 where n >= 1, of a count or a tensor of counts (one per row, with no GPU sync)."""
     n = torch.as_tensor(n, dtype=torch.float64)
+    # rounded to 6 decimals before the ceil: 0.07 * 100 is 7.000000000000001 in floats, and its ceil 8
     return torch.maximum(torch.ceil(torch.round(k * n * 1e6) / 1e6), (n > 0).double())
 
 def rank_of(score, valid, scope):
-    """Each token's place in its group (scope batch: the whole step; sequence: its row) when the group's valid
-    tokens are sorted by score, highest first; ties: the lower index first, so runs are deterministic."""
+    """Each token's place (0: the highest score) among the valid tokens of its group: the step (scope batch) or its
+    row (sequence). Not topk: under scope sequence each row has its own count, and topk leaves the order of ties
+    unspecified; a stable sort puts the lower index first, so runs are deterministic."""
     shape = score.shape
     if scope == "batch":
         score, valid = score.reshape(1, -1), valid.reshape(1, -1)
-    key = torch.where(valid & ~score.isnan(), score.clamp(min=-3e38), float("-inf"))  # below every valid score
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
-    return rank.reshape(shape)
+    # invalid and NaN tokens last: -inf, below every valid score (a valid -inf is clamped to -3e38, so it stays above)
+    key = torch.where(valid & ~score.isnan(), score.clamp(min=-3e38), float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # the tokens, best first
+    return order.argsort(-1).reshape(shape)  # its inverse: each token's place
 
 def select_topk(score, valid, k, scope="batch"):
     """I_k: the top ceil(k * n_valid) valid tokens by score, over the whole step (scope batch) or within each
@@ -1473,8 +1482,10 @@ def check_flags(a, mode, given):
         die(f"--device {a.device}: this torch sees no CUDA GPU ({torch.__version__}); use --device cpu")
 
 def parse_args(argv=None):
+    # no defaults in the parser: what it returns is the flags on the command line, which win over a preset's values
     p = argparse.ArgumentParser(description="Selective Language Modeling (Rho-1): the reference model, scoring, SLM "
-                                "and CLM continual pretraining.", allow_abbrev=False)  # --batch is not --batch_size
+                                "and CLM continual pretraining.", argument_default=argparse.SUPPRESS,
+                                allow_abbrev=False)  # --batch is not --batch_size
     p.error = arg_error  # argparse's errors in one line
     job = p.add_mutually_exclusive_group(required=True)
     for mode, text in MODES.items():
@@ -1483,33 +1494,29 @@ def parse_args(argv=None):
     for f in fields(RunConfig)[1:]:  # every field but mode is a flag
         v = getattr(d, f.name)
         if isinstance(v, bool):  # --compile and --no-compile: a preset's True can be turned off
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v, help=HELP[f.name])
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=HELP[f.name])
         else:
-            p.add_argument(f"--{f.name}", type=type(v), default=v, choices=CHOICES.get(f.name),
+            p.add_argument(f"--{f.name}", type=type(v), choices=CHOICES.get(f.name),
                            help=HELP[f.name] + (f" (default {v})" if v else ""))
-    for f in fields(GPTConfig):
-        if f.name != "vocab_size":  # the data's
-            p.add_argument(f"--{f.name}", type=int, help=f"model {f.name} (default {f.default}; a run that starts "
-                           "from a checkpoint or GPT-2 takes its shape, its context cropped to --block_size)")
-    a = p.parse_args(argv)
-    mode = next(m for m in MODES if getattr(a, m))
-    preset = {**PRESETS[a.preset], **PRESETS[a.preset].get(mode, {})} if a.preset else {}
-    for x in p._actions:
-        x.default = argparse.SUPPRESS
-    given = set(vars(p.parse_args(argv))) - set(MODES)  # the flags on the command line
-    for key, v in vars(a).items():
-        if key not in given and key in preset and not isinstance(preset[key], dict):
-            setattr(a, key, preset[key])  # the preset's values are defaults: a flag given explicitly still wins
+    shape = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size: the data's
+    for key in shape:
+        p.add_argument(f"--{key}", type=int, help=f"model {key} (default {getattr(GPTConfig, key)}; a run that starts "
+                       "from a checkpoint or GPT-2 takes its shape, its context cropped to --block_size)")
+    given = vars(p.parse_args(argv))
+    mode = next(m for m in MODES if given.pop(m, False))
+    preset = {key: v[mode] if isinstance(v, dict) else v for key, v in PRESETS.get(given.get("preset", d.preset),
+              {}).items() if not isinstance(v, dict) or mode in v}
+    a = argparse.Namespace(**{**asdict(d), **dict.fromkeys(shape), **preset, **given})
     if "warmup" not in given:  # a default (or a preset's) warmup is at most a tenth of the run
         a.warmup = min(a.warmup, a.steps // 10)
-    check_flags(a, mode, given)
+    check_flags(a, mode, set(given))
     if mode != "slm":  # every token carries the loss
         a.k, a.select = 1.0, "all"
     if a.dtype == "auto":
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     cfg = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig)[1:]}, mode=mode)
     # the shape flags, None where not given: build_model takes them for a model from scratch, warns if it ignores them
-    return cfg, GPTConfig(**{f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"})
+    return cfg, GPTConfig(**{key: getattr(a, key) for key in shape})
 
 def main(argv=None):
     cfg, shape = parse_args(argv)
