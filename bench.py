@@ -173,9 +173,10 @@ def head_loss_fn(impl, h, w, y, r, k):
         return lambda: F.cross_entropy((h @ w.t()).float().view(N, V), y.view(N))
     if impl == "naive_slm":
         return lambda: rho.slm_loss(h @ w.t(), y, r, k)[0]
-    if impl.startswith("fused"):
-        cfg = rho.RunConfig(k=1.0 if impl == "fused_clm" else k)
-        return lambda: rho.fused_slm_loss(h, w, y, r, cfg)[0]
+    if impl == "fused_clm":
+        return lambda: rho.fused_clm_loss(h, w, y, N)[0]
+    if impl == "fused_slm":
+        return lambda: rho.fused_slm_loss(h, w, y, r, rho.RunConfig(k=k))[0]
     loss_fn = native_lce if impl.startswith("torch_lce") else peer(impl.split("_")[0])
     if impl.endswith("_slm"):
         return lambda: two_call_slm(loss_fn, h[0], w, y[0], r[0], k)
@@ -213,7 +214,8 @@ def bench_step(impl, mcfg, k, device, warmup, repeats):
 
     def step():
         ref = r if ref_model is None else torch.stack(rho.model_token_loss(ref_model, x, y, entropy=True), -1)
-        loss = rho.fused_slm_loss(model(x), model.lm_head.weight, y, ref, cfg)[0]
+        h, w = model(x), model.lm_head.weight
+        loss = rho.fused_clm_loss(h, w, y, y.numel())[0] if impl == "clm" else rho.fused_slm_loss(h, w, y, ref, cfg)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -232,11 +234,12 @@ def bench_train(impl, mcfg, B, k, device, dtype, warmup, repeats):
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(device) for _ in range(2))
     r = torch.rand(B, T, 2, generator=g).to(device)
-    micro = [(x, y, r)] if "split" not in impl else [(x[i::2], y[i::2], r[i::2]) for i in range(2)]
+    micro = [rho.Batch(x, y, r, None)] if "split" not in impl else [rho.Batch(x[i::2], y[i::2], r[i::2], None)
+                                                                      for i in range(2)]
 
     def step():
         opt.zero_grad(set_to_none=True)
-        rho.train_step(model, fwd, fwd, micro, cfg, g)
+        rho.train_step(model, fwd, micro, cfg, g)
         opt.step()
     return timed(step, device, warmup, repeats)
 
@@ -418,7 +421,7 @@ def preset_time(rows, device):
     if not {"clm", "slm", "slm_split"} <= set(tok_s):
         return
     p = rho.PRESETS["gpt2-owm"]
-    tokens = {stage: p[stage]["steps"] * p["batch_size"] * p["block_size"] for stage in ("ref", "clm", "slm")}
+    tokens = {stage: p["steps"][stage] * p["batch_size"] * p["block_size"] for stage in ("ref", "clm", "slm")}
     split = "slm_split" if p["batch_size"] > p["micro_batch"] else "slm"  # one device: gradient accumulation
     hours = {"ref": tokens["ref"] / tok_s["clm"], "clm": tokens["clm"] / tok_s["clm"],
              "slm": tokens["slm"] / tok_s[split]}
@@ -632,7 +635,7 @@ def score_dtype_change(data="data/demo", out="out", steps=200, k=0.6, batch_size
     changed = {"float16": [0, 0], "bfloat16": [0, 0]}
     n_sel = 0
     for step in range(steps):
-        x, y, r = web.get(web.step_windows(step, batch_size, seed, hi), "cpu")[:3]
+        x, y, r, _ = web.get(web.step_windows(step, batch_size, seed, hi), "cpu")
         loss = rho.model_token_loss(model, x, y)
         want = rho.select_tokens(loss, y, r, k)
         n_sel += int(want.sum())

@@ -1,21 +1,10 @@
 """
-rho.py: Selective Language Modeling (Rho-1: Lin et al. 2024, arXiv 2404.07965) in one file.
-
-    python prepare.py              # the embedded demo corpus -> data/demo
-    python rho.py --base           # demo: a base model, pretrained on general web-like pages
-    python rho.py --ref            # the reference model: the base trained on hq; then it scores every web token
-    python rho.py --clm            # continual pretraining of the base on web, loss on every token (the baseline)
-    python rho.py --slm --k 0.6    # the same run, loss on the top 60% of tokens by excess loss
-    python rho.py --slm --k 0.6 --select random   # the control: the same k, random tokens
-    python report.py               # one table of every run in out/, and out/report.html
-
+rho.py: Selective Language Modeling (Rho-1: Lin et al. 2024, arXiv 2404.07965) in one file. The demo, in order:
+    python prepare.py; python rho.py --base; python rho.py --ref (then it scores every web token); python rho.py --clm
+    python rho.py --slm --k 0.6; python rho.py --slm --k 0.6 --select random (the control); python report.py
 At scale: torchrun --standalone --nproc_per_node 8 rho.py --slm --preset gpt2-owm --data data/owm --out out-owm
-Beside it, importing it: bench.py (speed and memory, side by side) and report.py (the table, an HTML report, over
-seeds). The file reads in the order the data flows: config, model, processes, data, the SLM loss, the fused head,
-reference scoring, evaluation, training, main.
 """
 import argparse
-import contextlib
 import gc
 import hashlib
 import json
@@ -24,22 +13,22 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, NamedTuple
 
-# one code path for MKL's and PyTorch's CPU kernels on any x86-64 CPU with AVX2, AVX-512 ones included: fewer ways
-# for another machine to give other losses (it still can: README, Reproducible; metrics.json records the threads)
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from prepare import ANSWER, file_sha256, final_answer, get_encoding, write_atomic
+
+# one code path for MKL's and PyTorch's CPU kernels on any AVX2 CPU (README, Reproducible); read at the first kernel
 os.environ.setdefault("MKL_CBWR", "AVX2")
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-
-import numpy as np  # noqa: E402 (after the environment that torch reads)
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-from prepare import ANSWER, file_sha256, final_answer, get_encoding, write_atomic  # noqa: E402
-
 IGNORE = -1  # target id that is never trained on and never selected
 
 def die(msg):
@@ -56,112 +45,80 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
 
+def flag(default, text):  # a RunConfig field: its default and its --help
+    return field(default=default, metadata={"help": text})
+
 @dataclass
-class RunConfig:  # every field is a flag: --help
+class RunConfig:  # every field but mode is a flag, with its --help
     mode: str = "slm"
-    data: str = "data/demo"
-    out: str = "out"
-    name: str = ""
-    ref_run: str = "ref"
-    steps: int = 1200
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    k: float = 0.6
-    select: str = "excess"
-    scope: str = "batch"
-    seed: int = 1337
-    micro_batch: int = 0
-    dtype: str = "auto"
-    compile: bool = False
-    fsdp: bool = False
-    act_ckpt: bool = False
-    score_batch: int = 64
-    score_dtype: str = "float32"
-    eval_every: int = 100
-    eval_problems: int = 200
-    init_from: str = ""
-    preset: str = "demo"
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "cpu"
+    data: str = flag("data/demo", "prepared data folder")
+    out: str = flag("out", "runs folder")
+    name: str = flag("", "run name (default: base, ref, clm, slm-k0.6, ...)")
+    ref_run: str = flag("ref", "--slm: the reference run whose scores it reads")
+    steps: int = flag(1200, "optimizer steps (the default preset, demo: --ref 2000, --clm and --slm 6000)")
+    batch_size: int = flag(16, "sequences per step")
+    lr: float = flag(3e-3, "peak learning rate (warmup, then cosine to 10%%)")
+    warmup: int = flag(20, "steps of linear warmup (default 20, or a preset's, but at most a tenth of --steps)")
+    weight_decay: float = flag(0.1, "AdamW weight decay of the matrices and embeddings")
+    grad_clip: float = flag(1.0, "gradient norm clip")
+    k: float = flag(0.6, "--slm: the share of tokens selected, in (0, 1]")
+    select: str = flag("excess", "--slm: what I_k ranks by (token_score): excess is the paper's, random the control")
+    scope: str = flag("batch", "top-k over every token of the step (batch) or within each sequence")
+    seed: int = flag(1337, "seed of the model init, batch order and random selection")
+    micro_batch: int = flag(0, "sequences per forward on each process (the top-k still spans the step); 0: all")
+    dtype: str = flag("auto", "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    compile: bool = flag(False, "torch.compile the model's forward")
+    fsdp: bool = flag(False, "under torchrun, shard weights, gradients and AdamW's state (FSDP2), not DDP")
+    act_ckpt: bool = flag(False, "recompute each block's activations in the backward (less memory, more compute)")
+    score_batch: int = flag(64, "windows per forward when scoring")
+    score_dtype: str = flag("float32", "--ref, --score: the scores' dtype, float32 or float16 (bench.py --score_dtype)")
+    eval_every: int = flag(100, "steps between evaluations and checkpoints")
+    eval_problems: int = flag(200, "held-out problems for answer accuracy")
+    init_from: str = flag("", "a run in --out (the demo's default: base), a ckpt.pt, scratch, or a transformers causal "
+                          "LM: hf:NAME (hf:gpt2, ...) or a save_pretrained directory")
+    preset: str = flag("demo", "defaults for every flag it names (PRESETS); flags given explicitly win; '' for none")
+    resume: bool = flag(False, "continue <out>/<name>/ckpt.pt where it stopped")
+    overwrite: bool = flag(False, "replace an earlier run of this name (a finished run is otherwise refused)")
+    device: str = flag("cpu", "cpu, cuda or cuda:N")
 
-HELP = {
-    "data": "prepared data folder", "out": "runs folder", "name": "run name (default: base, ref, clm, slm-k0.6, ...)",
-    "ref_run": "--slm: the reference run whose scores it reads",
-    "steps": "optimizer steps (the default preset, demo: --ref 2000, --clm and --slm 6000)",
-    "batch_size": "sequences per step", "lr": "peak learning rate (warmup, then cosine to 10%%)",
-    "warmup": "steps of linear warmup (default 20, or a preset's, but at most a tenth of --steps)",
-    "weight_decay": "AdamW weight decay of the matrices and embeddings", "grad_clip": "gradient norm clip",
-    "k": "--slm: the share of tokens selected, in (0, 1]", "scope": "top-k over every token of the step (batch) or "
-    "within each sequence", "select": "--slm: what I_k ranks by (see token_score): excess is the paper's, random the "
-    "control", "seed": "seed of the model init, batch order and random selection", "micro_batch": "sequences per "
-    "forward on each process (gradient accumulation; the top-k still spans the step); 0: the process's whole share",
-    "dtype": "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)", "compile": "torch.compile the model's forward",
-    "fsdp": "under torchrun, shard parameters, gradients and AdamW's state across processes (FSDP2), not DDP",
-    "act_ckpt": "recompute each block's activations in the backward (less memory, a third more compute)",
-    "score_batch": "windows per forward when scoring", "score_dtype": "--ref, --score: the stored reference scores' "
-    "dtype: float32 (8 bytes a web token) or float16 (4; it changes a few selections: bench.py --score_dtype)",
-    "eval_every": "steps between evaluations and checkpoints",
-    "eval_problems": "held-out problems for answer accuracy", "init_from": "start from a run in --out (the demo's "
-    "default: base), a ckpt.pt, scratch (random weights), or a transformers causal LM: hf:NAME (hf:gpt2, "
-    "hf:TinyLlama/TinyLlama_v1.1, ...) or a save_pretrained directory", "preset": "defaults for every flag it names, "
-    "per stage (see PRESETS); flags given explicitly win; '' for none", "resume": "continue <out>/<name>/ckpt.pt "
-    "where it stopped",
-    "overwrite": "replace the files of an earlier run of this name (a finished run is otherwise refused)",
-    "device": "cpu, cuda or cuda:N"}
-
-PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags win), then per stage
-    "demo": {  # the paper's shape on the demo: the reference model past its accuracy transition (at 1,200 steps a
-        # data seed can leave it at 45%); continual pretraining 3x its tokens (the paper: 10x; 3x is what fits the
-        # quick start's 10 minutes on a 2-core CPU), one pass over the demo's web
-        "eval_every": 200, "ref": {"steps": 2000}, "clm": {"steps": 6000}, "slm": {"steps": 6000}},
-    "gpt2-owm": {  # the paper's setting at small scale: GPT-2 124M from OpenAI's weights, a GSM8K/MetaMath-like
-        # hq corpus, OpenWebMath-like web; 2000 steps of 512 x 1024 tokens = 1.05B tokens of continual pretraining
-        "init_from": "hf:gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100,
-        "eval_every": 250, "eval_problems": 200, "compile": True, "k": 0.6,
-        "ref": {"steps": 600, "lr": 1e-4},  # 315M tokens: 3 epochs of ~100M hq tokens (the paper: 3 epochs)
-        "clm": {"steps": 2000, "lr": 1e-4}, "slm": {"steps": 2000, "lr": 1e-4}},
-    # the paper's own runs (Sec. 3): OpenWebMath web, 15B tokens in steps of ~1M (512 x 2048, 256 x 4096); the
-    # reference model 3 epochs of a 0.5B-token math hq corpus. FSDP2 under torchrun; warmup and micro-batches are ours
+PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags win); {mode: value}: one per mode
+    # the demo: the reference model past its accuracy transition; continual pretraining 3x its tokens (the paper: 10x)
+    "demo": {"eval_every": 200, "steps": {"ref": 2000, "clm": 6000, "slm": 6000}},
+    # the paper's setting at small scale: GPT-2 124M; the reference model 315M tokens (3 epochs of ~100M hq), CPT 1.05B
+    "gpt2-owm": {"init_from": "hf:gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100,
+                 "eval_every": 250, "eval_problems": 200, "compile": True, "k": 0.6,
+                 "steps": {"ref": 600, "clm": 2000, "slm": 2000}, "lr": {"ref": 1e-4, "clm": 1e-4, "slm": 1e-4}},
+    # the paper's own runs (Sec. 3): 15B web tokens in steps of ~1M, the reference model 3 epochs of 0.5B hq tokens
     "tinyllama-owm": {"init_from": "hf:TinyLlama/TinyLlama_v1.1", "block_size": 2048, "batch_size": 512, "k": 0.6,
                       "micro_batch": 8, "warmup": 200, "eval_every": 500, "fsdp": True,
-                      "ref": {"steps": 1431, "lr": 5e-5}, "clm": {"steps": 14305, "lr": 8e-5},
-                      "slm": {"steps": 14305, "lr": 8e-5}},
+                      "steps": {"ref": 1431, "clm": 14305, "slm": 14305},
+                      "lr": {"ref": 5e-5, "clm": 8e-5, "slm": 8e-5}},
     "mistral-owm": {"init_from": "hf:mistralai/Mistral-7B-v0.1", "block_size": 4096, "batch_size": 256, "k": 0.7,
                     "micro_batch": 2, "warmup": 200, "eval_every": 500, "fsdp": True,
-                    "ref": {"steps": 1431, "lr": 1e-5}, "clm": {"steps": 14305, "lr": 2e-5},
-                    "slm": {"steps": 14305, "lr": 2e-5}},
-}
+                    "steps": {"ref": 1431, "clm": 14305, "slm": 14305}, "lr": {"ref": 1e-5, "clm": 2e-5, "slm": 2e-5}}}
 
 # -----------------------------------------------------------------------------
-# model: GPT-2 (nanoGPT), causal SDPA attention, tied embeddings
+# model: GPT-2 (nanoGPT), causal SDPA attention, tied embeddings; or a transformers causal LM (HF)
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_attn, self.c_proj = nn.Linear(cfg.n_embd, 3 * cfg.n_embd), nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x, mask=None, cache=None):
+    def qkv(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # generation: keys and values of earlier positions
-            if cache:
-                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-            cache[:] = [k, v]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(x.shape))
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.c_fc, self.c_proj = nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -172,8 +129,17 @@ class Block(nn.Module):
         self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
         self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def decode(self, x, mask, cache):  # forward, in GPT.decode: the keys and values of earlier positions in cache
+        q, k, v = self.attn.qkv(self.ln_1(x))
+        if cache:
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        cache[:] = [k, v]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.attn.c_proj(y.transpose(1, 2).contiguous().view(x.shape))
         return x + self.mlp(self.ln_2(x))
 
 class GPT(nn.Module):
@@ -196,40 +162,22 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             torch.nn.init.zeros_(m.bias)
 
-    def forward(self, idx, pad=None, caches=None):
-        """Hidden states after ln_f, (B, T, C): the loss applies the head. Generation: pad, caches (see generate)."""
-        B, T = idx.shape
-        past = caches[0][0].shape[2] if caches and caches[0] else 0
-        pos = torch.arange(past, past + T, device=idx.device)
-        mask = None
-        if pad is not None:  # causal, and no attention to a row's padding
-            keys = torch.arange(past + T, device=idx.device)
-            mask = (keys[None, None, :] <= pos[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
-            mask, pos = mask[:, None], (pos[None, :] - pad[:, None]).clamp(min=0)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, caches[i] if caches is not None else None)
+    def forward(self, idx):
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)  # (B, T, C) hidden states: the loss applies the head (the fused head)
+
+    def decode(self, idx, pad, caches):  # generation's forward (generate); a module method, as FSDP needs (wrap)
+        T, past = idx.shape[1], caches[0][0].shape[2] if caches[0] else 0  # idx: new tokens; rows left-padded by pad
+        keys = torch.arange(past + T, device=idx.device)  # every position so far; causal, the padding masked:
+        mask = ((keys[None, None] <= keys[-T:, None]) & (keys[None, None] >= pad[:, None, None]))[:, None]
+        x = self.transformer.wte(idx) + self.transformer.wpe((keys[None, -T:] - pad[:, None]).clamp(min=0))
+        for block, cache in zip(self.transformer.h, caches):
+            x = block.decode(x, mask, cache)
         return self.transformer.ln_f(x)
 
-def gpt_with_context(shape, sd, block_size, source):
-    """A GPT of this shape with the weights sd, its context cropped to block_size (nanoGPT's crop_block_size: the
-    first block_size position embeddings), strict: every weight mapped."""
-    T = block_size or shape.block_size
-    if T > shape.block_size:
-        die(f"--block_size {T}: {source} has {shape.block_size} positions; pass --block_size {shape.block_size} or "
-            "less")
-    model = GPT(GPTConfig(**{**asdict(shape), "block_size": T}))
-    model.load_state_dict({**sd, "transformer.wpe.weight": sd["transformer.wpe.weight"][:T]})
-    return model
-
-def is_hf(init_from):
-    """--init_from names a transformers causal LM: hf:NAME on the hub, or a directory saved with save_pretrained."""
-    return init_from.startswith("hf:") or os.path.isfile(os.path.join(init_from, "config.json"))
-
-class HF(nn.Module):
-    """A transformers causal LM in our GPT's place: its body gives the final hidden states (B, T, C), its head weight
-    goes to rho's fused head. Built without dropout (our GPT has none). config: its shape, as a GPTConfig."""
-
+class HF(nn.Module):  # a transformers causal LM as our GPT: hidden states, head weight to the fused head
     def __init__(self, hf, block_size, source):
         super().__init__()
         c, self.hf = hf.config, hf
@@ -249,21 +197,18 @@ class HF(nn.Module):
     def lm_head(self):  # the model's own head, tied or not (a property: not a second copy in the state_dict)
         return self.hf.get_output_embeddings()
 
-    def forward(self, idx, pad=None, caches=None):
-        """Hidden states (B, T, C) as GPT.forward; for generation, pad and caches (caches[0]: transformers' cache)."""
-        if caches is None:
-            return self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state
-        past = caches[0][0] if caches[0] else None
-        keys = torch.arange((past.get_seq_length() if past else 0) + idx.shape[1], device=idx.device)
-        pos = (keys[None, -idx.shape[1]:] - pad[:, None]).clamp(min=0)
-        out = self.hf.base_model(input_ids=idx, attention_mask=(keys[None] >= pad[:, None]).long(), position_ids=pos,
-                                 past_key_values=past, use_cache=True)
+    def forward(self, idx):
+        return self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state  # (B, T, C), as GPT.forward
+
+    def decode(self, idx, pad, caches):  # as GPT.decode, with transformers' own cache in caches[0]
+        past, T = caches[0][0] if caches[0] else None, idx.shape[1]
+        keys = torch.arange((past.get_seq_length() if past else 0) + T, device=idx.device)
+        out = self.hf.base_model(input_ids=idx, attention_mask=(keys[None] >= pad[:, None]).long(), use_cache=True,
+                                 position_ids=(keys[None, -T:] - pad[:, None]).clamp(min=0), past_key_values=past)
         caches[0][:] = [out.past_key_values]
         return out.last_hidden_state
 
-def load_hf(source, block_size=None, config=None):
-    """HF of a hub name (hf:NAME, through the Hugging Face cache) or a save_pretrained directory; with config (a JSON
-    string, from a rho checkpoint), the model of that config with random weights."""
+def load_hf(source, block_size=None, config=None):  # from hf:NAME or a directory; with config (JSON), random weights
     try:
         import transformers  # lazily: only these runs need transformers
     except ImportError:
@@ -288,26 +233,14 @@ def load_hf(source, block_size=None, config=None):
     return HF(hf.float(), block_size, source)
 
 # -----------------------------------------------------------------------------
-# processes: one, or one per GPU under torchrun (DDP); each process holds a contiguous share of every step
+# processes: one, or one per GPU under torchrun (DDP, FSDP2); each process holds a contiguous share of every step
 
-RANK, WORLD, LOCAL = 0, 1, 0  # this process, the number of processes, its GPU: set once, by init_processes
+# torchrun starts each process with RANK, WORLD_SIZE and LOCAL_RANK set: read once, here, as nanoGPT does
+RANK, WORLD, LOCAL = (int(os.environ.get(key, v)) for key, v in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
-def init_processes(cfg):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (nccl on GPUs, gloo on CPUs)."""
-    global RANK, WORLD, LOCAL
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or cfg.fsdp:  # FSDP on one process too: a resume on fewer
-        RANK, WORLD, LOCAL = (int(os.environ.get(key, 0)) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{LOCAL}"
-            torch.cuda.set_device(cfg.device)
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-
-def wrap(model, cfg):
-    """--act_ckpt: each block's activations recomputed in the backward. --fsdp (FSDP2): each block's parameters, and at
-    the root the rest (embeddings, head, final norm), sharded across processes and all-gathered for each forward and
-    backward; on CUDA bf16 parameters, gradients reduced in fp32. Before the optimizer: its parameters change."""
+def wrap(model, cfg):  # --act_ckpt: recompute each block in the backward; --fsdp: shard each block, then the rest
     from torch.distributed._composable import checkpoint
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     cuda = cfg.device.startswith("cuda")
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cuda else MixedPrecisionPolicy()
     for block in next(m for m in model.modules() if isinstance(m, nn.ModuleList)) if cfg.act_ckpt or cfg.fsdp else ():
@@ -315,28 +248,27 @@ def wrap(model, cfg):
             checkpoint(block)
         if cfg.fsdp:
             fully_shard(block, mp_policy=mp)
-    # the root keeps its parameters gathered after the forward: the fused head reads the whole head weight after the
-    # model's forward, not inside it (it would otherwise get this process's shard of it, a DTensor)
-    return fully_shard(model, mp_policy=mp, reshard_after_forward=False) if cfg.fsdp else model
+            if isinstance(block, Block):  # generation's forward (GPT.decode) gathers weights as forward does
+                register_fsdp_forward_method(block, "decode")
+    if cfg.fsdp:  # the root's parameters stay gathered after the forward: the fused head, after it, reads its weight
+        register_fsdp_forward_method(fully_shard(model, mp_policy=mp, reshard_after_forward=False), "decode")
+    return model
 
-def full_states(model, opt, cfg):
-    """(the model's, the optimizer's state_dict), whole: under FSDP gathered from every process (all must call it)."""
+def full_states(model, opt, cfg):  # whole state_dicts: under FSDP gathered from every process (all must call it)
     if not cfg.fsdp:
         return model.state_dict(), opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, opt, options=whole)
 
-def load_states(model, opt, ckpt, cfg):
-    """full_states back into a model and optimizer, on any number of processes (FSDP shards them as it loads)."""
+def load_states(model, opt, ckpt, cfg):  # full_states back, on any number of processes (FSDP shards them as it loads)
     if not cfg.fsdp:
         return model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
     set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
 
-def gather_rows(t):
-    """Every process's rows of t, concatenated in rank order: the whole step's rows."""
+def gather_rows(t):  # every process's rows of t in rank order: the whole step's rows
     if WORLD == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(WORLD)]
@@ -348,8 +280,7 @@ def sum_ranks(t):
         dist.all_reduce(t)
     return t
 
-def autocast(cfg):
-    """bfloat16 autocast for the model's forward (the default on CUDA); plain float32 otherwise."""
+def autocast(cfg):  # bfloat16 for the model's forward (the default on CUDA), or none
     return torch.autocast(torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 # -----------------------------------------------------------------------------
@@ -363,8 +294,7 @@ def load_meta(data):
         demo = os.path.normpath(data) == os.path.normpath("data/demo")
         die(f"{data}: data not prepared (no meta.json): run `python prepare.py"
             + ("`" if demo else f" --hq FILE --web FILE --out {data}`"))
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = Path(path).read_bytes()
     try:
         meta = json.loads(raw)
     except ValueError as e:  # a cut or hand-edited file (UnicodeDecodeError is a ValueError too)
@@ -375,17 +305,14 @@ def load_meta(data):
     return {**meta, "sha256": hashlib.sha256(raw).hexdigest()}  # the data's fingerprint: it covers every file's sha256
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(Path(path).read_text())
 
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2).encode())
 
 HASH_MAX = 1 << 28  # token files up to 256 MiB are hashed at every start (0.2 s each here); larger ones by size alone
 
-def memmap(data, name, meta, dtype):
-    """A token file, checked against what prepare.py recorded in meta.json: its size always (a cut file is caught),
-    its sha256 where that is cheap (a changed file of the same size is caught up to HASH_MAX)."""
+def memmap(data, name, meta, dtype):  # checked against meta.json: its size, and its sha256 up to HASH_MAX bytes
     path = os.path.join(data, name)
     if not os.path.isfile(path):
         die(f"{path}: missing; re-run prepare.py for {data}")
@@ -401,60 +328,52 @@ def memmap(data, name, meta, dtype):
         die(f"{path}: its content is not what prepare.py wrote (sha256 differs): run prepare.py again")
     return np.memmap(path, dtype=dtype, mode="r")
 
-class Windows:
-    """Windows of one token file, with arrays aligned with its tokens (extras: reference scores, noise labels). Batch
-    order is a function of (seed, step) alone: CLM, SLM and the control see the same batches; a resume continues."""
+REF_LOSS, REF_ENTROPY = 0, 1  # the two columns of reference scores (..., 2): L_RM(x_i) and H_RM(x_i)
 
-    def __init__(self, tokens, T, extras=(), name="tokens"):
-        self.tokens, self.T, self.extras, self.name = tokens, T, extras, name
+class Batch(NamedTuple):
+    x: torch.Tensor  # (B, T) inputs
+    y: torch.Tensor  # (B, T) targets: x shifted by one
+    ref: torch.Tensor  # (B, T, 2) the targets' reference scores, fp32 (zeros where a run reads none)
+    labels: torch.Tensor | None  # (B, T) the demo's noise labels of the targets, for audits (the loss reads none)
+
+class Windows:  # a token file's windows; batch order is a function of (seed, step) alone: the same for every run
+    def __init__(self, tokens, T, ref=None, labels=None, name="tokens"):
+        self.tokens, self.T, self.ref, self.labels, self.name = tokens, T, ref, labels, name
         self.n = (len(tokens) - 1) // T
         if self.n < 1:
             die(f"{name}: {len(tokens)} tokens, fewer than one window of {T + 1}: use a smaller --block_size")
 
     def get(self, ws, device):
-        """(x, y, *extras) of windows ws: inputs and targets (B, T), and the extras aligned with the targets."""
-        x = torch.from_numpy(np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in ws]).astype(np.int64))
-        ex = [torch.from_numpy(np.stack([a[w * self.T + 1: w * self.T + self.T + 1] for w in ws]).astype(
-              np.float32 if a.dtype == np.float16 else a.dtype)).to(device) for a in self.extras]  # float16 scores
+        x = torch.from_numpy(np.stack([self.tokens[w * self.T:(w + 1) * self.T + 1] for w in ws]).astype(np.int64))
+        targets = lambda a, dtype: torch.from_numpy(np.stack([a[w * self.T + 1:(w + 1) * self.T + 1] for w in ws])
+                                                    .astype(dtype)).to(device)  # aligned with the targets
+        ref = torch.zeros(len(ws), self.T, 2, device=device) if self.ref is None else targets(self.ref, np.float32)
+        labels = None if self.labels is None else targets(self.labels, self.labels.dtype)
         x = x.to(device)
-        return (x[:, :-1], x[:, 1:], *ex)
+        return Batch(x[:, :-1], x[:, 1:], ref, labels)
 
-    def step_windows(self, step, B, seed, hi=None):
-        """The B windows of a step, of the first hi: each once per epoch, in an order drawn from (seed, epoch)."""
-        hi = self.n if hi is None else hi
+    def step_windows(self, step, B, seed, hi):  # each once per epoch, in an order drawn from (seed, epoch)
         if hi // B < 1:
             die(f"{self.name}: {hi} training windows of {self.T + 1} tokens, fewer than one batch: lower --batch_size")
         epoch, i = divmod(step, hi // B)
         return np.random.default_rng([seed, epoch]).permutation(hi)[i * B:(i + 1) * B]
 
-    def micro_batches(self, step, B, seed, device, hi, micro):
-        """This process's share of a step (the RANK-th contiguous one) in micro-batches of `micro` sequences."""
+    def micro_batches(self, step, B, seed, device, hi, micro):  # this process's share (the RANK-th), in micro-batches
         share = B // WORLD
         ws = self.step_windows(step, B, seed, hi)[RANK * share:(RANK + 1) * share]
         return [self.get(ws[i:i + micro], device) for i in range(0, share, micro)]
 
-def windows(data, name, meta, T, extras=()):
-    return Windows(memmap(data, name, meta, meta["dtype"]), T, extras, os.path.join(data, name))
+def windows(data, name, meta, T, ref=None, labels=None):
+    return Windows(memmap(data, name, meta, meta["dtype"]), T, ref, labels, os.path.join(data, name))
 
-def web_split(n_windows, T):
-    """The last 5% of web windows (at most 32, or 8,192 tokens of short windows) are web validation; continual
-    pretraining trains on the rest."""
+def web_split(n_windows, T):  # windows before it train; the rest (5%, at most 32 or 8,192 tokens) is web val
     return n_windows - min(max(32, 8192 // T), max(1, n_windows // 20))
 
-def no_ref(n):
-    """Zeros in place of the reference scores of n tokens, for runs that read none: a view, no memory."""
-    return np.broadcast_to(np.float32(0), (n, 2))
+def web_windows(cfg, meta, T, ref=None):  # with the reference scores (ref), and on the demo the noise labels
+    labels = memmap(cfg.data, "web_labels.bin", meta, np.uint8) if "labels" in meta else None
+    return windows(cfg.data, "web.bin", meta, T, ref, labels)
 
-def web_windows(cfg, meta, T, ref=None):
-    """The web's windows with their extras: reference scores (zeros where a run reads none) and, on the demo, the
-    noise labels (for auditing the selection; the loss never reads them)."""
-    labels = (memmap(cfg.data, "web_labels.bin", meta, np.uint8),) if "labels" in meta else ()
-    return windows(cfg.data, "web.bin", meta, T, (no_ref(meta["tokens"]["web"]) if ref is None else ref, *labels))
-
-def load_ref_scores(cfg, meta, T):
-    """The reference scores of --ref_run (<out>/<run>/ref_scores.bin, (web tokens, 2) of --score_dtype: L_RM, H_RM),
-    checked to belong to this data and to this run's windows (the same context for both models), and the
-    fingerprint of the reference model that computed them."""
+def load_ref_scores(cfg, meta, T):  # (--ref_run's scores, checked against the data and T; the reference model's sha256)
     path, n_web = os.path.join(cfg.out, cfg.ref_run, "ref_scores.bin"), meta["tokens"]["web"]
     redo = f"re-run `python rho.py --score --name {cfg.ref_run} --data {cfg.data}`"
     if not os.path.isfile(path) and os.path.isfile(path + ".partial"):
@@ -478,64 +397,49 @@ def load_ref_scores(cfg, meta, T):
 
 # -----------------------------------------------------------------------------
 # the SLM loss (Rho-1, Sec. 2.2):  L_SLM = -1/(N*k) * sum_i I_k(x_i) * log P_theta(x_i | x_<i)
-# ref: (B, T, 2), each target's reference loss L_RM (ref[..., 0]) and the reference model's entropy H_RM (ref[..., 1])
 
-def token_loss(logits, targets):
-    """Per-token loss -log P(x_i | x_<i) in fp32, (B, T); 0 where the target is ignored."""
+def token_loss(logits, targets):  # -log P(x_i | x_<i) in fp32, (B, T); 0 where the target is ignored
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                            reduction="none").view(targets.shape)
 
-def excess_loss(train_loss, ref_loss):
-    """L_delta(x_i) = L_theta(x_i) - L_RM(x_i), on detached losses: selection takes no gradient."""
+def excess_loss(train_loss, ref_loss):  # L_delta(x_i) = L_theta(x_i) - L_RM(x_i), detached: selection takes no gradient
     return train_loss.detach() - ref_loss
 
-def n_select(k, n):
-    """ceil(k * n) of a count, or of a tensor of counts (per row, with no sync), at least 1 of a count of 1 or more;
-    rounded to 6 decimals first, so that k*n = 6.000000000000001 gives 6."""
+def n_select(k, n):  # ceil(k * n), at least 1 where n >= 1; n a count or a tensor of counts (per row, no sync)
     n = torch.as_tensor(n, dtype=torch.float64)
+    # rounded to 6 decimals before the ceil: 0.07 * 100 is 7.000000000000001 in floats, and its ceil 8
     return torch.maximum(torch.ceil(torch.round(k * n * 1e6) / 1e6), (n > 0).double())
 
 def rank_of(score, valid, scope):
-    """Each token's place in its group (scope batch: the whole step; sequence: its row) when the group's valid
-    tokens are sorted by score, highest first; ties: the lower index first, so runs are deterministic."""
+    """Each token's place (0: the highest score) among the valid tokens of its group: the step (scope batch) or its
+    row (sequence). Not topk: under scope sequence each row has its own count, and topk leaves the order of ties
+    unspecified; a stable sort puts the lower index first, so runs are deterministic."""
     shape = score.shape
     if scope == "batch":
         score, valid = score.reshape(1, -1), valid.reshape(1, -1)
-    key = torch.where(valid & ~score.isnan(), score.clamp(min=-3e38), float("-inf"))  # below every valid score
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
-    return rank.reshape(shape)
+    # invalid and NaN tokens last: -inf, below every valid score (a valid -inf is clamped to -3e38, so it stays above)
+    key = torch.where(valid & ~score.isnan(), score.clamp(min=-3e38), float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # the tokens, best first
+    return order.argsort(-1).reshape(shape)  # its inverse: each token's place
 
-def select_topk(score, valid, k, scope="batch"):
-    """I_k: the top ceil(k * n_valid) valid tokens by score, over the whole step (scope batch) or within each
-    sequence. Ignored targets and NaN scores are never selected."""
+def select_topk(score, valid, k, scope="batch"):  # I_k: the top ceil(k * n_valid) valid tokens by score; never NaN
     valid = valid & ~score.isnan()
     n = valid.sum() if scope == "batch" else valid.sum(-1, keepdim=True)
     return (rank_of(score, valid, scope) < n_select(k, n)) & valid
 
-SELECT = ("excess", "random", "ref", "entropy", "ref_entropy", "train", "sample")
-
 def token_score(select, loss, ref, valid, scope, gen):
-    """What I_k ranks by, highest first, for each --select:
-      excess       L_theta - L_RM: the excess loss (the paper, default)
-      random       uniform noise from gen: the control (the same k, no information)
-      ref          lowest L_RM (the paper's reference-loss-only variant, Table 3)
-      entropy      lowest H_RM, the reference model's entropy (App. H)
-      ref_entropy  low L_RM and low H_RM (App. H's intersection): the lowest-L_RM and the lowest-H_RM lists,
-                   grown until k of the tokens are in both; a token's score is the worse of its two places
-      train        highest L_theta (no reference model)
-      sample       RHO-LOSS: whole sequences by their mean excess loss (select_tokens)"""
+    """What I_k ranks by, highest first: excess L_theta - L_RM (the paper); random (the control); ref, lowest L_RM
+    (Table 3); entropy, lowest H_RM (App. H); ref_entropy, the worse of a token's places by L_RM and by H_RM (App. H's
+    intersection); train, highest L_theta; sample (RHO-LOSS: whole sequences, in select_tokens)."""
     if select == "excess":
-        return excess_loss(loss, ref[..., 0])
+        return excess_loss(loss, ref[..., REF_LOSS])
     if select == "random":
         return torch.rand(loss.shape, generator=gen).to(loss.device)
     if select == "ref_entropy":
-        worse = torch.maximum(rank_of(-ref[..., 0], valid, scope), rank_of(-ref[..., 1], valid, scope))
+        worse = torch.maximum(rank_of(-ref[..., REF_LOSS], valid, scope), rank_of(-ref[..., REF_ENTROPY], valid, scope))
         return (-worse.float()).masked_fill(ref.isnan().any(-1), float("nan"))
-    if select == "ref":
-        return -ref[..., 0]
-    if select == "entropy":
-        return -ref[..., 1]
+    if select in ("ref", "entropy"):
+        return -ref[..., REF_LOSS if select == "ref" else REF_ENTROPY]
     return loss.detach()  # train
 
 def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=None):
@@ -544,7 +448,7 @@ def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=Non
     if k >= 1:
         return valid
     if select == "sample":  # whole sequences of the step, ranked by their mean excess loss
-        seq = (excess_loss(loss, ref[..., 0]) * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # (B,)
+        seq = (excess_loss(loss, ref[..., REF_LOSS]) * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # (B,)
         return select_topk(seq[None], valid.any(-1)[None], k)[0][:, None] & valid
     return select_topk(token_score(select, loss, ref, valid, scope, gen), valid, k, scope)
 
@@ -554,14 +458,10 @@ def slm_loss(logits, targets, ref, k, scope="batch", select="excess", gen=None):
     sel = select_tokens(loss, targets, ref, k, scope, select, gen)  # I_k(x_i)
     return (loss * sel).sum() / sel.sum(), loss.detach(), sel  # -1/(N*k) sum_i: over the selected tokens only
 
-def select_step(loss, targets, ref, cfg, gen=None):
-    """I_k over the whole optimizer step, however it is split across processes and micro-batches: (this process's
-    I_k, the number of tokens selected in the step), the same for any split."""
-    rows = len(targets)
-    # the one place where processes exchange token losses: each gathers the whole step's (loss, target, L_RM and
-    # H_RM: 20 bytes a token), runs the same selection on it and keeps its own rows
+def select_step(loss, targets, ref, cfg, gen=None):  # I_k over the whole step, for any split: (this process's rows, n)
+    # the one all-gather of token losses: each process selects on the whole step's (20 bytes a token), keeps its rows
     sel = select_tokens(gather_rows(loss), gather_rows(targets), gather_rows(ref), cfg.k, cfg.scope, cfg.select, gen)
-    return sel[RANK * rows:(RANK + 1) * rows], int(sel.sum())
+    return sel[RANK * len(targets):(RANK + 1) * len(targets)], int(sel.sum())
 
 # -----------------------------------------------------------------------------
 # the fused head: the loss from hidden states h (N, C) and the head weight w (V, C), never holding N x V logits
@@ -569,69 +469,61 @@ def select_step(loss, targets, ref, cfg, gen=None):
 #     the gradients G = (softmax - onehot) / n, dH = G W, dW += G^T H: 6 N d V FLOPs, no recompute
 #   SLM: a no-grad pass gives every token's loss and lse (2 N d V FLOPs), I_k is chosen from those losses outside
 #     (select_step), and the backward recomputes the logits of the selected rows only: (2 + 6k) N d V FLOPs in all
-# Chunks come from a memory budget: thousands of rows on a GPU (few, large GEMMs; few launches). Logits are fp32, in
-# one buffer whose row stride is padded to 64 floats (aligned rows; V itself stays, e.g. 50257); dW accumulates in
-# place in fp32. The per-row softmax math runs as a Triton kernel on CUDA and as the PyTorch code below elsewhere.
+# A chunk of fp32 logits has three modes (Triton on CUDA, else PyTorch): loss (loss, lse, entropy), loss_grad (CLM),
+# grad (SLM's backward); a gradient goes into g, the GEMMs' buffer: for an fp32 head the logits', so in place.
 
-def sub_onehot_(g, y, row_scale):
-    """g[i, y_i] -= row_scale_i on the rows whose target is not ignored."""
+def sub_onehot_(g, y, row_scale):  # g[i, y_i] -= row_scale_i where y_i is not ignored
     valid = y != IGNORE
     g[torch.arange(len(y), device=g.device)[valid], y[valid]] -= row_scale[valid].to(g.dtype)
 
-def chunk_loss_torch(x, y, scale=None, g=None, entropy=False):
-    """Per row of an fp32 (c, V) chunk of logits, overwriting it: (lse, loss, the softmax's entropy or None), fp32; the
-    loss is 0 where the target is ignored. With a scale (CLM), also writes (softmax - onehot) * scale into g (or x)."""
+def chunk_loss_torch(x, y, entropy=False):
+    """(loss, lse, entropy or None) per row, fp32, loss 0 where y is ignored; without entropy x ends exp(x - max)."""
     x_y = x.gather(1, y.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read column 0, then get loss 0
     m = x.amax(1, keepdim=True)
     z = x.sub_(m)  # logits - max, in place
     e = z.exp() if entropy else z.exp_()  # exp(logits - max): in place, unless the entropy still needs z
     s = e.sum(1)
     lse = m.squeeze(1) + s.log()
-    loss = torch.where(y == IGNORE, 0.0, lse - x_y)
     ent = (e * (s.log()[:, None] - z)).sum(1) / s if entropy else None  # H = sum_j p_j (lse - x_j): terms >= 0
-    if scale is not None:
-        row_scale = (y != IGNORE) * scale
-        torch.mul(e, (row_scale / s)[:, None], out=x)  # softmax * scale into x: one exp for the loss and the gradient
-        sub_onehot_(x, y, row_scale)
-        if g is not None and g.data_ptr() != x.data_ptr():
-            g.copy_(x)
-    return lse, loss, ent
+    return torch.where(y == IGNORE, 0.0, lse - x_y), lse, ent
 
-def chunk_grad_torch(x, y, lse, scale, g=None):
-    """Writes (softmax - onehot) * scale of an fp32 chunk of logits, given its lse, into g (default: x, in place)."""
+def chunk_loss_grad_torch(x, y, scale, g):  # CLM: each row's loss, and from its exp (softmax - onehot) * scale into g
+    loss, _, _ = chunk_loss_torch(x, y)  # x: exp(x - max)
+    row_scale = (y != IGNORE) * scale
+    torch.mul(x, (row_scale / x.sum(1))[:, None], out=x)  # softmax * scale
+    sub_onehot_(x, y, row_scale)
+    g.copy_(x)  # free where g is x: copy_ returns at once for a tensor onto its own memory
+    return loss
+
+def chunk_grad_torch(x, y, lse, scale, g):  # SLM's backward: (softmax - onehot) * scale into g, given lse
     row_scale = (y != IGNORE) * scale
     x.sub_(lse[:, None]).exp_().mul_(row_scale[:, None])
     sub_onehot_(x, y, row_scale)
-    return x if g is None or g.data_ptr() == x.data_ptr() else g.copy_(x)
+    g.copy_(x)
 
 try:
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
-
 if triton is not None:
-
     @triton.jit
-    def _chunk_kernel(x_ptr, g_ptr, y_ptr, lse_ptr, loss_ptr, ent_ptr, scale_ptr, stride_x, stride_g, V,
+    def _chunk_kernel(x_ptr, g_ptr, y_ptr, loss_ptr, lse_ptr, ent_ptr, scale_ptr, stride_x, stride_g, V,
                       BLOCK_V: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, ENTROPY: tl.constexpr):
-        """One row of a chunk of logits: with LOSS its lse and loss (and with ENTROPY the softmax's entropy), else its
-        lse is read; with GRAD, (softmax - onehot) * scale into g's row, in g's dtype (bf16 for the GEMMs)."""
+        """One row of a chunk: LOSS (loss, lse), ENTROPY, GRAD ((softmax - onehot) * scale into g, in g's dtype)."""
         row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2**31
         x_row, y = x_ptr + row * stride_x, tl.load(y_ptr + row)
         if LOSS:
-            m = tl.full([], float("-inf"), tl.float32)  # online log-sum-exp: running max m and sum s of exp(x - m)
-            s = tl.full([], 0.0, tl.float32)
+            m, s = tl.full([], float("-inf"), tl.float32), tl.full([], 0.0, tl.float32)  # online log-sum-exp
             for start in range(0, V, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(x, axis=0))  # finite: every block has at least one real column
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # rescale the old sum to the new max
-                m = m_new
+                m, s = m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # the old sum rescaled
             lse = m + tl.log(s)
             x_y = tl.load(x_row + tl.maximum(y, 0)).to(tl.float32)  # ignored rows read column 0, then drop it
-            tl.store(lse_ptr + row, lse)
             tl.store(loss_ptr + row, tl.where(y == -1, 0.0, lse - x_y))
+            tl.store(lse_ptr + row, lse)
         else:  # the SLM backward: lse from the forward
             lse = tl.load(lse_ptr + row)
         if ENTROPY:  # scoring: a second pass, H = sum_j p_j (lse - x_j), every term >= 0
@@ -649,51 +541,46 @@ if triton is not None:
                 g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)  # softmax - onehot
                 tl.store(g_row + cols, tl.where(y == -1, 0.0, g * scale).to(g_row.dtype.element_ty), mask=cols < V)
 
-def chunk_loss_triton(x, y, scale=None, g=None, entropy=False, block_v=None, lse=None):
-    """chunk_loss_torch as one launch of _chunk_kernel (a program per row), reading x without overwriting it; given
-    the lse, chunk_grad_torch (then the loss and entropy it returns are not computed)."""
-    assert x.stride(1) == 1 and (g is None or g.stride(1) == 1), "logits and gradient rows must be contiguous"
+def launch_chunk_kernel(x, y, g, lse, scale, block_v, loss, grad, entropy):
+    """One launch of _chunk_kernel, a program per row, x read only: fp32 (loss, lse, entropy or None), as the flags
+    LOSS, GRAD and ENTROPY ask (block_v: the tests' small blocks)."""
+    assert x.stride(1) == 1 and g.stride(1) == 1, "logits and gradient rows must be contiguous"
     block = block_v or min(4096, triton.next_power_of_2(x.shape[1]))
-    out = torch.empty(3, len(x), dtype=torch.float32, device=x.device)  # lse, loss, entropy
-    scale_t = torch.as_tensor(0.0 if scale is None else scale, dtype=torch.float32, device=x.device).reshape(1)
-    loss = lse is None  # else the SLM backward: the lse is the forward's
-    g, lse = x if g is None else g, out[0] if loss else lse
-    _chunk_kernel[(len(x),)](x, g, y, lse, out[1], out[2], scale_t, x.stride(0), g.stride(0), x.shape[1],
-                             BLOCK_V=block, LOSS=loss, GRAD=scale is not None, ENTROPY=entropy,
+    out = torch.empty(3, len(x), dtype=torch.float32, device=x.device)
+    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(1)
+    _chunk_kernel[(len(x),)](x, g, y, out[0], out[1] if lse is None else lse, out[2], scale_t, x.stride(0),
+                             g.stride(0), x.shape[1], BLOCK_V=block, LOSS=loss, GRAD=grad, ENTROPY=entropy,
                              num_warps=8 if block >= 2048 else 4)
-    return lse, out[1], (out[2] if entropy else None)
+    return out[0], out[1], out[2] if entropy else None
 
-def chunk_grad_triton(x, y, lse, scale, g=None, block_v=None):
-    """chunk_grad_torch as one Triton launch."""
-    chunk_loss_triton(x, y, scale, g, block_v=block_v, lse=lse)
-    return x if g is None else g
+class ChunkOps(NamedTuple):  # one backend's per-chunk math, a function per mode
+    loss: Callable  # (x, y, entropy) -> (loss, lse, entropy or None)
+    loss_grad: Callable  # (x, y, scale, g) -> loss; the gradient into g
+    grad: Callable  # (x, y, lse, scale, g); the gradient into g
+
+TORCH_OPS = ChunkOps(chunk_loss_torch, chunk_loss_grad_torch, chunk_grad_torch)
+TRITON_OPS = ChunkOps(  # each mode one launch_chunk_kernel: (g, lse, scale, block_v, LOSS, GRAD, ENTROPY)
+    lambda x, y, entropy=False, block_v=None: launch_chunk_kernel(x, y, x, None, 0.0, block_v, True, False, entropy),
+    lambda x, y, scale, g, block_v=None: launch_chunk_kernel(x, y, g, None, scale, block_v, True, True, False)[0],
+    lambda x, y, lse, scale, g, block_v=None: launch_chunk_kernel(x, y, g, lse, scale, block_v, False, True, False))
 
 def chunk_ops(device):
-    """The per-chunk (loss, grad) pair for a device: Triton on CUDA when it is installed, else PyTorch."""
-    if device.type == "cuda" and triton is not None:
-        return chunk_loss_triton, chunk_grad_triton
-    return chunk_loss_torch, chunk_grad_torch
+    return TRITON_OPS if device.type == "cuda" and triton is not None else TORCH_OPS
 
-def chunk_rows(V, device):
-    """Rows per chunk, a multiple of 64, from a budget of fp32 logits: 32 MB on a CPU (cache-sized), 512 MB on a GPU
-    (at GPT-2's V, 2,624 rows: a 32 x 1024 micro-batch is 13 chunks)."""
+def chunk_rows(V, device):  # rows per chunk, a multiple of 64: 32 MB of fp32 logits on a CPU, 512 MB on a GPU
     return max(64, (2**27 if device.type == "cuda" else 2**23) // (-(-V // 64) * 64) // 64 * 64)
 
-def buffers(n_rows, V, device, dtype):
-    """The head's work space, reused chunk after chunk: rows per chunk, and (rows, V) views of buffers whose rows
-    start at aligned addresses (the row stride rounded up to 64): fp32 logits, and the gradient in the GEMMs' dtype."""
+def buffers(n_rows, V, device, dtype):  # (rows per chunk, fp32 logits, the gradient in the GEMMs' dtype): aligned rows
     rows, pad = chunk_rows(V, device), -(-V // 64) * 64
     x = torch.empty(max(1, min(rows, n_rows)), pad, device=device)[:, :V]
     return rows, x, x if dtype == torch.float32 else torch.empty(len(x), pad, dtype=dtype, device=device)[:, :V]
 
-def mm_fp32(a, b, out):
-    """out = a @ b in fp32: bf16 operands on CUDA accumulate and store in fp32 (no bf16 rounding of the logits)."""
+def mm_fp32(a, b, out):  # out = a @ b in fp32: bf16 operands on CUDA accumulate and store in fp32
     if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     return torch.mm(a, b, out=out) if a.dtype == torch.float32 else out.copy_(a @ b)
 
-def addmm_fp32_(dw, a, b):
-    """dw += a @ b, accumulated in dw's fp32, in place."""
+def addmm_fp32_(dw, a, b):  # dw += a @ b, accumulated in dw's fp32
     if a.is_cuda and a.dtype != torch.float32:
         try:
             return torch.addmm(dw, a, b, out_dtype=torch.float32, out=dw)  # bf16 operands, fp32 sum, no temporary
@@ -701,59 +588,57 @@ def addmm_fp32_(dw, a, b):
             return dw.add_(torch.mm(a, b, out_dtype=torch.float32))
     return dw.addmm_(a, b) if a.dtype == torch.float32 else dw.add_(a @ b)
 
-def head_dtype(h):
-    """The head's GEMM dtype: autocast's (bfloat16; the head runs outside autocast, accumulating in fp32), else h's."""
+def head_dtype(h):  # autocast's (bf16: the head runs outside autocast, accumulating in fp32), else h's
     return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
 
+class HeadOut(NamedTuple):  # per token, fp32, shaped as the targets
+    loss: torch.Tensor  # -log P(x_i | x_<i); 0 where the target is ignored
+    lse: torch.Tensor  # log-sum-exp of the logits: SLM's backward reads it
+    entropy: torch.Tensor | None  # the softmax's entropy, for scoring (H_RM); else None
+
 @torch.no_grad()
-def head_chunks(h, w, y, dtype, scale=None, entropy=False):
-    """The head over chunks of the rows of h (N, C), w (V, C): (loss, lse, entropy or None) of every row, fp32, and
-    with a scale (CLM) the gradients of scale * sum(loss) in the same pass, (dh, dw); else None."""
-    hc, wc = h.to(dtype), w.to(dtype)
-    (N, C), V = h.shape, w.shape[0]
-    (rows, x, g), loss_fn = buffers(N, V, h.device, dtype), chunk_ops(h.device)[0]
-    out = torch.empty(3, N, dtype=torch.float32, device=h.device)  # loss, lse, entropy
-    grads = None if scale is None else (torch.empty_like(hc), torch.zeros(V, C, dtype=torch.float32, device=h.device))
+def head_losses(h, w, y, entropy=False):  # every token's HeadOut, over chunks of rows of h (B, T, C), w (V, C), no grad
+    dtype = head_dtype(h)  # autocast's: read before the head leaves autocast
+    with torch.autocast(h.device.type, enabled=False):
+        hc, wc, yf = h.flatten(0, 1).to(dtype), w.to(dtype), y.flatten()
+        (rows, x, _), loss_fn = buffers(len(hc), len(wc), h.device, dtype), chunk_ops(h.device).loss
+        out = torch.empty(3, len(hc), dtype=torch.float32, device=h.device)  # loss, lse, entropy
+        for i in range(0, len(hc), rows):
+            c = len(hc[i:i + rows])
+            out[0, i:i + c], out[1, i:i + c], ent = loss_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), yf[i:i + c], entropy)
+            if entropy:
+                out[2, i:i + c] = ent
+    return HeadOut(out[0].view(y.shape), out[1].view(y.shape), out[2].view(y.shape) if entropy else None)
+
+@torch.no_grad()
+def head_loss_grad(h, w, y, dtype, scale):  # CLM: every row's loss and the gradients of scale * sum(loss), (N,), dh, dw
+    hc, wc, (N, C), V = h.to(dtype), w.to(dtype), h.shape, w.shape[0]
+    (rows, x, g), loss_grad_fn = buffers(N, V, h.device, dtype), chunk_ops(h.device).loss_grad
+    loss = torch.empty(N, dtype=torch.float32, device=h.device)
+    dh, dw = torch.empty_like(hc), torch.zeros(V, C, dtype=torch.float32, device=h.device)
     for i in range(0, N, rows):
         c = len(hc[i:i + rows])
-        out[1, i:i + c], out[0, i:i + c], ent = loss_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), y[i:i + c], scale, g[:c],
-                                                        entropy)
-        if entropy:
-            out[2, i:i + c] = ent
-        if grads:
-            torch.mm(g[:c], wc, out=grads[0][i:i + c])  # dH = G W
-            addmm_fp32_(grads[1], g[:c].t(), hc[i:i + c])  # dW += G^T H
-    return out[0], out[1], (out[2] if entropy else None), grads
+        loss[i:i + c] = loss_grad_fn(mm_fp32(hc[i:i + c], wc.t(), x[:c]), y[i:i + c], scale, g[:c])
+        torch.mm(g[:c], wc, out=dh[i:i + c])  # dH = G W
+        addmm_fp32_(dw, g[:c].t(), hc[i:i + c])  # dW += G^T H
+    return loss, dh, dw
 
-def first_derivative_only():
-    """Both heads' backwards refuse create_graph: their gradients are constants to autograd, so a second derivative
-    through them would be zero, silently (torch's once_differentiable raises only if the incoming gradient needs
-    grad, not for a gradient penalty)."""
-    if torch.is_grad_enabled():  # autograd runs a backward with grad enabled only under create_graph
-        raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
-
-class FullHeadLoss(torch.autograd.Function):
-    """CLM's head: (the sum of every token's loss over n, every token's loss). The gradients are computed in the
-    forward, chunk by chunk; the backward only scales them, into new tensors: a retained graph's next backward reads
-    the saved ones again."""
-
+class FullHeadLoss(torch.autograd.Function):  # CLM: (sum / n, every token's loss); gradients from the forward
     @staticmethod
     def forward(ctx, h, w, y, n, dtype):
-        loss, _, _, grads = head_chunks(h, w, y, dtype, 1.0 / n)
-        ctx.save_for_backward(*grads)
+        loss, dh, dw = head_loss_grad(h, w, y, dtype, 1.0 / n)
+        ctx.save_for_backward(dh, dw)
         ctx.mark_non_differentiable(loss)
         return loss.sum() / n, loss
 
     @staticmethod
-    def backward(ctx, grad, _):
-        first_derivative_only()
+    def backward(ctx, grad, _token_loss_grad):  # every token's loss is non-differentiable: no gradient comes
+        if torch.is_grad_enabled():  # only under create_graph: a second derivative would be zero, silently
+            raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
         dh, dw = ctx.saved_tensors
         return dh * grad, dw * grad, None, None, None  # a (V, C) fp32 temporary, for a moment
 
-class SelectedHeadLoss(torch.autograd.Function):
-    """SLM's head: the sum of the selected tokens' losses (given) over n, the number selected in the whole step.
-    The backward recomputes the logits of the selected rows only."""
-
+class SelectedHeadLoss(torch.autograd.Function):  # SLM: the given losses of I_k over n; backward recomputes its logits
     @staticmethod
     def forward(ctx, h, w, y, loss, lse, sel, n, dtype):
         idx = sel.nonzero().squeeze(1)
@@ -763,63 +648,57 @@ class SelectedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        first_derivative_only()
+        if torch.is_grad_enabled():  # as FullHeadLoss's
+            raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
         h, w, y, lse, idx = ctx.saved_tensors
         hc, wc = h.to(ctx.dtype), w.to(ctx.dtype)
-        (rows, x, g), grad_fn = buffers(len(idx), w.shape[0], h.device, ctx.dtype), chunk_ops(h.device)[1]
+        (rows, x, g), grad_fn = buffers(len(idx), w.shape[0], h.device, ctx.dtype), chunk_ops(h.device).grad
         dh, dw = torch.zeros_like(hc), torch.zeros(w.shape, dtype=torch.float32, device=h.device)
         for i in range(0, len(idx), rows):
             r = idx[i:i + rows]
-            hs = hc[r]  # (c, C)
-            gc = grad_fn(mm_fp32(hs, wc.t(), x[:len(r)]), y[i:i + rows], lse[i:i + rows], grad / ctx.n, g[:len(r)])
+            hs, gc = hc[r], g[:len(r)]  # (c, C), (c, V)
+            grad_fn(mm_fp32(hs, wc.t(), x[:len(r)]), y[i:i + rows], lse[i:i + rows], grad / ctx.n, gc)
             dh[r] = gc @ wc
             addmm_fp32_(dw, gc.t(), hs)
         return dh, dw, None, None, None, None, None, None
 
-def fused_slm_loss(h, w, targets, ref, cfg, gen=None, sel=None, n=None):
-    """slm_loss(h @ w.T, targets, ref, cfg.k, cfg.scope, cfg.select, gen) from hidden states h (B, T, C) and the head
-    weight w (V, C), never holding B*T x V logits: (loss, every token's loss, I_k). I_k is chosen over the step
-    (select_step) unless a step in micro-batches gives it (sel, n: from its selection pass)."""
-    (B, T, C), dtype, y = h.shape, head_dtype(h), targets.reshape(-1)
+def fused_clm_loss(h, w, targets, n):  # (the losses' sum over n, the step's valid targets; every token's loss (B, T))
+    (B, T, C), dtype = h.shape, head_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
-        if cfg.k >= 1:  # CLM and the reference model: every valid token, gradients in the forward
-            valid = targets != IGNORE
-            n = n if n is not None else int(sum_ranks(valid.sum()))
-            out, loss = FullHeadLoss.apply(h.reshape(-1, C), w, y, max(n, 1), dtype)
-            return out, loss.view(B, T), valid
-        loss, lse, _, _ = head_chunks(h.detach().reshape(-1, C), w.detach(), y, dtype)  # every token, no grad
-        if sel is None:
-            sel, n = select_step(loss.view(B, T), targets, ref, cfg, gen)
-        out = SelectedHeadLoss.apply(h.reshape(-1, C), w, y, loss, lse, sel.reshape(-1), max(n, 1), dtype)
-    return out, loss.view(B, T), sel
+        out, loss = FullHeadLoss.apply(h.reshape(-1, C), w, targets.reshape(-1), max(n, 1), dtype)
+    return out, loss.view(B, T)
+
+def selected_loss(h, w, targets, every, sel, n):  # SLM's, given I_k, n, and every = head_losses(h, w, targets)
+    dtype = head_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):
+        return SelectedHeadLoss.apply(h.flatten(0, 1), w, targets.flatten(), every.loss.flatten(), every.lse.flatten(),
+                                      sel.flatten(), max(n, 1), dtype)
+
+def fused_slm_loss(h, w, targets, ref, cfg, gen=None):
+    """slm_loss(h @ w.T, targets, ref, cfg.k, ...) from h (B, T, C) and w (V, C), I_k over the step, no B*T x V."""
+    every = head_losses(h, w, targets)  # one pass, no grad
+    sel, n = select_step(every.loss, targets, ref, cfg, gen)
+    return selected_loss(h, w, targets, every, sel, n), every.loss, sel
 
 @torch.no_grad()
-def model_token_loss(model, x, y, entropy=False):
-    """Every token's loss under model, (B, T), without grad or B*T x V logits; with entropy, (loss, entropy)."""
-    h = model(x).flatten(0, 1)
-    dtype = head_dtype(h)  # autocast's: read before the head leaves autocast
-    with torch.autocast(h.device.type, enabled=False):
-        loss, _, ent, _ = head_chunks(h, model.lm_head.weight, y.flatten(), dtype, entropy=entropy)
-    return (loss.view(y.shape), ent.view(y.shape)) if entropy else loss.view(y.shape)
+def model_token_loss(model, x, y, entropy=False):  # every token's loss (B, T), no grad; with entropy (loss, entropy)
+    out = head_losses(model(x), model.lm_head.weight, y, entropy)
+    return (out.loss, out.entropy) if entropy else out.loss
 
 # -----------------------------------------------------------------------------
 # reference scoring: one forward pass of the frozen reference model over every web token
 
-def weights_sha256(model):
-    """Fingerprint of a model's weights: a resumed scoring run must use the same reference model."""
+def weights_sha256(model):  # a resumed scoring run must use the same reference model
     sha = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         sha.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
     return sha.hexdigest()
 
 def same_scores(old, info):
-    """Scores described by old are of the data, windows and reference weights of info."""
     return all(old.get(key) == info[key] for key in ("n_tokens", "block_size", "data_sha256", "weights_sha256"))
 
 def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
-    """Process 0 creates <path>.partial ((n_tokens, 2) scores), .done (a byte per block of windows) and .partial.json,
-    or keeps them if they are of the same data, windows and weights (a resume): (their description, with the windows
-    per block, and the done flags), or (None, None) when the finished scores of this data and model are at path."""
+    """Creates (a resume keeps) <path>.partial, .done (a byte per block), .partial.json: (its json, the done flags)."""
     info = {"n_tokens": n_tokens, "block_size": T, "score_batch": cfg.score_batch, "data_sha256": meta["sha256"],
             "weights_sha256": weights, "score_dtype": cfg.score_dtype}
     dtype = np.dtype(cfg.score_dtype)
@@ -842,10 +721,9 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
                     os.remove(stale)
             with open(path + ".partial.tmp", "wb") as f:  # sparse zeros; NaN where no window predicts a token
                 f.truncate(2 * dtype.itemsize * n_tokens)
-                os.pwrite(f.fileno(), np.full(2, np.nan, dtype).tobytes(), 0)
-                tail = n_windows * T + 1
-                os.pwrite(f.fileno(), np.full(2 * (n_tokens - tail), np.nan, dtype).tobytes(),
-                          2 * dtype.itemsize * tail)
+                tail = n_windows * T + 1  # token 0 and the tokens after the last window
+                for at, n in ((0, 1), (tail, n_tokens - tail)):
+                    os.pwrite(f.fileno(), np.full(2 * n, np.nan, dtype).tobytes(), 2 * dtype.itemsize * at)
             write_atomic(path + ".done", bytes(-(-n_windows // info["score_batch"])))
             os.replace(path + ".partial.tmp", path + ".partial")
             write_json(path + ".partial.json", info)
@@ -857,9 +735,7 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
 
 @torch.no_grad()
 def score_web(model, meta, cfg, run):
-    """Writes <out>/<run>/ref_scores.bin: L_RM and H_RM of every web token (NaN where no window predicts it), over the
-    windows training reads (the same context for both models). Resumable: a block is marked in .done once its scores
-    are on disk; blocks go round-robin to torchrun's processes; the finished file is renamed into place."""
+    """<out>/<run>/ref_scores.bin: L_RM, H_RM of every web token, in blocks marked done once on disk: resumable."""
     model.eval()
     web = windows(cfg.data, "web.bin", meta, model.config.block_size)
     path, T, n_tokens = os.path.join(cfg.out, run, "ref_scores.bin"), web.T, len(web.tokens)
@@ -873,9 +749,9 @@ def score_web(model, meta, cfg, run):
     with open(path + ".partial", "r+b") as out, open(path + ".done", "r+b") as flags:
         for i, b in enumerate(todo):
             ws = range(b * B, min(b * B + B, web.n))  # consecutive windows: their targets are consecutive tokens
-            x, y = web.get(ws, cfg.device)
+            batch = web.get(ws, cfg.device)
             with autocast(cfg):
-                scores = torch.stack(model_token_loss(model, x, y, entropy=True), -1)  # (len(ws), T, 2)
+                scores = torch.stack(model_token_loss(model, batch.x, batch.y, entropy=True), -1)  # (len(ws), T, 2)
             os.pwrite(out.fileno(), scores.float().cpu().numpy().astype(dtype).tobytes(),
                       2 * dtype.itemsize * (ws[0] * T + 1))
             marks.append(b)
@@ -891,8 +767,7 @@ def score_web(model, meta, cfg, run):
                     print(f"score: {i + 1}/{len(todo)} blocks, {rate:,.0f} tok/s, eta "
                           f"{(len(todo) - i - 1) * B * T / rate:.0f}s", file=sys.stderr, flush=True)
     elapsed = time.time() - t0
-    # the sum waits for every process, all blocks marked on disk (NCCL reduces GPU tensors only)
-    n_scored = int(sum_ranks(torch.tensor(n_scored, device=cfg.device)))
+    n_scored = int(sum_ranks(torch.tensor(n_scored, device=cfg.device)))  # waits for all; NCCL: GPU tensors only
     info.update(encoding=meta["encoding"], data=cfg.data, score_s=round(elapsed, 2),
                 score_tok_s=round(n_scored / max(elapsed, 1e-9)), processes=WORLD, dtype=cfg.dtype)
     if RANK == 0:
@@ -909,30 +784,17 @@ def score_web(model, meta, cfg, run):
 # -----------------------------------------------------------------------------
 # evaluation: the target-distribution val loss (hq val), the web val loss, answer accuracy (greedy, exact match)
 
-def eval_sets(cfg, meta, web):
-    """What every evaluation reads: hq val windows, the val windows of web (web_windows) and the held-out problems
-    (all of eval.json: the final evaluation reads them all, the others the first --eval_problems)."""
+def eval_sets(cfg, meta, web):  # hq val windows, web's val windows, the held-out problems
     path = os.path.join(cfg.data, "eval.json")
     problems = read_json(path) if cfg.eval_problems else []
     if cfg.eval_problems and not problems:
         die(f"{path}: no eval problems (prepare.py found no \"#### N\" or \"The answer is: N\" answer in --val): "
             f"prepare the data with such a --val, or pass --eval_problems 0 to train without measuring accuracy")
-    return {"hq": windows(cfg.data, "hq_val.bin", meta, web.T), "web": web,
-            "web_val": list(range(web_split(web.n, web.T), web.n)), "enc": get_encoding(meta["encoding"]),
-            "problems": problems}
+    return {"hq": windows(cfg.data, "hq_val.bin", meta, web.T), "web": web, "problems": problems,
+            "web_val": list(range(web_split(web.n, web.T), web.n)), "enc": get_encoding(meta["encoding"])}
 
 @torch.no_grad()
-def val_loss(model, w, ws, device):
-    total, n = 0.0, 0
-    for i in range(0, len(ws), 32):
-        x, y = w.get(ws[i:i + 32], device)[:2]
-        total, n = total + model_token_loss(model, x, y).sum().item(), n + int((y != IGNORE).sum())
-    return total / n
-
-@torch.no_grad()
-def generate(model, prompts, max_new, done=None):
-    """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with a KV cache; it ends early once
-    done(the tokens a row has generated) holds for every row."""
+def generate(model, prompts, max_new, done=None):  # greedy, left-padded, until done(a row's new tokens) for every row
     T, device = model.config.block_size, model.lm_head.weight.device
     max_new = min(max_new, T // 2)
     prompts = [p[-(T - max_new):] for p in prompts]  # prompt and generated tokens fit the context
@@ -940,35 +802,28 @@ def generate(model, prompts, max_new, done=None):
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
     caches, out, ended = [[] for _ in range(model.config.n_layer)], [], [False] * len(prompts)
-    h = model(idx, pad, caches)
+    h = model.decode(idx, pad, caches)
     for _ in range(max_new):
         out.append(model.lm_head(h[:, -1]).argmax(-1))
         if done is not None:  # the batch keeps its shape to the end, so stopping early changes no token
             ended = [e or done(row) for e, row in zip(ended, torch.stack(out, 1).tolist())]
             if all(ended):
                 break
-        h = model(out[-1][:, None], pad, caches)
+        h = model.decode(out[-1][:, None], pad, caches)
     return torch.stack(out, 1).tolist()
 
-def answered(text):
-    """Whether text's final answer is settled: final_answer reads the first '#### N' or 'The answer is: N', and once
-    a line has ended after it, no token that follows can change that number."""
+def answered(text):  # whether text's final answer is settled: a line has ended after it
     m = ANSWER.search(text)
     return m is not None and "\n" in text[m.end():]
 
-def answers(model, problems, enc, max_new=48):
-    """1 or 0 per problem: whether the final answer of the text generated for its prompt ('#### N' or 'The answer is:
-    N', read by prepare's final_answer as a normalised number) equals the reference answer."""
+def answers(model, problems, enc, max_new=48):  # 1 or 0 per problem: final_answer(generated text) == its answer
     def text(o):  # up to the end-of-text token; padded ids (beyond the vocabulary) dropped
         o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
         return enc.decode([t for t in o if t < enc.n_vocab])
     done = lambda o: enc.eot_token in o or answered(text(o))  # what follows either cannot change the answer
-    correct = []
-    for i in range(0, len(problems), 64):
-        chunk = problems[i:i + 64]
-        outs = generate(model, [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in chunk], max_new, done)
-        correct += [int(final_answer(text(o)) == p["answer"]) for p, o in zip(chunk, outs)]
-    return correct
+    prompts = [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in problems]
+    outs = [o for i in range(0, len(prompts), 64) for o in generate(model, prompts[i:i + 64], max_new, done)]
+    return [int(final_answer(text(o)) == p["answer"]) for p, o in zip(problems, outs)]
 
 def accuracy(correct):
     return round(sum(correct) / len(correct), 4) if correct else None  # None: not measured (--eval_problems 0)
@@ -977,25 +832,24 @@ def percent(accuracy):
     return "-" if accuracy is None else f"{accuracy:.1%}"  # None: not measured (--eval_problems 0)
 
 @torch.no_grad()
-def evaluate(model, ev, cfg, final=False):
-    """The measures of one evaluation, and per-token records of a fixed token set (the first 8 hq val windows, the
-    web val windows; float16) with the web val tokens that this run's rule would select now. The accuracy is on the
-    first --eval_problems problems, the same at every evaluation; the final one also answers all the others and
-    keeps each answer's 0/1 (correct), for tests paired problem by problem."""
+def evaluate(model, ev, cfg, final=False):  # (measures, per-token records); the final one answers every problem
     model.eval()
-    x, y, ref = ev["web"].get(ev["web_val"], cfg.device)[:3]  # web_split keeps them to one batch
-    web = model_token_loss(model, x, y)  # (n_val, T)
-    hq = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T))))  # 128 windows or 32k tokens, or all
+    b = ev["web"].get(ev["web_val"], cfg.device)  # web_split keeps them to one batch
+    web = model_token_loss(model, b.x, b.y)  # (n_val, T)
+    hq_val, total, n = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T)))), 0.0, 0  # 128 windows or 32k tokens
+    for i in range(0, len(hq_val), 32):
+        hq = ev["hq"].get(hq_val[i:i + 32], cfg.device)
+        total, n = total + model_token_loss(model, hq.x, hq.y).sum().item(), n + int((hq.y != IGNORE).sum())
     correct = answers(model, ev["problems"] if final else ev["problems"][:cfg.eval_problems], ev["enc"])
-    measures = {"val_loss_hq": round(val_loss(model, ev["hq"], hq, cfg.device), 4),
-                "val_loss_web": round(web.sum().item() / int((y != IGNORE).sum()), 4),
+    measures = {"val_loss_hq": round(total / n, 4),
+                "val_loss_web": round(web.sum().item() / int((b.y != IGNORE).sum()), 4),
                 "accuracy": accuracy(correct[:cfg.eval_problems])}
     if final and correct:
         measures["correct"] = correct
-    x_hq, y_hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
+    hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: the training RNG stays untouched
-    sel = select_tokens(web, y, ref, cfg.k, cfg.scope, cfg.select, gen)
-    return measures, {"hq": model_token_loss(model, x_hq, y_hq).half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
+    sel = select_tokens(web, b.y, b.ref, cfg.k, cfg.scope, cfg.select, gen)
+    return measures, {"hq": model_token_loss(model, hq.x, hq.y).half().cpu(), "web": web.half().cpu(), "sel": sel.cpu()}
 
 # -----------------------------------------------------------------------------
 # training: the base model (demo), the reference model (CLM on hq), continual pretraining (CLM or SLM on web)
@@ -1039,30 +893,29 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
             f"train a new model")
     return ckpt
 
-def model_of(ckpt, block_size, path):
-    """The model of a rho checkpoint, ours or a transformers one, its context cropped to block_size."""
+def model_of(ckpt, block_size, path):  # a checkpoint's model, ours or transformers', its context cropped (nanoGPT)
     if "hf_config" in ckpt:
         model = load_hf(path, block_size or ckpt["model_config"]["block_size"], ckpt["hf_config"])
         model.load_state_dict(ckpt["model"])
         return model
-    return gpt_with_context(GPTConfig(**ckpt["model_config"]), ckpt["model"], block_size, path)
+    shape, sd = GPTConfig(**ckpt["model_config"]), ckpt["model"]
+    T = block_size or shape.block_size
+    if T > shape.block_size:
+        die(f"--block_size {T}: {path} has {shape.block_size} positions; pass --block_size {shape.block_size} or less")
+    model = GPT(GPTConfig(**{**asdict(shape), "block_size": T}))
+    model.load_state_dict({**sd, "transformer.wpe.weight": sd["transformer.wpe.weight"][:T]})  # every weight
+    return model
 
-def start_from(cfg, meta):
-    """--init_from, resolved: on data with a base corpus (the demo), --ref, --clm and --slm start from the base run,
-    as the paper's reference and training models start from one pretrained base."""
-    if cfg.init_from or cfg.mode == "base" or "base" not in meta["tokens"]:
-        return cfg.init_from
-    base = os.path.join(cfg.out, "base", "ckpt.pt")
-    if not os.path.isfile(base):
-        die(f"{base}: no base model: --{cfg.mode} on {cfg.data} starts from the base run; run `python rho.py --base"
-            + (f" --out {cfg.out}" if cfg.out != "out" else "") + "` first, or pass --init_from scratch")
-    if RANK == 0:
-        print(f"{run_name(cfg)}: starting from the base run ({base}); --init_from scratch starts from random weights")
-    return "base"
-
-def build_model(cfg, meta, shape):
-    """The model a run starts from. shape: the shape flags (None: not given), for a model from scratch; from a
-    checkpoint (the demo's base included) or GPT-2, its shape wins, and --block_size can crop its context."""
+def build_model(cfg, meta, shape):  # from scratch of the shape flags given, or from a model whose shape wins
+    if not cfg.init_from and cfg.mode != "base" and "base" in meta.get("tokens", ()):  # the demo's default
+        base = os.path.join(cfg.out, "base", "ckpt.pt")
+        if not os.path.isfile(base):
+            die(f"{base}: no base model: --{cfg.mode} on {cfg.data} starts from the base run; run `python rho.py "
+                "--base" + (f" --out {cfg.out}" if cfg.out != "out" else "") + "` first, or pass --init_from scratch")
+        if RANK == 0:
+            print(f"{run_name(cfg)}: starting from the base run ({base}); --init_from scratch starts from random "
+                  "weights")
+        cfg.init_from = "base"  # as the paper's reference and training models start from one pretrained base
     torch.manual_seed(cfg.seed)
     given = {key: v for key, v in asdict(shape).items() if v is not None and key != "vocab_size"}
     if cfg.init_from in ("", "scratch"):
@@ -1074,7 +927,7 @@ def build_model(cfg, meta, shape):
     ignored = [f"--{key}" for key in given if key != "block_size"]
     if ignored and RANK == 0:
         print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from {cfg.init_from}", file=sys.stderr)
-    if is_hf(cfg.init_from):
+    if cfg.init_from.startswith("hf:") or os.path.isfile(os.path.join(cfg.init_from, "config.json")):  # transformers
         model = load_hf(cfg.init_from, given.get("block_size"))
         if meta["vocab_size"] > model.config.vocab_size or meta["encoding"] == "bytes":
             die(f"--init_from {cfg.init_from}: its vocabulary ({model.config.vocab_size} tokens) is not that of "
@@ -1085,97 +938,80 @@ def build_model(cfg, meta, shape):
     path = run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from
     return model_of(load_checkpoint(path, meta, "base checkpoint"), given.get("block_size"), path).to(cfg.device)
 
-# how a run computes or where it lives, not what it computes (the data itself is checked by its sha256)
-FREE_ON_RESUME = ("resume", "device", "compile", "act_ckpt", "micro_batch", "score_batch", "preset", "out", "name",
-                  "data")
-
-def check_resume(ckpt, cfg, model, meta, path):
-    """--resume continues the run that was saved, or refuses: every flag that defines the run (k, select, scope,
-    data, model shape, batch size, seed, steps, lr, ...) must be what it was, and so must the data."""
+def check_resume(ckpt, cfg, model, meta, path):  # every flag that defines the run, and the data, as they were
     saved, now = {**ckpt["config"], **ckpt["model_config"]}, {**asdict(cfg), **asdict(model.config)}
+    free = ("resume", "device", "compile", "act_ckpt", "micro_batch", "score_batch", "preset", "out", "name", "data")
     if saved["mode"] != cfg.mode:
         die(f"--resume: this is a --{cfg.mode} run, but {path} holds a --{saved['mode']} run; give this one another "
             f"--name")
-    for key, v in now.items():
-        if key not in FREE_ON_RESUME and saved.get(key) != v:
+    for key, v in now.items():  # free: how a run computes or where it lives, not what (the data: by its sha256)
+        if key not in free and saved.get(key) != v:
             die(f"--resume: --{key} is {v!r} here but {saved.get(key)!r} in {path}: pass --{key} {saved.get(key)} "
                 f"to continue that run, or give this one another --name")
     if ckpt["data_sha256"] != meta["sha256"]:
         die(f"--resume: {cfg.data} is not the data that {path} was trained on (prepared again?): restore that data, "
             f"or give this run another --name")
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine decay to 10% of the peak."""
+def lr_at(step, cfg):  # linear warmup, then cosine decay to 10% of the peak
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-def training_windows(cfg, meta, T):
-    """(the windows with their extras, how many of them training reads, the reference model's fingerprint or None):
-    base for the base model, hq for the reference model, web_windows for continual pretraining (with the reference
-    scores if its rule reads them)."""
+def training_windows(cfg, meta, T):  # (base's, hq's or web's windows with the scores read; how many train; ref sha)
     if cfg.mode in ("base", "ref"):
         if cfg.mode == "base" and "base" not in meta["tokens"]:
             die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
                 f"model with --init_from CKPT, or from scratch without it")
         w = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T)
-        w.extras = (no_ref(len(w.tokens)),)
         return w, w.n, None
     needs_ref = cfg.mode == "slm" and cfg.select not in ("random", "train")
     ref, ref_sha = load_ref_scores(cfg, meta, T) if needs_ref else (None, None)
     w = web_windows(cfg, meta, T, ref)
     return w, web_split(w.n, T), ref_sha
 
-@torch.no_grad()
-def selection_pass(fwd, micro, cfg, gen):
-    """A step in several micro-batches needs every token's loss before its first backward: one no-grad forward over
-    them (none when the rule reads no training loss), then I_k over the whole step."""
-    y, ref = torch.cat([m[1] for m in micro]), torch.cat([m[2] for m in micro])
-    loss = torch.zeros(y.shape, device=y.device)
-    if cfg.k < 1 and cfg.select in ("excess", "train", "sample"):
-        with autocast(cfg):
-            loss = torch.cat([model_token_loss(fwd, x, yy) for x, yy, *_ in micro])
-    sel, n = select_step(loss, y, ref, cfg, gen)
-    return list(sel.split(len(micro[0][1]))), n
-
-def train_step(model, fwd, ddp, micro, cfg, gen):
-    """One step's forward and backward over this process's micro-batches, the gradient of the mean loss over the
-    tokens selected in the whole step, whatever the split: (the step's loss, this process's I_k per micro-batch)."""
-    sels, n = selection_pass(fwd, micro, cfg, gen) if len(micro) > 1 else ([None] * len(micro), None)
+def train_step(model, fwd, micro, cfg, gen):  # model: the module; fwd: its forward as trained (compiled, DDP)
+    """The gradient of the mean loss over the step's selected tokens, whatever the split: (the loss, I_k each)."""
+    clm = cfg.k == 1  # every valid token carries the loss (--slm --k 1 too)
+    if clm:
+        sels = [b.y != IGNORE for b in micro]
+        n = int(sum_ranks(sum(s.sum() for s in sels)))
+    elif len(micro) > 1:  # SLM in micro-batches: I_k needs every token's loss before the first backward
+        y, ref = torch.cat([b.y for b in micro]), torch.cat([b.ref for b in micro])
+        with torch.no_grad(), autocast(cfg):  # (a rule that reads no training loss needs no forward)
+            loss = torch.cat([head_losses(fwd(b.x), model.lm_head.weight, b.y).loss for b in micro]) if cfg.select in \
+                ("excess", "train", "sample") else torch.zeros(y.shape, device=y.device)
+        sel, n = select_step(loss, y, ref, cfg, gen)
+        sels = list(sel.split(len(micro[0].y)))
     total = []
-    for i, (x, y, ref, *_) in enumerate(micro):
-        sync = WORLD == 1 or i == len(micro) - 1  # DDP all-reduces the gradients once, after the last micro-batch
-        if cfg.fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
+    for i, b in enumerate(micro):
+        sync = WORLD == 1 or i == len(micro) - 1  # gradients are reduced across processes after the last micro-batch
+        if cfg.fsdp:
             model.set_requires_gradient_sync(sync)
-        with contextlib.nullcontext() if sync or cfg.fsdp else ddp.no_sync():
-            with autocast(cfg):  # ddp: the model's forward (maybe compiled, maybe DDP); then the fused head
-                loss, every, sels[i] = fused_slm_loss(ddp(x), model.lm_head.weight, y, ref, cfg, gen, sels[i], n)
-            (loss * WORLD if WORLD > 1 else loss).backward()  # DDP and FSDP average over processes: undo it
+        elif WORLD > 1:
+            fwd.require_backward_grad_sync = sync  # all that DDP's no_sync() context sets (nanoGPT does the same)
+        with autocast(cfg):
+            h, w = fwd(b.x), model.lm_head.weight  # the head weight after the forward: FSDP gathers it there
+            if clm:
+                loss, every = fused_clm_loss(h, w, b.y, n)
+            elif len(micro) == 1:  # the whole step in one forward: I_k from its own token losses
+                loss, every, sel = fused_slm_loss(h, w, b.y, b.ref, cfg, gen)
+                sels = [sel]
+            else:
+                out = head_losses(h, w, b.y)
+                loss, every = selected_loss(h, w, b.y, out, sels[i], n), out.loss
+        # DDP and FSDP average the gradients over processes, but n counts every process's tokens: sum them instead
+        (loss * WORLD).backward()
         # a NaN in any token's loss stops the run, also where SLM selected none of them (it never selects NaN)
         total.append(torch.where(every.isfinite().all(), loss.detach(), float("nan")))
     return sum_ranks(torch.stack(total).sum()), sels
 
-def split_step(cfg):
-    """Sequences per forward on each process, checked against the step's batch."""
-    if cfg.batch_size % WORLD:
-        die(f"--batch_size {cfg.batch_size}: not divisible by the {WORLD} processes; use a multiple of {WORLD}")
-    share = cfg.batch_size // WORLD
-    if share % (cfg.micro_batch or share):
-        die(f"--micro_batch {cfg.micro_batch}: must divide the {share} sequences each process holds per step "
-            f"(--batch_size {cfg.batch_size} over {WORLD} processes)")
-    return cfg.micro_batch or share
-
-def noise_shares(counts, labels):
-    """The noise share (label 0 is clean), overall and per noise kind, of the selected tokens next to its share in
-    the tokens seen: counts = [seen, selected], per label."""
+def noise_shares(counts, labels):  # noise share (label 0: clean), overall and per kind, of [seen, selected]
     seen, sel = ({"all": round(1 - c[0] / max(1, sum(c)), 4),
                   **{labels[i]: round(n / max(1, sum(c)), 4) for i, n in enumerate(c) if i}} for c in counts)
     return {"noise_in_selected": sel, "noise_share_corpus": seen}
 
-def record(state, step, measures, counts, n, loss_sum, labels):
-    """Appends one evaluation to the history (the measures, the mean training loss of the n steps since the last one,
-    on the demo the noise shares of what they saw and trained on) and returns its log line."""
+def record(state, step, measures, counts, n, loss_sum, labels):  # appends an evaluation to the history; its log line
     e = {"step": step, "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
          "wall_s": round(state["wall_s"], 2), "train_loss": round(loss_sum / n, 4), **measures}
     line = (f"step {step} | loss {e['train_loss']:.3f} | sel {e['tokens_trained'] / e['tokens_seen']:.0%} | val hq "
@@ -1187,24 +1023,21 @@ def record(state, step, measures, counts, n, loss_sum, labels):
     state["history"].append(e)
     return line
 
-def write_token_losses(path, state, ev):
-    """<out>/<name>/tokens.npz: the per-eval token losses of the fixed token set, with the steps and tokens seen of
-    each eval, and the web val windows (tokens, reference scores, labels) that they belong to. Atomic."""
+def write_token_losses(path, state, ev):  # <out>/<name>/tokens.npz: the token records and their web val windows
     if not state["tokens"]["web"]:
         return
-    x, y, ref, *labels = ev["web"].get(ev["web_val"], "cpu")
+    b = ev["web"].get(ev["web_val"], "cpu")
     arrays = {key: torch.stack(v).numpy() for key, v in state["tokens"].items()}  # (evals, windows, T)
     evals = state["history"][-len(state["tokens"]["web"]):]
     arrays.update(step=np.array([h["step"] for h in evals]), tokens_seen=np.array([h["tokens_seen"] for h in evals]),
-                  web_x=torch.cat([x, y[:, -1:]], 1).int().numpy(), web_ref=ref[..., 0].numpy(),
-                  web_ref_entropy=ref[..., 1].numpy(), **({"web_labels": labels[0].numpy()} if labels else {}))
+                  web_x=torch.cat([b.x, b.y[:, -1:]], 1).int().numpy(), web_ref=b.ref[..., REF_LOSS].numpy(),
+                  web_ref_entropy=b.ref[..., REF_ENTROPY].numpy(),
+                  **({} if b.labels is None else {"web_labels": b.labels.numpy()}))
     with open(path + ".tmp", "wb") as f:
         np.savez(f, **arrays)
     os.replace(path + ".tmp", path)
 
-def finish(cfg, meta, name, state, out_dir, model, extra):
-    """Writes <out>/<name>/metrics.json: the run's config, its evaluations, every step's loss, and what the bits of a
-    CPU run depend on (torch, threads, CPU kernels)."""
+def finish(cfg, meta, name, state, out_dir, model, extra):  # <out>/<name>/metrics.json; what a CPU run's bits rest on
     last, history = state["history"][-1], [{m: v for m, v in h.items() if m != "correct"} for h in state["history"]]
     correct = last.get("correct")  # the final evaluation's answers to all the problems, or None (--eval_problems 0)
     metrics = {"run": name, "mode": cfg.mode, "k": cfg.k, "select": cfg.select, "scope": cfg.scope, "steps": cfg.steps,
@@ -1217,9 +1050,8 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
                "data": {"encoding": meta["encoding"], "sha256": meta["sha256"]}, "init_sha256": state["init_sha256"],
                **({"ref_weights_sha256": state["ref_sha256"]} if state["ref_sha256"] else {}), **extra,
                "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "processes": WORLD,
-                       "cpu": torch.backends.cpu.get_cpu_capability(), "device": cfg.device}}
-    if state["by_label"][0]:
-        metrics.update(noise_shares(state["by_label"], meta["labels"]))
+                       "cpu": torch.backends.cpu.get_cpu_capability(), "device": cfg.device},
+               **(noise_shares(state["by_label"], meta["labels"]) if state["by_label"][0] else {})}
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     print(f"{name}: final val hq {last['val_loss_hq']:.4f} web {last['val_loss_web']:.4f} "
           f"acc {percent(metrics['final']['accuracy'])}{f' ({len(correct)} problems)' if correct else ''} -> "
@@ -1229,18 +1061,14 @@ def finish(cfg, meta, name, state, out_dir, model, extra):
 RUN_FILES = ("ckpt.pt", "metrics.json", "tokens.npz", "ref_scores.bin", "ref_scores.bin.json",
              "ref_scores.bin.partial", "ref_scores.bin.partial.json", "ref_scores.bin.done")
 
-def earlier_run(out_dir, cfg):
-    """Refuses to start over an earlier run's files unless --resume (continue it) or --overwrite (replace it)."""
+def earlier_run(out_dir, cfg):  # refuses an earlier run's files unless --resume or --overwrite
     old = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
     if old and not (cfg.resume or cfg.overwrite):
         die(f"{out_dir}: holds a{' finished' if 'metrics.json' in old else 'n unfinished'} run ({', '.join(old)}): "
             "--resume continues it, --overwrite replaces it, --name NAME starts this one beside it")
     return old
 
-def claim(out_dir, old, cfg):
-    """Creates the run's folder once every check has passed (a run refused at start leaves nothing behind), checks
-    that it can be written (a read-only --out fails now, not at the first checkpoint), and with --overwrite removes
-    the earlier run's files."""
+def claim(out_dir, old, cfg):  # the run's folder, once every check passed; tested; --overwrite empties it
     try:
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(os.path.join(out_dir, ".write-test"), b"")
@@ -1250,15 +1078,22 @@ def claim(out_dir, old, cfg):
     for f in old if cfg.overwrite else ():
         os.remove(os.path.join(out_dir, f))
 
-def adamw(model, cfg):
-    """AdamW with weight decay on the matrices and embeddings only, not on biases and LayerNorm gains (nanoGPT)."""
+def adamw(model, cfg):  # weight decay on matrices and embeddings, not biases and LayerNorm gains (nanoGPT)
     params = list(model.parameters())  # tied weights once
     groups = [{"params": [p for p in params if p.dim() >= 2]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
-def stop_non_finite(what, value, step, name, cfg, state, ckpt_path):
-    """A NaN or inf stops the run before the optimizer step, so no checkpoint ever holds NaN weights."""
+def split_step(cfg):  # sequences per forward on each process, checked against the step
+    if cfg.batch_size % WORLD:
+        die(f"--batch_size {cfg.batch_size}: not divisible by the {WORLD} processes; use a multiple of {WORLD}")
+    share = cfg.batch_size // WORLD
+    if share % (cfg.micro_batch or share):
+        die(f"--micro_batch {cfg.micro_batch}: must divide the {share} sequences each process holds per step "
+            f"(--batch_size {cfg.batch_size} over {WORLD} processes)")
+    return cfg.micro_batch or share
+
+def stop_non_finite(what, value, step, name, cfg, state, ckpt_path):  # before the optimizer step: no NaN checkpoint
     last = f"; {ckpt_path} (step {state['history'][-1]['step']}) holds the last good weights" if state["history"] \
         else ""
     die(f"{name}: the {what} became {value} at step {step}: lower --lr (e.g. --lr {cfg.lr / 3:.2g}) and start again "
@@ -1268,7 +1103,6 @@ def train(cfg, shape):
     meta, name = load_meta(cfg.data), run_name(cfg)
     master, out_dir = RANK == 0, os.path.join(cfg.out, name)  # the master logs, evaluates and saves
     ckpt_path, micro_bs, old = os.path.join(out_dir, "ckpt.pt"), split_step(cfg), earlier_run(out_dir, cfg)
-    cfg.init_from = start_from(cfg, meta)
     model = build_model(cfg, meta, shape)
     T = model.config.block_size
     train_w, hi, ref_sha = training_windows(cfg, meta, T)
@@ -1278,9 +1112,8 @@ def train(cfg, shape):
     state = {"history": [], "losses": [], "tokens_seen": 0, "tokens_trained": 0, "wall_s": 0.0,
              "by_label": [[0] * n_labels, [0] * n_labels], "tokens": {"hq": [], "web": [], "sel": []},  # seen, selected
              "init_sha256": weights_sha256(model), "ref_sha256": ref_sha}  # what the run starts from, by content
-    model = wrap(model, cfg)
+    model, start = wrap(model, cfg), 0
     opt = adamw(model, cfg)
-    start = 0
     if cfg.resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, meta)
         check_resume(ckpt, cfg, model, meta, ckpt_path)
@@ -1297,8 +1130,8 @@ def train(cfg, shape):
         claim(out_dir, old, cfg)
     if master and cfg.resume:
         print(f"{name}: " + (f"resumed from {ckpt_path} at step {start}" if start else "no checkpoint: from step 0"))
-    fwd = torch.compile(model) if cfg.compile else model
-    ddp = fwd if WORLD == 1 or cfg.fsdp else DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None)
+    fwd = torch.compile(model) if cfg.compile else model  # the forward that training calls; model keeps the weights
+    fwd = DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None) if WORLD > 1 and not cfg.fsdp else fwd
     n_micro = cfg.batch_size // WORLD // micro_bs
     if master:
         split = f", {WORLD} process{'es' * (WORLD > 1)} x {n_micro} micro-batch{'es' * (n_micro > 1)} of {micro_bs}"
@@ -1313,7 +1146,7 @@ def train(cfg, shape):
             g["lr"] = lr_at(step, cfg)
         micro = train_w.micro_batches(step, cfg.batch_size, cfg.seed, cfg.device, hi, micro_bs)
         opt.zero_grad(set_to_none=True)
-        loss, sels = train_step(model, fwd, ddp, micro, cfg, gen)
+        loss, sels = train_step(model, fwd, micro, cfg, gen)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for what, v in (("loss", loss), ("gradient norm", norm)):
             if not torch.isfinite(v):
@@ -1323,8 +1156,8 @@ def train(cfg, shape):
         state["tokens_trained"] += int(sum_ranks(sum(s.sum() for s in sels)))
         state["losses"].append(loss.item())
         loss_sum += state["losses"][-1]
-        for m, sel in zip(micro, sels) if n_labels else ():  # web runs on the demo: (x, y, ref, labels)
-            labels = m[3].flatten().long()
+        for b, sel in zip(micro, sels) if n_labels else ():  # web runs on the demo
+            labels = b.labels.flatten().long()
             counts += torch.stack([torch.bincount(labels, minlength=n_labels),
                                    torch.bincount(labels[sel.flatten()], minlength=n_labels)])
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -1364,29 +1197,25 @@ MODES = {"base": "train a base model on the general corpus (base.bin; the demo h
          "score": "score the web tokens again with an existing reference model (--name, default ref)",
          "clm": "continual pretraining on web, loss on every token (the baseline)",
          "slm": "continual pretraining on web with the SLM loss (--k, --select, --scope)"}
-CHOICES = {"select": SELECT, "scope": ("batch", "sequence"), "dtype": ("auto", "float32", "bfloat16"),
-           "score_dtype": ("float32", "float16"), "preset": ("", *PRESETS)}
-
-def arg_error(msg):
-    die(f"{msg} (python rho.py --help lists the flags; abbreviations of them are not accepted)")
+CHOICES = {"select": ("excess", "random", "ref", "entropy", "ref_entropy", "train", "sample"), "preset": ("", *PRESETS),
+           "scope": ("batch", "sequence"), "dtype": ("auto", "float32", "bfloat16"),
+           "score_dtype": ("float32", "float16")}
 
 # the flags each mode reads beyond the data, the output and the device; any other flag given is refused
-RUN_FLAGS = {"steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "seed", "micro_batch", "dtype",
-             "compile", "fsdp", "act_ckpt", "score_batch", "eval_every", "eval_problems", "init_from", "preset",
-             "resume", "overwrite", "name", "block_size", "n_layer", "n_head", "n_embd", "score_dtype"}
-MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | {"k", "select", "scope",
-              "ref_run"}, "score": {"name", "score_batch", "score_dtype", "dtype", "overwrite"}}
+SHAPE, SLM_FLAGS = ("block_size", "n_layer", "n_head", "n_embd"), {"k", "select", "scope", "ref_run"}
+RUN_FLAGS = {f.name for f in fields(RunConfig)} - SLM_FLAGS - {"mode", "data", "out", "device"} | set(SHAPE)
+MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | SLM_FLAGS,
+              "score": {"name", "score_batch", "score_dtype", "dtype", "overwrite"}}
 
-def check_flags(a, mode, given):
-    """Bad values and flags the mode ignores, each as one line, before anything runs."""
+def check_flags(a, mode, given):  # bad values and flags the mode ignores, one line each, before anything runs
     ignored = sorted(given - MODE_FLAGS[mode] - {"data", "out", "device"})
     if ignored:
         them = "them" if len(ignored) > 1 else "it"
         die(f"{' '.join('--' + f for f in ignored)}: --{mode} does not read {them}"
-            + (" (--slm's flags)" if set(ignored) <= MODE_FLAGS["slm"] - RUN_FLAGS else "") + f"; drop {them}")
+            + (" (--slm's flags)" if set(ignored) <= SLM_FLAGS else "") + f"; drop {them}")
     if not 0 < a.k <= 1:
         die(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
-    shape = [(f, 1) for f in ("block_size", "n_layer", "n_head", "n_embd") if getattr(a, f) is not None]
+    shape = [(f, 1) for f in SHAPE if getattr(a, f) is not None]
     for flag, at_least in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("score_batch", 1), ("lr", 1e-30),
                            ("grad_clip", 1e-30), ("micro_batch", 0), ("warmup", 0), ("weight_decay", 0),
                            ("eval_problems", 0), ("seed", 0), *shape):
@@ -1409,8 +1238,9 @@ def check_flags(a, mode, given):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Selective Language Modeling (Rho-1): the reference model, scoring, SLM "
-                                "and CLM continual pretraining.", allow_abbrev=False)  # --batch is not --batch_size
-    p.error = arg_error  # argparse's errors in one line
+                                "and CLM continual pretraining.", argument_default=argparse.SUPPRESS,
+                                allow_abbrev=False)  # --batch is not --batch_size
+    p.error = lambda msg: die(f"{msg} (python rho.py --help lists the flags; abbreviations of them are not accepted)")
     job = p.add_mutually_exclusive_group(required=True)
     for mode, text in MODES.items():
         job.add_argument(f"--{mode}", action="store_true", help=text)
@@ -1418,44 +1248,41 @@ def parse_args(argv=None):
     for f in fields(RunConfig)[1:]:  # every field but mode is a flag
         v = getattr(d, f.name)
         if isinstance(v, bool):  # --compile and --no-compile: a preset's True can be turned off
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v, help=HELP[f.name])
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
-            p.add_argument(f"--{f.name}", type=type(v), default=v, choices=CHOICES.get(f.name),
-                           help=HELP[f.name] + (f" (default {v})" if v else ""))
-    for f in fields(GPTConfig):
-        if f.name != "vocab_size":  # the data's
-            p.add_argument(f"--{f.name}", type=int, help=f"model {f.name} (default {f.default}; a run that starts "
-                           "from a checkpoint or GPT-2 takes its shape, its context cropped to --block_size)")
-    a = p.parse_args(argv)
-    mode = next(m for m in MODES if getattr(a, m))
-    preset = {**PRESETS[a.preset], **PRESETS[a.preset].get(mode, {})} if a.preset else {}
-    for x in p._actions:
-        x.default = argparse.SUPPRESS
-    given = set(vars(p.parse_args(argv))) - set(MODES)  # the flags on the command line
-    for key, v in vars(a).items():
-        if key not in given and key in preset and not isinstance(preset[key], dict):
-            setattr(a, key, preset[key])  # the preset's values are defaults: a flag given explicitly still wins
+            p.add_argument(f"--{f.name}", type=type(v), choices=CHOICES.get(f.name),
+                           help=f.metadata["help"] + (f" (default {v})" if v else ""))
+    for key in SHAPE:  # GPTConfig's fields but vocab_size: the data's
+        p.add_argument(f"--{key}", type=int, help=f"model {key} (default {getattr(GPTConfig, key)}; a run that starts "
+                       "from a checkpoint or GPT-2 takes its shape, its context cropped to --block_size)")
+    given = vars(p.parse_args(argv))  # only the flags given (no parser defaults): they win over a preset's
+    mode = next(m for m in MODES if given.pop(m, False))
+    preset = {key: v[mode] if isinstance(v, dict) else v for key, v in PRESETS.get(given.get("preset", d.preset),
+              {}).items() if not isinstance(v, dict) or mode in v}
+    a = argparse.Namespace(**{**asdict(d), **dict.fromkeys(SHAPE), **preset, **given})
     if "warmup" not in given:  # a default (or a preset's) warmup is at most a tenth of the run
         a.warmup = min(a.warmup, a.steps // 10)
-    check_flags(a, mode, given)
+    check_flags(a, mode, set(given))
     if mode != "slm":  # every token carries the loss
         a.k, a.select = 1.0, "all"
-    if a.dtype == "auto":
-        a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
+    a.dtype = ("bfloat16" if a.device.startswith("cuda") else "float32") if a.dtype == "auto" else a.dtype
     cfg = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig)[1:]}, mode=mode)
     # the shape flags, None where not given: build_model takes them for a model from scratch, warns if it ignores them
-    return cfg, GPTConfig(**{f.name: getattr(a, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"})
+    return cfg, GPTConfig(**{key: getattr(a, key) for key in SHAPE})
 
 def main(argv=None):
     cfg, shape = parse_args(argv)
-    init_processes(cfg)  # one process, or one of torchrun's
+    if WORLD > 1 or cfg.fsdp:  # one of torchrun's processes (--fsdp on one too: a resume on fewer)
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{LOCAL}"
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")  # gloo on CPUs
     try:
         if cfg.mode != "score":
             return train(cfg, shape)
         meta, name = load_meta(cfg.data), run_name(cfg)
         ckpt = load_checkpoint(os.path.join(cfg.out, name, "ckpt.pt"), meta, "reference model")
-        model = model_of(ckpt, None, name).to(cfg.device)
-        info = score_web(model, meta, cfg, name)
+        info = score_web(model_of(ckpt, None, name).to(cfg.device), meta, cfg, name)
         if RANK == 0 and not os.path.isfile(os.path.join(cfg.out, name, "metrics.json")):
             print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): `python rho.py --ref "
                   f"--resume --name {name}`, with the flags it was started with, writes it and keeps these scores")

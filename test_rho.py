@@ -5,6 +5,7 @@ prepare.py and the instruments; each opens with a line that says what is compare
 import contextlib
 import gzip
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -38,6 +39,14 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32
 
 def cfg_of(k, scope="batch", select="excess"):
     return rho.RunConfig(k=k, scope=scope, select=select)
+
+def fused(h, w, y, r, k, scope="batch"):
+    """rho's fused head as train_step calls it on a whole step: CLM's at k = 1, else SLM's: (loss, every token's
+    loss, I_k)."""
+    if k == 1:
+        valid = y != rho.IGNORE
+        return (*rho.fused_clm_loss(h, w, y, int(valid.sum())), valid)
+    return rho.fused_slm_loss(h, w, y, r, cfg_of(k, scope))
 
 def ref_of(*shape, generator=None, scale=1.0):
     """Reference scores (..., 2): L_RM and H_RM, random."""
@@ -79,7 +88,7 @@ def test_hf_fused_head_loss_and_grads_equal_transformers(kind, tmp_path):
     labels[1, 10:20] = -100  # HF's ignore index; ours is IGNORE
     y = labels[:, 1:].masked_fill(labels[:, 1:] == -100, rho.IGNORE)
     hf_loss = hf(idx, labels=labels).loss
-    loss, _, _ = rho.fused_slm_loss(model(idx[:, :-1]), model.lm_head.weight, y, None, cfg_of(1.0))
+    loss, _, _ = fused(model(idx[:, :-1]), model.lm_head.weight, y, None, 1.0)
     torch.testing.assert_close(loss, hf_loss, rtol=1e-6, atol=1e-6)
     hf_loss.backward()
     loss.backward()
@@ -156,7 +165,7 @@ def test_gpt2_shape_flags_with_init_from(tmp_path, capsys):
 def test_same_batches_for_every_run_and_no_web_val_in_training():
     w = rho.Windows(np.arange(32 * 40 + 1, dtype=np.uint16), 32)
     hi = rho.web_split(w.n, 32)
-    starts = lambda: [w.get(w.step_windows(s, 4, 7, hi), "cpu")[0][:, 0] // 32 for s in range(2 * (hi // 4))]
+    starts = lambda: [w.get(w.step_windows(s, 4, 7, hi), "cpu").x[:, 0] // 32 for s in range(2 * (hi // 4))]
     first, second = starts(), starts()
     assert all(torch.equal(a, b) for a, b in zip(first, second))  # a function of (seed, step) alone
     epoch = torch.cat(first[:hi // 4]).tolist()
@@ -368,7 +377,7 @@ def assert_fused_equals_plain(h, w, y, r, k, scope, rows, tol, monkeypatch):
     monkeypatch.setattr(rho, "chunk_rows", lambda V, device: rows)  # several chunks, the last one partial
     a, la, sa = rho.slm_loss(h.float() @ w.float().t(), y, r, k, scope)
     gh, gw = torch.autograd.grad(a, (h, w))
-    b, lb, sb = rho.fused_slm_loss(h, w, y, r, cfg_of(k, scope))
+    b, lb, sb = fused(h, w, y, r, k, scope)
     fh, fw = torch.autograd.grad(b, (h, w))
     assert torch.equal(sa, sb)
     if scope == "batch":
@@ -385,7 +394,7 @@ def test_fused_head_equals_plain_slm_loss(k, scope, rows, monkeypatch):
 
 def test_clm_head_equals_torch_cross_entropy_and_native_op():
     h, w, y, _ = fused_case(V=131)
-    a = rho.fused_slm_loss(h, w, y, None, cfg_of(1.0))[0]
+    a = fused(h, w, y, None, 1.0)[0]
     ga = torch.autograd.grad(a, (h, w))
     flat = lambda t: t.reshape(-1, t.shape[-1])
     refs = [lambda: F.cross_entropy(flat(h) @ w.t(), y.flatten(), ignore_index=rho.IGNORE)]
@@ -400,7 +409,7 @@ def test_clm_head_equals_torch_cross_entropy_and_native_op():
 
 def test_fused_head_gradient_rows_are_zero_outside_selection():
     h, w, y, r = fused_case()
-    loss, _, sel = rho.fused_slm_loss(h, w, y, r, cfg_of(0.3))
+    loss, _, sel = fused(h, w, y, r, 0.3)
     dh, = torch.autograd.grad(loss, h)
     assert (dh[~sel] == 0).all() and (dh[sel].abs().sum(-1) > 0).all()
 
@@ -410,8 +419,9 @@ def test_fused_head_gradcheck_retained_graph_and_no_double_backward(k):
     inputs (the head's logits are fp32 whatever the inputs: fp32-sized steps and tolerances); a second backward of a
     retained graph adds the same gradient again; create_graph (a double backward) raises instead of giving zero."""
     h, w, y, r = fused_case(B=3, T=4, C=3, V=11, dtype=torch.float64)
-    sel = rho.fused_slm_loss(h, w, y, r, cfg_of(k))[2]
-    loss = lambda h, w: rho.fused_slm_loss(h, w, y, r, cfg_of(k), sel=sel, n=int(sel.sum()))[0]
+    sel = fused(h, w, y, r, k)[2]
+    loss = lambda h, w: rho.fused_clm_loss(h, w, y, int(sel.sum()))[0] if k == 1 else \
+        rho.selected_loss(h, w, y, rho.head_losses(h, w, y), sel, int(sel.sum()))
     assert torch.autograd.gradcheck(loss, (h, w), eps=1e-2, atol=1e-4, rtol=1e-3)
     out = loss(h, w)
     out.backward(retain_graph=True)
@@ -437,51 +447,46 @@ def chunk_case(C, V, kind, seed=0):
     return x, y
 
 def chunk_ref64(x, y, scale):
-    """lse, loss, entropy and the gradient (softmax - onehot) * scale of a chunk, in float64."""
+    """loss, lse, entropy and the gradient (softmax - onehot) * scale of a chunk, in float64."""
     logp = torch.log_softmax(x.double(), 1)
     valid = y != rho.IGNORE
     loss = torch.where(valid, -logp.gather(1, y.clamp(min=0)[:, None]).squeeze(1), 0.0)
     onehot = torch.zeros_like(logp)
     onehot[valid.nonzero().squeeze(1), y[valid]] = 1.0
     entropy = -(logp.exp() * logp).sum(1)
-    return (x.double() - logp)[:, 0], loss, entropy, (logp.exp() - onehot) * scale * valid[:, None]
+    return loss, (x.double() - logp)[:, 0], entropy, (logp.exp() - onehot) * scale * valid[:, None]
 
-CHUNK_FNS = {"torch": lambda: (rho.chunk_loss_torch, rho.chunk_grad_torch),
-             "triton": lambda: (rho.chunk_loss_triton, rho.chunk_grad_triton)}
+CHUNK_OPS = {"torch": lambda: rho.TORCH_OPS, "triton": lambda: rho.TRITON_OPS}
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["plain", "ties", "large", "strided"])
 @pytest.mark.parametrize("C,V", [(5, 7), (17, 130)])
 def test_chunk_kernels_equal_float64_reference(C, V, kind, backend):
-    """The per-chunk math of both backends against float64: lse, loss and entropy (the SLM forward, and scoring), the
-    gradient in place given lse (the SLM backward), and loss plus gradient in one call into a separate buffer (CLM)."""
+    """Each mode of both backends' per-chunk math against float64: loss, lse and entropy (SLM's forward, scoring),
+    loss and gradient in one call (CLM), the gradient given the lse (SLM's backward); the gradient into a buffer of its
+    own (the GEMMs' bf16 one) or into the chunk itself (an fp32 head)."""
     x, y = chunk_case(C, V, kind)
     block = {"block_v": 4 if V < 32 else 32} if backend == "triton" else {}  # several blocks, the last one partial
-    loss_fn, grad_fn = CHUNK_FNS[backend]()
-    lse, loss, ent = loss_fn(x.clone(), y, entropy=True, **block)  # the torch version overwrites its chunk
-    lse64, loss64, ent64, grad64 = chunk_ref64(x, y, 1 / 7)
+    ops = CHUNK_OPS[backend]()
+    loss, lse, ent = ops.loss(x.clone(), y, entropy=True, **block)  # the torch version overwrites its chunk
+    loss64, lse64, ent64, grad64 = chunk_ref64(x, y, 1 / 7)
     torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=2e-6 * max(1.0, x.abs().max().item()))
     torch.testing.assert_close(ent.double(), ent64, rtol=1e-5, atol=1e-5)
-    lse1, loss1, none = loss_fn(x.clone(), y, **block)
+    loss1, lse1, none = ops.loss(x.clone(), y, **block)
     assert torch.equal(lse1, lse) and torch.equal(loss1, loss) and none is None  # the entropy changes nothing else
-    g = torch.full((C, V + 3), float("nan"))[:, :V]  # a padded row stride, as the head's buffers have
-    lse2, loss2, _ = loss_fn(x.clone(), y, 1 / 7, g, **block)
-    assert torch.equal(lse2, lse) and torch.equal(loss2, loss)
-    torch.testing.assert_close(g.double(), grad64, rtol=1e-5, atol=1e-6)
-    for g3 in (g.fill_(float("nan")), None):  # entropy and gradient in one call, into g and in place
-        x3 = x.clone()
-        lse3, loss3, ent3 = loss_fn(x3, y, 1 / 7, g3, entropy=True, **block)
-        assert torch.equal(lse3, lse) and torch.equal(loss3, loss) and torch.equal(ent3, ent)
-        torch.testing.assert_close((x3 if g3 is None else g3).double(), grad64, rtol=1e-5, atol=1e-6)
-    out = grad_fn(x, y, lse, 1 / 7, **block)
-    assert out.data_ptr() == x.data_ptr()  # in place
-    torch.testing.assert_close(out.double(), grad64, rtol=1e-5, atol=1e-6)
+    for in_place in (False, True):
+        x2, x3 = x.clone(), x.clone()
+        g2, g3 = (x2, x3) if in_place else (torch.full((C, V + 3), float("nan"))[:, :V] for _ in range(2))  # padded
+        assert torch.equal(ops.loss_grad(x2, y, 1 / 7, g2, **block), loss)
+        ops.grad(x3, y, lse, 1 / 7, g3, **block)
+        for g in (g2, g3):
+            torch.testing.assert_close(g.double(), grad64, rtol=1e-5, atol=1e-6)
 
 @needs_triton
 @pytest.mark.parametrize("k", [0.01, 0.6, 1.0])
 def test_fused_head_with_triton_kernels_equals_plain(k, monkeypatch):
-    monkeypatch.setattr(rho, "chunk_ops", lambda device: (rho.chunk_loss_triton, rho.chunk_grad_triton))
+    monkeypatch.setattr(rho, "chunk_ops", lambda device: rho.TRITON_OPS)
     assert_fused_equals_plain(*fused_case(), k, "batch", 7, dict(rtol=1e-5, atol=1e-6), monkeypatch)
 
 @needs_cuda
@@ -533,10 +538,14 @@ def recording_selection(monkeypatch=None):
         rho.train_step = train_step
     return masks
 
-def torchrun_child(rank, world, port, argv, record):
-    """One of `world` processes, as torchrun would start it."""
+def torchrun_child(rank, world, port, argv, record, kill_at=None):
+    """One of `world` processes, as torchrun starts it; killed (KeyboardInterrupt) as step kill_at begins."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    importlib.reload(rho)  # rho reads the environment at import: torchrun sets it before Python starts, spawn after
+    if kill_at is not None:
+        real = rho.lr_at
+        rho.lr_at = lambda s, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if s == kill_at else real(s, cfg)
     masks = recording_selection()
     rho.main(argv)
     torch.save(masks, f"{record}.{rank}.pt")
@@ -838,12 +847,6 @@ def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, wo
         masks = torchrun(world, argv, tmp_path / "sel")
     assert_same_run(out / select, tmp_path / select, runs[select], masks)
 
-def killed_child(rank, world, port, argv, step):
-    """torchrun_child, killed (KeyboardInterrupt) as step `step` begins."""
-    real = rho.lr_at
-    rho.lr_at = lambda s, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if s == step else real(s, cfg)
-    torchrun_child(rank, world, port, argv, None)
-
 def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path):
     """An FSDP2 run on 2 gloo processes, killed after its checkpoint of step 2, resumed by 1 process: the same
     selection and losses as the uninterrupted run of one process (the checkpoint holds whole tensors)."""
@@ -851,7 +854,8 @@ def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path
     os.symlink(out / "ref", tmp_path / "ref")
     argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--batch_size", "8", "--steps", "3",
             "--eval_every", "1", "--eval_problems", "0", "--name", "excess", "--lr", SPLIT_LR, "--fsdp"]
-    torch.multiprocessing.spawn(killed_child, args=(2, free_port(), argv, 2), nprocs=2)  # spawn hides the interrupt
+    # killed as step 2 begins, after its checkpoint; spawn hides the interrupt
+    torch.multiprocessing.spawn(torchrun_child, args=(2, free_port(), argv, None, 2), nprocs=2)
     assert torch.load(tmp_path / "excess" / "ckpt.pt", weights_only=True)["step"] == 2
     masks = torchrun(1, [*argv, "--resume"], tmp_path / "sel")
     assert torch.equal(masks[0], runs["excess"][2])
@@ -929,14 +933,14 @@ def test_error_reference_vocabulary_differs(demo, tmp_path):
         run(demo, tmp_path, "--clm", "--steps", "1", "--init_from", str(tmp_path / "ref" / "ckpt.pt"))
 
 def test_error_nan_loss_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
-    real, calls = rho.fused_slm_loss, {"n": 0}
+    real, calls = rho.fused_clm_loss, {"n": 0}
 
     def nan_at_third_step(*args):
-        loss, tok, sel = real(*args)
+        loss, tok = real(*args)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 3 else loss), tok, sel
+        return (loss * float("nan") if calls["n"] == 3 else loss), tok
 
-    monkeypatch.setattr(rho, "fused_slm_loss", nan_at_third_step)
+    monkeypatch.setattr(rho, "fused_clm_loss", nan_at_third_step)
     with pytest.raises(SystemExit, match=r"clm: the loss became nan at step 2: lower --lr \(e.g. --lr 0.001\) and "
                                          r"start again with --overwrite \(or another --name\); .*clm/ckpt.pt "
                                          r"\(step 2\) holds the last good weights$"):
