@@ -1,9 +1,7 @@
-"""
-rho.py: Selective Language Modeling (Rho-1: Lin et al. 2024, arXiv 2404.07965) in one file. The demo, in order:
-    python prepare.py; python rho.py --base; python rho.py --ref (then it scores every web token); python rho.py --clm
-    python rho.py --slm --k 0.6; python rho.py --slm --k 0.6 --select random (the control); python report.py
-At scale: torchrun --standalone --nproc_per_node 8 rho.py --slm --preset gpt2-owm --data data/owm --out out-owm
-"""
+"""rho.py: Selective Language Modeling (Rho-1: Lin et al. 2024, arXiv 2404.07965) in one file. The demo, in order:
+python prepare.py; python rho.py --base; python rho.py --ref (then it scores every web token); python rho.py --clm;
+python rho.py --slm --k 0.6; python rho.py --slm --k 0.6 --select random (the control); python report.py out
+At scale: torchrun --standalone --nproc_per_node 8 rho.py --slm --preset gpt2-owm --data data/owm --out out-owm"""
 import argparse
 import gc
 import hashlib
@@ -338,7 +336,7 @@ class Batch(NamedTuple):
 
 class Windows:  # a token file's windows; batch order is a function of (seed, step) alone: the same for every run
     def __init__(self, tokens, T, ref=None, labels=None, name="tokens"):
-        self.tokens, self.T, self.ref, self.labels, self.name = tokens, T, ref, labels, name
+        self.tokens, self.T, self.ref, self.labels, self.name, self.order = tokens, T, ref, labels, name, None
         self.n = (len(tokens) - 1) // T
         if self.n < 1:
             die(f"{name}: {len(tokens)} tokens, fewer than one window of {T + 1}: use a smaller --block_size")
@@ -356,7 +354,9 @@ class Windows:  # a token file's windows; batch order is a function of (seed, st
         if hi // B < 1:
             die(f"{self.name}: {hi} training windows of {self.T + 1} tokens, fewer than one batch: lower --batch_size")
         epoch, i = divmod(step, hi // B)
-        return np.random.default_rng([seed, epoch]).permutation(hi)[i * B:(i + 1) * B]
+        if self.order is None or self.order[0] != (seed, epoch, hi):  # one permutation an epoch, not one a step
+            self.order = (seed, epoch, hi), np.random.default_rng([seed, epoch]).permutation(hi)
+        return self.order[1][i * B:(i + 1) * B]
 
     def micro_batches(self, step, B, seed, device, hi, micro):  # this process's share (the RANK-th), in micro-batches
         share = B // WORLD
@@ -392,7 +392,8 @@ def load_ref_scores(cfg, meta, T):  # (--ref_run's scores, checked against the d
             f"{os.path.getsize(path) // (2 * dtype.itemsize):,} of {n_web:,} tokens): {redo}")
     if info["block_size"] != T:
         die(f"{path}: reference scores were computed with windows of {info['block_size']} tokens, this run uses "
-            f"{T}: pass --block_size {info['block_size']} so both models see the same context")
+            f"{T}: pass --block_size {info['block_size']} so both models see the same context (a model of fewer "
+            f"positions: train the reference model with --block_size {T} and score again)")
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_web, 2)), info["weights_sha256"]
 
 # -----------------------------------------------------------------------------
@@ -835,17 +836,15 @@ def percent(accuracy):
 def evaluate(model, ev, cfg, final=False):  # (measures, per-token records); the final one answers every problem
     model.eval()
     b = ev["web"].get(ev["web_val"], cfg.device)  # web_split keeps them to one batch
-    web = model_token_loss(model, b.x, b.y)  # (n_val, T)
+    web, n_web = model_token_loss(model, b.x, b.y), int((b.y != IGNORE).sum())  # (n_val, T), its valid targets
     hq_val, total, n = list(range(min(ev["hq"].n, max(128, 32768 // ev["hq"].T)))), 0.0, 0  # 128 windows or 32k tokens
     for i in range(0, len(hq_val), 32):
         hq = ev["hq"].get(hq_val[i:i + 32], cfg.device)
         total, n = total + model_token_loss(model, hq.x, hq.y).sum().item(), n + int((hq.y != IGNORE).sum())
     correct = answers(model, ev["problems"] if final else ev["problems"][:cfg.eval_problems], ev["enc"])
-    measures = {"val_loss_hq": round(total / n, 4),
-                "val_loss_web": round(web.sum().item() / int((b.y != IGNORE).sum()), 4),
+    measures = {"val_loss_hq": round(total / n, 4), "val_loss_web": round(web.sum().item() / n_web, 4),
                 "accuracy": accuracy(correct[:cfg.eval_problems])}
-    if final and correct:
-        measures["correct"] = correct
+    measures.update({"correct": correct} if final and correct else {})  # every answer of the final evaluation
     hq = ev["hq"].get(range(min(ev["hq"].n, 8)), cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: the training RNG stays untouched
     sel = select_tokens(web, b.y, b.ref, cfg.k, cfg.scope, cfg.select, gen)
@@ -854,11 +853,9 @@ def evaluate(model, ev, cfg, final=False):  # (measures, per-token records); the
 # -----------------------------------------------------------------------------
 # training: the base model (demo), the reference model (CLM on hq), continual pretraining (CLM or SLM on web)
 
-def run_name(cfg):
-    if cfg.name or cfg.mode != "slm":
-        return cfg.name or ("ref" if cfg.mode == "score" else cfg.mode)
-    return f"slm-k{cfg.k:g}" + ("" if cfg.select == "excess" else f"-{cfg.select}") + \
-        ("" if cfg.scope == "batch" else f"-{cfg.scope}")
+def run_name(cfg):  # base, ref, clm, slm-k0.6[-select][-scope]
+    rule = ("" if cfg.select == "excess" else f"-{cfg.select}") + ("" if cfg.scope == "batch" else f"-{cfg.scope}")
+    return cfg.name or ("ref" if cfg.mode == "score" else f"slm-k{cfg.k:g}{rule}" if cfg.mode == "slm" else cfg.mode)
 
 def save_checkpoint(path, model, states, gen, step, cfg, meta, state):
     try:
@@ -1094,8 +1091,10 @@ def split_step(cfg):  # sequences per forward on each process, checked against t
     return cfg.micro_batch or share
 
 def stop_non_finite(what, value, step, name, cfg, state, ckpt_path):  # before the optimizer step: no NaN checkpoint
-    last = f"; {ckpt_path} (step {state['history'][-1]['step']}) holds the last good weights" if state["history"] \
-        else ""
+    h, folder = state["history"], os.path.dirname(ckpt_path)
+    if not h and RANK == 0 and not os.listdir(folder):
+        os.rmdir(folder)  # the folder this run made, still empty: nothing is left behind
+    last = f"; {ckpt_path} (step {h[-1]['step']}) holds the last good weights" if h else ""
     die(f"{name}: the {what} became {value} at step {step}: lower --lr (e.g. --lr {cfg.lr / 3:.2g}) and start again "
         f"with --overwrite (or another --name){last}")
 
@@ -1240,6 +1239,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Selective Language Modeling (Rho-1): the reference model, scoring, SLM "
                                 "and CLM continual pretraining.", argument_default=argparse.SUPPRESS,
                                 allow_abbrev=False)  # --batch is not --batch_size
+    if "--compare" in (sys.argv[1:] if argv is None else argv):
+        die("--compare: the comparison of runs is report.py's: python report.py OUT [OUT ...]")
     p.error = lambda msg: die(f"{msg} (python rho.py --help lists the flags; abbreviations of them are not accepted)")
     job = p.add_mutually_exclusive_group(required=True)
     for mode, text in MODES.items():
@@ -1288,7 +1289,8 @@ def main(argv=None):
                   f"--resume --name {name}`, with the flags it was started with, writes it and keeps these scores")
         return info
     except OSError as e:  # a full disk or a lost folder mid-run: a killed or failed run resumes
-        die(f"{e.filename or cfg.out}: {e.strerror or e}: free space or fix the folder, then run again with --resume")
+        again = "the same command again" if cfg.mode == "score" else "again with --resume"  # finished blocks kept
+        die(f"{e.filename or cfg.out}: {e.strerror or e}: free space or fix the folder, then run {again}")
     finally:
         if dist.is_initialized():  # free DDP's reference cycles first: a gloo group left at interpreter exit can abort
             gc.collect()

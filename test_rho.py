@@ -1087,8 +1087,23 @@ def test_errors_at_start_leave_nothing_and_disk_errors_are_one_line(demo, tmp_pa
     run(demo, tmp_path, "--ref", "--steps", "1", "--name", "r", "--score_batch", "8")
     os.remove(tmp_path / "r" / "ref_scores.bin")
     monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.raises(SystemExit, match=r"No space left on device: free space or fix the folder, then run again"):
+    with pytest.raises(SystemExit, match=r"No space left on device: free space or fix the folder, then run the same "
+                                         r"command again$"):  # --score resumes without --resume
         score(demo, tmp_path, "--name", "r")
+
+def test_errors_that_used_to_loop_or_leave_folders(demo, tmp_path):
+    """--compare points to report.py; a run stopped by NaN before its first checkpoint leaves no empty folder; the
+    advice for scores of a wider context says what to do when the model has fewer positions."""
+    with pytest.raises(SystemExit, match=r"^error: --compare: the comparison of runs is report.py's: python report.py"):
+        rho.parse_args(["--compare", "out"])
+    with pytest.raises(SystemExit, match=r"nan2: the loss became nan at step 1: lower --lr"):
+        run(demo, tmp_path, "--clm", "--lr", "1e30", "--steps", "2", "--name", "nan2")
+    assert not (tmp_path / "nan2").exists()
+    run(demo, tmp_path, "--base", "--steps", "1", "--block_size", "16", "--name", "base16")
+    run(demo, tmp_path, "--ref", "--steps", "1")  # scores of windows of 32 tokens
+    with pytest.raises(SystemExit, match=r"this run uses 16: pass --block_size 32 .*\(a model of fewer positions: "
+                                         r"train the reference model with --block_size 16 and score again\)$"):
+        run(demo, tmp_path, "--slm", "--steps", "1", "--init_from", "base16", "--block_size", "16")
 
 def test_slm_can_crop_its_base_to_the_reference_context(demo, tmp_path):
     """The advice for scores of another context works for a base checkpoint: --block_size crops its context."""
