@@ -24,44 +24,8 @@ Head implementations (case head), all forward and backward of the loss from hidd
 TFLOP/s counts the head's useful work: 6 N d V for CLM, (2 + 6k) N d V for SLM; on a GPU, as a share of the bf16
 matmul ceiling measured in the same run.
 
-Measured on a 2-core x86-64 CPU (AVX2), torch 2.13.0, 2 threads: `python bench.py` (12 minutes). On this CPU
-the peers' wheels (CUDA-only) are skipped; ms/CLM and mem/CLM are against naive CLM (head) or the CLM step.
-
-    case  impl                     N    d      V        ms   peak MB  ms/CLM  mem/CLM ms/best  TFLOP/s
-    head  naive_clm             1024  128    320       5.4      20.8    1.00    1.000     1.0    0.046
-    head  naive_slm             1024  128    320      11.2      20.4    2.07    0.981   2.072    0.021
-    head  fused_clm             1024  128    320      10.6      12.7    1.95    0.611   1.947    0.024
-    head  fused_slm             1024  128    320      12.4      13.5    2.29    0.649   2.287    0.019
-    head  torch_lce             1024  128    320       8.6      77.8    1.58    3.740   1.578    0.029
-    head  torch_lce_slm         1024  128    320      10.9      80.6    2.02    3.875   2.017    0.021
-    head  naive_clm             8192  768  50304   33555.1    4754.9    1.00    1.000   1.016    0.057
-    head  naive_slm             8192  768  50304   34736.0    4759.0    1.03    1.001   1.052    0.051
-    head  fused_clm             8192  768  50304   33016.2     214.0    0.98    0.045     1.0    0.058
-    head  fused_slm             8192  768  50304   32720.7     217.5    0.97    0.046   0.991    0.054
-    head  torch_lce             8192  768  50304   38319.0     462.9    1.14    0.097   1.161     0.05
-    head  torch_lce_slm         8192  768  50304   39447.6     470.8    1.18    0.099   1.195    0.045
-    step  clm                   1024  128    320      41.6      38.8    1.00    1.000
-    step  slm_stored            1024  128    320      42.6      39.0    1.02    1.005
-    step  slm_online            1024  128    320      59.2      42.5    1.43    1.095
-    step  score                 1024  128    320      16.1      22.1    0.39    0.570
-
-`python bench.py --cases train` (GPT-2 small, 2 x 1,024 tokens a step, float32, AdamW) on a 2-core AVX-512 Xeon
-shared with other work: 5 rounds, a fresh process per measurement, CLM and SLM interleaved (11 minutes at a load
-of 8-15 in rounds 1-3, 10 s a step in the quiet rounds 4-5); ms/CLM is against the CLM of the same round:
-
-    impl                  median ms          min-max  ms/CLM     min-max FLOPs/CLM   trunk   attn   head  select   total
-    clm                     26911.0     10175-138481   1.000 1.000-1.000     1.000    1045    232    474       0    1751
-    slm                     21166.8      9829-160112   0.987 0.749-1.156     0.982    1045    232    443       0    1720
-    slm_split               13535.6      13127-41380   1.280 0.299-1.411     1.315    1045    232    443     584    2304
-
-At GPT-2 small's head rho's CLM head is the fastest CLM (0.98x naive, 0.86x torch_lce) in 4.5% of naive's memory;
-the fused SLM head takes 0.99x its time (the count: 0.93x) and 0.83x torch_lce_slm's. At the demo's V = 320 the
-chunked heads cost about 2x naive's milliseconds. The GPT-2 step: SLM in one forward 0.99x CLM's (0.97x and 0.99x
-in the two quiet rounds; the FLOP count: 0.98x, as the head is 27% of the step's FLOPs and SLM saves 7% of it; on a
-CPU the head's softmax passes over N x V, which selection does not shorten, cost beside its GEMMs, so the saving is
-smaller still: the fused SLM head alone is 0.99x the CLM head above); in two micro-batches (with the selection
-pass's no-grad forward) 1.28x (1.28x and 1.33x quiet; the count: 1.31x). A single run's ratio (0.82x, 0.95x) is
-the machine's noise: it spans 0.75x-1.16x across these rounds.
+The figures, each with its command and machine: README.md, "Efficiency". On a CPU the peers' wheels (CUDA-only) are
+skipped; ms/CLM and mem/CLM are against naive CLM (head) or the CLM step of the same case.
 """
 import argparse
 import contextlib
