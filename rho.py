@@ -412,9 +412,8 @@ def n_select(k, n):  # ceil(k * n), at least 1 where n >= 1; n a count or a tens
     return torch.maximum(torch.ceil(torch.round(k * n * 1e6) / 1e6), (n > 0).double())
 
 def rank_of(score, valid, scope):
-    """Each token's place (0: the highest score) among the valid tokens of its group: the step (scope batch) or its
-    row (sequence). Not topk: under scope sequence each row has its own count, and topk leaves the order of ties
-    unspecified; a stable sort puts the lower index first, so runs are deterministic."""
+    """Each token's place (0: the highest score) among the valid tokens of its group: the step (scope batch) or row.
+    Not topk: rows need their own counts, and topk orders ties arbitrarily; a stable sort puts the lower index first."""
     shape = score.shape
     if scope == "batch":
         score, valid = score.reshape(1, -1), valid.reshape(1, -1)
@@ -624,6 +623,10 @@ def head_loss_grad(h, w, y, dtype, scale):  # CLM: every row's loss and the grad
         addmm_fp32_(dw, g[:c].t(), hc[i:i + c])  # dW += G^T H
     return loss, dh, dw
 
+def first_derivative_only():  # both heads' backward: grad is enabled only under create_graph, where a second
+    if torch.is_grad_enabled():  # derivative through these constant gradients would be zero, silently
+        raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
+
 class FullHeadLoss(torch.autograd.Function):  # CLM: (sum / n, every token's loss); gradients from the forward
     @staticmethod
     def forward(ctx, h, w, y, n, dtype):
@@ -634,8 +637,7 @@ class FullHeadLoss(torch.autograd.Function):  # CLM: (sum / n, every token's los
 
     @staticmethod
     def backward(ctx, grad, _token_loss_grad):  # every token's loss is non-differentiable: no gradient comes
-        if torch.is_grad_enabled():  # only under create_graph: a second derivative would be zero, silently
-            raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
+        first_derivative_only()
         dh, dw = ctx.saved_tensors
         return dh * grad, dw * grad, None, None, None  # a (V, C) fp32 temporary, for a moment
 
@@ -649,8 +651,7 @@ class SelectedHeadLoss(torch.autograd.Function):  # SLM: the given losses of I_k
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():  # as FullHeadLoss's
-            raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
+        first_derivative_only()
         h, w, y, lse, idx = ctx.saved_tensors
         hc, wc = h.to(ctx.dtype), w.to(ctx.dtype)
         (rows, x, g), grad_fn = buffers(len(idx), w.shape[0], h.device, ctx.dtype), chunk_ops(h.device).grad
@@ -796,9 +797,8 @@ def eval_sets(cfg, meta, web):  # hq val windows, web's val windows, the held-ou
 
 @torch.no_grad()
 def generate(model, prompts, max_new, done=None):  # greedy, left-padded, until done(a row's new tokens) for every row
-    T, device = model.config.block_size, model.lm_head.weight.device
-    max_new = min(max_new, T // 2)
-    prompts = [p[-(T - max_new):] for p in prompts]  # prompt and generated tokens fit the context
+    max_new, device = min(max_new, model.config.block_size // 2), model.lm_head.weight.device
+    prompts = [p[-(model.config.block_size - max_new):] for p in prompts]  # prompt and generated tokens fit the context
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
