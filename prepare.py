@@ -468,7 +468,7 @@ def write_demo_corpus(path, enc, docs, index, keep, files, n_tokens=0, labels_pa
         lw.close()
     return w.close(), n_docs, int(n_caught), per_kind
 
-def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=1000, web_tokens=6_300_000,
+def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=1000, web_tokens=4_700_000,
                  base_tokens=1_250_000):
     """Builds the embedded default. hq, web and eval draw problems from one family. The held-out problems (hq_val and
     eval) are drawn first; hq_train and the web posts then draw only problems whose question shares no 13-word run
@@ -992,7 +992,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="seed of the embedded demo corpus")
     p.add_argument("--max_web_tokens", type=int, default=0, help="stop reading the web sources after about this many "
                    "tokens (a large stream or many shards; meta.json records where it stopped); default: read them all")
-    p.add_argument("--web_tokens", type=int, default=6_300_000, help="size of the demo web corpus in tokens")
+    p.add_argument("--web_tokens", type=int, default=4_700_000, help="size of the demo web corpus in tokens")
     p.add_argument("--base_tokens", type=int, default=1_250_000, help="size of the demo base corpus "
                    "(general web) in tokens")
     p.add_argument("--keep_contaminated", action="store_true", help="keep the training documents that share a "

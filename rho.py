@@ -53,7 +53,7 @@ class RunConfig:  # every field but mode is a flag, with its --help
     out: str = flag("out", "runs folder")
     name: str = flag("", "run name (default: base, ref, clm, slm-k0.6, ...)")
     ref_run: str = flag("ref", "--slm: the reference run whose scores it reads")
-    steps: int = flag(1200, "optimizer steps (the default preset, demo: --ref 2000, --clm and --slm 6000)")
+    steps: int = flag(1200, "optimizer steps (the default preset, demo: --ref 2000, --clm and --slm 4500)")
     batch_size: int = flag(16, "sequences per step")
     lr: float = flag(3e-3, "peak learning rate (warmup, then cosine to 10%%)")
     warmup: int = flag(20, "steps of linear warmup (default 20, or a preset's, but at most a tenth of --steps)")
@@ -80,8 +80,8 @@ class RunConfig:  # every field but mode is a flag, with its --help
     device: str = flag("cpu", "cpu, cuda or cuda:N")
 
 PRESETS = {  # --preset NAME: defaults for every flag it names (explicit flags win); {mode: value}: one per mode
-    # the demo: the reference model past its accuracy transition; continual pretraining 3x its tokens (the paper: 10x)
-    "demo": {"eval_every": 200, "steps": {"ref": 2000, "clm": 6000, "slm": 6000}},
+    # the demo: the reference model past its accuracy transition; continual pretraining 2.25x its tokens (paper: 10x)
+    "demo": {"eval_every": 200, "steps": {"ref": 2000, "clm": 4500, "slm": 4500}},
     # the paper's setting at small scale: GPT-2 124M; the reference model 315M tokens (3 epochs of ~100M hq), CPT 1.05B
     "gpt2-owm": {"init_from": "hf:gpt2", "block_size": 1024, "batch_size": 512, "micro_batch": 32, "warmup": 100,
                  "eval_every": 250, "eval_problems": 200, "compile": True, "k": 0.6,
