@@ -4,13 +4,16 @@ python rho.py --slm --k 0.6; python rho.py --slm --k 0.6 --select random (the co
 At scale: torchrun --standalone --nproc_per_node 8 rho.py --slm --preset gpt2-owm --data data/owm --out out-owm"""
 import argparse
 import gc
+import glob
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -70,6 +73,8 @@ class RunConfig:  # every field but mode is a flag, with its --help
     act_ckpt: bool = flag(False, "recompute each block's activations in the backward (less memory, more compute)")
     score_batch: int = flag(64, "windows per forward when scoring")
     score_dtype: str = flag("float32", "--ref, --score: the scores' dtype, float32 or float16 (bench.py --score_dtype)")
+    scores: str = flag("loss,entropy", "--ref, --score: what is stored of each web token: L_RM and H_RM, or loss (L_RM "
+                       "alone, half the file: --select entropy and ref_entropy read H_RM)")
     eval_every: int = flag(100, "steps between evaluations and checkpoints")
     eval_problems: int = flag(200, "held-out problems for answer accuracy")
     init_from: str = flag("", "a run in --out (the demo's default: base), a ckpt.pt, scratch, or a transformers causal "
@@ -252,19 +257,28 @@ def wrap(model, cfg):  # --act_ckpt: recompute each block in the backward; --fsd
         register_fsdp_forward_method(fully_shard(model, mp_policy=mp, reshard_after_forward=False), "decode")
     return model
 
-def full_states(model, opt, cfg):  # whole state_dicts: under FSDP gathered from every process (all must call it)
-    if not cfg.fsdp:
-        return model.state_dict(), opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, opt, options=whole)
+def save_states(model, opt, cfg, ckpt_path, step):  # what ckpt.pt holds of the model and the optimizer: their
+    if not cfg.fsdp:  # state_dicts; under FSDP the name of a torch.distributed.checkpoint folder beside it, where
+        return model.state_dict(), opt.state_dict()  # each process wrote its shards, never whole on one (all call it)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    shards = f"{ckpt_path[:-len('.pt')]}-{step}.dcp"
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=shards)
+    return os.path.basename(shards), None
 
-def load_states(model, opt, ckpt, cfg):  # full_states back, on any number of processes (FSDP shards them as it loads)
-    if not cfg.fsdp:
+def load_states(model, opt, ckpt, cfg, path):  # save_states back, on any number of processes (resharded as read)
+    shards, states = isinstance(ckpt["model"], str), ckpt  # shards: an FSDP run's, read in this run's layout
+    if not shards and not cfg.fsdp:
         return model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+    if shards:
+        states = {"model": sd.get_model_state_dict(model), "optimizer": sd.get_optimizer_state_dict(model, opt)}
+        dcp.load(states, checkpoint_id=os.path.join(os.path.dirname(path), ckpt["model"]))
+    whole = sd.StateDictOptions(full_state_dict=not shards)
+    sd.set_model_state_dict(model, states["model"], options=whole)
+    sd.set_optimizer_state_dict(model, opt, states["optimizer"], options=whole)
 
 def gather_rows(t):  # every process's rows of t in rank order: the whole step's rows
     if WORLD == 1:
@@ -346,6 +360,7 @@ class Windows:  # a token file's windows; batch order is a function of (seed, st
         targets = lambda a, dtype: torch.from_numpy(np.stack([a[w * self.T + 1:(w + 1) * self.T + 1] for w in ws])
                                                     .astype(dtype)).to(device)  # aligned with the targets
         ref = torch.zeros(len(ws), self.T, 2, device=device) if self.ref is None else targets(self.ref, np.float32)
+        ref = F.pad(ref, (0, 1), value=math.nan) if ref.shape[-1] == 1 else ref  # --scores loss: no H_RM
         labels = None if self.labels is None else targets(self.labels, self.labels.dtype)
         x = x.to(device)
         return Batch(x[:, :-1], x[:, 1:], ref, labels)
@@ -384,17 +399,19 @@ def load_ref_scores(cfg, meta, T):  # (--ref_run's scores, checked against the d
         ref = "" if cfg.ref_run == "ref" else f" --name {cfg.ref_run}"
         die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
     info = read_json(path + ".json")
-    dtype = np.dtype(info.get("score_dtype", "float32"))
+    dtype, C = score_layout(info)
     if "weights_sha256" not in info:
         die(f"{path}: scored by an older rho, without the reference model's fingerprint: {redo}")
-    if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != 2 * dtype.itemsize * n_web:  # sha: encoding
+    if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != C * dtype.itemsize * n_web:  # sha: encoding
         die(f"{path}: reference scores do not match {cfg.data} (computed for {info['data']}, or cut short: "
-            f"{os.path.getsize(path) // (2 * dtype.itemsize):,} of {n_web:,} tokens): {redo}")
+            f"{os.path.getsize(path) // (C * dtype.itemsize):,} of {n_web:,} tokens): {redo}")
+    if C == 1 and cfg.select in ("entropy", "ref_entropy"):
+        die(f"{path}: holds L_RM alone (scored with --scores loss); --select {cfg.select} reads H_RM too: {redo}")
     if info["block_size"] != T:
         die(f"{path}: reference scores were computed with windows of {info['block_size']} tokens, this run uses "
             f"{T}: pass --block_size {info['block_size']} so both models see the same context (a model of fewer "
             f"positions: train the reference model with --block_size {T} and score again)")
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n_web, 2)), info["weights_sha256"]
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_web, C)), info["weights_sha256"]
 
 # -----------------------------------------------------------------------------
 # the SLM loss (Rho-1, Sec. 2.2):  L_SLM = -1/(N*k) * sum_i I_k(x_i) * log P_theta(x_i | x_<i)
@@ -696,18 +713,21 @@ def weights_sha256(model):  # a resumed scoring run must use the same reference 
         sha.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
     return sha.hexdigest()
 
+def score_layout(info):  # the scores' dtype and columns: L_RM, then H_RM unless scored with --scores loss
+    return np.dtype(info.get("score_dtype", "float32")), len(info.get("scores", "loss,entropy").split(","))
+
 def same_scores(old, info):
     return all(old.get(key) == info[key] for key in ("n_tokens", "block_size", "data_sha256", "weights_sha256"))
 
 def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
     """Creates (a resume keeps) <path>.partial, .done (a byte per block), .partial.json: (its json, the done flags)."""
     info = {"n_tokens": n_tokens, "block_size": T, "score_batch": cfg.score_batch, "data_sha256": meta["sha256"],
-            "weights_sha256": weights, "score_dtype": cfg.score_dtype}
-    dtype = np.dtype(cfg.score_dtype)
+            "weights_sha256": weights, "score_dtype": cfg.score_dtype, "scores": cfg.scores}
+    dtype, C = score_layout(info)
     if RANK == 0:
         old = read_json(path + ".partial.json") if os.path.isfile(path + ".partial.json") else {}
         done = read_json(path + ".json") if os.path.isfile(path) and os.path.isfile(path + ".json") else None
-        if done and same_scores(done, info) and os.path.getsize(path) == 2 * dtype.itemsize * n_tokens:
+        if done and same_scores(done, info) and os.path.getsize(path) == C * dtype.itemsize * n_tokens:
             print(f"score: {path} already holds this model's scores of {cfg.data}: kept")
         elif done and not same_scores(done, info) and not cfg.overwrite:
             run = os.path.dirname(path)
@@ -722,10 +742,10 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
                 if os.path.exists(stale):
                     os.remove(stale)
             with open(path + ".partial.tmp", "wb") as f:  # sparse zeros; NaN where no window predicts a token
-                f.truncate(2 * dtype.itemsize * n_tokens)
+                f.truncate(C * dtype.itemsize * n_tokens)
                 tail = n_windows * T + 1  # token 0 and the tokens after the last window
                 for at, n in ((0, 1), (tail, n_tokens - tail)):
-                    os.pwrite(f.fileno(), np.full(2 * n, np.nan, dtype).tobytes(), 2 * dtype.itemsize * at)
+                    os.pwrite(f.fileno(), np.full(C * n, np.nan, dtype).tobytes(), C * dtype.itemsize * at)
             write_atomic(path + ".done", bytes(-(-n_windows // info["score_batch"])))
             os.replace(path + ".partial.tmp", path + ".partial")
             write_json(path + ".partial.json", info)
@@ -745,7 +765,7 @@ def score_web(model, meta, cfg, run):
     if info is None:
         return read_json(path + ".json")
     B, todo = info["score_batch"], [b for b in range(len(done)) if not done[b] and b % WORLD == RANK]
-    dtype = np.dtype(info.get("score_dtype", "float32"))  # a resume keeps the dtype it started with
+    dtype, C = score_layout(info)  # a resume keeps the layout it started with
     t0 = t_sync = time.time()
     marks, n_scored = [], 0
     with open(path + ".partial", "r+b") as out, open(path + ".done", "r+b") as flags:
@@ -753,9 +773,10 @@ def score_web(model, meta, cfg, run):
             ws = range(b * B, min(b * B + B, web.n))  # consecutive windows: their targets are consecutive tokens
             batch = web.get(ws, cfg.device)
             with autocast(cfg):
-                scores = torch.stack(model_token_loss(model, batch.x, batch.y, entropy=True), -1)  # (len(ws), T, 2)
+                scores = model_token_loss(model, batch.x, batch.y, entropy=C == 2)
+            scores = torch.stack(scores, -1) if C == 2 else scores[..., None]  # (len(ws), T, C)
             os.pwrite(out.fileno(), scores.float().cpu().numpy().astype(dtype).tobytes(),
-                      2 * dtype.itemsize * (ws[0] * T + 1))
+                      C * dtype.itemsize * (ws[0] * T + 1))
             marks.append(b)
             n_scored += len(ws) * T
             if time.time() - t_sync > 30 or i == len(todo) - 1:  # the scores on disk first, then their marks
@@ -872,6 +893,9 @@ def save_checkpoint(path, model, states, gen, step, cfg, meta, state):
             "no earlier checkpoint"
         die(f"{path}: could not write the checkpoint ({str(e).strip().splitlines()[-1]}); {last}: free disk space, "
             "then run again with --resume")
+    if isinstance(states[0], str):  # an FSDP run: its earlier shards go once ckpt.pt names the new ones
+        for old in set(glob.glob(path[:-len(".pt")] + "-*.dcp")) - {os.path.join(os.path.dirname(path), states[0])}:
+            shutil.rmtree(old)
 
 def load_checkpoint(path, meta=None, what="checkpoint"):
     if not os.path.isfile(path):
@@ -890,12 +914,22 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
             f"train a new model")
     return ckpt
 
+def whole_weights(ckpt, path, model):  # a checkpoint's state_dict; an FSDP run's read from its shards into model's
+    if not isinstance(ckpt["model"], str):
+        return ckpt["model"]
+    import torch.distributed.checkpoint as dcp
+    sd = model().state_dict()
+    with warnings.catch_warnings(action="ignore", category=UserWarning):  # its "assuming ... a single process"
+        dcp.load({"model": sd}, checkpoint_id=os.path.join(os.path.dirname(path), ckpt["model"]), no_dist=True)
+    return sd
+
 def model_of(ckpt, block_size, path):  # a checkpoint's model, ours or transformers', its context cropped (nanoGPT)
     if "hf_config" in ckpt:
         model = load_hf(path, block_size or ckpt["model_config"]["block_size"], ckpt["hf_config"])
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(whole_weights(ckpt, path, lambda: model))
         return model
-    shape, sd = GPTConfig(**ckpt["model_config"]), ckpt["model"]
+    shape = GPTConfig(**ckpt["model_config"])
+    sd = whole_weights(ckpt, path, lambda: GPT(shape))
     T = block_size or shape.block_size
     if T > shape.block_size:
         die(f"--block_size {T}: {path} has {shape.block_size} positions; pass --block_size {shape.block_size} or less")
@@ -1060,6 +1094,7 @@ RUN_FILES = ("ckpt.pt", "metrics.json", "tokens.npz", "ref_scores.bin", "ref_sco
 
 def earlier_run(out_dir, cfg):  # refuses an earlier run's files unless --resume or --overwrite
     old = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    old += [os.path.basename(d) for d in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.dcp")))]  # FSDP's shards
     if old and not (cfg.resume or cfg.overwrite):
         die(f"{out_dir}: holds a{' finished' if 'metrics.json' in old else 'n unfinished'} run ({', '.join(old)}): "
             "--resume continues it, --overwrite replaces it, --name NAME starts this one beside it")
@@ -1073,7 +1108,7 @@ def claim(out_dir, old, cfg):  # the run's folder, once every check passed; test
     except OSError as e:
         die(f"{out_dir}: cannot write the run there ({e.strerror}): pass another --out")
     for f in old if cfg.overwrite else ():
-        os.remove(os.path.join(out_dir, f))
+        (shutil.rmtree if f.endswith(".dcp") else os.remove)(os.path.join(out_dir, f))
 
 def adamw(model, cfg):  # weight decay on matrices and embeddings, not biases and LayerNorm gains (nanoGPT)
     params = list(model.parameters())  # tied weights once
@@ -1122,7 +1157,7 @@ def train(cfg, shape):
             die(f"--resume: {cfg.out}/{cfg.ref_run}/ref_scores.bin now holds the scores of another reference model "
                 f"than the one {ckpt_path} trained with (was --ref run again?): restore those scores, or start "
                 "this run again with --overwrite")
-        load_states(model, opt, ckpt, cfg)
+        load_states(model, opt, ckpt, cfg, ckpt_path)
         gen.set_state(ckpt["rng"])
         start, state = ckpt["step"], ckpt["state"]
     if master:
@@ -1166,7 +1201,7 @@ def train(cfg, shape):
                 sum_ranks(counts)
             if master or cfg.fsdp:  # under FSDP every process takes part in the evaluation's forwards
                 measures, records = evaluate(model, ev, cfg, step + 1 == cfg.steps)
-                states = full_states(model, opt, cfg)
+                states = save_states(model, opt, cfg, ckpt_path, step + 1)
             if master:
                 measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s
                 n, dt = step + 1 - last, now - t_last
@@ -1181,6 +1216,7 @@ def train(cfg, shape):
     extra = {"eval_problems": len(ev["problems"][:cfg.eval_problems])}
     if cfg.mode == "ref":  # every process scores its share
         if cfg.fsdp:  # scoring needs no gradients or optimizer: each process scores with the whole model
+            dist.barrier()  # once rank 0 has written the last ckpt.pt
             model = model_of(load_checkpoint(ckpt_path), None, ckpt_path).to(cfg.device)
         info = score_web(model, meta, cfg, name)
         extra.update(score_s=info["score_s"], score_tok_s=info["score_tok_s"])
@@ -1198,13 +1234,13 @@ MODES = {"base": "train a base model on the general corpus (base.bin; the demo h
          "slm": "continual pretraining on web with the SLM loss (--k, --select, --scope)"}
 CHOICES = {"select": ("excess", "random", "ref", "entropy", "ref_entropy", "train", "sample"), "preset": ("", *PRESETS),
            "scope": ("batch", "sequence"), "dtype": ("auto", "float32", "bfloat16"),
-           "score_dtype": ("float32", "float16")}
+           "score_dtype": ("float32", "float16"), "scores": ("loss,entropy", "loss")}
 
 # the flags each mode reads beyond the data, the output and the device; any other flag given is refused
 SHAPE, SLM_FLAGS = ("block_size", "n_layer", "n_head", "n_embd"), {"k", "select", "scope", "ref_run"}
 RUN_FLAGS = {f.name for f in fields(RunConfig)} - SLM_FLAGS - {"mode", "data", "out", "device"} | set(SHAPE)
 MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | SLM_FLAGS,
-              "score": {"name", "score_batch", "score_dtype", "dtype", "overwrite"}}
+              "score": {"name", "score_batch", "score_dtype", "scores", "dtype", "overwrite"}}
 
 def check_flags(a, mode, given):  # bad values and flags the mode ignores, one line each, before anything runs
     ignored = sorted(given - MODE_FLAGS[mode] - {"data", "out", "device"})

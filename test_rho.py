@@ -608,15 +608,24 @@ def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_proc
     assert np.array_equal(np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float32), whole, equal_nan=True)
     assert json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())["processes"] == 2
 
-def test_float16_scores_are_the_float32_ones_rounded_and_train(demo, one_process, tmp_path):
-    """--score_dtype float16: 4 bytes a web token, each the float32 score rounded; an SLM run reads them."""
+def test_float16_and_loss_only_scores_are_the_float32_ones_rounded_and_train(demo, one_process, tmp_path):
+    """--score_dtype float16: 4 bytes a web token, each the float32 score rounded; an SLM run reads them. --scores
+    loss: L_RM alone, 2 bytes a token; excess selects the same tokens from it; a rule that reads H_RM is refused."""
     out, _ = one_process
     run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--score_dtype", "float16")
     half = np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float16)
     full = np.fromfile(out / "ref" / "ref_scores.bin", np.float32)
     assert half.nbytes * 2 == full.nbytes and np.array_equal(half, full.astype(np.float16), equal_nan=True)
-    m = run(demo, tmp_path, "--slm", "--steps", "1", "--eval_every", "1", "--eval_problems", "0")
-    assert m["tokens_trained"] == math.ceil(0.6 * 4 * 32)
+    slm = ("--slm", "--steps", "2", "--eval_every", "1", "--eval_problems", "0")
+    m = run(demo, tmp_path, *slm)
+    assert m["tokens_trained"] == 2 * math.ceil(0.6 * 4 * 32)
+    score(demo, tmp_path, "--scores", "loss", "--score_dtype", "float16")  # the same model: its file is replaced
+    loss_only = np.fromfile(tmp_path / "ref" / "ref_scores.bin", np.float16)
+    assert np.array_equal(loss_only, half[0::2], equal_nan=True)
+    assert run(demo, tmp_path, *slm, "--name", "loss-only")["losses"] == m["losses"]
+    with pytest.raises(SystemExit, match=r"^error: .*ref_scores.bin: holds L_RM alone \(scored with --scores loss\); "
+                       r"--select entropy reads H_RM too: re-run `python rho.py --score --name ref --data .*`$"):
+        run(demo, tmp_path, *slm, "--select", "entropy")
 
 # -----------------------------------------------------------------------------
 # evaluation: batched generation against one prompt at a time
@@ -849,18 +858,28 @@ def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, wo
 
 def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path):
     """An FSDP2 run on 2 gloo processes, killed after its checkpoint of step 2, resumed by 1 process: the same
-    selection and losses as the uninterrupted run of one process (the checkpoint holds whole tensors)."""
+    selection and losses as the uninterrupted run of one process. Its checkpoints are torch.distributed.checkpoint
+    shards (ckpt.pt names their folder), resharded as they are read; a run without FSDP starts from them."""
     out, runs = one_process
     os.symlink(out / "ref", tmp_path / "ref")
     argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--batch_size", "8", "--steps", "3",
             "--eval_every", "1", "--eval_problems", "0", "--name", "excess", "--lr", SPLIT_LR, "--fsdp"]
     # killed as step 2 begins, after its checkpoint; spawn hides the interrupt
     torch.multiprocessing.spawn(torchrun_child, args=(2, free_port(), argv, None, 2), nprocs=2)
-    assert torch.load(tmp_path / "excess" / "ckpt.pt", weights_only=True)["step"] == 2
+    ckpt = torch.load(tmp_path / "excess" / "ckpt.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["model"]) == (2, "ckpt-2.dcp")
+    assert [p.name for p in (tmp_path / "excess").glob("*.dcp")] == ["ckpt-2.dcp"]  # step 1's removed
     masks = torchrun(1, [*argv, "--resume"], tmp_path / "sel")
     assert torch.equal(masks[0], runs["excess"][2])
     m, want = (json.loads((d / "excess" / "metrics.json").read_text()) for d in (tmp_path, out))
     np.testing.assert_allclose(m["losses"], want["losses"], rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*(weights(d / "excess").values()
+                                                                           for d in (out, tmp_path))))
+    assert rho.earlier_run(str(tmp_path / "excess"), rho.RunConfig(resume=True))[-1] == "ckpt-3.dcp"
+    cont = run(demo, tmp_path, "--clm", "--steps", "1", "--eval_every", "1", "--eval_problems", "0", "--name", "c",
+               "--init_from", "excess")
+    path = str(tmp_path / "excess" / "ckpt.pt")
+    assert cont["init_sha256"] == rho.weights_sha256(rho.model_of(rho.load_checkpoint(path), None, path))
     with pytest.raises(SystemExit, match=r"^error: --fsdp: shards the model across torchrun's processes"):
         rho.main(argv)
 
@@ -870,8 +889,12 @@ def assert_same_run(a, b, masks_a, masks_b):
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     assert ma["tokens_trained"] == mb["tokens_trained"] and ma["noise_in_selected"] == mb["noise_in_selected"]
     np.testing.assert_allclose(ma["losses"], mb["losses"], rtol=1e-5)
-    wa, wb = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (a, b))
+    wa, wb = weights(a), weights(b)
     assert all(torch.allclose(wa[n], wb[n], rtol=1e-4, atol=1e-6) for n in wa)
+
+def weights(run):  # a run's whole weights: its ckpt.pt, or the FSDP shards it names
+    path = str(run / "ckpt.pt")
+    return rho.model_of(rho.load_checkpoint(path), None, path).state_dict()
 
 def test_init_from_starts_from_base_weights(demo, tmp_path):
     run(demo, tmp_path, "--base", "--steps", "10", "--eval_every", "10", "--lr", "1e-2")
