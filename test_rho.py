@@ -883,6 +883,16 @@ def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path
     with pytest.raises(SystemExit, match=r"^error: --fsdp: shards the model across torchrun's processes"):
         rho.main(argv)
 
+def test_fsdp_reference_run_scores_with_its_shards(demo, tmp_path):
+    """--ref under FSDP on 2 gloo processes: its checkpoint is shards, which each process then reads whole to score
+    its blocks: the scores of the same run in one process, up to float summation order."""
+    argv = ["--data", str(demo / "data"), *TINY, "--ref", "--steps", "2", "--eval_every", "2", "--lr", SPLIT_LR]
+    rho.main([*argv, "--out", str(tmp_path / "one")])
+    torchrun(2, [*argv, "--out", str(tmp_path / "two"), "--fsdp"], tmp_path / "sel")
+    assert torch.load(tmp_path / "two" / "ref" / "ckpt.pt", weights_only=True)["model"] == "ckpt-2.dcp"
+    one, two = (np.fromfile(tmp_path / d / "ref" / "ref_scores.bin", np.float32) for d in ("one", "two"))
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6, equal_nan=True)
+
 def assert_same_run(a, b, masks_a, masks_b):
     """The same tokens selected at every step; losses and weights equal up to float summation order."""
     assert len(masks_a) == len(masks_b) == 3 and all(torch.equal(x, y) for x, y in zip(masks_a, masks_b))
