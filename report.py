@@ -725,7 +725,7 @@ def fmt_reach(rs, clm, measure):
         return "never" if x is None else f"{x[0] / 1e6:.2f}M {x[1]:.1f}x"
     s, never = speedups(rs, clm, measure)
     return fmt_x(s, never) if s is None else (f"{s['mean']:.1f}x [{s['min']:.1f}-{s['max']:.1f}]"
-                                      + (f" {never} never" if never else ""))
+                                      + (f" {s['n']}/{s['n'] + never}" if never else ""))
 
 def notes(runs, where=""):
     """The lines after the table of one folder: scoring time, and runs that are not comparable."""
@@ -757,7 +757,7 @@ def differ(runs, key):
 def table(outs, groups, runs, tests):
     """Prints one row a run (over several folders: the mean over the seeds), each run paired with CLM, and notes."""
     several, clm, w = len(outs) > 1, runs.get("clm"), max(18, max(map(len, runs)) + 2)
-    x = 18 if several else 13  # the width of the "to CLM" columns
+    x = 20 if several else 13  # the width of the "to CLM" columns
     head = (f"{'run':<{w}}" + (f"{'seeds':>5}" if several else "") + f"{'val hq':>8}{'val web':>9}{'acc':>8}"
             f"{'seen':>8}{'trained':>9}{'noise-in-sel':>14}{'wall':>6}{'to CLM loss':>{x}}{'to CLM acc':>{x}}")
     print(head + "\n" + "-" * len(head))
@@ -773,8 +773,8 @@ def table(outs, groups, runs, tests):
               f"{sel:>14}{mean(lambda r: r['wall_s']):>5.0f}s{fmt_reach(rs, clm, 'val_loss_hq'):>{x}}"
               f"{fmt_reach(rs, clm, 'accuracy'):>{x}}")
     over = f" (the mean over {len(outs)} seeds)" if several else ""
-    reach = ("CLM's tokens over a run's tokens to CLM's final val hq or accuracy [min-max over the seeds that reach it]"
-             if several else "tokens seen until the run reaches CLM's final val hq or accuracy, and CLM's tokens to "
+    reach = ("CLM's tokens over a run's tokens to CLM's final val hq or accuracy [min-max over the seeds that reach it; "
+             "k/n where only k of n seeds do]" if several else "tokens seen until the run reaches CLM's final val hq or accuracy, and CLM's tokens to "
              "it over that")
     print(textwrap.fill(f"val hq: target-distribution val loss (nats/token); acc: the final answers right, of all the "
                         f"held-out problems{over}; noise-in-sel: noise share of the trained tokens / of the corpus; "

@@ -1859,6 +1859,8 @@ def test_speedups_say_how_many_seeds_never_reach():
     s, n = report.speedups([reach, never], clm, "val_loss_hq")
     assert (s["mean"], s["n"], n) == (2.0, 1, 1) and report.fmt_x(s, n) == "2.00x (never on 1 of 2 seeds)"
     assert report.speedups([never], clm, "val_loss_hq") == (None, 1) and report.fmt_x(None, 1) == "never"
+    reach["mode"] = never["mode"] = "slm"  # the printed table: the mean of those that reach it, and k of n
+    assert report.fmt_reach([reach, never], clm, "val_loss_hq") == "2.0x [2.0-2.0] 1/2"
 
 def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     for seed, out in ((1337, tmp_path / "a"), (7, tmp_path / "b")):
