@@ -581,7 +581,8 @@ def estimate(name, gpus=8, mfu=0.4):
     total = sum(runs.values())
     print(f"  compute     {'the whole pipeline (ref, scoring, CLM, SLM)':<48}{total:10.3g} FLOPs "
           f"{total / (gpus * H100_BF16 * mfu) / 3600:8.1f} h")
-    print(f"  reference scores: {8 * WEB_TOKENS / 1e9:.0f} GB (float32 loss and entropy, 8 bytes a web token)")
+    print(f"  reference scores: {8 * WEB_TOKENS / 1e9:.0f} GB (float32 loss and entropy, 8 bytes a web token); "
+          f"{2 * WEB_TOKENS / 1e9:.0f} GB with --score_dtype float16 --scores loss")
     return {"params": P, "memory": mem, "act_full": act_full, "act_ckpt": act_ckpt, "flops": runs}
 
 def score_dtype_change(data="data/demo", out="out", steps=200, k=0.6, batch_size=16, seed=1337):
