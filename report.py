@@ -773,9 +773,9 @@ def table(outs, groups, runs, tests):
               f"{sel:>14}{mean(lambda r: r['wall_s']):>5.0f}s{fmt_reach(rs, clm, 'val_loss_hq'):>{x}}"
               f"{fmt_reach(rs, clm, 'accuracy'):>{x}}")
     over = f" (the mean over {len(outs)} seeds)" if several else ""
-    reach = ("CLM's tokens over a run's tokens to CLM's final val hq or accuracy [min-max over the seeds that reach it; "
-             "k/n where only k of n seeds do]" if several else "tokens seen until the run reaches CLM's final val hq or accuracy, and CLM's tokens to "
-             "it over that")
+    reach = ("CLM's tokens over a run's tokens to CLM's final val hq or accuracy [min-max over the seeds that reach "
+             "it; k/n where only k of n seeds do]" if several else "tokens seen until the run reaches CLM's final val "
+             "hq or accuracy, and CLM's tokens to it over that")
     print(textwrap.fill(f"val hq: target-distribution val loss (nats/token); acc: the final answers right, of all the "
                         f"held-out problems{over}; noise-in-sel: noise share of the trained tokens / of the corpus; "
                         f"to CLM loss, to CLM acc: {reach}, both on curves smoothed over 5 evaluations (CLM against "
