@@ -342,6 +342,9 @@ def memmap(data, name, meta, dtype):  # checked against meta.json: its size, and
 
 REF_LOSS, REF_ENTROPY = 0, 1  # the two columns of reference scores (..., 2): L_RM(x_i) and H_RM(x_i)
 
+def score_layout(info):  # the scores' dtype and columns: L_RM, then H_RM unless scored with --scores loss
+    return np.dtype(info.get("score_dtype", "float32")), len(info.get("scores", "loss,entropy").split(","))
+
 class Batch(NamedTuple):
     x: torch.Tensor  # (B, T) inputs
     y: torch.Tensor  # (B, T) targets: x shifted by one
@@ -712,9 +715,6 @@ def weights_sha256(model):  # a resumed scoring run must use the same reference 
     for name, t in sorted(model.state_dict().items()):
         sha.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
     return sha.hexdigest()
-
-def score_layout(info):  # the scores' dtype and columns: L_RM, then H_RM unless scored with --scores loss
-    return np.dtype(info.get("score_dtype", "float32")), len(info.get("scores", "loss,entropy").split(","))
 
 def same_scores(old, info):
     return all(old.get(key) == info[key] for key in ("n_tokens", "block_size", "data_sha256", "weights_sha256"))
