@@ -5,11 +5,11 @@ fetched) with the same numbers as JSON; from one folder, or from several: the sa
     python report.py out                       # the table; out/report.html and out/report.json
     python report.py out out-seed1 out-seed2   # over seeds: written into the first folder
 
-Every run is compared with CLM of the same seed (the same base model, the same batches), paired: the target loss by a
-t interval on the mean difference over seeds, the accuracy problem by problem (final.correct: McNemar's exact test on
-the discordant answers pooled over seeds, the interval from a bootstrap over seeds and problems). A table's tests are
-corrected together (Holm), each interval at the level of its Holm step, and a difference is called one only when its
-test is rejected and its corrected interval excludes 0. The curves are the means over the seeds; the token-level
+Every run is compared with CLM of the same seed (the same base model, the same batches). The unit of replication is
+the training run: over seeds, every p-value and interval, for the target loss and the accuracy alike, comes from the
+per-seed paired differences (Student's paired t, the exact sign test beside it), Holm-corrected over the table, and a
+difference is called one only where the corrected t test rejects. Problem-level tests (McNemar's, on one seed's two
+runs) describe that pair of runs, never the method. The curves are the means over the seeds; the token-level
 sections read the first folder.
 """
 import argparse
@@ -47,8 +47,11 @@ def read_metrics(path, out):
 def load_runs(out):
     """metrics.json of every finished run in the folder out, in pipeline order; runs with a checkpoint but no
     metrics.json are named, one line each."""
+    if not os.path.isdir(out):
+        rho.die(f"{out}: {'a file, not a folder' if os.path.exists(out) else 'no such folder'}: give rho.py's --out "
+                "folder (default out), or one such folder a seed")
     runs = []
-    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+    for name in sorted(os.listdir(out)):
         if os.path.isfile(os.path.join(out, name, "metrics.json")):
             runs.append(read_metrics(os.path.join(out, name, "metrics.json"), out))
         elif os.path.isfile(os.path.join(out, name, "ckpt.pt")):
@@ -56,7 +59,37 @@ def load_runs(out):
     if not runs:
         rho.die(f"{out}: no runs with metrics.json: run `python rho.py --base`, `--ref`, `--clm`, `--slm --k 0.6` "
                 "first")
+    datas = differ(runs, lambda r: (data_sha(r) or "?")[:12])
+    if datas:
+        rho.die(f"{out}: its runs were trained on different data ({datas}): only runs of one data can be paired; "
+                "give each data's runs their own --out")
     return sorted(runs, key=lambda r: (ORDER.index(r["mode"]), r["run"]))
+
+def data_sha(run):
+    return run.get("data", {}).get("sha256")  # one data (the same eval.json): the same problems
+
+# the flags a seed's folder may set on its own: the seed and its data, and those that do not change what is trained
+PER_SEED = ("seed", "data", "out", "name", "resume", "overwrite", "device", "compile", "act_ckpt", "micro_batch",
+            "score_batch", "preset")
+
+def check_seeds(outs, groups):
+    """Refuses folders that are not seeds of one configuration: a folder given twice, two folders of one --seed, or a
+    run whose defining flags differ between folders."""
+    if len({os.path.realpath(o) for o in outs}) < len(outs):
+        rho.die(f"{' '.join(outs)}: a folder given twice: each folder is one seed; give each once")
+    seen, first_of = {}, {}
+    for o, runs in zip(outs, groups):
+        for s in sorted({r["config"]["seed"] for r in runs}):
+            if s in seen:
+                rho.die(f"{seen[s]} and {o}: both ran --seed {s}: one seed, not two; give one of them")
+            seen[s] = o
+        for r in runs:
+            o0, r0 = first_of.setdefault(r["run"], (o, r))
+            flag = next((k for k in sorted(set(r["config"]) | set(r0["config"]))
+                         if k not in PER_SEED and r["config"].get(k) != r0["config"].get(k)), None)
+            if flag:
+                rho.die(f"{o}/{r['run']}: --{flag} {r['config'].get(flag)}, where {o0}/{r['run']} has "
+                        f"{r0['config'].get(flag)}: not seeds of one configuration; report them separately")
 
 def by_name(groups):
     """{run name: [its metrics in each folder, None where missing]}, in pipeline order."""
@@ -74,7 +107,6 @@ def first(rs):
 # statistics: pure functions of numbers (numpy and the standard library; checked against tables in test_rho.py)
 
 ALPHA = 0.05  # every table's family-wise error rate
-DRAWS = 10000  # bootstrap draws: p-values to 2 / DRAWS
 
 def betainc(a, b, x):
     """The regularized incomplete beta function I_x(a, b), by its continued fraction (Lentz's method, as in
@@ -135,36 +167,23 @@ def mcnemar(b, c):
     n = b + c
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)  # exact integers, one division
 
-def resampled_means(x, size, rng):
-    """Means of resamples of x (values -1, 0, 1) with replacement, an array of the given size: a resample's counts
-    of -1, 0 and 1 are multinomial."""
-    x = np.asarray(x)
-    n = rng.multinomial(len(x), [np.mean(x == v) for v in (-1, 0, 1)], size)
-    return (n[..., 2] - n[..., 0]) / len(x)
+def sign_test(d):
+    """The exact sign test of paired differences over seeds: under no difference each seed's difference is positive
+    or negative with probability 1/2 (ties dropped), McNemar's binomial: (positives, negatives, two-sided p)."""
+    d = np.asarray(d)
+    pos, neg = int((d > 0).sum()), int((d < 0).sum())
+    return pos, neg, mcnemar(pos, neg)
 
-def bootstrap(d, shared, draws=DRAWS, seed=0):
-    """The interval of the mean paired accuracy difference over seeds: d[s] = run - base on each problem of seed s
-    (-1, 0, 1). Each draw resamples the seeds, then the problems, with replacement: a seed's training randomness is
-    shared by all its problems, so resampling problems alone would understate the spread. shared: the seeds answered
-    the same problems, and one draw of problems serves every seed of a draw; else each seed drawn gets its own. The
-    estimate: the mean over seeds of each seed's mean difference; the interval: the draws' percentiles. A fixed
-    seed: the same report."""
-    S, rng = len(d), np.random.default_rng(seed)
-    seeds = rng.integers(0, S, (draws, S))  # the seeds of each draw, with replacement
-    if shared:
-        D, N = np.stack(d).astype(np.float64), len(d[0])  # (S, N)
-        sizes = [min(1000, draws - i) for i in range(0, draws, 1000)]  # 1000 draws of problems at a time
-        per_seed = np.concatenate([rng.multinomial(N, np.full(N, 1 / N), n) @ D.T / N for n in sizes])  # (draws, S)
-        means = np.take_along_axis(per_seed, seeds, 1).mean(1)
-    else:
-        per_seed = np.stack([resampled_means(x, (draws, S), rng) for x in d])  # (S, draws, S): seed, draw, slot
-        means = per_seed[seeds, np.arange(draws)[:, None], np.arange(S)].mean(1)
-    m = np.sort(means)
+def seeds_for_sign(m, alpha=ALPHA):
+    """The fewest seeds whose sign test, all of one sign, can reject under Holm over m tests: 2 / 2^n <= alpha / m."""
+    return next(n for n in range(1, 64) if 2 / 2 ** n <= alpha / m)
 
-    def ci(level):
-        k = int(draws * level / 2 + 1e-9)  # the k + 1-th draw from either end
-        return float(m[k]), float(m[draws - 1 - k])
-    return {"diff": float(np.mean([np.mean(x) for x in d])), "ci": ci}
+def paired_diff_interval(d, z=1.96):
+    """One pair of runs on the same problems (d: -1, 0, 1 a problem): the mean difference and its 95% interval over
+    the problems, mean +- z sd / sqrt(N). It describes these two runs, not the method that trained them."""
+    d = np.asarray(d, dtype=np.float64)
+    half = z * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else math.inf
+    return float(d.mean()) - half, float(d.mean()) + half
 
 def holm(ps, alpha=ALPHA):
     """Holm's step-down correction of a family of p-values, in their order: (adjusted p, rejected, level of the
@@ -212,12 +231,6 @@ def clm_target(clm, measure):
     """CLM's final value of a measure, on its smoothed curve."""
     return smooth([h["tokens_seen"] for h in clm["history"]], [h[measure] for h in clm["history"]])[-1]
 
-def speedup(run, clm, measure):
-    """(tokens, CLM's tokens over them) until run reaches CLM's final smoothed value of a measure, CLM's tokens found
-    by the same rule: the paper's 'x faster', exactly 1 for CLM itself; None if the run never reaches it."""
-    t = crossing(run["history"], clm_target(clm, measure), measure)
-    return (t, crossing(clm["history"], clm_target(clm, measure), measure) / t) if t else None
-
 def wilson(p, n, z=1.96):
     """The 95% (Wilson) interval of a share p of n trials: one run's accuracy over n distinct problems."""
     if not n:
@@ -245,70 +258,122 @@ def final(key):
 def measured(run, measure):
     return all(h[measure] is not None for h in run["history"])  # accuracy: None without problems
 
+def speedup(run, clm, measure):
+    """The paper's 'N x sooner': CLM's tokens for its whole run over the tokens the run needs to first reach CLM's
+    final value of a measure (on smoothed curves, interpolated); None if it never does. A run already past it at
+    its first evaluation gives only a lower bound (at_first)."""
+    t = crossing(run["history"], clm_target(clm, measure), measure)
+    if t is None:
+        return None
+    return {"tokens": t, "x": clm["history"][-1]["tokens_seen"] / t, "at_first": t <= run["history"][0]["tokens_seen"]}
+
 def speedups(runs, clm, measure):
-    """The speedups of the seeds that reached CLM's final value (a stat), and how many seeds never did."""
-    both = [(r, c) for r, c in zip(runs, clm) if r and c and measured(r, measure) and measured(c, measure)]
-    xs = [speedup(r, c, measure) for r, c in both]
-    return stat([x[1] for x in xs if x]), xs.count(None)
+    """Each seed's speedup, None where the run never reaches CLM's final value, over the seeds with both runs."""
+    return [speedup(r, c, measure) for r, c in zip(runs, clm)
+            if r and c and measured(r, measure) and measured(c, measure)]
 
-def fmt_x(s, never=0):
-    if s is None:
-        return "never" if never else "-"
-    x = f"{s['mean']:.2f}x" if s["n"] == 1 else f"{s['mean']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]"
-    return x + (f" (never on {never} of {s['n'] + never} seeds)" if never else "")
+def median_interval(xs):
+    """The median of the seeds' speedups (the lower middle one of an even count) and its distribution-free interval:
+    the order statistics j and n + 1 - j, with the largest j whose coverage 1 - 2 P(Bin(n, 1/2) < j) is at least 95%
+    (j = 1, the range, under 6 seeds, at its own coverage). A seed that never reaches the target counts below every
+    seed that does: it is in the estimate, not dropped."""
+    xs, n = sorted(xs, key=lambda s: -1.0 if s is None else s["x"]), len(xs)
+    cover = lambda j: 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+    j = max([j for j in range(1, n // 2 + 1) if cover(j) >= 1 - ALPHA] or [1])
+    return {"median": xs[(n - 1) // 2], "lo": xs[j - 1], "hi": xs[n - j], "coverage": cover(j), "seeds": n,
+            "never": sum(s is None for s in xs)}
 
-def loss_test(runs, base):
-    """The paired t test of the final target loss, run - base, over the seeds that have both."""
-    d = [r["final"]["val_loss_hq"] - b["final"]["val_loss_hq"] for r, b in zip(runs, base) if r and b]
+def fmt_speed(s):
+    """A speedup: '5.5x'; '>=7.0x' past the target at the first evaluation; '<1x' never reached (the run is as long
+    as CLM's, so reaching it later than CLM's end is below 1x)."""
+    return "<1x" if s is None else f"{'>=' if s['at_first'] else ''}{s['x']:.1f}x"
+
+def fmt_speeds(xs):
+    """One seed: tokens to CLM's final value and the speedup; over seeds: the median [its interval]."""
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return "never" if xs[0] is None else f"{xs[0]['tokens'] / 1e6:.2f}M {fmt_speed(xs[0])}"
+    m = median_interval(xs)
+    return f"{fmt_speed(m['median'])} [{fmt_speed(m['lo'])}, {fmt_speed(m['hi'])}]"
+
+def per_seed(runs, base, key):
+    """This run's final value of key minus base's, for each seed that has both runs and both values."""
+    return [r["final"][key] - b["final"][key] for r, b in zip(runs, base)
+            if r and b and r["final"][key] is not None and b["final"][key] is not None]
+
+def seed_test(d):
+    """The test of a method over seeds. The unit of replication is the training run, so the p-value and the interval
+    come from the per-seed paired differences d alone: Student's paired t and its interval, with the exact sign test
+    beside it. One seed tests nothing about the method."""
     if not d:
         return None
-    return {**(paired_t(d) or {"diff": d[0], "why": "n=1: no t interval"}), "seeds": len(d), "method": "paired t"}
+    out = {"diff": float(np.mean(d)), "per_seed": [float(x) for x in d], "seeds": len(d)}
+    if len(d) == 1:
+        return {**out, "why": "one seed"}
+    pos, neg, p_sign = sign_test(d)
+    return {**out, **paired_t(d), "sign": [pos, neg], "p_sign": p_sign, "method": "paired t over seeds"}
 
-def data_sha(run):
-    return run.get("data", {}).get("sha256")  # one data (the same eval.json): the same problems
+def this_pair(run, base):
+    """One seed's two runs on the same problems: McNemar's exact test on the discordant answers and the difference's
+    interval over the problems. It describes these two runs, never the method: the runs' own training noise is
+    not in it."""
+    d = np.asarray(run["correct"]) - np.asarray(base["correct"])
+    right, wrong = int((d == 1).sum()), int((d == -1).sum())
+    return {"diff": float(d.mean()), "discordant": [right, wrong], "p": mcnemar(right, wrong),
+            "ci95": paired_diff_interval(d), "problems": len(d)}
 
 def acc_test(runs, base):
-    """The paired accuracy test over the seeds that have both runs, problem by problem (final.correct): McNemar's
-    exact test on the discordant pairs pooled over the seeds, and the interval of the bootstrap over seeds and
-    problems; a reason instead where the answers cannot be paired."""
-    pairs = [(r["final"], b["final"], data_sha(r) == data_sha(b)) for r, b in zip(runs, base)
+    """The accuracy over seeds, as seed_test; beside it, each seed's pair of runs described problem by problem
+    (this_pair), where both runs kept every answer (final.correct) of the same problems."""
+    t = seed_test(per_seed(runs, base, "accuracy"))
+    pairs = [(r["final"], b["final"]) for r, b in zip(runs, base)
              if r and b and r["final"]["accuracy"] is not None and b["final"]["accuracy"] is not None]
-    if not pairs:
-        return None
-    diff = float(np.mean([r["accuracy"] - b["accuracy"] for r, b, _ in pairs]))
-    if not all(r.get("correct") and b.get("correct") for r, b, _ in pairs):
-        return {"diff": diff, "why": "no per-problem records"}
-    if not all(same and len(r["correct"]) == len(b["correct"]) for r, b, same in pairs):
-        return {"diff": diff, "why": "not the same problems"}
-    d = [np.asarray(r["correct"]) - np.asarray(b["correct"]) for r, b, _ in pairs]
-    right, wrong = int(sum((x == 1).sum() for x in d)), int(sum((x == -1).sum() for x in d))  # the discordant pairs
-    shared = len({data_sha(r) for r in runs if r}) == 1 and len({len(x) for x in d}) == 1  # one problem set
-    return {**bootstrap(d, shared), "p": mcnemar(right, wrong), "discordant": [right, wrong], "seeds": len(d),
-            "problems": [len(x) for x in d], "method": "McNemar exact, bootstrap interval"}
+    if t and all(r.get("correct") and b.get("correct") and len(r["correct"]) == len(b["correct"]) for r, b in pairs):
+        t["each_seed"] = [this_pair(r, b) for r, b in pairs]
+    return t
 
 def against(groups, base):
     """Each group of runs (name: [a run per seed]) paired with base's runs of the same seed, on the final target loss
-    and accuracy; Holm over every test of the family; each interval at 95% and at its Holm level (corrected). A
-    difference is called one where Holm rejects its test and its corrected interval excludes 0 (for the t test the
-    two are the same; McNemar pools the seeds, the bootstrap resamples them: both must agree)."""
-    tests = {n: {"val_loss_hq": loss_test(rs, groups[base]), "accuracy": acc_test(rs, groups[base])}
-             for n, rs in groups.items() if n != base}
+    and accuracy, each by the paired t over seeds; Holm over every test of the table, the sign tests corrected the
+    same way; each interval at 95% and at its Holm level. A difference is called one where Holm rejects its t test
+    (then its corrected interval excludes 0)."""
+    tests = {n: {"val_loss_hq": seed_test(per_seed(rs, groups[base], "val_loss_hq")),
+                 "accuracy": acc_test(rs, groups[base])} for n, rs in groups.items() if n != base}
     family = [t for ts in tests.values() for t in ts.values() if t and "p" in t]
-    for t, (adj, rejected, level) in zip(family, holm([t["p"] for t in family])):
+    signs = holm([t["p_sign"] for t in family])
+    for t, (adj, rejected, level), sign in zip(family, holm([t["p"] for t in family]), signs):
         ci = t.pop("ci")
         lo, hi = ci(level)
-        t.update(p_holm=adj, level=level, lo=lo, hi=hi, ci95=ci(ALPHA), family=len(family),
+        t.update(p_holm=adj, p_sign_holm=sign[0], level=level, lo=lo, hi=hi, ci95=ci(ALPHA), family=len(family),
                  called=rejected and (lo > 0 or hi < 0))
     return tests
 
 def fmt_test(t, pct=False):
-    """'diff [lo, hi] *' (* where the corrected test rejects), or the difference and why there is no test."""
+    """'diff [lo, hi] *' (* where the corrected test rejects); one seed: the difference, and for the accuracy the
+    interval over the problems of these two runs."""
     if t is None:
         return "-"
     f = (lambda v: f"{100 * v + 0.0:+.1f}") if pct else (lambda v: f"{v + 0.0:+.4f}")  # + 0.0: no "-0.0"
-    if "p" not in t:
-        return f"{f(t['diff'])} ({t['why']})"
-    return f"{f(t['diff'])} [{f(t['lo'])}, {f(t['hi'])}]{' *' if t['called'] else ''}"
+    if "p" in t:
+        return f"{f(t['diff'])} [{f(t['lo'])}, {f(t['hi'])}]{' *' if t['called'] else ''}"
+    if t.get("each_seed"):
+        lo, hi = t["each_seed"][0]["ci95"]
+        return f"{f(t['diff'])} [{f(lo)}, {f(hi)}]"
+    return f(t["diff"])
+
+def fmt_p(t):
+    """The Holm-adjusted p of the test over seeds; one seed: McNemar's p on these two runs' problems; else '-'."""
+    p = t and (t.get("p_holm") if "p" in t else t.get("each_seed") and t["each_seed"][0]["p"])
+    if p is None or p is False:
+        return "-"
+    return "<1e-300" if p < 1e-300 else f"{p:.2g}" if p < 0.01 else f"{p:.2f}"  # <1e-300: below a float64
+
+def fmt_sign(t):
+    """The sign test over seeds: 'positives+negatives- p (Holm)', or '-'."""
+    if not t or "p_sign_holm" not in t:
+        return "-"
+    return f"{t['sign'][0]}+{t['sign'][1]}- {t['p_sign_holm']:.2g}"
 
 def mean_curve(runs, key):
     """(tokens seen, mean of key over the seeds at each evaluation, (min, max) over them) of the runs whose
@@ -430,59 +495,118 @@ def efficiency(runs, tests):
     for n, rs in web.items():
         d = {"seeds": sum(r is not None for r in rs), "val_loss_hq": stat([final("val_loss_hq")(r) for r in rs if r]),
              "accuracy": stat([final("accuracy")(r) for r in rs if r])}
-        if clm:
-            for m in ("val_loss_hq", "accuracy"):
-                d[f"speedup_{m}"], d[f"never_{m}"] = speedups(rs, clm, m)
+        for m in ("val_loss_hq", "accuracy") if clm else ():
+            xs = speedups(rs, clm, m)
+            d[f"speedup_{m}"] = {"per_seed": xs, **(median_interval(xs) if xs else {})}
         t = tests.get(n, {})
         data[n] = {**d, "vs_clm": t}
         rows.append([n, d["seeds"], fmt(d["val_loss_hq"]), fmt(d["accuracy"], True),
-                     fmt_x(d.get("speedup_val_loss_hq"), d.get("never_val_loss_hq")),
-                     fmt_x(d.get("speedup_accuracy"), d.get("never_accuracy")),
-                     fmt_test(t.get("val_loss_hq")), fmt_p(t.get("val_loss_hq")),
-                     fmt_test(t.get("accuracy"), True), fmt_p(t.get("accuracy"))])
-    html += html_table(["run", "seeds", "final val hq", "accuracy", "x faster to CLM's val hq",
-                        "x faster to CLM's accuracy", "val hq - CLM's", "p", "accuracy - CLM's (points)", "p"], rows)
-    html += (f"<p>{esc(explain(tests))} {esc(noise(tests))}</p><p>x faster: the tokens CLM needs to reach its own "
-             "final value over the tokens this run needs, both on curves smoothed over 5 evaluations (a local line), "
-             "linearly interpolated between evaluations: CLM against itself is 1.00x; over the seeds that reach it, "
-             "how many never do is said. Final values: the mean over seeds [min, max].</p>")
+                     fmt_speeds(d.get("speedup_val_loss_hq", {}).get("per_seed")),
+                     fmt_speeds(d.get("speedup_accuracy", {}).get("per_seed")),
+                     fmt_test(t.get("val_loss_hq")), fmt_p(t.get("val_loss_hq")), fmt_sign(t.get("val_loss_hq")),
+                     fmt_test(t.get("accuracy"), True), fmt_p(t.get("accuracy")), fmt_sign(t.get("accuracy"))])
+    html += html_table(["run", "seeds", "final val hq", "accuracy", "x sooner to CLM's val hq",
+                        "x sooner to CLM's accuracy", "val hq - CLM's", "p", "sign", "accuracy - CLM's (points)", "p",
+                        "sign"], rows)
+    html += f"<p>{esc(explain(tests))} {esc(noise(tests))}</p><p>{esc(SOONER)}</p>"
+    html += per_seed_section(tests, "clm")
     return html, data
 
-def fmt_p(t):
-    """The Holm-adjusted p-value of a test, or '-'."""
-    if not t or "p_holm" not in t:
-        return "-"
-    if t["p_holm"] < 1e-300:
-        return "<1e-300"  # below what a float64 holds
-    return f"{t['p_holm']:.2g}" if t["p_holm"] < 0.01 else f"{t['p_holm']:.2f}"
-
 def explain(tests, base="clm"):
-    """What the paired columns are: the tests, the family Holm corrects, how the intervals are corrected."""
+    """What the paired columns are: the unit of replication, the tests, the family Holm corrects, the intervals."""
     ts = [t for ts in tests.values() for t in ts.values() if t and "p" in t]
     if not ts:
-        return ("Paired differences: no test (one seed gives no spread for the loss: n=1; the accuracy needs "
-                "per-problem records, final.correct).")
+        m = sum(t is not None for ts in tests.values() for t in ts.values())
+        return (f"One seed: these differences describe this pair of runs, not the method. acc: McNemar's exact test "
+                f"on the answers the two runs disagree on, and a 95% interval over the problems, say whether these two "
+                f"runs answer differently; another seed's training noise is not in them. val hq: no test. A claim "
+                f"about the method needs seeds, the training run being the unit of replication: 2 at least for a t "
+                f"interval, and {seeds_for_sign(max(m, 1))} for the sign test to reject under Holm over this table's "
+                f"{m} tests (5 of 5 seeds give p 0.0625 alone).")
     m, levels = len(ts), sorted({1 - t["level"] for t in ts})
     lv = f"{100 * levels[0]:.2f}%" + (f" to {100 * levels[-1]:.2f}%" if len(levels) > 1 else "")
-    return (f"Paired with {base} of the same seed (the same base model, the same batches). val hq: the mean "
-            f"difference over the seeds, Student's t interval (n - 1 degrees of freedom). acc, in points: p from "
-            f"McNemar's exact test on the discordant answers pooled over seeds and problems, the interval from a "
-            f"bootstrap over seeds and problems ({DRAWS} draws, percentiles). Holm over the {m} tests of this table: "
-            f"with p sorted, the i-th (from 1) is rejected while every one before it was and p <= {ALPHA:g} / ({m} + 1"
-            f" - i); each interval is at the level of its own step, 1 - {ALPHA:g} / ({m} + 1 - i), and for a test not "
-            f"rejected at the level of the step where Holm stopped (here {lv}). * (bold on the page): a difference: "
-            f"Holm rejects its test and its corrected interval excludes 0. p: Holm-adjusted.")
+    return (f"Paired with {base} of the same seed (the same base model, the same batches). The unit of replication is "
+            f"the training run: every p and interval comes from the per-seed differences alone, for val hq and acc "
+            f"(points) alike: Student's paired t and its interval (n - 1 degrees of freedom); sign: the seeds above "
+            f"and below 0 and the exact sign test's p. Holm over the {m} t tests of this table (the sign tests "
+            f"likewise): with p sorted, the i-th (from 1) is rejected while every one before it was and p <= "
+            f"{ALPHA:g} / ({m} + 1 - i); each interval is at the level of its own step, and for a test not rejected "
+            f"at that of the step where Holm stopped (here {lv}). * (bold on the page): a difference: Holm rejects "
+            f"its t test. p: Holm-adjusted. Each seed's McNemar test (on the page) describes that seed's pair of "
+            f"runs, not the method.")
 
 def noise(tests):
-    """The accuracy noise in points: a single accuracy's 95% half-width at the number of problems, and the widest
-    95% half-width of the table's paired accuracy intervals."""
-    ts = [t["accuracy"] for t in tests.values() if t.get("accuracy") and "ci95" in t["accuracy"]]
+    """The accuracy's noise in points: over seeds, the spread of the per-seed differences against the problems'
+    sampling error within a pair of runs; one seed, a single accuracy's 95% half-width at its number of problems."""
+    ts = [t["accuracy"] for t in tests.values() if t.get("accuracy") and t["accuracy"].get("each_seed")]
     if not ts:
         return ""
-    half, n = max((t["ci95"][1] - t["ci95"][0]) / 2 for t in ts), min(min(t["problems"]) for t in ts)
-    return (f"acc: {n} problems a seed at the final evaluation: one run's accuracy is known to +-"
-            f"{98 / math.sqrt(n):.1f} points at 95% (at most: 1.96 sqrt(1/4 / {n})); the paired differences here to "
-            f"+-{100 * half:.1f} points at most (the widest 95% half-width of this table's accuracy intervals).")
+    n = min(e["problems"] for t in ts for e in t["each_seed"])
+    one = (f"acc: {n} problems a seed: one run's accuracy is known to +-{98 / math.sqrt(n):.1f} points at 95% (at most:"
+           f" 1.96 sqrt(1/4 / {n})).")
+    spread = [float(np.std(t["per_seed"], ddof=1)) for t in ts if t["seeds"] > 1]
+    if not spread:
+        return one
+    within = max((e["ci95"][1] - e["ci95"][0]) / 2 / 1.96 for t in ts for e in t["each_seed"])
+    return (f"{one} The per-seed differences spread by up to {100 * max(spread):.1f} points (sd over seeds) against "
+            f"{100 * within:.1f} points of sampling error over the problems within one pair of runs: the seeds, not "
+            "the problems, set the intervals.")
+
+SOONER = ("x sooner (the paper's 'N x sooner'): CLM's tokens for its whole run over the tokens this run needs to first "
+          "reach CLM's final value, on curves smoothed over 5 evaluations (a local line), interpolated; >=: past it at "
+          "its first evaluation (a lower bound); <1x: never reached in a run as long as CLM's. CLM's own row: where "
+          "CLM first reaches its own final value (1.0x while its curve still falls at the end, more where it is "
+          "flat). Over seeds: the median [an interval from the order statistics, distribution-free, at least 95% from "
+          "6 seeds on, the range below], the seeds that never reach it counted. The paper's 5-10x is an accuracy "
+          "speedup: compare it with the accuracy column only.")
+
+def svg_strip(rows, title, xlabel, w=660):
+    """A dot plot of paired differences, a row per comparison: each seed a dot, the mean a tick, its 95% interval a
+    thin bar and its Holm-level interval a thick one, 0 a grey rule. rows: (name, points, test)."""
+    vals = [v for _, pts, t in rows for v in pts + ([t["lo"], t["hi"], *t["ci95"]] if "lo" in t else [])]
+    xt = nice_ticks(min(vals + [0.0]), max(vals + [0.0]))
+    x0, x1, L, R, h = xt[0], xt[-1], 150, 20, 40 + 26 * len(rows)
+    px = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (w - L - R)
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+         f'<text x="4" y="14" font-weight="bold" font-size="12">{esc(title)}</text>']
+    for x in xt:
+        o.append(f'<text x="{px(x):.1f}" y="{h - 6}" text-anchor="middle">{fmt_num(round(x, 6))}</text>')
+    o.append(f'<line x1="{px(0):.1f}" y1="22" x2="{px(0):.1f}" y2="{h - 18}" stroke="#888" stroke-dasharray="2,3"/>'
+             f'<text x="{w - R}" y="{h - 20}" text-anchor="end">{esc(xlabel)}</text>')
+    for i, (name, pts, t) in enumerate(rows):
+        y, c = 36 + 26 * i, COLORS[i % len(COLORS)]
+        o.append(f'<text x="4" y="{y + 4}">{esc(name)}</text>')
+        if "lo" in t:
+            o.append(f'<line x1="{px(t["ci95"][0]):.1f}" y1="{y}" x2="{px(t["ci95"][1]):.1f}" y2="{y}" stroke="{c}"/>'
+                     f'<line x1="{px(t["lo"]):.1f}" y1="{y}" x2="{px(t["hi"]):.1f}" y2="{y}" stroke="{c}" '
+                     f'stroke-width="4" opacity="0.5"/>')
+        o.append(f'<line x1="{px(t["diff"]):.1f}" y1="{y - 8}" x2="{px(t["diff"]):.1f}" y2="{y + 8}" stroke="{c}" '
+                 'stroke-width="2"/>')
+        o += [f'<circle cx="{px(v):.1f}" cy="{y}" r="3.5" fill="{c}" fill-opacity="0.6"/>' for v in pts]
+    return "\n".join(o + ["</svg>"])
+
+def per_seed_section(tests, base):
+    """The per-seed differences the tests use, as dots (the spread a reader should see), and each seed's pair of
+    runs described problem by problem (McNemar)."""
+    html = ""
+    for key, label, scale in (("val_loss_hq", "val hq", 1), ("accuracy", "accuracy (points)", 100)):
+        rows = [(n, [scale * v for v in ts[key]["per_seed"]], scaled(ts[key], scale)) for n, ts in tests.items()
+                if ts.get(key) and ts[key]["seeds"] > 1]
+        if rows:
+            html += svg_strip(rows, f"{label} - {base}'s, each seed a dot; bars: 95% and Holm-level t intervals", label)
+    rows = [[n, i + 1, f"{100 * e['diff']:+.1f}", f"{e['discordant'][0]} / {e['discordant'][1]}", f"{e['p']:.2g}"]
+            for n, ts in tests.items() if ts.get("accuracy") for i, e in enumerate(ts["accuracy"].get("each_seed", []))]
+    if rows:
+        html += html_table(["run", "seed (folder order)", f"accuracy - {base}'s (points)", "only this run / only "
+                            f"{base} right", "McNemar p (these two runs)"], rows)
+    return html
+
+def scaled(t, s):
+    """A test's estimate and intervals times s (points from shares), for the dot plot."""
+    out = {"diff": s * t["diff"]}
+    if "lo" in t:
+        out.update(lo=s * t["lo"], hi=s * t["hi"], ci95=(s * t["ci95"][0], s * t["ci95"][1]))
+    return out
 
 def precision_recall(history):
     """Per eval interval: precision = clean share of the selected tokens; recall = selected clean / seen clean,
@@ -715,19 +839,12 @@ def variants(runs, title, pick, base):
 # the table printed: one row a run, then each run paired with CLM of the same seed
 
 def fmt_reach(rs, clm, measure):
-    """Tokens until CLM's final value and CLM's tokens over them (one seed), or the speedups over the seeds."""
+    """Tokens until CLM's final value and the speedup (one seed), or the median speedup over the seeds."""
     if not clm or first(rs)["mode"] not in ("clm", "slm"):
         return "-"
-    if len(rs) == 1:
-        if not clm[0] or not measured(rs[0], measure) or not measured(clm[0], measure):
-            return "-"
-        x = speedup(rs[0], clm[0], measure)
-        return "never" if x is None else f"{x[0] / 1e6:.2f}M {x[1]:.1f}x"
-    s, never = speedups(rs, clm, measure)
-    return fmt_x(s, never) if s is None else (f"{s['mean']:.1f}x [{s['min']:.1f}-{s['max']:.1f}]"
-                                      + (f" {s['n']}/{s['n'] + never}" if never else ""))
+    return fmt_speeds(speedups(rs, clm, measure))
 
-def notes(runs, where=""):
+def notes(runs, out, where=""):
     """The lines after the table of one folder: scoring time, and runs that are not comparable."""
     for r in runs:  # the page breaks the noise down by kind
         if "score_s" in r:
@@ -742,10 +859,23 @@ def notes(runs, where=""):
     if starts:
         print(f"{where}note: the continual-pretraining runs started from different "
               f"{'weights' if by_weights else 'checkpoints (--init_from)'} ({starts}): not comparable.")
+    for r in cpt:  # the ref row is the model whose scores an SLM run read, or the report says it is not
+        ref = scored_by(os.path.join(out, r["config"]["ref_run"], "ref_scores.bin.json"))
+        if ref and r.get("ref_weights_sha256") and ref != r["ref_weights_sha256"]:
+            print(f"{where}note: {r['run']} selected by the scores of another reference model "
+                  f"({r['ref_weights_sha256'][:12]}) than {r['config']['ref_run']}'s ({ref[:12]}) in {out}: the "
+                  f"{r['config']['ref_run']} row is not its reference model.")
     refs = differ([r for r in cpt if r.get("ref_weights_sha256")], lambda r: r["ref_weights_sha256"][:12])
     if refs:
         print(f"{where}note: the SLM runs read the scores of different reference models ({refs}): their selections "
               "are not comparable.")
+
+def scored_by(path):
+    """The weights' sha256 of the reference model that wrote a scores file, or None where it cannot be read."""
+    try:
+        return rho.read_json(path).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 def differ(runs, key):
     """'names: value; names: value' of runs grouped by key(run) where they take more than one value, else None."""
@@ -757,7 +887,7 @@ def differ(runs, key):
 def table(outs, groups, runs, tests):
     """Prints one row a run (over several folders: the mean over the seeds), each run paired with CLM, and notes."""
     several, clm, w = len(outs) > 1, runs.get("clm"), max(18, max(map(len, runs)) + 2)
-    x = 20 if several else 13  # the width of the "to CLM" columns
+    x = 22 if several else 14  # the width of the "to CLM" columns
     head = (f"{'run':<{w}}" + (f"{'seeds':>5}" if several else "") + f"{'val hq':>8}{'val web':>9}{'acc':>8}"
             f"{'seen':>8}{'trained':>9}{'noise-in-sel':>14}{'wall':>6}{'to CLM loss':>{x}}{'to CLM acc':>{x}}")
     print(head + "\n" + "-" * len(head))
@@ -773,27 +903,32 @@ def table(outs, groups, runs, tests):
               f"{sel:>14}{mean(lambda r: r['wall_s']):>5.0f}s{fmt_reach(rs, clm, 'val_loss_hq'):>{x}}"
               f"{fmt_reach(rs, clm, 'accuracy'):>{x}}")
     over = f" (the mean over {len(outs)} seeds)" if several else ""
-    reach = ("CLM's tokens over a run's tokens to CLM's final val hq or accuracy [min-max over the seeds that reach "
-             "it; k/n where only k of n seeds do]" if several else "tokens seen until the run reaches CLM's final val "
-             "hq or accuracy, and CLM's tokens to it over that")
+    reach = ("the median over the seeds [its interval]" if several else "tokens seen until the run first reaches it, "
+             "and the speedup")
     print(textwrap.fill(f"val hq: target-distribution val loss (nats/token); acc: the final answers right, of all the "
                         f"held-out problems{over}; noise-in-sel: noise share of the trained tokens / of the corpus; "
-                        f"to CLM loss, to CLM acc: {reach}, both on curves smoothed over 5 evaluations (CLM against "
-                        "itself: 1.0x)", 116))
+                        f"to CLM loss, to CLM acc: CLM's tokens for its whole run over the tokens a run needs to first "
+                        f"reach CLM's final val hq, or accuracy, {reach} (the page says more)", 116))
     if tests:
-        print(f"\n{'paired with clm':<{w}}{'val hq - clm':>30}{'p':>9}   {'acc - clm (points)':>30}{'p':>9}")
-        for n, t in tests.items():
-            print(f"{n:<{w}}{fmt_test(t['val_loss_hq']):>30}{fmt_p(t['val_loss_hq']):>9}   "
-                  f"{fmt_test(t['accuracy'], True):>30}{fmt_p(t['accuracy']):>9}")
-        print(textwrap.fill(explain(tests), 116))
-        print(textwrap.fill(noise(tests), 116) or "acc: no per-problem records (final.correct) in these runs: no "
-              "paired accuracy test.")
+        print_paired(tests, w, several)
     for o, g in zip(outs, groups):
-        notes(g, f"{o}: " if several else "")
-    seeds = [r["config"]["seed"] for r in clm if r] if clm else []
-    if len(set(seeds)) < len(seeds):
-        print(f"note: some folders ran with the same --seed ({', '.join(map(str, seeds))}): they are not independent "
-              "seeds.")
+        notes(g, o, f"{o}: " if several else "")
+
+def print_paired(tests, w, several):
+    """Each run paired with CLM of the same seed: over seeds, the t tests and sign tests; one seed, this pair of runs."""
+    if several:
+        print(f"\n{'paired with clm':<{w}}{'val hq - clm':>28}{'p':>8}{'sign':>12}  {'acc - clm (points)':>28}{'p':>8}"
+              f"{'sign':>12}")
+        for n, t in tests.items():
+            print(f"{n:<{w}}{fmt_test(t['val_loss_hq']):>28}{fmt_p(t['val_loss_hq']):>8}{fmt_sign(t['val_loss_hq']):>12}"
+                  f"  {fmt_test(t['accuracy'], True):>28}{fmt_p(t['accuracy']):>8}{fmt_sign(t['accuracy']):>12}")
+    else:
+        print(f"\n{'one seed: these runs':<{w}}{'val hq - clm':>14}   {'acc - clm (points)':>24}{'McNemar p':>11}")
+        for n, t in tests.items():
+            print(f"{n:<{w}}{fmt_test(t['val_loss_hq']):>14}   {fmt_test(t['accuracy'], True):>24}"
+                  f"{fmt_p(t['accuracy']):>11}")
+    print(textwrap.fill(explain(tests), 116))
+    print(textwrap.fill(noise(tests), 116) or "acc: no per-problem records (final.correct) in these runs.")
 
 def check_writable(folder):
     """Refuses, before the work, a folder the report cannot be written into. It writes a file to find out: os.access
@@ -808,6 +943,7 @@ def check_writable(folder):
 def report(outs):
     """Writes <first folder>/report.html (self-contained) and report.json from the runs in the folders."""
     groups = [load_runs(o) for o in outs]
+    check_seeds(outs, groups)
     check_writable(outs[0])
     runs = by_name(groups)
     web = {n: rs for n, rs in runs.items() if first(rs)["mode"] in ("clm", "slm")}

@@ -735,7 +735,7 @@ def test_end_to_end_ref_slm_compare(demo, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "slm-k0.6" in table and "clm" in table and "to CLM loss" in table and "to CLM acc" in table
     print(table)
-    assert "\npaired with clm" in table and "(n=1: no t interval)" in table and "McNemar" in table
+    assert "\none seed: these runs" in table and "McNemar p" in table and "not the method" in table
 
 def test_compare_names_a_broken_or_unfinished_run(one_process, tmp_path, capsys):
     """A cut or key-less metrics.json: one line naming it, in report.py; a run with a checkpoint but no
@@ -1755,9 +1755,10 @@ def test_paired_t_interval_by_hand():
     assert report.paired_t([0.2]) is None and report.paired_t([0.1, 0.1])["p"] == 0.0  # no spread: no interval
     runs = [{"final": {"val_loss_hq": v}} for v in (1.0, 2.0, 3.0)]
     lower = [{"final": {"val_loss_hq": v}} for v in (0.9, 1.8, 2.95)]
-    assert report.loss_test(lower[:1], runs[:1]) == {"diff": -0.09999999999999998, "why": "n=1: no t interval",
-                                                     "seeds": 1, "method": "paired t"}
-    assert report.loss_test(lower, runs)["seeds"] == 3 and abs(report.loss_test(lower, runs)["diff"] + 0.1167) < 1e-3
+    one = report.seed_test(report.per_seed(lower[:1], runs[:1], "val_loss_hq"))
+    assert one == {"diff": -0.09999999999999998, "per_seed": [-0.09999999999999998], "seeds": 1, "why": "one seed"}
+    three = report.seed_test(report.per_seed(lower, runs, "val_loss_hq"))
+    assert three["seeds"] == 3 and abs(three["diff"] + 0.1167) < 1e-3 and three["sign"] == [0, 3]
 
 def test_mcnemar_on_a_small_table():
     """12 discordant pairs, 10 of them the run's: 2 P(X <= 2) with X ~ Bin(12, 1/2) = 2 (1 + 12 + 66) / 4096 =
@@ -1780,52 +1781,83 @@ def synthetic(losses, correct, data="same"):
              "eval_problems": len(c),
              "data": {"sha256": data}} for v, c in zip(losses, correct)]
 
-def test_bootstrap_is_deterministic_and_resamples_seeds():
-    rng = np.random.default_rng(0)
-    d = list((rng.random((3, 300)) < 0.3).astype(int) - (rng.random((3, 300)) < 0.25).astype(int))
-    a, b = report.bootstrap(d, True), report.bootstrap(d, True)
-    assert a["ci"](0.05) == b["ci"](0.05) and a["diff"] == np.mean(d)
-    lo, hi = a["ci"](0.05)
-    assert lo < a["diff"] < hi and a["ci"](0.01)[0] < lo  # a wider interval at a stricter level
-    spread = np.zeros((3, 300), int)  # every problem alike within a seed, the seeds apart: the spread is the seeds'
-    spread[0, :90], spread[1, :30], spread[2, :3] = 1, 1, -1
-    for shared in (True, False):
-        lo, hi = report.bootstrap(list(spread), shared)["ci"](0.05)
-        flat_lo, flat_hi = report.bootstrap([spread.ravel()], shared)["ci"](0.05)  # the problems alone
-        assert hi - lo > 2 * (flat_hi - flat_lo)
-    one = [np.array([1] * 30 + [0] * 70)]  # one seed: the bootstrap of a mean of 0/1 over 100, sd sqrt(.21 / 100)
-    lo, hi = report.bootstrap(one, False)["ci"](0.05)
-    assert abs((hi - lo) / 2 - 1.96 * math.sqrt(0.21 / 100)) < 0.01
-    ragged = [d[0], d[1][:200]]  # each seed its own problems, of different numbers
-    assert report.bootstrap(ragged, False)["diff"] == (d[0].mean() + d[1][:200].mean()) / 2
+def test_sign_test_and_seeds_needed():
+    """The exact sign test is McNemar's binomial on the signs: 5 of 5 seeds positive give 2 / 32 = 0.0625, which no
+    five seeds can beat; ties are dropped. Under Holm over 4 tests, the sign test needs 8 seeds (2 / 256 <= 0.0125;
+    7 give 0.0156); alone, 6 (0.031)."""
+    assert report.sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == (5, 0, 0.0625)
+    assert report.sign_test([0.1, -0.2, 0.0, 0.4]) == (2, 1, 1.0)
+    assert report.seeds_for_sign(1) == 6 and report.seeds_for_sign(4) == 8
+
+def test_median_interval_counts_the_seeds_that_never_reach():
+    """Order statistics: with 10 seeds the interval is (x2, x9), coverage 1 - 2 (1 + 10) / 1024 = 97.85%; (x3, x8)
+    would be 89%. Under 6 seeds the range, at its own coverage (5: 93.75%). A seed that never reaches the target
+    counts below every other: with 3 of 5 never, the median is 'never' (<1x), not the mean of the other two."""
+    xs = [{"x": float(v), "at_first": False, "tokens": 1.0} for v in range(1, 11)]
+    m = report.median_interval(xs)
+    assert (m["median"]["x"], m["lo"]["x"], m["hi"]["x"]) == (5.0, 2.0, 9.0) and abs(m["coverage"] - 0.978515625) < 1e-12
+    m = report.median_interval(xs[:2] + [None] * 3)
+    assert m["median"] is None and m["lo"] is None and m["hi"]["x"] == 2.0 and m["never"] == 3
+    assert abs(m["coverage"] - 0.9375) < 1e-12 and report.fmt_speeds(xs[:2] + [None] * 3) == "<1x [<1x, 2.0x]"
+    assert report.fmt_speeds([None]) == "never" and report.fmt_speeds([{**xs[3], "at_first": True}]) == "0.00M >=4.0x"
 
 def test_calls_agree_with_intervals_and_records_missing():
-    """Holm over a table's tests (loss and accuracy together): a difference is called exactly where its interval,
-    at its Holm level, excludes 0; accuracy without per-problem records is not tested, and says so."""
+    """Holm over a table's seed-level t tests (loss and accuracy together): a difference is called exactly where its
+    interval, at its Holm level, excludes 0; each seed's McNemar test describes that seed's pair of runs beside it;
+    one seed tests nothing about the method."""
     rng = np.random.default_rng(1)
     base = synthetic([1.0, 1.1, 0.9], rng.random((3, 200)) < 0.3)
     groups = {"clm": base}
     for i, (shift, p) in enumerate(((-0.1, 0.45), (0.0, 0.3), (-0.02, 0.33), (0.01, 0.2))):
-        groups[f"run{i}"] = synthetic([1.0 + shift, 1.1 + shift * 1.5, 0.9 + shift * 0.5], rng.random((3, 200)) < p)
+        groups[f"run{i}"] = synthetic([1.0 + shift, 1.1 + shift * 1.1, 0.9 + shift * 0.9], rng.random((3, 200)) < p)
     tests = report.against(groups, "clm")
     ts = [t for ts in tests.values() for t in ts.values()]
-    assert len(ts) == 8 and all(t["family"] == 8 for t in ts) and any(t["called"] for t in ts)
+    assert len(ts) == 8 and all(t["family"] == 8 for t in ts) and tests["run0"]["val_loss_hq"]["called"]
     assert not all(t["called"] for t in ts)
-    assert all(t["called"] == ((t["lo"] > 0 or t["hi"] < 0) and t["p_holm"] <= 0.05) for t in ts)
-    loss = [ts["val_loss_hq"] for ts in tests.values()]  # for the t test, the interval and the test agree
-    assert all(t["called"] == (t["lo"] > 0 or t["hi"] < 0) == (t["p_holm"] <= 0.05) for t in loss)
-    acc = tests["run0"]["accuracy"]  # McNemar on the discordant pairs of the three seeds together
-    right, wrong = acc["discordant"]
+    assert all(t["called"] == (t["lo"] > 0 or t["hi"] < 0) == (t["p_holm"] <= 0.05) for t in ts)
+    acc = tests["run0"]["accuracy"]  # the t test on the three seeds' accuracy differences, McNemar per seed beside
     d = [np.array(r["final"]["correct"]) - np.array(b["final"]["correct"]) for r, b in zip(groups["run0"], base)]
-    assert (right, wrong) == (sum((x == 1).sum() for x in d), sum((x == -1).sum() for x in d))
-    assert acc["p"] == report.mcnemar(right, wrong) and acc["problems"] == [200] * 3
-    one = report.against({n: rs[:1] for n, rs in groups.items()}, "clm")  # one seed: McNemar, no loss test
-    assert "p" in one["run0"]["accuracy"] and one["run0"]["val_loss_hq"]["why"] == "n=1: no t interval"
+    assert np.allclose(acc["per_seed"], [x.mean() for x in d], atol=1e-4) and acc["seeds"] == 3
+    assert abs(acc["p"] - report.paired_t(acc["per_seed"])["p"]) < 1e-12
+    assert [e["discordant"] for e in acc["each_seed"]] == [[(x == 1).sum(), (x == -1).sum()] for x in d]
+    assert acc["each_seed"][0]["p"] == report.mcnemar(*acc["each_seed"][0]["discordant"])
+    one = report.against({n: rs[:1] for n, rs in groups.items()}, "clm")  # one seed: no test of the method
+    assert "p" not in one["run0"]["accuracy"] and one["run0"]["val_loss_hq"]["why"] == "one seed"
+    assert report.fmt_p(one["run0"]["accuracy"]) == f"{one['run0']['accuracy']['each_seed'][0]['p']:.2g}"
+    assert "describe this pair of runs, not the method" in report.explain(one)
     for r in groups["run1"]:
         del r["final"]["correct"]
-    assert report.against(groups, "clm")["run1"]["accuracy"]["why"] == "no per-problem records"
-    assert ("200 problems a seed" in report.noise(tests)
-            and "known to +-6.9 points" in report.noise(tests))  # 98/sqrt(200)
+    assert "each_seed" not in report.against(groups, "clm")["run1"]["accuracy"]
+    assert "200 problems a seed" in report.noise(tests) and "known to +-6.9 points" in report.noise(tests)
+
+def null_replicates(scenario, n_reps=400, seeds=5, problems=1000, effect=0.0, seed=0):
+    """Synthetic tables of two runs over seeds with no true difference (effect 0): 'drift', each run's accuracy and
+    loss moved by its own training noise (sd 10 points, 0.02 nats); 'shared', a seed effect both runs share. The
+    calls report.against makes, per test: (loss called, accuracy called) each replicate."""
+    rng, calls = np.random.default_rng(seed), []
+    for _ in range(n_reps):
+        shared = rng.normal(0, 0.1, seeds) if scenario == "shared" else np.zeros(seeds)
+        drift = lambda: rng.normal(0, 0.1, seeds) if scenario == "drift" else np.zeros(seeds)
+        p_clm, p_run = 0.3 + shared + drift(), 0.3 + shared + drift() + effect
+        noise = lambda: rng.normal(0, 0.005, seeds)  # what any two runs differ by, drift or not
+        loss_clm, loss_run = 0.4 + (shared + drift()) / 5 + noise(), 0.4 + (shared + drift()) / 5 + noise() - effect / 5
+        groups = {"clm": synthetic(loss_clm, rng.random((seeds, problems)) < np.clip(p_clm, 0, 1)[:, None]),
+                  "run": synthetic(loss_run, rng.random((seeds, problems)) < np.clip(p_run, 0, 1)[:, None])}
+        t = report.against(groups, "clm")["run"]
+        calls.append((t["val_loss_hq"]["called"], t["accuracy"]["called"]))
+    return np.array(calls)
+
+def test_the_report_calls_differences_at_its_nominal_rate():
+    """Calibration: under no true difference the table calls a difference in at most 5% of its tests, within the
+    binomial margin (2 standard errors over 800 tests: 5% + 1.5%), with run-level drift and with a shared seed
+    effect; and the family of a table (Holm over its 2 tests) errs at most as often. Pooling the seeds' problems into
+    one McNemar test called ~10% under drift. Power: a true +25 points and -0.05 nats over 5 seeds are called."""
+    for scenario in ("drift", "shared"):
+        calls = null_replicates(scenario)
+        margin = 2 * math.sqrt(0.05 * 0.95 / calls.size)
+        assert calls.mean() <= 0.05 + margin and calls.any(1).mean() <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / len(calls))
+    power = null_replicates("drift", n_reps=100, effect=0.25, seed=1).mean(0)
+    assert power[0] >= 0.6 and power[1] >= 0.6
 
 def test_smoothed_crossing_on_a_hand_made_curve():
     """Loss 7 - x at x = 1..7 (tokens 100 x), with a dip of -2.5 at x = 3. Smoothed (a line through the 5 nearest
@@ -1842,25 +1874,29 @@ def test_smoothed_crossing_on_a_hand_made_curve():
     up = [{"tokens_seen": h["tokens_seen"], "accuracy": -h["val_loss_hq"]} for h in history]  # accuracy: at or above
     assert abs(report.crossing(up, -3.0, "accuracy") - 350) < 1e-9
 
-def test_clm_against_itself_is_one():
-    rng = np.random.default_rng(2)
-    clm = {"history": [{"tokens_seen": 100 * (i + 1), "val_loss_hq": 5 - 0.3 * i + rng.normal(0, 0.2),
-                        "accuracy": 0.1 + 0.02 * i + rng.normal(0, 0.03)} for i in range(12)]}
-    for m in ("val_loss_hq", "accuracy"):
-        assert report.speedup(clm, clm, m)[1] == 1.0
-    line = {"history": [{"tokens_seen": 100 * x, "val_loss_hq": 6.0 - x} for x in range(1, 6)]}  # reaches 1 at 500
-    faster = {"history": [{"tokens_seen": 100 * x, "val_loss_hq": 5.0 - x} for x in range(1, 6)]}  # at 400
-    assert report.speedup(faster, line, "val_loss_hq") == (400.0, 1.25)
+def test_speedup_is_clm_whole_run_over_first_reach():
+    """The paper's 'N x sooner': CLM's tokens for its whole run over the tokens a run needs to first reach CLM's final
+    value. A CLM loss line falling to its end reaches its own final value at its end: 1.0x; a run 100 tokens ahead
+    reaches it at 400: 500 / 400 = 1.25x. A flat CLM accuracy curve reaches its own final value early, so its own row
+    reads above 1; a run past the target at its first evaluation is a lower bound (>=)."""
+    line = {"history": [{"tokens_seen": 100 * x, "val_loss_hq": 6.0 - x, "accuracy": 0.2} for x in range(1, 6)]}
+    faster = {"history": [{"tokens_seen": 100 * x, "val_loss_hq": 5.0 - x, "accuracy": 0.5} for x in range(1, 6)]}
+    assert report.speedup(line, line, "val_loss_hq") == {"tokens": 500.0, "x": 1.0, "at_first": False}
+    assert report.speedup(faster, line, "val_loss_hq") == {"tokens": 400.0, "x": 1.25, "at_first": False}
+    assert report.speedup(line, line, "accuracy") == {"tokens": 100, "x": 5.0, "at_first": True}
+    assert report.fmt_speed(report.speedup(faster, line, "accuracy")) == ">=5.0x"
 
-def test_speedups_say_how_many_seeds_never_reach():
-    """A seed that never reaches CLM's final value is not averaged in silently: the report counts it."""
-    clm = [{"history": [{"tokens_seen": 100, "val_loss_hq": 1.0}]}] * 2
-    reach, never = ({"history": [{"tokens_seen": 50, "val_loss_hq": v}]} for v in (0.9, 1.1))
-    s, n = report.speedups([reach, never], clm, "val_loss_hq")
-    assert (s["mean"], s["n"], n) == (2.0, 1, 1) and report.fmt_x(s, n) == "2.00x (never on 1 of 2 seeds)"
-    assert report.speedups([never], clm, "val_loss_hq") == (None, 1) and report.fmt_x(None, 1) == "never"
-    reach["mode"] = never["mode"] = "slm"  # the printed table: the mean of those that reach it, and k of n
-    assert report.fmt_reach([reach, never], clm, "val_loss_hq") == "2.0x [2.0-2.0] 1/2"
+def test_speedups_count_the_seeds_that_never_reach():
+    """A seed that never reaches CLM's final value is in the estimate as <1x, not dropped: a copy of CLM that
+    reaches its own final value in half the seeds reads <1x at its median, not 1.05x."""
+    clm = [{"history": [{"tokens_seen": 50, "val_loss_hq": 1.2}, {"tokens_seen": 100, "val_loss_hq": 1.0}]}] * 4
+    reach, never = ({"history": [{"tokens_seen": 50, "val_loss_hq": 1.1}, {"tokens_seen": 100, "val_loss_hq": v}]}
+                    for v in (0.9, 1.1))
+    xs = report.speedups([reach, never, reach, never], clm, "val_loss_hq")
+    assert [x and round(x["x"], 4) for x in xs] == [1.3333, None, 1.3333, None]
+    assert report.fmt_speeds(xs) == "<1x [<1x, 1.3x]" and report.median_interval(xs)["never"] == 2
+    reach["mode"] = never["mode"] = "slm"  # the printed table's cell
+    assert report.fmt_reach([reach, never], clm[:2], "val_loss_hq") == "<1x [<1x, 1.3x]"
 
 def test_report_on_tiny_runs_and_seeds(demo, tmp_path):
     for seed, out in ((1337, tmp_path / "a"), (7, tmp_path / "b")):
@@ -1993,3 +2029,46 @@ def test_bench_prepare_is_linear_in_size(monkeypatch, capsys):
     assert all(r["encoding"] == "bytes" and r["seconds"] > 0 and r["s_per_mtok"] > 0 for r in rows)
 
 
+
+# --- issue 31: report.py's folders: seeds of one configuration, one data, the reference model they name
+
+def test_report_refuses_folders_that_are_not_seeds_of_one_configuration(one_process, tmp_path, capsys):
+    """A missing folder or a file, a folder given twice, two folders of one --seed, a run whose defining flags differ
+    between folders, runs of other data in one folder: one line each, nothing written; an SLM run that read another
+    reference model's scores than the ref row's: a note."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(one_process[0], a)
+    shutil.copytree(one_process[0], b)
+    (tmp_path / "f").write_text("x")
+    seed_b = lambda m: {**m, "config": {**m["config"], "seed": 7}}
+    for name in ("ref", "excess", "random"):
+        edit(b / name / "metrics.json", seed_b)
+    files = lambda d: {p: sha(p) for p in d.rglob("*") if p.is_file()}
+    before, names_b = files(a), set(files(b))
+    for argv, msg in (([tmp_path / "none"], "none: no such folder: give rho.py's --out folder"),
+                      ([tmp_path / "f"], "f: a file, not a folder: give rho.py's --out folder"),
+                      ([a, tmp_path / ".." / tmp_path.name / "a"], "a folder given twice: each folder is one seed"),
+                      ([a, one_process[0]], ": both ran --seed 1337: one seed, not two; give one of them")):
+        with pytest.raises(SystemExit, match=rf"^error: .*{re.escape(msg)}"):
+            report.main([str(x) for x in argv])
+    edit(b / "excess" / "metrics.json", lambda m: {**m, "config": {**m["config"], "lr": 0.1}})
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(b))}/excess: --lr 0.1, where {re.escape(str(a))}"
+                                         rf"/excess has {SPLIT_LR}: not seeds of one configuration; report them "
+                                         "separately$"):
+        report.main([str(a), str(b)])
+    edit(b / "random" / "metrics.json", lambda m: {**m, "data": {**m["data"], "sha256": "e" * 64}})
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(b))}: its runs were trained on different data "
+                                         r"\(.*random: eeeeeeeeeeee\): only runs of one data can be paired"):
+        report.main([str(b)])
+    assert files(a) == before and set(files(b)) == names_b  # every refusal: nothing written, nothing changed
+    edit(a / "excess" / "metrics.json", lambda m: {**m, "ref_weights_sha256": "c" * 64})
+    capsys.readouterr()
+    report.main([str(a)])
+    assert "note: excess selected by the scores of another reference model (cccccccccccc) than ref's" in \
+        capsys.readouterr().out
+
+def edit(path, change):
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
