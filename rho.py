@@ -324,13 +324,14 @@ def load_meta(data):
         die(f"{path}: no key {missing[0]!r}: not written by this prepare.py: run prepare.py again")
     return {**meta, "sha256": hashlib.sha256(raw).hexdigest()}  # the data's fingerprint: it covers every file's sha256
 
-def read_json(path, redo=None):  # with redo: a cut or hand-edited file is one line saying what to run
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+def scoring_json(path):  # a scores file's json; None if missing or cut short (then scored again)
     try:
-        return json.loads(Path(path).read_text())
-    except ValueError as e:  # UnicodeDecodeError is one too
-        if redo is None:
-            raise
-        die(f"{path}: not valid JSON ({e}): {redo}")
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
 
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2).encode())
@@ -428,9 +429,9 @@ def load_ref_scores(cfg, meta, T):  # (--ref_run's scores, checked against the d
     if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
         ref = "" if cfg.ref_run == "ref" else f" --name {cfg.ref_run}"
         die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
-    info = read_json(path + ".json", redo)
+    info = scoring_json(path + ".json")
     if not isinstance(info, dict) or "weights_sha256" not in info:
-        die(f"{path}: scored by an older rho, without the reference model's fingerprint: {redo}")
+        die(f"{path}.json: not valid JSON, or written by an older rho (no reference model's fingerprint): {redo}")
     dtype, C = score_layout(info)
     if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != C * dtype.itemsize * n_web:  # sha: encoding
         die(f"{path}: reference scores do not match {cfg.data} (computed for {info['data']}, or cut short: "
@@ -748,12 +749,6 @@ def weights_sha256(model):  # a resumed scoring run must use the same reference 
 def same_scores(old, info):
     return all(old.get(key) == info[key] for key in ("n_tokens", "block_size", "data_sha256", "weights_sha256"))
 
-def scoring_json(path):  # a scoring file's json; None if missing or unreadable (cut short: those blocks scored again)
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
 def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
     """Creates (a resume keeps) <path>.partial, .done (a byte per block), .partial.json: (its json, the done flags)."""
     info = {"n_tokens": n_tokens, "block_size": T, "score_batch": cfg.score_batch, "data_sha256": meta["sha256"],
@@ -846,7 +841,7 @@ def score_web(model, meta, cfg, run):
 
 def eval_sets(cfg, meta, web):  # hq val windows, web's val windows, the held-out problems
     path = os.path.join(cfg.data, "eval.json")
-    problems = read_json(checked(cfg.data, "eval.json", meta), "run prepare.py again") if cfg.eval_problems else []
+    problems = read_json(checked(cfg.data, "eval.json", meta)) if cfg.eval_problems else []  # as prepare.py wrote it
     if cfg.eval_problems and web.T < 2:  # generation answers in the second half of the context
         die(f"--block_size {web.T}: answer accuracy needs a context of 2 tokens or more: pass a larger --block_size, "
             "or --eval_problems 0")
@@ -1164,22 +1159,18 @@ def lock_run(out_dir):  # a second command on the same run is refused while the 
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}")
 
-def running(pid):
+def running(pid):  # signal 0 only asks whether the process exists (PermissionError: it does, another user's)
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        return os.kill(pid, 0) is None
+    except PermissionError:
+        return True
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
-        pass
-    return True
 
 def unlock(out_dir):  # the run's lock, if this process holds it
     path = os.path.join(out_dir, LOCK)
-    try:
-        if Path(path).read_text().split()[0] == str(os.getpid()):
-            os.remove(path)
-    except (OSError, IndexError):
-        pass
+    if os.path.isfile(path) and Path(path).read_text().split()[:1] == [str(os.getpid())]:
+        os.remove(path)
 
 def claim(out_dir, old, cfg):  # the run's folder, once every check passed; locked; tested; --overwrite empties it
     try:
@@ -1318,8 +1309,7 @@ def stopped(cfg, e):  # Ctrl-C or SIGTERM: one line saying where the run stopped
     else:
         step = frames["train"].f_locals.get("step") if "train" in frames else None
         try:
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"]
-            saved = f"{ckpt} holds step {saved}"
+            saved = f"{ckpt} holds step {torch.load(ckpt, 'cpu', weights_only=True, mmap=True)['step']}"
         except Exception:  # none yet, or not this run's
             saved = "no checkpoint yet"
         msg = (f"{name}: stopped " + (f"at step {step} of {cfg.steps}" if step is not None else "before training")
