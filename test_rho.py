@@ -221,7 +221,8 @@ def test_error_token_file_cut_or_changed(demo, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"web.bin: [\d,]+ bytes, but prepare.py wrote"):
         run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "1", "--data", str(data), "--resume")
     meta = json.loads((data / "meta.json").read_text())
-    (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    (data / "meta.json").write_text(json.dumps({**{k: v for k, v in meta.items() if k != "files"},
+                                                "tokens": {**meta["tokens"], "web": len(good) // 4}}))
     record_files(data)  # the cut copy with a meta.json that records it: other data, by its fingerprint
     with pytest.raises(SystemExit, match=r"--resume: .* is not the data that .*ckpt.pt was trained on"):
         run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "1", "--data", str(data), "--resume")
@@ -2030,13 +2031,23 @@ def test_issue31_overwrite_checks_everything_before_it_deletes(demo, tmp_path):
             "--batch_size", "100000")
     assert sorted(os.listdir(tmp_path / "clm")) == ["ckpt.pt", "metrics.json", "tokens.npz"]
 
-def test_issue31_a_second_command_on_a_run_is_refused_while_the_first_runs(demo, tmp_path, capsys):
+def test_issue31_a_second_command_on_a_run_is_refused_while_the_first_runs(demo, tmp_path, capsys, monkeypatch):
     """The lock holds "PID HOST" while a command runs and goes as it exits; a live holder's refuses a second command,
-    a dead one's is taken over (a killed run resumes)."""
+    a dead one's is taken over (a killed run resumes); a run that another command finished while this one started
+    is refused, not replaced."""
     args = ("--clm", "--steps", "2", "--eval_problems", "0")
-    run(demo, tmp_path, *args)
-    assert not (tmp_path / "clm" / rho.LOCK).exists()
+    real = rho.eval_sets
+
+    def another_command_finishes_first(*a):  # after train's first look at the folder, before claim's
+        monkeypatch.setattr(rho, "eval_sets", real)
+        run(demo, tmp_path, *args)
+        return real(*a)
+    monkeypatch.setattr(rho, "eval_sets", another_command_finishes_first)
+    with pytest.raises(SystemExit, match=r"clm: holds a finished run \(ckpt.pt, metrics.json, tokens.npz\)"):
+        run(demo, tmp_path, *args)  # looked at again under the lock
+    monkeypatch.undo()
     lock = tmp_path / "clm" / rho.LOCK
+    assert not lock.exists()
     lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a process that runs
     refused(rf"clm: in use by process {os.getppid()} on .*: wait for it to end or stop it; if no command is running "
             rf"there, delete .*clm/{rho.LOCK}$", demo, tmp_path, *args, "--overwrite")
@@ -2105,7 +2116,7 @@ def test_issue31_block_size_1_and_fsdp_shards_missing(demo, tmp_path):
             r"folder next to ckpt.pt", demo, tmp_path, "--clm", "--steps", "1", "--init_from", "f")
 
 def test_issue31_ctrl_c_and_sigterm_say_where_the_run_stopped(demo, tmp_path, monkeypatch):
-    real = rho.lr_at
+    real, handler = rho.lr_at, signal.getsignal(signal.SIGTERM)
     for how in ("SIGINT", "SIGTERM"):
         def stop_at_step_3(step, cfg):
             if step == 3:  # as a user's Ctrl-C (KeyboardInterrupt) or a scheduler's SIGTERM arrives
@@ -2115,7 +2126,7 @@ def test_issue31_ctrl_c_and_sigterm_say_where_the_run_stopped(demo, tmp_path, mo
         with pytest.raises(SystemExit, match=rf"^error: {how}: stopped at step 3 of 4; .*{how}/ckpt.pt holds step 2: "
                                              r"run the same command with --resume to continue$"):
             run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--eval_problems", "0", "--name", how)
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not (tmp_path / how / rho.LOCK).exists()
+        assert signal.getsignal(signal.SIGTERM) == handler and not (tmp_path / how / rho.LOCK).exists()
     monkeypatch.setattr(rho, "lr_at", real)
     m = run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--eval_problems", "0", "--name", "SIGTERM",
             "--resume")
