@@ -213,7 +213,8 @@ def bench_scale(n_tokens, device, dtype):
         os.makedirs(os.path.join(d, "ref"))
         web = os.path.join(d, "web.bin")
         np.random.default_rng(0).integers(0, 257, n_tokens, dtype=np.uint16).tofile(web)
-        meta = {"encoding": "bytes", "dtype": "uint16", "sha256": "bench",  # files: as prepare.py records them
+        meta = {"encoding": "bytes", "dtype": "uint16", "sha256": "bench", "vocab_size": 257,  # files: as prepare.py
+                "tokens": {"web": n_tokens},  # records them
                 "files": {"web.bin": {"bytes": os.path.getsize(web), "sha256": rho.file_sha256(web)}}}
         cfg = rho.RunConfig(data=d, out=d, device=str(device), dtype=dtype)
         torch.manual_seed(0)

@@ -123,6 +123,8 @@ def get_encoding(name):
                  f"its BPE file on first use: run once with network (or copy the file into TIKTOKEN_CACHE_DIR), "
                  f"or use the default --encoding bytes, which needs no download.")
 
+SEED_MAX = 2**32 - 1  # --seed of prepare.py and rho.py: 0 to SEED_MAX
+
 def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2**16 else np.uint32
 
@@ -967,6 +969,8 @@ def check_flags(args):
     for flag, least in (("procs", 1), ("web_tokens", 1), ("base_tokens", 1), ("max_web_tokens", 0), ("seed", 0)):
         if getattr(args, flag) < least:
             sys.exit(f"error: --{flag} {getattr(args, flag)}: must be {least} or more")
+    if args.seed > SEED_MAX:
+        sys.exit(f"error: --seed {args.seed}: must be at most {SEED_MAX}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         sys.exit(f"error: --out {args.out}: is a file; give a folder (it is created if missing)")
     try:

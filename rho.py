@@ -11,8 +11,11 @@ import math
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prepare import ANSWER, file_sha256, final_answer, get_encoding, write_atomic
+from prepare import ANSWER, SEED_MAX, file_sha256, final_answer, get_encoding, write_atomic
 
 # one code path for MKL's and PyTorch's CPU kernels on any AVX2 CPU (README, Reproducible); read at the first kernel
 os.environ.setdefault("MKL_CBWR", "AVX2")
@@ -190,11 +193,16 @@ class HF(nn.Module):  # a transformers causal LM as our GPT: hidden states, head
                 f"{c.max_position_embeddings} or less")
         self.config = GPTConfig(T, self.lm_head.weight.shape[0], c.num_hidden_layers, c.num_attention_heads,
                                 c.hidden_size)
-        with torch.no_grad():  # the head must be h @ W.T: no soft-capping, logit scale or bias (Gemma 2, Granite)
+        # the head must be h @ W.T: no soft-capping or scale in the config (Gemma 2, Cohere, Granite, Falcon-H1), even
+        # where random weights give small logits; then probed (a head bias, a scale under another name)
+        scaled = [f"{key} {getattr(c, key)}" for key, plain in (("final_logit_softcapping", None), ("logit_scale", 1),
+                  ("logits_scaling", 1), ("lm_head_multiplier", 1)) if getattr(c, key, None) not in (None, plain)]
+        with torch.no_grad():
             idx = torch.arange(8)[None] % self.config.vocab_size
-            if not torch.allclose(hf(idx).logits, self(idx) @ self.lm_head.weight.t(), rtol=1e-4, atol=1e-4):
-                die(f"--init_from {source}: its logits are not a plain linear map of its final hidden states (logit "
-                    "soft-capping, scaling or a head bias): rho's fused head computes h @ W.T; use another model")
+            if scaled or not torch.allclose(hf(idx).logits, self(idx) @ self.lm_head.weight.t(), rtol=1e-4, atol=1e-4):
+                die(f"--init_from {source}: its logits are not a plain linear map of its final hidden states ("
+                    + (", ".join(scaled) if scaled else "logit soft-capping, scaling or a head bias")
+                    + "): rho's fused head computes h @ W.T; use another model")
 
     @property
     def lm_head(self):  # the model's own head, tied or not (a property: not a second copy in the state_dict)
@@ -319,12 +327,21 @@ def load_meta(data):
 def read_json(path):
     return json.loads(Path(path).read_text())
 
+def scoring_json(path):  # a scores file's json; None if missing or cut short (then scored again)
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2).encode())
 
 HASH_MAX = 1 << 28  # token files up to 256 MiB are hashed at every start (0.2 s each here); larger ones by size alone
 
-def memmap(data, name, meta, dtype):  # checked against meta.json: its size, and its sha256 up to HASH_MAX bytes
+def sha256_differs(path, want):  # against a recorded sha256 (None: not recorded); files over HASH_MAX unchecked
+    return want is not None and os.path.getsize(path) <= HASH_MAX and file_sha256(path) != want
+
+def checked(data, name, meta):  # a prepared file's path, checked against meta.json: its size and sha256
     path = os.path.join(data, name)
     if not os.path.isfile(path):
         die(f"{path}: missing; re-run prepare.py for {data}")
@@ -336,8 +353,15 @@ def memmap(data, name, meta, dtype):  # checked against meta.json: its size, and
     if size != rec["bytes"]:
         die(f"{path}: {size:,} bytes, but prepare.py wrote {rec['bytes']:,} (cut short or replaced): run prepare.py "
             "again")
-    if size <= HASH_MAX and file_sha256(path) != rec["sha256"]:
+    if sha256_differs(path, rec["sha256"]):
         die(f"{path}: its content is not what prepare.py wrote (sha256 differs): run prepare.py again")
+    return path
+
+def memmap(data, name, meta, dtype, n_tokens=None):  # with n_tokens: meta.json's dtype must read that many
+    path = checked(data, name, meta)
+    if n_tokens is not None and os.path.getsize(path) != n_tokens * np.dtype(dtype).itemsize:
+        die(f"{path}: {os.path.getsize(path):,} bytes are not {n_tokens:,} tokens of {dtype}, as meta.json says "
+            "(edited?): run prepare.py again")
     return np.memmap(path, dtype=dtype, mode="r")
 
 REF_LOSS, REF_ENTROPY = 0, 1  # the two columns of reference scores (..., 2): L_RM(x_i) and H_RM(x_i)
@@ -381,8 +405,12 @@ class Windows:  # a token file's windows; batch order is a function of (seed, st
         ws = self.step_windows(step, B, seed, hi)[RANK * share:(RANK + 1) * share]
         return [self.get(ws[i:i + micro], device) for i in range(0, share, micro)]
 
-def windows(data, name, meta, T, ref=None, labels=None):
-    return Windows(memmap(data, name, meta, meta["dtype"]), T, ref, labels, os.path.join(data, name))
+def windows(data, name, meta, T, ref=None, labels=None):  # the ids must fit the vocabulary (hashed files: all read)
+    tokens = memmap(data, name, meta, meta["dtype"], meta["tokens"][name.removesuffix(".bin")])
+    if tokens.nbytes <= HASH_MAX and tokens.max(initial=0) >= meta["vocab_size"]:
+        die(f"{os.path.join(data, name)}: holds token id {tokens.max()}, beyond the vocabulary of {meta['vocab_size']}"
+            f" in meta.json (edited?): run prepare.py again")
+    return Windows(tokens, T, ref, labels, os.path.join(data, name))
 
 def web_split(n_windows, T):  # windows before it train; the rest (5%, at most 32 or 8,192 tokens) is web val
     return n_windows - min(max(32, 8192 // T), max(1, n_windows // 20))
@@ -401,13 +429,15 @@ def load_ref_scores(cfg, meta, T):  # (--ref_run's scores, checked against the d
     if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
         ref = "" if cfg.ref_run == "ref" else f" --name {cfg.ref_run}"
         die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
-    info = read_json(path + ".json")
+    info = scoring_json(path + ".json")
+    if not isinstance(info, dict) or "weights_sha256" not in info:
+        die(f"{path}.json: not valid JSON, or written by an older rho (no reference model's fingerprint): {redo}")
     dtype, C = score_layout(info)
-    if "weights_sha256" not in info:
-        die(f"{path}: scored by an older rho, without the reference model's fingerprint: {redo}")
     if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != C * dtype.itemsize * n_web:  # sha: encoding
         die(f"{path}: reference scores do not match {cfg.data} (computed for {info['data']}, or cut short: "
             f"{os.path.getsize(path) // (C * dtype.itemsize):,} of {n_web:,} tokens): {redo}")
+    if sha256_differs(path, info.get("sha256")):  # recorded as scoring finished
+        die(f"{path}: its content is not what scoring wrote (sha256 differs): {redo}")
     if C == 1 and cfg.select in ("entropy", "ref_entropy"):
         die(f"{path}: holds L_RM alone (scored with --scores loss); --select {cfg.select} reads H_RM too: {redo}")
     if info["block_size"] != T:
@@ -725,9 +755,10 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
             "weights_sha256": weights, "score_dtype": cfg.score_dtype, "scores": cfg.scores}
     dtype, C = score_layout(info)
     if RANK == 0:
-        old = read_json(path + ".partial.json") if os.path.isfile(path + ".partial.json") else {}
-        done = read_json(path + ".json") if os.path.isfile(path) and os.path.isfile(path + ".json") else None
-        if done and same_scores(done, info) and os.path.getsize(path) == C * dtype.itemsize * n_tokens:
+        old = scoring_json(path + ".partial.json") or {}
+        done = scoring_json(path + ".json") if os.path.isfile(path) else None
+        if done and same_scores(done, info) and os.path.getsize(path) == C * dtype.itemsize * n_tokens and \
+                not sha256_differs(path, done.get("sha256")):
             print(f"score: {path} already holds this model's scores of {cfg.data}: kept")
         elif done and not same_scores(done, info) and not cfg.overwrite:
             run = os.path.dirname(path)
@@ -797,6 +828,7 @@ def score_web(model, meta, cfg, run):
         if not np.fromfile(path + ".done", np.uint8).all():
             die(f"{path}.partial: some blocks were not scored; run `python rho.py --score --name {run}` again")
         os.replace(path + ".partial", path)
+        info["sha256"] = file_sha256(path) if os.path.getsize(path) <= HASH_MAX else None  # load_ref_scores checks it
         write_json(path + ".json", info)
         for f in (path + ".done", path + ".partial.json"):
             os.remove(f)
@@ -809,7 +841,10 @@ def score_web(model, meta, cfg, run):
 
 def eval_sets(cfg, meta, web):  # hq val windows, web's val windows, the held-out problems
     path = os.path.join(cfg.data, "eval.json")
-    problems = read_json(path) if cfg.eval_problems else []
+    problems = read_json(checked(cfg.data, "eval.json", meta)) if cfg.eval_problems else []  # as prepare.py wrote it
+    if cfg.eval_problems and web.T < 2:  # generation answers in the second half of the context
+        die(f"--block_size {web.T}: answer accuracy needs a context of 2 tokens or more: pass a larger --block_size, "
+            "or --eval_problems 0")
     if cfg.eval_problems and not problems:
         die(f"{path}: no eval problems (prepare.py found no \"#### N\" or \"The answer is: N\" answer in --val): "
             f"prepare the data with such a --val, or pass --eval_problems 0 to train without measuring accuracy")
@@ -912,6 +947,9 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
         die(f"{path}: {what} has vocabulary {ckpt['encoding']} ({ckpt['n_vocab']} tokens) but the data has "
             f"{meta['encoding']} ({meta['vocab_size']}): prepare the data with --encoding {ckpt['encoding']} or "
             f"train a new model")
+    if isinstance(ckpt["model"], str) and not os.path.isdir(os.path.join(os.path.dirname(path), ckpt["model"])):
+        die(f"{path}: its weights are the FSDP shards {ckpt['model']} beside it, which are missing: restore that "
+            "folder next to ckpt.pt (copy a run's folder whole)")
     return ckpt
 
 def whole_weights(ckpt, path, model):  # a checkpoint's state_dict; an FSDP run's read from its shards into model's
@@ -995,11 +1033,14 @@ def training_windows(cfg, meta, T):  # (base's, hq's or web's windows with the s
             die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start from your own base "
                 f"model with --init_from CKPT, or from scratch without it")
         w = windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T)
-        return w, w.n, None
-    needs_ref = cfg.mode == "slm" and cfg.select not in ("random", "train")
-    ref, ref_sha = load_ref_scores(cfg, meta, T) if needs_ref else (None, None)
-    w = web_windows(cfg, meta, T, ref)
-    return w, web_split(w.n, T), ref_sha
+        hi, ref_sha = w.n, None
+    else:
+        needs_ref = cfg.mode == "slm" and cfg.select not in ("random", "train")
+        ref, ref_sha = load_ref_scores(cfg, meta, T) if needs_ref else (None, None)
+        w = web_windows(cfg, meta, T, ref)
+        hi = web_split(w.n, T)
+    w.step_windows(0, cfg.batch_size, cfg.seed, hi)  # fewer than one batch: refused now, before claim empties a folder
+    return w, hi, ref_sha
 
 def train_step(model, fwd, micro, cfg, gen):  # model: the module; fwd: its forward as trained (compiled, DDP)
     """The gradient of the mean loss over the step's selected tokens, whatever the split: (the loss, I_k each)."""
@@ -1100,9 +1141,43 @@ def earlier_run(out_dir, cfg):  # refuses an earlier run's files unless --resume
             "--resume continues it, --overwrite replaces it, --name NAME starts this one beside it")
     return old
 
-def claim(out_dir, old, cfg):  # the run's folder, once every check passed; tested; --overwrite empties it
+LOCK = "run.lock"  # "PID HOST" of the command writing a run's folder; main removes it as that command exits
+
+def lock_run(out_dir):  # a second command on the same run is refused while the first runs; a dead one's lock taken
+    path = os.path.join(out_dir, LOCK)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        held = Path(path).read_text().split()  # [pid, host]
+        here = len(held) == 2 and held[0].isdigit() and held[1] == socket.gethostname()  # a process on this machine
+        if not here or int(held[0]) != os.getpid() and running(int(held[0])):
+            die(f"{out_dir}: in use by " + (f"process {held[0]} on {held[1]}" if len(held) == 2 else "another command")
+                + f" ({LOCK}): wait for it to end or stop it; if no command is running there, delete {path}")
+        print(f"{out_dir}: took over {LOCK} of process {held[0]}, which is no longer running (killed?)")
+        os.remove(path)
+        return lock_run(out_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}")
+
+def running(pid):  # signal 0 only asks whether the process exists (PermissionError: it does, another user's)
+    try:
+        return os.kill(pid, 0) is None
+    except PermissionError:
+        return True
+    except ProcessLookupError:
+        return False
+
+def unlock(out_dir):  # the run's lock, if this process holds it
+    path = os.path.join(out_dir, LOCK)
+    if os.path.isfile(path) and Path(path).read_text().split()[:1] == [str(os.getpid())]:
+        os.remove(path)
+
+def claim(out_dir, old, cfg):  # the run's folder, once every check passed; locked; tested; --overwrite empties it
     try:
         os.makedirs(out_dir, exist_ok=True)
+        lock_run(out_dir)
+        if earlier_run(out_dir, cfg) != old:  # another command wrote there since this one started
+            die(f"{out_dir}: changed while this command started: run it again")
         write_atomic(os.path.join(out_dir, ".write-test"), b"")
         os.remove(os.path.join(out_dir, ".write-test"))
     except OSError as e:
@@ -1127,7 +1202,8 @@ def split_step(cfg):  # sequences per forward on each process, checked against t
 
 def stop_non_finite(what, value, step, name, cfg, state, ckpt_path):  # before the optimizer step: no NaN checkpoint
     h, folder = state["history"], os.path.dirname(ckpt_path)
-    if not h and RANK == 0 and not os.listdir(folder):
+    if not h and RANK == 0 and set(os.listdir(folder)) <= {LOCK}:
+        unlock(folder)
         os.rmdir(folder)  # the folder this run made, still empty: nothing is left behind
     last = f"; {ckpt_path} (step {h[-1]['step']}) holds the last good weights" if h else ""
     die(f"{name}: the {what} became {value} at step {step}: lower --lr (e.g. --lr {cfg.lr / 3:.2g}) and start again "
@@ -1224,6 +1300,32 @@ def train(cfg, shape):
         write_token_losses(os.path.join(out_dir, "tokens.npz"), state, ev)
         return finish(cfg, meta, name, state, out_dir, model, extra)
 
+def stopped(cfg, e):  # Ctrl-C or SIGTERM: one line saying where the run stopped and how it continues, no traceback
+    frames = {f.f_code.co_name: f for f, _ in traceback.walk_tb(e.__traceback__)}  # main's callees, by name
+    name, ckpt = run_name(cfg), os.path.join(cfg.out, run_name(cfg), "ckpt.pt")
+    if cfg.mode == "score" or "score_web" in frames:  # the blocks marked done are kept
+        msg = f"{name}: stopped while scoring: run " + ("the same command" if cfg.mode == "score" else
+                                                        "the same command with --resume") + " to finish it"
+    else:
+        step = frames["train"].f_locals.get("step") if "train" in frames else None
+        try:
+            saved = f"{ckpt} holds step {torch.load(ckpt, 'cpu', weights_only=True, mmap=True)['step']}"
+        except Exception:  # none yet, or not this run's
+            saved = "no checkpoint yet"
+        msg = (f"{name}: stopped " + (f"at step {step} of {cfg.steps}" if step is not None else "before training")
+               + f"; {saved}: run the same command with --resume to continue")
+    die(msg) if RANK == 0 else sys.exit(1)
+
+def same_flags_on_every_process(cfg, shape):  # torchrun's processes must run one run: checked once, at start
+    mine = {**asdict(cfg), **asdict(shape), "device": None}  # each process has its own device
+    every = [None] * WORLD
+    dist.all_gather_object(every, mine)
+    for key in mine:
+        if any(other[key] != mine[key] for other in every):
+            values = ", ".join(f"rank {r}: {other[key]}" for r, other in enumerate(every))
+            die(f"--{key}: the processes were started with other values ({values}): start every process with the "
+                "same flags") if RANK == 0 else sys.exit(1)
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -1238,16 +1340,19 @@ CHOICES = {"select": ("excess", "random", "ref", "entropy", "ref_entropy", "trai
 
 # the flags each mode reads beyond the data, the output and the device; any other flag given is refused
 SHAPE, SLM_FLAGS = ("block_size", "n_layer", "n_head", "n_embd"), {"k", "select", "scope", "ref_run"}
-RUN_FLAGS = {f.name for f in fields(RunConfig)} - SLM_FLAGS - {"mode", "data", "out", "device"} | set(SHAPE)
-MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | SLM_FLAGS,
-              "score": {"name", "score_batch", "score_dtype", "scores", "dtype", "overwrite"}}
+SCORE_FLAGS = {"score_batch", "score_dtype", "scores"}  # --ref's and --score's
+RUN_FLAGS = {f.name for f in fields(RunConfig)} - SLM_FLAGS - SCORE_FLAGS - {"mode", "data", "out", "device"}
+RUN_FLAGS |= set(SHAPE)
+MODE_FLAGS = {"base": RUN_FLAGS, "ref": RUN_FLAGS | SCORE_FLAGS, "clm": RUN_FLAGS, "slm": RUN_FLAGS | SLM_FLAGS,
+              "score": {"name", "dtype", "overwrite"} | SCORE_FLAGS}
 
 def check_flags(a, mode, given):  # bad values and flags the mode ignores, one line each, before anything runs
     ignored = sorted(given - MODE_FLAGS[mode] - {"data", "out", "device"})
     if ignored:
         them = "them" if len(ignored) > 1 else "it"
         die(f"{' '.join('--' + f for f in ignored)}: --{mode} does not read {them}"
-            + (" (--slm's flags)" if set(ignored) <= SLM_FLAGS else "") + f"; drop {them}")
+            + (" (--slm's flags)" if set(ignored) <= SLM_FLAGS else " (--ref's and --score's flags)"
+               if set(ignored) <= SCORE_FLAGS else "") + f"; drop {them}")
     if not 0 < a.k <= 1:
         die(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
     shape = [(f, 1) for f in SHAPE if getattr(a, f) is not None]
@@ -1258,6 +1363,15 @@ def check_flags(a, mode, given):  # bad values and flags the mode ignores, one l
         if not v >= at_least or v == math.inf:  # NaN fails every comparison
             die(f"--{flag} {v}: must be {'0 or more' if at_least == 0 else 'positive'}"
                 + (" and finite" if isinstance(v, float) else ""))
+    if a.seed > SEED_MAX:
+        die(f"--seed {a.seed}: must be at most {SEED_MAX}")
+    if not a.out:
+        die("--out '': give the runs' folder (default out; '.' for the current folder)")
+    for flag in ("name", "ref_run"):  # a run is a folder right in --out: a name, not a path
+        v = getattr(a, flag)
+        if (v or flag == "ref_run") and (v in ("", ".", "..") or "/" in v or os.sep in v or len(v) > 100):
+            die(f"--{flag} {v[:40]!r}{'...' * (len(v) > 40)}: a run's name in --out: at most 100 characters, no "
+                "path separators, not '.' or '..'")
     if a.warmup >= a.steps and mode != "score":
         die(f"--warmup {a.warmup}: must be fewer than --steps {a.steps}, or the LR never reaches --lr")
     if a.fsdp and "RANK" not in os.environ:
@@ -1314,11 +1428,16 @@ def main(argv=None):
             cfg.device = f"cuda:{LOCAL}"
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")  # gloo on CPUs
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops a run as Ctrl-C does (stopped)
     try:
+        if WORLD > 1:
+            same_flags_on_every_process(cfg, shape)
         if cfg.mode != "score":
             return train(cfg, shape)
         meta, name = load_meta(cfg.data), run_name(cfg)
         ckpt = load_checkpoint(os.path.join(cfg.out, name, "ckpt.pt"), meta, "reference model")
+        if RANK == 0:
+            lock_run(os.path.join(cfg.out, name))
         info = score_web(model_of(ckpt, None, name).to(cfg.device), meta, cfg, name)
         if RANK == 0 and not os.path.isfile(os.path.join(cfg.out, name, "metrics.json")):
             print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): `python rho.py --ref "
@@ -1327,7 +1446,12 @@ def main(argv=None):
     except OSError as e:  # a full disk or a lost folder mid-run: a killed or failed run resumes
         again = "the same command again" if cfg.mode == "score" else "again with --resume"  # finished blocks kept
         die(f"{e.filename or cfg.out}: {e.strerror or e}: free space or fix the folder, then run {again}")
+    except KeyboardInterrupt as e:
+        stopped(cfg, e)
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        if RANK == 0:
+            unlock(os.path.join(cfg.out, run_name(cfg)))
         if dist.is_initialized():  # free DDP's reference cycles first: a gloo group left at interpreter exit can abort
             gc.collect()
             dist.destroy_process_group()

@@ -12,6 +12,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -219,7 +221,8 @@ def test_error_token_file_cut_or_changed(demo, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"web.bin: [\d,]+ bytes, but prepare.py wrote"):
         run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "1", "--data", str(data), "--resume")
     meta = json.loads((data / "meta.json").read_text())
-    (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    (data / "meta.json").write_text(json.dumps({**{k: v for k, v in meta.items() if k != "files"},
+                                                "tokens": {**meta["tokens"], "web": len(good) // 4}}))
     record_files(data)  # the cut copy with a meta.json that records it: other data, by its fingerprint
     with pytest.raises(SystemExit, match=r"--resume: .* is not the data that .*ckpt.pt was trained on"):
         run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "1", "--data", str(data), "--resume")
@@ -539,7 +542,8 @@ def recording_selection(monkeypatch=None):
     return masks
 
 def torchrun_child(rank, world, port, argv, record, kill_at=None):
-    """One of `world` processes, as torchrun starts it; killed (KeyboardInterrupt) as step kill_at begins."""
+    """One of `world` processes, as torchrun starts it; killed (KeyboardInterrupt: one line, then exit) as step kill_at
+    begins."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     importlib.reload(rho)  # rho reads the environment at import: torchrun sets it before Python starts, spawn after
@@ -547,7 +551,12 @@ def torchrun_child(rank, world, port, argv, record, kill_at=None):
         real = rho.lr_at
         rho.lr_at = lambda s, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if s == kill_at else real(s, cfg)
     masks = recording_selection()
-    rho.main(argv)
+    try:
+        rho.main(argv)
+    except SystemExit:
+        if kill_at is None:
+            raise
+        return
     torch.save(masks, f"{record}.{rank}.pt")
 
 def torchrun(world, argv, record):
@@ -592,7 +601,7 @@ def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_proc
         return real(*a, **kw)
     monkeypatch.setattr(rho, "model_token_loss", killed_after_5_blocks)
     monkeypatch.setattr(time, "time", iter(range(0, 10**6, 31)).__next__)  # every block is synced to disk
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=r"^error: ref: stopped while scoring: run the same command to finish it$"):
         rho.main(argv)
     assert not (tmp_path / "ref" / "ref_scores.bin").exists()
     assert np.fromfile(tmp_path / "ref" / "ref_scores.bin.done", np.uint8).sum() == 5
@@ -802,7 +811,8 @@ def test_resume_equals_uninterrupted(demo, tmp_path, monkeypatch):
         return real_lr_at(step, cfg)
 
     monkeypatch.setattr(rho, "lr_at", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=r"x: stopped at step 5 of 6; .*x/ckpt.pt holds step 4: run the same command "
+                                         r"with --resume to continue$"):
         run(demo, tmp_path / "killed", *args, "--name", "x")
     monkeypatch.setattr(rho, "lr_at", real_lr_at)
     assert torch.load(tmp_path / "killed" / "x" / "ckpt.pt", weights_only=True)["step"] == 4
@@ -864,7 +874,7 @@ def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path
     os.symlink(out / "ref", tmp_path / "ref")
     argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--slm", "--batch_size", "8", "--steps", "3",
             "--eval_every", "1", "--eval_problems", "0", "--name", "excess", "--lr", SPLIT_LR, "--fsdp"]
-    # killed as step 2 begins, after its checkpoint; spawn hides the interrupt
+    # killed as step 2 begins, after its checkpoint
     torch.multiprocessing.spawn(torchrun_child, args=(2, free_port(), argv, None, 2), nprocs=2)
     ckpt = torch.load(tmp_path / "excess" / "ckpt.pt", weights_only=True)
     assert (ckpt["step"], ckpt["model"]) == (2, "ckpt-2.dcp")
@@ -1015,7 +1025,8 @@ def test_nothing_lost_finished_runs_other_scores_and_a_kill_while_scoring(demo, 
             m.setattr(time, "time", iter(range(0, 10**6, 31)).__next__)  # every block is synced to disk
             return real_score(*a)
     monkeypatch.setattr(rho, "score_web", killed_in_scoring)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=r"^error: k: stopped while scoring: run the same command with --resume to "
+                                         r"finish it$"):
         run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--name", "k", "--score_batch", "8")
     monkeypatch.undo()
     assert not (tmp_path / "k" / "metrics.json").exists() and (tmp_path / "k" / "ref_scores.bin.partial").exists()
@@ -1258,7 +1269,7 @@ def test_gpt2_train_resume_and_reload_as_rho_checkpoint(demo, tmp_path, monkeypa
     real_lr_at = rho.lr_at
     monkeypatch.setattr(rho, "lr_at", lambda step, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else
                         real_lr_at(step, cfg))  # killed after the checkpoint of step 2
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=r"cut: stopped at step 2 of 4; .*cut/ckpt.pt holds step 2"):
         rho.main([*gpt2, "--steps", "4", "--name", "cut"])
     monkeypatch.setattr(rho, "lr_at", real_lr_at)
     cut = rho.main([*gpt2, "--steps", "4", "--name", "cut", "--resume"])
@@ -2072,3 +2083,179 @@ def edit(path, change):
 
 def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+# --- issue 31: data loss, tracebacks, silent (rho.py)
+# each bad input or fault against what a careful user expects: one line naming the flag or file and the fix, and
+# every file that was there before unchanged (their sha256)
+
+def data_copy(demo, tmp_path):
+    """A copy of the demo data to edit."""
+    shutil.copytree(demo / "data", tmp_path / "data")
+    return tmp_path / "data"
+
+def edit_json(path, edit):
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+def refused(msg, demo, out, *args):
+    """rho.main refuses with one line that matches msg; every file under out is as it was."""
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=msg) as e:
+        run(demo, out, *args)
+    assert "\n" not in str(e.value)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == before
+
+def test_issue31_overwrite_checks_everything_before_it_deletes(demo, tmp_path):
+    run(demo, tmp_path, "--clm", "--steps", "2", "--eval_problems", "0")
+    refused(r"fewer than one batch: lower --batch_size$", demo, tmp_path, "--clm", "--steps", "2", "--overwrite",
+            "--batch_size", "100000")
+    assert sorted(os.listdir(tmp_path / "clm")) == ["ckpt.pt", "metrics.json", "tokens.npz"]
+
+def test_issue31_a_second_command_on_a_run_is_refused_while_the_first_runs(demo, tmp_path, capsys, monkeypatch):
+    """The lock holds "PID HOST" while a command runs and goes as it exits; a live holder's refuses a second command,
+    a dead one's is taken over (a killed run resumes); a run that another command finished while this one started
+    is refused, not replaced."""
+    args = ("--clm", "--steps", "2", "--eval_problems", "0")
+    real = rho.eval_sets
+
+    def another_command_finishes_first(*a):  # after train's first look at the folder, before claim's
+        monkeypatch.setattr(rho, "eval_sets", real)
+        run(demo, tmp_path, *args)
+        return real(*a)
+    monkeypatch.setattr(rho, "eval_sets", another_command_finishes_first)
+    with pytest.raises(SystemExit, match=r"clm: holds a finished run \(ckpt.pt, metrics.json, tokens.npz\)"):
+        run(demo, tmp_path, *args)  # looked at again under the lock
+    monkeypatch.undo()
+    lock = tmp_path / "clm" / rho.LOCK
+    assert not lock.exists()
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a process that runs
+    refused(rf"clm: in use by process {os.getppid()} on .*: wait for it to end or stop it; if no command is running "
+            rf"there, delete .*clm/{rho.LOCK}$", demo, tmp_path, *args, "--overwrite")
+    lock.write_text("")  # a command killed as it took the lock, or another's: it cannot tell
+    refused(r"clm: in use by another command", demo, tmp_path, *args, "--resume")
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    lock.write_text(f"{dead.pid} {socket.gethostname()}")
+    m = run(demo, tmp_path, *args, "--resume")
+    assert f"took over {rho.LOCK} of process {dead.pid}, which is no longer running" in capsys.readouterr().out
+    assert m["steps"] == 2 and not lock.exists()
+
+def test_issue31_seed_range_shared_with_prepare(tmp_path):
+    big = str(rho.SEED_MAX + 1)
+    with pytest.raises(SystemExit, match=rf"^error: --seed {big}: must be at most {rho.SEED_MAX}$"):
+        rho.parse_args(["--clm", "--seed", big])
+    with pytest.raises(SystemExit, match=rf"^error: --seed {big}: must be at most {rho.SEED_MAX}$"):
+        prepare.main(["--out", str(tmp_path / "d"), "--seed", big])
+    assert rho.parse_args(["--clm", "--seed", str(rho.SEED_MAX)])[0].seed == rho.SEED_MAX
+
+def test_issue31_bad_data_and_scores_one_line_each(demo, tmp_path):
+    """meta.json's vocab_size cut or dtype edited, eval.json cut or not JSON, ref_scores.bin zeroed or its .json not
+    JSON: one line each, nothing written; --score repairs the scores."""
+    data = data_copy(demo, tmp_path)
+    meta = data / "meta.json"
+    original = meta.read_text()
+    edit_json(meta, lambda m: {**m, "vocab_size": 100})
+    refused(r"web.bin: holds token id \d+, beyond the vocabulary of 100 in meta.json \(edited\?\): run prepare.py "
+            r"again$", demo, tmp_path, "--clm", "--steps", "1", "--data", str(data))
+    for dtype in ("uint8", "uint32"):
+        edit_json(meta, lambda m: {**json.loads(original), "dtype": dtype})
+        refused(rf"bytes are not [\d,]+ tokens of {dtype}, as meta.json says \(edited\?\): run prepare.py again$",
+                demo, tmp_path, "--clm", "--steps", "1", "--data", str(data))
+    meta.write_text(original)
+    edit_json(data / "eval.json", lambda problems: problems[:3])
+    refused(r"eval.json: \d+ bytes, but prepare.py wrote [\d,]+ \(cut short or replaced\)", demo, tmp_path, "--clm",
+            "--steps", "1", "--data", str(data))
+    (data / "eval.json").write_text("[{")
+    refused(r"eval.json: 2 bytes, but prepare.py wrote", demo, tmp_path, "--clm", "--steps", "1", "--data", str(data))
+    run(demo, tmp_path, "--ref", "--steps", "1", "--eval_problems", "0")
+    scores = tmp_path / "ref" / "ref_scores.bin"
+    good = scores.read_bytes()
+    assert json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())["sha256"] == \
+        hashlib.sha256(good).hexdigest()
+    scores.write_bytes(bytes(len(good)))
+    refused(r"ref_scores.bin: its content is not what scoring wrote \(sha256 differs\): re-run `python rho.py "
+            r"--score --name ref", demo, tmp_path, "--slm", "--steps", "1")
+    score(demo, tmp_path)  # scored again, not "kept"
+    assert scores.read_bytes() == good
+    info = (tmp_path / "ref" / "ref_scores.bin.json").read_text()
+    (tmp_path / "ref" / "ref_scores.bin.json").write_text(info[:20])
+    refused(r"ref_scores.bin.json: not valid JSON, or written by an older rho \(no reference model's fingerprint\): "
+            r"re-run `python rho.py --score --name ref", demo, tmp_path, "--slm", "--steps", "1")
+    score(demo, tmp_path)
+    assert scores.read_bytes() == good and json.loads((tmp_path / "ref" / "ref_scores.bin.json").read_text())
+
+def test_issue31_block_size_1_and_fsdp_shards_missing(demo, tmp_path):
+    refused(r"^error: --block_size 1: answer accuracy needs a context of 2 tokens or more: pass a larger "
+            r"--block_size, or --eval_problems 0$", demo, tmp_path, "--clm", "--steps", "1", "--block_size", "1")
+    assert not (tmp_path / "clm").exists()
+    run(demo, tmp_path, "--clm", "--steps", "1", "--eval_problems", "0", "--name", "c")
+    ckpt = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
+    os.makedirs(tmp_path / "f")
+    torch.save({**ckpt, "model": "ckpt-1.dcp", "optimizer": None}, tmp_path / "f" / "ckpt.pt")  # an FSDP run's
+    refused(r"f/ckpt.pt: its weights are the FSDP shards ckpt-1.dcp beside it, which are missing: restore that "
+            r"folder next to ckpt.pt", demo, tmp_path, "--clm", "--steps", "1", "--init_from", "f")
+
+def test_issue31_ctrl_c_and_sigterm_say_where_the_run_stopped(demo, tmp_path, monkeypatch):
+    real, handler = rho.lr_at, signal.getsignal(signal.SIGTERM)
+    for how in ("SIGINT", "SIGTERM"):
+        def stop_at_step_3(step, cfg):
+            if step == 3:  # as a user's Ctrl-C (KeyboardInterrupt) or a scheduler's SIGTERM arrives
+                os.kill(os.getpid(), getattr(signal, how))
+            return real(step, cfg)
+        monkeypatch.setattr(rho, "lr_at", stop_at_step_3)
+        with pytest.raises(SystemExit, match=rf"^error: {how}: stopped at step 3 of 4; .*{how}/ckpt.pt holds step 2: "
+                                             r"run the same command with --resume to continue$"):
+            run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--eval_problems", "0", "--name", how)
+        assert signal.getsignal(signal.SIGTERM) == handler and not (tmp_path / how / rho.LOCK).exists()
+    monkeypatch.setattr(rho, "lr_at", real)
+    m = run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--eval_problems", "0", "--name", "SIGTERM",
+            "--resume")
+    assert len(m["losses"]) == 4
+
+def mismatched_child(rank, world, port, argvs, record):
+    """A torchrun process whose flags are argvs[rank]: its SystemExit, kept in record.<rank>."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    importlib.reload(rho)
+    try:
+        rho.main(argvs[rank])
+    except SystemExit as e:
+        open(f"{record}.{rank}", "w").write(str(e.code))
+
+def test_issue31_torchrun_processes_must_share_every_flag(demo, tmp_path):
+    argv = ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--clm", "--eval_problems", "0"]
+    argvs = [[*argv, "--steps", "2"], [*argv, "--steps", "3"]]
+    torch.multiprocessing.spawn(mismatched_child, args=(2, free_port(), argvs, tmp_path / "exit"), nprocs=2)
+    assert (tmp_path / "exit.0").read_text() == ("error: --steps: the processes were started with other values (rank "
+                                                 "0: 2, rank 1: 3): start every process with the same flags")
+    assert (tmp_path / "exit.1").read_text() == "1" and not (tmp_path / "clm").exists()
+
+def test_issue31_ignored_flags_and_names_refused(tmp_path):
+    for argv, msg in ((["--clm", "--score_dtype", "float16", "--scores", "loss", "--score_batch", "8"],
+                       r"--score_batch --score_dtype --scores: --clm does not read them \(--ref's and --score's "
+                       r"flags\); drop them"),
+                      (["--slm", "--scores", "loss"], r"--scores: --slm does not read it .*; drop it"),
+                      (["--clm", "--out", ""], r"--out '': give the runs' folder"),
+                      (["--clm", "--name", "../x"], r"--name '../x': a run's name in --out: at most 100 characters, no "
+                                                    r"path separators, not '.' or '..'"),
+                      (["--clm", "--name", ".."], r"--name '..': a run's name"),
+                      (["--slm", "--ref_run", "a/b"], r"--ref_run 'a/b': a run's name"),
+                      (["--clm", "--name", "n" * 300], r"--name 'n{40}'...: a run's name in --out: at most 100")):
+        with pytest.raises(SystemExit, match=rf"^error: {msg}"):
+            rho.parse_args(argv)
+    assert rho.parse_args(["--ref", "--scores", "loss"])[0].scores == "loss"
+
+def test_issue31_head_scaled_by_its_config_refused_where_the_probe_passes(tmp_path):
+    """Gemma 2's default soft-capping at 30 leaves a random model's small logits linear: the probe alone passes it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=320, max_position_embeddings=64, head_dim=8)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(SystemExit, match=r"^error: --init_from .*gemma2: its logits are not a plain linear map of its "
+                                         r"final hidden states \(final_logit_softcapping 30.0\): rho's fused head"):
+        rho.load_hf(str(tmp_path / "gemma2"))
+    with torch.no_grad():  # what the probe sees
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gemma2")
+        idx = torch.arange(8)[None]
+        h = hf.model(idx).last_hidden_state
+        assert torch.allclose(hf(idx).logits, h @ hf.lm_head.weight.t(), rtol=1e-4, atol=1e-4)
