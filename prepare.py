@@ -41,11 +41,14 @@ Writes, into the output folder:
     base.bin                   demo only: general web pages (chat, not math) for the base model
     eval.json                  held-out problems {"prompt", "answer"} for answer accuracy, from validation records only
     meta.json                  encoding, vocab size, dtype, token counts, sources and their sha256 (for a Hugging
-                               Face dataset: its name, config and split), decontamination counts, and under "files"
-                               the size and sha256 of every file above ({"web.bin": {"bytes", "sha256"}, ...})
+                               Face dataset: its name, config and split), decontamination counts, under "files"
+                               the size and sha256 of every file above ({"web.bin": {"bytes", "sha256"}, ...}), the
+                               tokenizer's name and fingerprint (rho.py checks a transformers model's own against it),
+                               and the flags that define the data ("inputs")
 Token files are flat numpy memmaps (uint16 when the vocabulary fits, else uint32); documents are
-separated by the end-of-text token. Every file is written to a temp file and renamed into place (the token files of
-real corpora only once all of them hold tokens), meta.json last.
+separated by the end-of-text token. Every file is written to a temp file, and all are renamed into place together once
+written, meta.json last: a run that fails, is interrupted or meets a full disk leaves the folder as it was. A folder
+holding data of other inputs (or other files) is refused unless --overwrite; the same data again is written again.
 """
 import argparse
 import codecs
@@ -98,7 +101,8 @@ class HFEncoding:
         except ImportError:
             sys.exit(f"error: --encoding {name}: needs transformers and tokenizers: pip install transformers "
                      "tokenizers")
-        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+        if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f))
+                                           for f in ("tokenizer_config.json", "tokenizer.json")):
             sys.exit(f"error: --encoding {name}: no tokenizer saved there (no tokenizer_config.json): save the "
                      f"model's tokenizer with save_pretrained into it")  # transformers would make an empty one
         try:
@@ -580,7 +584,7 @@ TASK_CHARS = 2_000_000  # text per pool task: pickling is cheap next to tokenizi
 PAIRS = (("question", "answer"), ("query", "response"))
 N_EVAL = 500  # eval problems kept from the validation documents
 VAL_EVERY = 50  # without --val, every 50th hq document (by global index) is a validation document
-MIN_VAL_TOKENS = 65  # hq_val.bin holds at least one evaluation window of rho's default context (64 + 1 tokens)
+MIN_VAL_TOKENS = 33  # hq_val.bin holds at least one evaluation window of a 32-token context and its next token
 
 class BadInput(Exception):
     """A problem with the input data, raised while reading or in a worker; main prints it as one `error:` line."""
@@ -997,8 +1001,9 @@ def check_sources(args):
     for spec in args.web:
         key = spec if spec.startswith("hf:") else os.path.realpath(spec)
         if key in seen:
-            raise BadInput(f"{spec}: given twice in --web ({seen[key]} is the same {'dataset' if key == spec else 'file'}"
-                           f"), so it would be trained on twice; give each source once")
+            what = "dataset" if spec.startswith("hf:") else "file"
+            raise BadInput(f"{spec}: given twice in --web ({seen[key]} is the same {what}), so it would be trained "
+                           f"on twice; give each source once")
         seen[key] = spec
         if not spec.startswith("hf:"):
             by_size[os.path.getsize(spec)].append(spec)
@@ -1022,8 +1027,8 @@ def write_files(args, out, files):
                        f"(1 in {VAL_EVERY}), so hq_val.bin would be empty; pass --val FILE")
     if out["hq_val"].n < MIN_VAL_TOKENS:
         raise BadInput(f"{args.val or args.hq}: hq_val.bin would hold {out['hq_val'].n:,} tokens, fewer than "
-                       f"{MIN_VAL_TOKENS} (one window of rho's default context, 64 tokens and the next), too few to "
-                       f"evaluate: give more validation documents" + ("" if args.val else " (or --val FILE)"))
+                       f"{MIN_VAL_TOKENS}, too few to evaluate (rho.py reads windows of --block_size + 1 tokens: 65 "
+                       f"at its default): give more validation documents" + ("" if args.val else " (or --val FILE)"))
     print_eval(args.val or args.hq, held)
     texts = held.pop("held_out")
     index, too_short = held_out_index(texts)
@@ -1176,12 +1181,14 @@ def main(argv=None):
     check_flags(args)
     if os.path.isdir(args.encoding):  # a tokenizer's directory: meta.json records where it is from anywhere
         args.encoding = os.path.abspath(args.encoding)
-    enc, inputs = get_encoding(args.encoding), inputs_of(args)
-    if args.hq:
-        checked(check_sources, args)
-    check_out(args, inputs)
-    made = make_out(args.out)
+    global _reading
+    made, _reading = [], None
     try:
+        enc, inputs = get_encoding(args.encoding), inputs_of(args)
+        if args.hq:
+            checked(check_sources, args)
+        check_out(args, inputs)
+        made = make_out(args.out)
         if args.hq:
             counts, extra = checked(prepare_files, args, enc)
         else:

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prepare import ANSWER, file_sha256, final_answer, from_hub, get_encoding, tokenizer_id_of, write_atomic
+from prepare import (ANSWER, file_sha256, final_answer, from_hub, get_encoding, tokenizer_id_of,
+                     write_atomic)
 
 # one code path for MKL's and PyTorch's CPU kernels on any AVX2 CPU (README, Reproducible); read at the first kernel
 os.environ.setdefault("MKL_CBWR", "AVX2")
@@ -224,7 +225,8 @@ def load_hf(source, block_size=None, config=None):  # from hf:NAME or a director
             if "drop" in key and isinstance(v, float):  # no dropout: GPT-2's resid_pdrop, Llama's attention_dropout
                 setattr(c, key, 0.0)
         hf, info = (auto.from_config(c), {"missing_keys": ()}) if config else \
-            from_hub(auto.from_pretrained, name, config=c, dtype=torch.float32, output_loading_info=True)
+            from_hub(auto.from_pretrained, name, config=c, dtype=torch.float32,
+                     output_loading_info=True)
     except (OSError, ValueError) as e:
         why = (str(e).strip() or type(e).__name__).splitlines()[0]
         die(f"--init_from {source}: " + (f"not a loadable transformers model ({why})" if os.path.isdir(name) else
@@ -235,11 +237,12 @@ def load_hf(source, block_size=None, config=None):  # from hf:NAME or a director
             "checkpoint (a base model without its head?)")
     return HF(hf.float(), block_size, source)
 
-def check_tokenizer(cfg, meta):  # prepare.py records the fingerprint of the tokenizer that made the data's ids
-    want = meta.get("tokenizer", {}).get("sha256")
-    if want and tokenizer_id_of(cfg.init_from) not in (None, want):  # None: no tokenizer saved with the model
+def check_tokenizer(cfg, meta):  # the data's ids must be the model's own tokenizer's
+    want = meta.get("tokenizer", {}).get("sha256")  # its fingerprint, recorded by prepare.py
+    if want and tokenizer_id_of(cfg.init_from) not in (None, want):  # None: the model has none
         die(f"--init_from {cfg.init_from}: {cfg.data} was prepared with another tokenizer "
-            f"({meta['tokenizer']['name']}): prepare it with `python prepare.py ... --encoding {cfg.init_from}`")
+            f"({meta['tokenizer']['name']}): prepare it with `python prepare.py ... --encoding "
+            f"{cfg.init_from}`")
 
 # -----------------------------------------------------------------------------
 # processes: one, or one per GPU under torchrun (DDP, FSDP2); each process holds a contiguous share of every step

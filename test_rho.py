@@ -1379,14 +1379,15 @@ THREE = "\n\n".join(f"document {i} {TOO_LONG}" for i in range(3))
      rf"v.jsonl: no documents, so hq_val.bin would be empty; {EMPTY_FIX}"),
     ({"h.txt": "\n\n", "v.txt": TOO_LONG}, ["--hq", "h.txt", "--web", "v.txt", "--val", "v.txt"],
      rf"h.txt: no documents, so hq_train.bin would be empty; {EMPTY_FIX}"),
-    ({"h.txt": TOO_LONG, "v.txt": "x", "w.jsonl": ""}, ["--hq", "h.txt", "--web", "w.jsonl", "--val", "v.txt"],
+    ({"h.txt": TOO_LONG, "v.txt": "x " * 40, "w.jsonl": ""}, ["--hq", "h.txt", "--web", "w.jsonl", "--val", "v.txt"],
      rf"w.jsonl: no documents, so web.bin would be empty; {EMPTY_FIX}"),
-    ({"h.txt": TOO_LONG, "v.txt": "x", "w.txt": "\n \n\n\t\n"},
-     ["--hq", "h.txt", "--web", "w.txt", "w.txt", "--val", "v.txt"],
+    ({"h.txt": TOO_LONG, "v.txt": "x " * 40, "w.txt": "\n \n\n\t\n", "w2.txt": "\n\n"},
+     ["--hq", "h.txt", "--web", "w.txt", "w2.txt", "--val", "v.txt"],
      rf"--web \(2 sources\): no documents, so web.bin would be empty; {EMPTY_FIX}"),
     ({"h.txt": THREE}, ["--hq", "h.txt", "--web", "h.txt", "--val", "h.txt"], r"h.txt: all 3 documents share a 13-word "
      r"run with a held-out question, so hq_train.bin would be empty; is --val the same data\?"),
-    ({"h.txt": "\n\n".join(["a"] * 50), "bad.jsonl": '{"title": "x"}\n'}, ["--hq", "h.txt", "--web", "bad.jsonl"],
+    ({"h.txt": "\n\n".join(["a"] * 49 + [TOO_LONG]), "bad.jsonl": '{"title": "x"}\n'},
+     ["--hq", "h.txt", "--web", "bad.jsonl"],
      r'bad.jsonl:1: needs a "text" field'),
 ])
 def test_prepare_bad_input_one_line_and_folder_kept(files, args, msg, tmp_path, capsys):
@@ -1522,7 +1523,7 @@ def test_decontamination_unicode_and_too_short_held_out_texts(tmp_path, capsys):
 def test_prepare_counts_bytes_that_are_not_utf8(tmp_path, capsys):
     """Bytes that are not UTF-8 become U+FFFD, are counted per source in meta.json, and each source that had any gets
     one warning line (hq, read twice without --val, once)."""
-    docs = [f"document {i} says caf\u00e9" for i in range(60)]
+    docs = [f"document {i} says caf\u00e9" for i in range(100)]
     raw = "\n\n".join(docs).encode().replace(b"document 7 ", b"document \xff\xfe7 ")
     raw = raw.replace(b"document 8 says caf\xc3\xa9", b"document 8 says caf\xe9")  # latin-1
     (tmp_path / "hq.txt").write_bytes(raw)
@@ -1629,11 +1630,11 @@ def test_prepare_web_shards_equal_one_file(tmp_path):
 def test_prepare_max_web_tokens_and_metamath_fields(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "TASK_CHARS", 5_000)
     docs = [d[:2000] for d in corpus(60)]  # tasks of a few documents
-    web = write_source(tmp_path / "web.jsonl", docs)
+    web, web2 = write_source(tmp_path / "web.jsonl", docs), write_source(tmp_path / "web2.jsonl", docs[::-1])
     hq = tmp_path / "hq.jsonl"
     hq.write_text("".join(json.dumps({"query": f"q{i}", "response": f"r{i}"}) + "\n" for i in range(100)))
     for procs in (1, 2):
-        prepare.main(["--hq", str(hq), "--web", web, web, "--max_web_tokens", "20000",
+        prepare.main(["--hq", str(hq), "--web", web, web2, "--max_web_tokens", "20000",
                       "--out", str(tmp_path / str(procs)), "--procs", str(procs)])
     one, two = tmp_path / "1", tmp_path / "2"
     assert (one / "web.bin").read_bytes() == (two / "web.bin").read_bytes()
@@ -2102,9 +2103,9 @@ def test_prepare_refuses_a_folder_of_other_data_and_a_web_source_twice(tmp_path,
     assert prepare_fails(other, capsys).endswith("holds other prepared data (web.bin differs); nothing was changed: "
                                                  "pass --overwrite to replace it, or give another --out")
     assert sha_of(out) == before and not any(f.suffix == ".tmp" for f in out.iterdir())
-    assert prepare_fails(["--out", str(out), "--web_tokens", "20000", "--base_tokens", "5000"], capsys).endswith("holds other prepared data (hq_val.bin differs); "
-                                                               "nothing was changed: pass --overwrite to replace it, "
-                                                               "or give another --out")
+    demo = ["--out", str(out), "--web_tokens", "20000", "--base_tokens", "5000"]
+    assert prepare_fails(demo, capsys).endswith("holds other prepared data (hq_val.bin differs); nothing was changed: "
+                                                "pass --overwrite to replace it, or give another --out")
     prepare.main([*other, "--overwrite"])
     assert json.loads((out / "meta.json").read_text())["inputs"]["web"] == [str(tmp_path / "web2.txt")]
     shutil.copy(web, tmp_path / "copy.txt")
@@ -2114,10 +2115,10 @@ def test_prepare_refuses_a_folder_of_other_data_and_a_web_source_twice(tmp_path,
         f"on twice; give each source once")
     assert prepare_fails(["--hq", hq, "--web", web, str(tmp_path / "copy.txt"), "--out", str(new)]).startswith(
         f"error: {tmp_path / 'copy.txt'}: the same content as {web} (sha256 ")
-    (tmp_path / "v.txt").write_text("A short validation text of a few words.")
+    (tmp_path / "v.txt").write_text("A short validation text here")
     assert prepare_fails(["--hq", hq, "--web", web, "--val", str(tmp_path / "v.txt"), "--out", str(new)]) == (
-        f"error: {tmp_path / 'v.txt'}: hq_val.bin would hold 40 tokens, fewer than 65 (one window of rho's default "
-        f"context, 64 tokens and the next), too few to evaluate: give more validation documents")
+        f"error: {tmp_path / 'v.txt'}: hq_val.bin would hold 29 tokens, fewer than 33, too few to evaluate (rho.py "
+        f"reads windows of --block_size + 1 tokens: 65 at its default): give more validation documents")
     assert not (tmp_path / "new").exists()
 
 def test_prepare_encoding_names_bom_and_tokenizer_paths(tmp_path, monkeypatch, capsys):
@@ -2204,8 +2205,8 @@ def test_hf_tokenizer_identity_and_special_tokens_in_text(tmp_path, capsys):
 
 def test_bench_devices_and_k_one_line(capsys):
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match=r"^error: --device cuda: no CUDA device here \(torch.cuda.is_available\(\) "
-                                             r"is False\): use --device cpu$"):
+        with pytest.raises(SystemExit, match=r"^error: --device cuda: no CUDA device here "
+                                             r"\(torch.cuda.is_available\(\) is False\): use --device cpu$"):
             bench.main(["--device", "cuda"])
         with pytest.raises(SystemExit, match=r"^error: --gpu: no CUDA device here .*: run it on a GPU machine, or add "
                                              r"--device cpu to check its plan at toy sizes$"):
