@@ -868,6 +868,11 @@ def start_pool(procs, encoding, index=None, keep=False):
                                initargs=(encoding, index, keep, True))
     try:
         yield pool
+    except BaseException:  # an error or Ctrl-C: no result is wanted any more, so the workers are stopped now (a
+        # Ctrl-C that lands inside submit leaves a task that is never queued, and shutdown would wait for it forever)
+        for worker in list(pool._processes.values()):
+            worker.kill()
+        raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -1137,12 +1142,12 @@ def commit(out, files, meta, overwrite):
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
     _temps.clear()
 
-def stopped(args, e):
+def stopped(args, e, made):
     """The one line for a run that did not finish: a full disk, a folder gone, Ctrl-C."""
-    where = f"nothing was replaced ({args.out} keeps what it held)"
+    where = "nothing was written" if made else f"nothing was replaced ({args.out} keeps what it held)"
     if isinstance(e, KeyboardInterrupt):
         at = f" while reading {_reading}" if _reading else ""
-        print(f"\nprepare: interrupted{at}; {where}: run the same command again to start over", file=sys.stderr)
+        print(f"prepare: interrupted{at}; {where}: run the same command again to start over", file=sys.stderr)
         sys.exit(130)
     sys.exit(f"error: {e.filename or args.out}: {e.strerror or short(e)}; {where}: free space or fix the folder, "
              f"then run the same command again")
@@ -1202,7 +1207,7 @@ def main(argv=None):
         discard_temps()
         remove_empty(made)
         if isinstance(e, (KeyboardInterrupt, OSError)):
-            stopped(args, e)
+            stopped(args, e, made)
         raise
     print(f"prepare: wrote {args.out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()))
     if "label_share" in extra:

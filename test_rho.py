@@ -2063,6 +2063,10 @@ def test_prepare_full_disk_and_ctrl_c_keep_the_folder(tmp_path, monkeypatch, cap
     monkeypatch.setattr(prepare, "open_temp", full_disk)
     assert "No space left on device; nothing was replaced" in prepare_fails(files, capsys)
     assert sha_of(tmp_path / "o") == before
+    assert prepare_fails([*files[:-4], "--out", str(tmp_path / "new"), "--procs", "1"]) == (
+        f"error: {tmp_path / 'new'}: No space left on device; nothing was written: free space or fix the folder, "
+        f"then run the same command again")
+    assert not (tmp_path / "new").exists()
     monkeypatch.undo()
     real_tasks = prepare.run_tasks
 
