@@ -1123,9 +1123,14 @@ def check_out(args, inputs):
     old = read_meta(args.out)
     if args.overwrite or not old or "inputs" not in old or old["inputs"] == inputs:
         return  # else commit compares the files themselves
-    flag = next(k for k in sorted({*old["inputs"], *inputs}) if old["inputs"].get(k) != inputs.get(k))
-    sys.exit(f"error: --out {args.out}: holds data prepared from other inputs (--{flag} {old['inputs'].get(flag)}, "
-             f"not {inputs.get(flag)}); {OVERWRITE}")
+    was, show = old["inputs"], lambda v: " ".join(v) if isinstance(v, list) else v
+    if ("hq" in was) != ("hq" in inputs):  # the demo and files
+        source = lambda given: f"--hq {given['hq']}" if "hq" in given else "the embedded demo"
+        why = f"{source(was)}, not {source(inputs)}"
+    else:
+        flag = next(k for k in sorted({*was, *inputs}) if was.get(k) != inputs.get(k))
+        why = f"--{flag} {show(was.get(flag))}, not {show(inputs.get(flag))}"
+    sys.exit(f"error: --out {args.out}: holds data prepared from other inputs ({why}); {OVERWRITE}")
 
 def commit(out, files, meta, overwrite):
     """Renames this run's temp files into place, meta.json last. A folder holding other prepared data (other files, or

@@ -2098,8 +2098,12 @@ def test_prepare_refuses_a_folder_of_other_data_and_a_web_source_twice(tmp_path,
     (tmp_path / "web2.txt").write_text("Another page.\n\nAnd one more, with other words in it.\n")
     other = ["--hq", hq, "--web", str(tmp_path / "web2.txt"), "--out", str(out), "--procs", "1"]
     assert prepare_fails(other, capsys) == (f"error: --out {out}: holds data prepared from other inputs (--web "
-                                            f"['{web}'], not ['{tmp_path / 'web2.txt'}']); nothing was changed: pass "
+                                            f"{web}, not {tmp_path / 'web2.txt'}); nothing was changed: pass "
                                             f"--overwrite to replace it, or give another --out")
+    assert prepare_fails(["--out", str(out)], capsys) == (f"error: --out {out}: holds data prepared from other "
+                                                          f"inputs (--hq {hq}, not the embedded demo); nothing was "
+                                                          f"changed: pass --overwrite to replace it, or give another "
+                                                          f"--out")
     meta = json.loads((out / "meta.json").read_text())
     del meta["inputs"]  # as an older prepare.py wrote it: the files themselves are compared, after the work
     (out / "meta.json").write_text(json.dumps(meta))
