@@ -441,7 +441,7 @@ def tokenize_one(path, size, procs, pool, encoding, dtype):
     task_cpu = prepare.tokenize_source(path, w, pool, 2 * procs)[1]["cpu"]
     n, dt = w.close(), time.time() - t0
     cpu = time.process_time() - c0 + (task_cpu if pool else 0)  # this process (reading, writing), plus the workers'
-    os.remove(path + ".bin")
+    os.remove(path + ".bin.tmp")
     return {"size": f"{size}x", "mb": round(os.path.getsize(path) / 1e6, 1), "procs": procs, "encoding": encoding,
             "tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt), "s_per_mtok": round(dt * 1e6 / n, 4),
             "cpu_s": round(cpu, 3), "cpu_s_per_mtok": round(cpu * 1e6 / n, 4),
@@ -501,13 +501,15 @@ def gpu(args):
     and there: pip install --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site python bench.py --gpu.
     With --device cpu: the same plan at toy sizes, to check that it runs."""
     device, on_gpu = torch.device(args.device), args.device.startswith("cuda")
+    here = os.path.dirname(os.path.abspath(__file__))  # the tests beside this file, from any folder
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_rho.py", "-k",
                             "fused or chunk or triton or gpu"],
-                           capture_output=True, text=True)  # on a GPU, the tests that skip on a CPU run too
+                           capture_output=True, text=True, cwd=here)  # on a GPU, the tests that skip on a CPU run too
     print(tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-2000:], flush=True)
     if tests.returncode not in (0, 5):
         print(tests.stdout[-4000:])
-        sys.exit("bench: the CUDA tests failed; nothing else counts until they pass")
+        sys.exit(f"bench: the kernel tests ({'CUDA' if on_gpu else 'CPU'}) failed; nothing else counts until they "
+                 f"pass")
     ceiling = matmul_ceiling(device) if on_gpu else None
     if on_gpu:
         print(json.dumps({"case": "ceiling", "gpu": torch.cuda.get_device_name(), "bf16_tflops": ceiling}), flush=True)
@@ -616,13 +618,29 @@ def score_dtype_change(data="data/demo", out="out", steps=200, k=0.6, batch_size
               f"swapped; 4 bytes a web token against float32's 8 (2 with --scores loss, L_RM alone)")
     return changed
 
+def check_flags(args):
+    """A device this machine lacks, and a --k that selects nothing, as one line each."""
+    if not 0 < args.k <= 1:
+        sys.exit(f"error: --k {args.k}: the share of tokens SLM selects must be in (0, 1], e.g. 0.6")
+    if args.gpu and not torch.cuda.is_available() and args.device is None:
+        sys.exit("error: --gpu: no CUDA device here (torch.cuda.is_available() is False): run it on a GPU machine, "
+                 "or add --device cpu to check its plan at toy sizes")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        sys.exit(f"error: --device {args.device}: {str(e).splitlines()[0]}; use cuda or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device}: no CUDA device here (torch.cuda.is_available() is False): use "
+                 "--device cpu")
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="rho's costs, side by side: the head, a step, scoring, tokenizing.",
                                 allow_abbrev=False)
     p.add_argument("--cases", default="head,step", help=f"which of {','.join(CASES)} (default head,step)")
     p.add_argument("--gpu", action="store_true", help="the CUDA tests, the matmul ceiling, every head at GPT-2 small "
                    "and GPT-2 small's step with and without compile, in one call (see gpu())")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cuda or cpu (default: cuda where there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--k", type=float, default=0.6)
     p.add_argument("--micro_batch", type=int, default=0, help="train: sequences of 1024 tokens per step")
@@ -635,6 +653,7 @@ def main(argv=None):
     p.add_argument("--score_dtype", nargs=2, metavar=("DATA", "OUT"), help="how often float16 or bfloat16 reference "
                    "scores change the selection, on prepared data and its runs (after --base and --ref)")
     args = p.parse_args(argv)
+    check_flags(args)
     if args.estimate:
         return estimate(args.estimate)
     if args.score_dtype:

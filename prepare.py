@@ -41,11 +41,14 @@ Writes, into the output folder:
     base.bin                   demo only: general web pages (chat, not math) for the base model
     eval.json                  held-out problems {"prompt", "answer"} for answer accuracy, from validation records only
     meta.json                  encoding, vocab size, dtype, token counts, sources and their sha256 (for a Hugging
-                               Face dataset: its name, config and split), decontamination counts, and under "files"
-                               the size and sha256 of every file above ({"web.bin": {"bytes", "sha256"}, ...})
+                               Face dataset: its name, config and split), decontamination counts, under "files"
+                               the size and sha256 of every file above ({"web.bin": {"bytes", "sha256"}, ...}), the
+                               tokenizer's name and fingerprint (rho.py checks a transformers model's own against it),
+                               and the flags that define the data ("inputs")
 Token files are flat numpy memmaps (uint16 when the vocabulary fits, else uint32); documents are
-separated by the end-of-text token. Every file is written to a temp file and renamed into place (the token files of
-real corpora only once all of them hold tokens), meta.json last.
+separated by the end-of-text token. Every file is written to a temp file, and all are renamed into place together once
+written, meta.json last: a run that fails, is interrupted or meets a full disk leaves the folder as it was. A folder
+holding data of other inputs (or other files) is refused unless --overwrite; the same data again is written again.
 """
 import argparse
 import codecs
@@ -63,9 +66,12 @@ import multiprocessing
 import os
 import random
 import re
+import signal
+import socket
 import sys
 import time
 import unicodedata
+import urllib.parse
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -86,7 +92,8 @@ def byte_encoding():
 class HFEncoding:
     """A model's own fast tokenizer (hf:NAME or a save_pretrained directory) with the tiktoken calls prepare.py and
     rho.py make: each document is encoded with the model's special tokens (Llama's BOS first; GPT-2 and Qwen2 add
-    none) and ends with its EOS, the same convention for training, scoring and the eval prompts."""
+    none) and ends with its EOS, the same convention for training, scoring and the eval prompts. Text is encoded as
+    text: "<s>" or "</s>" written inside a web page are characters, not document boundaries."""
 
     def __init__(self, name):
         try:
@@ -94,11 +101,16 @@ class HFEncoding:
         except ImportError:
             sys.exit(f"error: --encoding {name}: needs transformers and tokenizers: pip install transformers "
                      "tokenizers")
+        if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f))
+                                           for f in ("tokenizer_config.json", "tokenizer.json")):
+            sys.exit(f"error: --encoding {name}: no tokenizer saved there (no tokenizer_config.json): save the "
+                     f"model's tokenizer with save_pretrained into it")  # transformers would make an empty one
         try:
-            self.tok = AutoTokenizer.from_pretrained(name.removeprefix("hf:"))
+            self.tok = from_hub(AutoTokenizer.from_pretrained, name.removeprefix("hf:"))
         except (OSError, ValueError) as e:
-            sys.exit(f"error: --encoding {name}: could not load its tokenizer ({str(e).strip().splitlines()[0]}): a "
-                     "directory saved with save_pretrained, or hf:NAME once cached (run once with network)")
+            sys.exit(f"error: --encoding {name}: could not load its tokenizer ({str(e).strip().splitlines()[0]}): "
+                     f"run once where huggingface.co answers (it is then cached), or pass a directory saved with "
+                     f"save_pretrained")
         self.name, self.n_vocab = name, len(self.tok)
         self.eot_token = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.bos_token_id
         if not self.tok.is_fast or self.eot_token is None:
@@ -106,24 +118,74 @@ class HFEncoding:
             sys.exit(f"error: --encoding {name}: {why}: rho needs a fast tokenizer with an end-of-document token")
 
     def encode_ordinary(self, text):
-        return self.tok(text, verbose=False)["input_ids"]  # with the model's own special tokens: BOS, if it has one
+        # with the model's own special tokens (BOS, if it has one), but none read from the text
+        return self.tok(text, split_special_tokens=True, verbose=False)["input_ids"]
 
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)
+
+def from_hub(load, name, **kw):
+    """load(name) of a transformers tokenizer, config or model: from a directory or the local cache first, and from
+    the hub only if it answers within seconds, so that offline a missing model fails at once (transformers itself
+    retries for up to a minute). Raises the cache's OSError when the hub cannot be reached."""
+    try:
+        return load(name, local_files_only=True, **kw)
+    except OSError:
+        if os.path.isdir(name) or not hub_reachable():
+            raise
+    return load(name, **kw)
+
+def hub_reachable():
+    """Does the Hugging Face hub answer a connection within 3 s? Not with HF_HUB_OFFLINE; behind a proxy, assumed."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # only the hub's own answer, through the proxy, tells
+    try:
+        socket.create_connection((urllib.parse.urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
 
 def get_encoding(name):
     if name == "bytes":
         return byte_encoding()
     if name.startswith("hf:") or os.path.isdir(name):
         return HFEncoding(name)
+    if os.sep in name or name.startswith("."):  # a path, not an encoding's name
+        sys.exit(f"error: --encoding {name}: no such tokenizer directory; give a directory saved with save_pretrained "
+                 f"(data prepared with one record its path in meta.json: if the tokenizer moved, put it back there "
+                 f"or prepare the data again)")
+    if name not in tiktoken.list_encoding_names():
+        sys.exit(f"error: --encoding {name}: tiktoken could not load it: unknown encoding; choose bytes (built in), "
+                 f"{', '.join(tiktoken.list_encoding_names())}, hf:NAME or a directory saved with save_pretrained")
     try:
         return tiktoken.get_encoding(name)
-    except Exception as e:  # unknown name, or the BPE file cannot be downloaded
+    except Exception as e:  # the BPE file cannot be downloaded
         sys.exit(f"error: --encoding {name}: tiktoken could not load it ({type(e).__name__}). It downloads "
                  f"its BPE file on first use: run once with network (or copy the file into TIKTOKEN_CACHE_DIR), "
                  f"or use the default --encoding bytes, which needs no download.")
 
 SEED_MAX = 2**32 - 1  # --seed of prepare.py and rho.py: 0 to SEED_MAX
+
+# a text of several scripts, numbers, markup and code, whose ids tell one tokenizer from another
+PROBE = ("Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.\n"
+         "Answer: 48 / 2 = 24; 48 + 24 = 72\n#### 72 The answer is: -1,000.5 \\frac{1}{2} $x^2$ <br/> &amp; "
+         "def f(x):\n    return x  # naïve café, π ≈ 3.14159, 数学, математика, 😀\t  \n\n")
+
+def tokenizer_id(enc):
+    """A tokenizer's fingerprint (meta.json's "tokenizer"): the sha256 of its size, its end token and the ids it gives
+    PROBE. Two names of one vocabulary (tiktoken's gpt2 and hf:gpt2) agree; another vocabulary differs."""
+    ids = [enc.n_vocab, enc.eot_token, *map(int, enc.encode_ordinary(PROBE))]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+def tokenizer_id_of(model):
+    """The fingerprint of the tokenizer saved with a transformers model (hf:NAME or a directory); None without one."""
+    try:
+        return tokenizer_id(HFEncoding(model))
+    except SystemExit:
+        return None
 
 def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2**16 else np.uint32
@@ -131,7 +193,9 @@ def token_dtype(n_vocab):
 # -----------------------------------------------------------------------------
 # atomic writes: temp file, then rename, so a killed run never leaves a half-written file in place. Each file written
 # is recorded in `files` (meta.json's "files": its size and sha256, hashed as it is written), so that a reader can
-# check that it reads what was written
+# check that it reads what was written. prepare.py writes every file of the folder to a temp file first, and renames
+# them all into place only once all are written (commit, meta.json last): a run that fails, is interrupted or meets a
+# full disk leaves the folder as it was, and its temp files are removed (discard_temps)
 
 def write_atomic(path, data, files=None):
     tmp = path + ".tmp"
@@ -141,12 +205,33 @@ def write_atomic(path, data, files=None):
     if files is not None:
         files[os.path.basename(path)] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
+_temps = {}  # the temp files this run wrote, path -> its file: discard_temps removes them
+
+def open_temp(path):
+    _temps[path + ".tmp"] = f = open(path + ".tmp", "wb")
+    return f
+
+def write_temp(path, data, files):
+    """Writes <path>.tmp, recorded in files; commit renames it to path."""
+    with open_temp(path) as f:
+        f.write(data)
+    files[os.path.basename(path)] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+def discard_temps():
+    """Removes this run's temp files. On a full disk a file's last write fails again as it closes: it goes anyway."""
+    for tmp, f in _temps.items():
+        with contextlib.suppress(OSError):
+            f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    _temps.clear()
+
 class TokenWriter:
-    """Appends token arrays to <path>.tmp and renames it to <path> on close, recording it in files."""
+    """Appends token arrays to <path>.tmp, recording it in files on close (commit renames it to <path>)."""
 
     def __init__(self, path, dtype, files):
         self.path, self.dtype, self.n, self.files, self.sha = path, dtype, 0, files, hashlib.sha256()
-        self.f = open(path + ".tmp", "wb")
+        self.f = open_temp(path)
 
     def write(self, ids):
         b = np.asarray(ids, dtype=self.dtype).tobytes()
@@ -155,16 +240,9 @@ class TokenWriter:
 
     def close(self):
         self.f.close()
-        os.replace(self.path + ".tmp", self.path)
         self.files[os.path.basename(self.path)] = {"bytes": self.n * np.dtype(self.dtype).itemsize,
                                                    "sha256": self.sha.hexdigest()}
         return self.n
-
-    def discard(self):
-        """Removes the temp file of a run that failed (after close, there is none)."""
-        if not self.f.closed:
-            self.f.close()
-            os.remove(self.path + ".tmp")
 
 # -----------------------------------------------------------------------------
 # decontamination: a training document that shares a run of 13 words with a held-out question is dropped
@@ -493,7 +571,7 @@ def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=1000, 
         counts[name], n_docs, dropped[name], kinds[name] = result
         print_dropped(name, n_docs, dropped[name], keep)
     evals = [{"prompt": f"Question: {q}\nAnswer:", "answer": str(ans)} for q, _, ans in held[n_val:]]
-    write_atomic(path("eval.json"), json.dumps(evals, indent=0).encode(), files)
+    write_temp(path("eval.json"), json.dumps(evals, indent=0).encode(), files)
     share = {k: round(float(kinds["web"][i] / kinds["web"].sum()), 4) for i, k in enumerate(LABELS)}
     return counts, {"demo_seed": seed, "labels": LABELS, "label_share": share,
                     "decontamination": decontamination_meta(len(held), too_short, dropped, keep), "files": files}
@@ -508,6 +586,7 @@ TASK_CHARS = 2_000_000  # text per pool task: pickling is cheap next to tokenizi
 PAIRS = (("question", "answer"), ("query", "response"))
 N_EVAL = 500  # eval problems kept from the validation documents
 VAL_EVERY = 50  # without --val, every 50th hq document (by global index) is a validation document
+MIN_VAL_TOKENS = 33  # hq_val.bin holds at least one evaluation window of a 32-token context and its next token
 
 class BadInput(Exception):
     """A problem with the input data, raised while reading or in a worker; main prints it as one `error:` line."""
@@ -575,6 +654,7 @@ class HashedFile(io.RawIOBase):
     def close(self):
         self.f.close(); super().close()
 
+_reading = None  # the source being read, for the line that says where Ctrl-C stopped the run
 _decoding = {}  # the meta.json record of the source being decoded: count_bad_utf8 counts into it
 
 def count_bad_utf8(e):
@@ -593,7 +673,8 @@ def read_lines(path, kind, src):
     src["non_utf8_bytes"] = 0
     with io.BufferedReader(raw, 1 << 20) as buf:
         f = gzip.GzipFile(fileobj=buf) if path.endswith(".gz") else buf
-        lines = io.TextIOWrapper(f, encoding="utf-8", errors="prepare_count", newline="\n")  # lines end at "\n" only
+        # lines end at "\n" only; a UTF-8 byte order mark (as Windows tools write) is not text
+        lines = io.TextIOWrapper(f, encoding="utf-8-sig", errors="prepare_count", newline="\n")
         try:
             for lineno, text in enumerate(lines, 1):
                 src["pos"] = raw.pos
@@ -688,8 +769,10 @@ def text_size(x):
 _enc = _index = None  # the worker's encoding and held-out index, set once per process by init_worker
 _keep = False  # --keep_contaminated
 
-def init_worker(encoding, index=None, keep=False):
+def init_worker(encoding, index=None, keep=False, pool=False):
     global _enc, _index, _keep
+    if pool:  # Ctrl-C reaches every process of the terminal's group: the main process alone answers it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _index, _keep = index, keep
     try:
         _enc = get_encoding(encoding)
@@ -784,9 +867,14 @@ def start_pool(procs, encoding, index=None, keep=False):
         yield None
         return
     pool = ProcessPoolExecutor(procs, multiprocessing.get_context("spawn"), initializer=init_worker,
-                               initargs=(encoding, index, keep))
+                               initargs=(encoding, index, keep, True))
     try:
         yield pool
+    except BaseException:  # an error or Ctrl-C: no result is wanted any more, so the workers are stopped now (a
+        # Ctrl-C that lands inside submit leaves a task that is never queued, and shutdown would wait for it forever)
+        for worker in list(pool._processes.values()):
+            worker.kill()
+        raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -850,7 +938,8 @@ def tokenize_source(spec, writer, pool, depth, val_every=0, held_out=False, limi
     boundary, the same for any number of processes. Returns the source's meta.json record and what its tasks found:
     the first N_EVAL eval problems, the validation records without a final answer, the held-out texts, the documents
     of this split, those caught, all documents read, the CPU seconds."""
-    kind, src, items = open_source(spec)
+    global _reading
+    kind, src, items, _reading = *open_source(spec), spec
     found = {"problems": [], "no_answer": 0, "held_out": [], "docs": 0, "caught": 0, "read": 0}
     first_of_two = held_out and val_every > 1  # hq read for its validation documents: it is read again
     progress = Progress(spec + (" (validation documents)" if first_of_two else ""), src.get("bytes"))
@@ -904,18 +993,35 @@ def print_eval(spec, held):
 
 def prepare_files(args, enc):
     """The validation documents first (--val, or every VAL_EVERY-th hq document), so that the held-out questions are
-    all known before any training document is checked; then hq_train (the other hq documents) and web. The token
-    files are renamed into place only once all three hold tokens: a run that fails leaves the folder as it was."""
-    for spec in filter(None, (args.hq, args.val, *args.web)):
-        source_kind(spec)  # every source is checked before any is read
+    all known before any training document is checked; then hq_train (the other hq documents) and web."""
     files, dtype = {}, token_dtype(enc.n_vocab)
     out = {name: TokenWriter(os.path.join(args.out, name + ".bin"), dtype, files)
            for name in ("hq_val", "hq_train", "web")}
-    try:
-        return write_files(args, out, files)
-    finally:
-        for w in out.values():
-            w.discard()
+    return write_files(args, out, files)
+
+def check_sources(args):
+    """Every source, before any is read; a web source given twice (by two paths, or two copies) would be trained on
+    twice. Files of equal size are hashed to tell."""
+    for spec in filter(None, (args.hq, args.val, *args.web)):
+        source_kind(spec)
+    seen, by_size = {}, collections.defaultdict(list)
+    for spec in args.web:
+        key = spec if spec.startswith("hf:") else os.path.realpath(spec)
+        if key in seen:
+            what = "dataset" if spec.startswith("hf:") else "file"
+            raise BadInput(f"{spec}: given twice in --web ({seen[key]} is the same {what}), so it would be trained "
+                           f"on twice; give each source once")
+        seen[key] = spec
+        if not spec.startswith("hf:"):
+            by_size[os.path.getsize(spec)].append(spec)
+    for specs in (s for s in by_size.values() if len(s) > 1):
+        first = {}
+        for spec in specs:
+            sha = file_sha256(spec)
+            if sha in first:
+                raise BadInput(f"{spec}: the same content as {first[sha]} (sha256 {sha[:12]}...), both in --web, so "
+                               f"it would be trained on twice; give each source once")
+            first[sha] = spec
 
 def write_files(args, out, files):
     depth, keep, every = 2 * args.procs, args.keep_contaminated, 0 if args.val else VAL_EVERY
@@ -926,6 +1032,10 @@ def write_files(args, out, files):
             refuse_empty(args.val or args.hq, "hq_val.bin" if args.val else "hq_val.bin and hq_train.bin", held)
         raise BadInput(f"{args.hq}: {held['read']} documents, too few to hold out a validation split "
                        f"(1 in {VAL_EVERY}), so hq_val.bin would be empty; pass --val FILE")
+    if out["hq_val"].n < MIN_VAL_TOKENS:
+        raise BadInput(f"{args.val or args.hq}: hq_val.bin would hold {out['hq_val'].n:,} tokens, fewer than "
+                       f"{MIN_VAL_TOKENS}, too few to evaluate (rho.py reads windows of --block_size + 1 tokens: 65 "
+                       f"at its default): give more validation documents" + ("" if args.val else " (or --val FILE)"))
     print_eval(args.val or args.hq, held)
     texts = held.pop("held_out")
     index, too_short = held_out_index(texts)
@@ -950,7 +1060,7 @@ def write_files(args, out, files):
     if not out["web"].n:
         refuse_empty(args.web[0] if len(args.web) == 1 else f"--web ({len(args.web)} sources)", "web.bin", web_found)
     counts = {name: w.close() for name, w in out.items()}
-    write_atomic(os.path.join(args.out, "eval.json"), json.dumps(held["problems"]).encode(), files)
+    write_temp(os.path.join(args.out, "eval.json"), json.dumps(held["problems"]).encode(), files)
     sources = {"hq": hq_src, **({"val": val_src} if args.val else {}), "web": web[0] if len(web) == 1 else web}
     return counts, {"sources": sources, "decontamination": decontamination_meta(len(texts), too_short, dropped, keep),
                     "files": files}
@@ -973,12 +1083,83 @@ def check_flags(args):
         sys.exit(f"error: --seed {args.seed}: must be at most {SEED_MAX}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         sys.exit(f"error: --out {args.out}: is a file; give a folder (it is created if missing)")
+
+def make_out(out):
+    """Creates the output folder; returns the folders it created, deepest first (removed if the run fails)."""
+    made, d = [], os.path.abspath(out)
+    while not os.path.exists(d):
+        made.append(d); d = os.path.dirname(d)
     try:
-        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(out, exist_ok=True)
     except OSError as e:
-        sys.exit(f"error: --out {args.out}: cannot create it ({short(e)}); give a folder you can write to")
-    if not os.access(args.out, os.W_OK):
-        sys.exit(f"error: --out {args.out}: not writable; give a folder you can write to")
+        sys.exit(f"error: --out {out}: cannot create it ({short(e)}); give a folder you can write to")
+    if not os.access(out, os.W_OK):
+        remove_empty(made)
+        sys.exit(f"error: --out {out}: not writable; give a folder you can write to")
+    return made
+
+def remove_empty(folders):
+    for d in folders:
+        with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+            os.rmdir(d)
+
+def inputs_of(args):
+    """meta.json's "inputs": the flags that define the data, with paths made absolute."""
+    path = lambda spec: spec if spec is None or spec.startswith("hf:") else os.path.abspath(spec)
+    given = {**vars(args), "hq": path(args.hq), "val": path(args.val), "web": [path(s) for s in args.web or ()]}
+    defining = ("hq", "val", "web", "max_web_tokens") if args.hq else ("seed", "web_tokens", "base_tokens")
+    return {key: given[key] for key in sorted(("encoding", "keep_contaminated", *defining))}
+
+def read_meta(out):
+    """The folder's meta.json, or None if it has none; {} if it cannot be read."""
+    try:
+        meta = json.loads(open(os.path.join(out, "meta.json"), "rb").read())
+        return meta if isinstance(meta, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+OVERWRITE = "nothing was changed: pass --overwrite to replace it, or give another --out"
+
+def check_out(args, inputs):
+    """A folder holding data prepared from other inputs is refused before any work (with --overwrite, replaced)."""
+    old = read_meta(args.out)
+    if args.overwrite or not old or "inputs" not in old or old["inputs"] == inputs:
+        return  # else commit compares the files themselves
+    was, show = old["inputs"], lambda v: " ".join(v) if isinstance(v, list) else v
+    if ("hq" in was) != ("hq" in inputs):  # the demo and files
+        source = lambda given: f"--hq {given['hq']}" if "hq" in given else "the embedded demo"
+        why = f"{source(was)}, not {source(inputs)}"
+    else:
+        flag = next(k for k in sorted({*was, *inputs}) if was.get(k) != inputs.get(k))
+        why = f"--{flag} {show(was.get(flag))}, not {show(inputs.get(flag))}"
+    sys.exit(f"error: --out {args.out}: holds data prepared from other inputs ({why}); {OVERWRITE}")
+
+def commit(out, files, meta, overwrite):
+    """Renames this run's temp files into place, meta.json last. A folder holding other prepared data (other files, or
+    files without a meta.json) is kept without --overwrite; the same files again (the demo prepared twice) pass."""
+    old, names = read_meta(out), [*files, "meta.json"]
+    same = old is not None and old.get("files") == files
+    found = [n for n in names if os.path.exists(os.path.join(out, n))]
+    if found and not same and not overwrite:
+        why = ("meta.json cannot be read" if old == {} else "no meta.json" if old is None else
+               next((f"{n} differs" for n in files if old.get("files", {}).get(n) != files[n]), "other files"))
+        sys.exit(f"error: --out {out}: holds other prepared data ({why}); {OVERWRITE}")
+    write_temp(os.path.join(out, "meta.json"), json.dumps(meta, indent=2).encode(), {})
+    for name in names:
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    _temps.clear()
+
+def stopped(args, e, made):
+    """The one line for a run that did not finish: a full disk, a folder gone, Ctrl-C."""
+    where = "nothing was written" if made else f"nothing was replaced ({args.out} keeps what it held)"
+    if isinstance(e, KeyboardInterrupt):
+        at = f" while reading {_reading}" if _reading else ""
+        print(f"prepare: interrupted{at}; {where}: run the same command again to start over", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(f"error: {e.filename or args.out}: {e.strerror or short(e)}; {where}: free space or fix the folder, "
+             f"then run the same command again")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize the high-quality and web corpora into token files. A source is a "
@@ -1003,6 +1184,8 @@ def main(argv=None):
                    f"{NGRAM}-word run with a held-out question (default: drop them); they are counted either way")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="tokenizing processes "
                    "(default: all cores; 1: no pool)")
+    p.add_argument("--overwrite", action="store_true", help="replace data of other inputs in --out (without it, such "
+                   "a folder is refused; the same data again is always written)")
     args = p.parse_args(argv)
     if bool(args.hq) != bool(args.web):
         p.error("--hq and --web go together (or neither, for the embedded demo)")
@@ -1010,16 +1193,31 @@ def main(argv=None):
         p.error("--out DIR is required with --hq/--web")
     args.out = args.out or os.path.join("data", "demo")
     check_flags(args)
-    enc = get_encoding(args.encoding)
-    if args.hq:
-        counts, extra = checked(prepare_files, args, enc)
-    else:
-        counts, extra = prepare_demo(args.out, enc, args.seed, args.keep_contaminated, web_tokens=args.web_tokens,
-                                     base_tokens=args.base_tokens)
-    meta = {"encoding": args.encoding, "vocab_size": enc.n_vocab, "eot": enc.eot_token,
-            "dtype": np.dtype(token_dtype(enc.n_vocab)).name, "tokens": counts, **extra}
-    # last: marks the folder complete
-    write_atomic(os.path.join(args.out, "meta.json"), json.dumps(meta, indent=2).encode())
+    if os.path.isdir(args.encoding):  # a tokenizer's directory: meta.json records where it is from anywhere
+        args.encoding = os.path.abspath(args.encoding)
+    global _reading
+    made, _reading = [], None
+    try:
+        enc, inputs = get_encoding(args.encoding), inputs_of(args)
+        if args.hq:
+            checked(check_sources, args)
+        check_out(args, inputs)
+        made = make_out(args.out)
+        if args.hq:
+            counts, extra = checked(prepare_files, args, enc)
+        else:
+            counts, extra = prepare_demo(args.out, enc, args.seed, args.keep_contaminated,
+                                         web_tokens=args.web_tokens, base_tokens=args.base_tokens)
+        meta = {"encoding": args.encoding, "vocab_size": enc.n_vocab, "eot": enc.eot_token,
+                "dtype": np.dtype(token_dtype(enc.n_vocab)).name, "tokens": counts, **extra,
+                "tokenizer": {"name": args.encoding, "sha256": tokenizer_id(enc)}, "inputs": inputs}
+        commit(args.out, extra["files"], meta, args.overwrite)
+    except BaseException as e:
+        discard_temps()
+        remove_empty(made)
+        if isinstance(e, (KeyboardInterrupt, OSError)):
+            stopped(args, e, made)
+        raise
     print(f"prepare: wrote {args.out}: " + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()))
     if "label_share" in extra:
         print("prepare: web token share by label: "

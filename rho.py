@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prepare import ANSWER, SEED_MAX, file_sha256, final_answer, get_encoding, write_atomic
+from prepare import (ANSWER, SEED_MAX, file_sha256, final_answer, from_hub, get_encoding,
+                     tokenizer_id_of, write_atomic)
 
 # one code path for MKL's and PyTorch's CPU kernels on any AVX2 CPU (README, Reproducible); read at the first kernel
 os.environ.setdefault("MKL_CBWR", "AVX2")
@@ -227,12 +228,13 @@ def load_hf(source, block_size=None, config=None):  # from hf:NAME or a director
     name, auto = source.removeprefix("hf:"), transformers.AutoModelForCausalLM
     try:
         c = transformers.AutoConfig.for_model(**json.loads(config)) if config else \
-            transformers.AutoConfig.from_pretrained(name)
+            from_hub(transformers.AutoConfig.from_pretrained, name)
         for key, v in c.to_dict().items():
             if "drop" in key and isinstance(v, float):  # no dropout: GPT-2's resid_pdrop, Llama's attention_dropout
                 setattr(c, key, 0.0)
         hf, info = (auto.from_config(c), {"missing_keys": ()}) if config else \
-            auto.from_pretrained(name, config=c, dtype=torch.float32, output_loading_info=True)
+            from_hub(auto.from_pretrained, name, config=c, dtype=torch.float32,
+                     output_loading_info=True)
     except (OSError, ValueError) as e:
         why = (str(e).strip() or type(e).__name__).splitlines()[0]
         die(f"--init_from {source}: " + (f"not a loadable transformers model ({why})" if os.path.isdir(name) else
@@ -242,6 +244,13 @@ def load_hf(source, block_size=None, config=None):  # from hf:NAME or a director
         die(f"--init_from {source}: no weights for {', '.join(sorted(info['missing_keys'])[:3])}: not a causal LM "
             "checkpoint (a base model without its head?)")
     return HF(hf.float(), block_size, source)
+
+def check_tokenizer(cfg, meta):  # the data's ids must be the model's own tokenizer's
+    want = meta.get("tokenizer", {}).get("sha256")  # its fingerprint, recorded by prepare.py
+    if want and tokenizer_id_of(cfg.init_from) not in (None, want):  # None: the model has none
+        die(f"--init_from {cfg.init_from}: {cfg.data} was prepared with another tokenizer "
+            f"({meta['tokenizer']['name']}): prepare it with `python prepare.py ... --encoding "
+            f"{cfg.init_from}`")
 
 # -----------------------------------------------------------------------------
 # processes: one, or one per GPU under torchrun (DDP, FSDP2); each process holds a contiguous share of every step
@@ -1002,6 +1011,7 @@ def build_model(cfg, meta, shape):  # from scratch of the shape flags given, or 
             die(f"--init_from {cfg.init_from}: its vocabulary ({model.config.vocab_size} tokens) is not that of "
                 f"{cfg.data} ({meta['encoding']}, {meta['vocab_size']}): prepare the data with `python prepare.py ... "
                 f"--encoding {cfg.init_from}` (its own tokenizer; GPT-2: --encoding gpt2)")
+        check_tokenizer(cfg, meta)
         return model.to(cfg.device)
     run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")  # a path, or the name of a run in --out
     path = run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from

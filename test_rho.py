@@ -2,6 +2,7 @@
 
 The sections follow rho.py (model, data, the SLM loss, the fused head, scoring, evaluation, training, main), then
 prepare.py and the instruments; each opens with a line that says what is compared against what."""
+import codecs
 import contextlib
 import gzip
 import hashlib
@@ -1388,14 +1389,15 @@ THREE = "\n\n".join(f"document {i} {TOO_LONG}" for i in range(3))
      rf"v.jsonl: no documents, so hq_val.bin would be empty; {EMPTY_FIX}"),
     ({"h.txt": "\n\n", "v.txt": TOO_LONG}, ["--hq", "h.txt", "--web", "v.txt", "--val", "v.txt"],
      rf"h.txt: no documents, so hq_train.bin would be empty; {EMPTY_FIX}"),
-    ({"h.txt": TOO_LONG, "v.txt": "x", "w.jsonl": ""}, ["--hq", "h.txt", "--web", "w.jsonl", "--val", "v.txt"],
+    ({"h.txt": TOO_LONG, "v.txt": "x " * 40, "w.jsonl": ""}, ["--hq", "h.txt", "--web", "w.jsonl", "--val", "v.txt"],
      rf"w.jsonl: no documents, so web.bin would be empty; {EMPTY_FIX}"),
-    ({"h.txt": TOO_LONG, "v.txt": "x", "w.txt": "\n \n\n\t\n"},
-     ["--hq", "h.txt", "--web", "w.txt", "w.txt", "--val", "v.txt"],
+    ({"h.txt": TOO_LONG, "v.txt": "x " * 40, "w.txt": "\n \n\n\t\n", "w2.txt": "\n\n"},
+     ["--hq", "h.txt", "--web", "w.txt", "w2.txt", "--val", "v.txt"],
      rf"--web \(2 sources\): no documents, so web.bin would be empty; {EMPTY_FIX}"),
     ({"h.txt": THREE}, ["--hq", "h.txt", "--web", "h.txt", "--val", "h.txt"], r"h.txt: all 3 documents share a 13-word "
      r"run with a held-out question, so hq_train.bin would be empty; is --val the same data\?"),
-    ({"h.txt": "\n\n".join(["a"] * 50), "bad.jsonl": '{"title": "x"}\n'}, ["--hq", "h.txt", "--web", "bad.jsonl"],
+    ({"h.txt": "\n\n".join(["a"] * 49 + [TOO_LONG]), "bad.jsonl": '{"title": "x"}\n'},
+     ["--hq", "h.txt", "--web", "bad.jsonl"],
      r'bad.jsonl:1: needs a "text" field'),
 ])
 def test_prepare_bad_input_one_line_and_folder_kept(files, args, msg, tmp_path, capsys):
@@ -1531,7 +1533,7 @@ def test_decontamination_unicode_and_too_short_held_out_texts(tmp_path, capsys):
 def test_prepare_counts_bytes_that_are_not_utf8(tmp_path, capsys):
     """Bytes that are not UTF-8 become U+FFFD, are counted per source in meta.json, and each source that had any gets
     one warning line (hq, read twice without --val, once)."""
-    docs = [f"document {i} says caf\u00e9" for i in range(60)]
+    docs = [f"document {i} says caf\u00e9" for i in range(100)]
     raw = "\n\n".join(docs).encode().replace(b"document 7 ", b"document \xff\xfe7 ")
     raw = raw.replace(b"document 8 says caf\xc3\xa9", b"document 8 says caf\xe9")  # latin-1
     (tmp_path / "hq.txt").write_bytes(raw)
@@ -1638,11 +1640,11 @@ def test_prepare_web_shards_equal_one_file(tmp_path):
 def test_prepare_max_web_tokens_and_metamath_fields(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "TASK_CHARS", 5_000)
     docs = [d[:2000] for d in corpus(60)]  # tasks of a few documents
-    web = write_source(tmp_path / "web.jsonl", docs)
+    web, web2 = write_source(tmp_path / "web.jsonl", docs), write_source(tmp_path / "web2.jsonl", docs[::-1])
     hq = tmp_path / "hq.jsonl"
     hq.write_text("".join(json.dumps({"query": f"q{i}", "response": f"r{i}"}) + "\n" for i in range(100)))
     for procs in (1, 2):
-        prepare.main(["--hq", str(hq), "--web", web, web, "--max_web_tokens", "20000",
+        prepare.main(["--hq", str(hq), "--web", web, web2, "--max_web_tokens", "20000",
                       "--out", str(tmp_path / str(procs)), "--procs", str(procs)])
     one, two = tmp_path / "1", tmp_path / "2"
     assert (one / "web.bin").read_bytes() == (two / "web.bin").read_bytes()
@@ -2259,3 +2261,230 @@ def test_issue31_head_scaled_by_its_config_refused_where_the_probe_passes(tmp_pa
         idx = torch.arange(8)[None]
         h = hf.model(idx).last_hidden_state
         assert torch.allclose(hf(idx).logits, h @ hf.lm_head.weight.t(), rtol=1e-4, atol=1e-4)
+
+# --- issue 31: prepare, tokenizers, bench
+# What a careful user expects of prepare.py's and bench.py's edges, each against the folder's sha256 before and after:
+# a refusal or a failure is one line and leaves every earlier file as it was, with no temp file and no new folder.
+
+def sha_of(folder):
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in os.listdir(folder)}
+
+def small_sources(tmp_path, n=120, name="web.txt"):
+    """An hq .jsonl of GSM8K-style records (every 50th a validation record) and a web .txt."""
+    hq = [{"question": f"Ann has {i} apples and buys {i + 3} more at the market on day {i}. How many does she have?",
+           "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"} for i in range(n)]
+    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hq))
+    (tmp_path / name).write_text("\n\n".join(f"Page {i}: the sum of {i} and {i + 1} is {2 * i + 1}." for i in range(n)))
+    return str(tmp_path / "hq.jsonl"), str(tmp_path / name)
+
+def prepare_fails(argv, capsys=None):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(argv)
+    msg = str(e.value)
+    assert "\n" not in msg and (capsys is None or "Traceback" not in capsys.readouterr().err), msg
+    return msg
+
+class FullDisk:
+    """A temp file on a full disk: every write fails, and so does the flush as it closes."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b):
+        raise OSError(28, "No space left on device")
+
+    def close(self):
+        self.f.close()
+        raise OSError(28, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+def test_prepare_full_disk_and_ctrl_c_keep_the_folder(tmp_path, monkeypatch, capsys):
+    """The demo and file sources on a full disk (the last write failing again while the temp files go), and Ctrl-C
+    while tokenizing: one line each, every earlier file unchanged, no temp file."""
+    demo = tmp_path / "demo"
+    small = ["--web_tokens", "20000", "--base_tokens", "5000", "--out", str(demo)]
+    prepare.main(small)
+    before, real_open = sha_of(demo), prepare.open_temp
+
+    def full_disk(path, where=""):  # the temp file, and the one the run discards, both on the full disk
+        prepare._temps[path + ".tmp"] = f = FullDisk(real_open(path)) if where in path else real_open(path)
+        return f
+    monkeypatch.setattr(prepare, "open_temp", lambda path: full_disk(path, "web"))
+    assert prepare_fails(small, capsys) == (f"error: {demo}: No space left on device; nothing was replaced ({demo} "
+                                            f"keeps what it held): free space or fix the folder, then run the same "
+                                            f"command again")
+    assert sha_of(demo) == before
+    hq, web = small_sources(tmp_path)
+    files = ["--hq", hq, "--web", web, "--out", str(tmp_path / "o"), "--procs", "1"]
+    assert not any(f.endswith(".tmp") for f in os.listdir(demo))
+    monkeypatch.undo()
+    prepare.main(files)
+    before = sha_of(tmp_path / "o")
+    monkeypatch.setattr(prepare, "open_temp", full_disk)
+    assert "No space left on device; nothing was replaced" in prepare_fails(files, capsys)
+    assert sha_of(tmp_path / "o") == before
+    assert prepare_fails([*files[:-4], "--out", str(tmp_path / "new"), "--procs", "1"]) == (
+        f"error: {tmp_path / 'new'}: No space left on device; nothing was written: free space or fix the folder, "
+        f"then run the same command again")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    real_tasks = prepare.run_tasks
+
+    def ctrl_c(tasks, pool, depth):  # the first task's tokens, then Ctrl-C
+        yield next(real_tasks(tasks, pool, depth))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "run_tasks", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        prepare.main(files)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 130 and err == (f"prepare: interrupted while reading {hq}; nothing was replaced "
+                                           f"({tmp_path / 'o'} keeps what it held): run the same command again to "
+                                           f"start over")
+    assert sha_of(tmp_path / "o") == before
+    prepare.init_worker("bytes", pool=True)  # a worker leaves Ctrl-C to the main process
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def test_prepare_refuses_a_folder_of_other_data_and_a_web_source_twice(tmp_path, capsys):
+    """Other inputs into a folder of prepared data: refused before any work (recorded inputs) or before any rename
+    (files that differ); the same command again rewrites the same bytes; --overwrite replaces. A --web source given
+    twice, by another path or as a copy, is refused; a failed command leaves no folder it made."""
+    hq, web = small_sources(tmp_path)
+    out = tmp_path / "o"
+    prepare.main(["--hq", hq, "--web", web, "--out", str(out), "--procs", "1"])
+    before = sha_of(out)
+    prepare.main(["--hq", hq, "--web", web, "--out", str(out), "--procs", "2"])  # the same data: written again
+    assert sha_of(out) == before
+    (tmp_path / "web2.txt").write_text("Another page.\n\nAnd one more, with other words in it.\n")
+    other = ["--hq", hq, "--web", str(tmp_path / "web2.txt"), "--out", str(out), "--procs", "1"]
+    assert prepare_fails(other, capsys) == (f"error: --out {out}: holds data prepared from other inputs (--web "
+                                            f"{web}, not {tmp_path / 'web2.txt'}); nothing was changed: pass "
+                                            f"--overwrite to replace it, or give another --out")
+    assert prepare_fails(["--out", str(out)], capsys) == (f"error: --out {out}: holds data prepared from other "
+                                                          f"inputs (--hq {hq}, not the embedded demo); nothing was "
+                                                          f"changed: pass --overwrite to replace it, or give another "
+                                                          f"--out")
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["inputs"]  # as an older prepare.py wrote it: the files themselves are compared, after the work
+    (out / "meta.json").write_text(json.dumps(meta))
+    before = sha_of(out)
+    assert prepare_fails(other, capsys).endswith("holds other prepared data (web.bin differs); nothing was changed: "
+                                                 "pass --overwrite to replace it, or give another --out")
+    assert sha_of(out) == before and not any(f.suffix == ".tmp" for f in out.iterdir())
+    demo = ["--out", str(out), "--web_tokens", "20000", "--base_tokens", "5000"]
+    assert prepare_fails(demo, capsys).endswith("holds other prepared data (hq_val.bin differs); nothing was changed: "
+                                                "pass --overwrite to replace it, or give another --out")
+    prepare.main([*other, "--overwrite"])
+    assert json.loads((out / "meta.json").read_text())["inputs"]["web"] == [str(tmp_path / "web2.txt")]
+    shutil.copy(web, tmp_path / "copy.txt")
+    new = tmp_path / "new" / "deeper"
+    assert prepare_fails(["--hq", hq, "--web", web, f"{tmp_path}/./web.txt", "--out", str(new)]) == (
+        f"error: {tmp_path}/./web.txt: given twice in --web ({web} is the same file), so it would be trained "
+        f"on twice; give each source once")
+    assert prepare_fails(["--hq", hq, "--web", web, str(tmp_path / "copy.txt"), "--out", str(new)]).startswith(
+        f"error: {tmp_path / 'copy.txt'}: the same content as {web} (sha256 ")
+    (tmp_path / "v.txt").write_text("A short validation text here")
+    assert prepare_fails(["--hq", hq, "--web", web, "--val", str(tmp_path / "v.txt"), "--out", str(new)]) == (
+        f"error: {tmp_path / 'v.txt'}: hq_val.bin would hold 29 tokens, fewer than 33, too few to evaluate (rho.py "
+        f"reads windows of --block_size + 1 tokens: 65 at its default): give more validation documents")
+    assert not (tmp_path / "new").exists()
+
+def test_prepare_encoding_names_bom_and_tokenizer_paths(tmp_path, monkeypatch, capsys):
+    """An unknown --encoding lists the valid ones; a .jsonl with a UTF-8 byte order mark reads as without one; a
+    tokenizer directory given by a relative path is recorded by its absolute one, and a missing one is named."""
+    msg = prepare_fails(["--encoding", "nosuch", "--out", str(tmp_path / "o")])
+    assert msg.startswith("error: --encoding nosuch: tiktoken could not load it: unknown encoding; choose bytes "
+                          "(built in), gpt2, ") and "hf:NAME or a directory" in msg
+    assert prepare_fails(["--encoding", "./tok", "--out", str(tmp_path / "o")]).startswith(
+        "error: --encoding ./tok: no such tokenizer directory")
+    assert not (tmp_path / "o").exists()
+    hq, web = small_sources(tmp_path)
+    (tmp_path / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + open(hq, "rb").read())
+    for name, source in (("b", str(tmp_path / "bom.jsonl")), ("p", hq)):
+        prepare.main(["--hq", source, "--web", web, "--out", str(tmp_path / name), "--procs", "1"])
+    assert (tmp_path / "b" / "hq_train.bin").read_bytes() == (tmp_path / "p" / "hq_train.bin").read_bytes()
+    model = tmp_path / "tok"
+    tiny_llama_with_tokenizer(str(model), ["Page 1: the sum of 1 and 2 is 3."] * 20)
+    monkeypatch.chdir(tmp_path)
+    prepare.main(["--hq", hq, "--web", web, "--out", "rel", "--encoding", "tok", "--procs", "1"])
+    meta = json.loads((tmp_path / "rel" / "meta.json").read_text())
+    assert meta["encoding"] == meta["tokenizer"]["name"] == str(model)
+    shutil.rmtree(model)
+    with pytest.raises(SystemExit, match=rf"^error: --encoding {model}: no such tokenizer directory; .* if the "
+                                         rf"tokenizer moved, put it back there or prepare the data again\)$"):
+        rho.get_encoding(meta["encoding"])  # as rho.py reads the data's tokenizer
+
+def test_hf_tokenizer_offline_fails_fast_and_is_asked_once(tmp_path, monkeypatch):
+    """Not in the cache and the hub unreachable: transformers is asked once, from the cache only, and the one line
+    says what to do (rho's --init_from too); with the hub reachable, it is asked again, from the hub."""
+    transformers = pytest.importorskip("transformers")
+    calls = []
+
+    def offline(name, **kw):
+        calls.append(kw.get("local_files_only", False))
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.\nCheck your internet connection")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    monkeypatch.setattr(prepare, "hub_reachable", lambda: False)
+    assert prepare_fails(["--encoding", "hf:gpt2", "--out", str(tmp_path / "o")]) == (
+        "error: --encoding hf:gpt2: could not load its tokenizer (We couldn't connect to 'https://huggingface.co' to "
+        "load the files, and couldn't find them in the cached files.): run once where huggingface.co answers (it is "
+        "then cached), or pass a directory saved with save_pretrained")
+    assert calls == [True] and not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit, match=r"^error: --init_from hf:gpt2: could not load it \(We couldn't connect"):
+        rho.load_hf("hf:gpt2")
+    assert calls == [True, True]
+    monkeypatch.setattr(prepare, "hub_reachable", lambda: True)
+    with pytest.raises(SystemExit):
+        rho.load_hf("hf:gpt2")
+    assert calls == [True, True, True, False]
+    monkeypatch.undo()
+    monkeypatch.setattr(importlib.import_module("huggingface_hub").constants, "HF_HUB_OFFLINE", True)
+    assert prepare.hub_reachable() is False
+
+def test_hf_tokenizer_identity_and_special_tokens_in_text(tmp_path, capsys):
+    """meta.json records the tokenizer's fingerprint; a model whose own tokenizer differs (a vocabulary no larger than
+    its own, which the size check lets through) is refused; "<s>" and "</s>" inside a web page stay text: the ids of
+    those tokens mark only the documents' ends."""
+    web = [f"<p>Page {i}: the sum of {i} and {i + 1} is {2 * i + 1}.</s> <s>next</p>" for i in range(150)]
+    qa = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+          for a in range(12) for b in range(12)]
+    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    (tmp_path / "web.txt").write_text("\n\n".join(web) + "\n")
+    ours, other = str(tmp_path / "ours"), str(tmp_path / "other")
+    tiny_llama_with_tokenizer(ours, web + [r["question"] for r in qa])
+    tiny_llama_with_tokenizer(other, [f"Other words {i}, other merges {i * i}." for i in range(300)])
+    data = tmp_path / "data"
+    prepare.main(["--hq", str(tmp_path / "hq.jsonl"), "--web", str(tmp_path / "web.txt"), "--out", str(data),
+                  "--encoding", ours, "--procs", "1"])
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["tokenizer"] == {"name": ours, "sha256": prepare.tokenizer_id(prepare.get_encoding(ours))}
+    ids = np.fromfile(data / "web.bin", np.uint16)
+    assert (ids == 0).sum() == (ids == 1).sum() == len(web)  # one <s> and one </s> a document: its boundaries
+    assert prepare.get_encoding(ours).decode(ids[:np.argmax(ids == 1)].tolist()) == web[0]
+    assert prepare.tokenizer_id_of(str(tmp_path)) is None  # no tokenizer saved there
+    cfg, shape = rho.parse_args(["--clm", "--data", str(data), "--init_from", other, "--device", "cpu"])
+    with pytest.raises(SystemExit, match=rf"^error: --init_from {other}: {data} was prepared with another tokenizer "
+                                         rf"\({ours}\): prepare it with `python prepare.py ... --encoding {other}`$"):
+        rho.build_model(cfg, rho.load_meta(str(data)), shape)
+    cfg.init_from = ours
+    assert rho.build_model(cfg, rho.load_meta(str(data)), shape).config.vocab_size == 320
+
+def test_bench_devices_and_k_one_line(capsys):
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^error: --device cuda: no CUDA device here "
+                                             r"\(torch.cuda.is_available\(\) is False\): use --device cpu$"):
+            bench.main(["--device", "cuda"])
+        with pytest.raises(SystemExit, match=r"^error: --gpu: no CUDA device here .*: run it on a GPU machine, or add "
+                                             r"--device cpu to check its plan at toy sizes$"):
+            bench.main(["--gpu"])
+    for k in ("0", "-0.5", "1.5"):
+        with pytest.raises(SystemExit, match=rf"^error: --k {float(k)}: the share of tokens SLM selects must be in "
+                                             rf"\(0, 1\], e.g. 0.6$"):
+            bench.main(["--k", k])
