@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import prepare
 import rho
+from rho import die
 
 # -----------------------------------------------------------------------------
 # the model: rho's GPT is GPT-2 (GPT-2's names, 1:1); a transformers model is saved as itself
@@ -105,23 +106,20 @@ def write_folder(out, hf, tok, overwrite):
     except OSError as e:
         die(f"{out}: cannot write there ({e.strerror}): pass another OUT_DIR")
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp's folder is the owner's alone
         hf.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
         tok.save_pretrained(tmp)  # tokenizer.json, tokenizer_config.json
-        if os.path.exists(out):  # --overwrite: the old export aside, the new one in, then the old one removed
-            os.replace(out, tmp + ".old")
-        os.replace(tmp, out)
     except OSError as e:
+        shutil.rmtree(tmp)
         die(f"{out}: could not write the export ({e.strerror or e}): free space or pass another OUT_DIR")
-    finally:
-        for left in (tmp, tmp + ".old"):
-            if os.path.isdir(left):
-                shutil.rmtree(left)
+    if os.path.exists(out):  # --overwrite: the old export aside, the new one in its place, then the old one removed
+        os.replace(out, tmp + ".old")
+    os.replace(tmp, out)
+    if os.path.isdir(tmp + ".old"):
+        shutil.rmtree(tmp + ".old")
 
 # -----------------------------------------------------------------------------
 # main
-
-def die(msg):
-    rho.die(msg)
 
 def export(run, out, overwrite=False):
     try:
@@ -131,7 +129,8 @@ def export(run, out, overwrite=False):
     model, ckpt, path = load_run(run)
     T, encoding = model.config.block_size, ckpt["encoding"]
     tok = tokenizer_of(encoding, T)
-    hf = model.hf if isinstance(model, rho.HF) else gpt2_of(model, tok.eos_token_id)
+    eot = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id  # prepare.py's end of a document
+    hf = model.hf if isinstance(model, rho.HF) else gpt2_of(model, eot)
     hf.config.rho_encoding = encoding  # rho.py --init_from OUT_DIR trains it on data of this encoding (bytes too)
     write_folder(out, hf, tok, overwrite)
     data, steps = ckpt["config"]["data"], ckpt["config"]["steps"]
