@@ -2026,7 +2026,7 @@ def test_export_gpt_logits_equal_and_folder_kept(demo, tmp_path, capsys):
     assert kind == "GPT2LMHeadModel"
     torch.testing.assert_close(got, rho_logits(str(tmp_path / "base" / "ckpt.pt"), idx), rtol=0, atol=1e-5)
     printed = capsys.readouterr().out
-    assert f"-> {out}: GPT2LMHeadModel, " in printed and "max_length=32 " in printed and "max_gen_toks=16 " in printed
+    assert f"-> {out}: GPT2LMHeadModel, " in printed and "max_length=32," in printed and "max_gen_toks=16 " in printed
     with pytest.raises(SystemExit, match=r"^error: .*hf/base: exists: pass --overwrite to replace it, or another "):
         export.main([str(tmp_path / "base"), str(out)])
     (out / "mark").write_text("")
@@ -2114,6 +2114,9 @@ def test_export_tokenizers_give_the_data_ids(demo, tmp_path):
         assert tok(text)["input_ids"] == want and tok.decode(want) == text
     assert tok.eos_token_id == enc.eot_token and tok.decode([72, 300, 105, enc.eot_token], skip_special_tokens=True) \
         == "Hi"
+    for p in task_module().problems(str(demo / "data")):  # lm-eval's input (add_bos_token=False): rho's prompt ids
+        assert tok(p["context"], add_special_tokens=False)["input_ids"] == [enc.eot_token] + enc.encode_ordinary(
+            p["prompt"])
     corpus = ["The answer is: 42. Then the cat's 3 apples cost $12.50 each; it's 1,000 in all."] * 3
     tiny = tiny_tiktoken(corpus)
     tk = export.byte_level_tokenizer(tiny)
@@ -2148,6 +2151,9 @@ def test_export_llama_run_logits_and_tokenizer(tmp_path):
         want = enc.encode_ordinary(p["prompt"])
         assert want[0] == tok.bos_token_id and tok(p["prompt"])["input_ids"] == want
         assert tok.decode(want, skip_special_tokens=True) == p["prompt"]
+    for p in task_module().problems(data):  # lm-eval's input (add_bos_token=False): rho's ids, </s> <s> Question...
+        assert tok(p["context"], add_special_tokens=False)["input_ids"] == [enc.eot_token] + enc.encode_ordinary(
+            p["prompt"])
 
 def task_module():  # lm_eval_tasks/rho_heldout.py, as lm-eval loads a task's !function module: from its file
     import importlib.util
@@ -2157,8 +2163,9 @@ def task_module():  # lm_eval_tasks/rho_heldout.py, as lm-eval loads a task's !f
     return module
 
 def test_lm_eval_task_file_asks_and_scores_as_rho(tmp_path):
-    """The task file's pieces without lm-eval: rho's prompt as it is, zero-shot, greedy, no stop string but the
-    end-of-text token (lm-eval adds it), rho's 48 new tokens; the score is rho's (final_answer equals the answer)."""
+    """The task file's pieces without lm-eval: rho's prompt ids as text (their test: the tokenizers' below), zero-shot,
+    greedy, no stop string but the end-of-text token (lm-eval adds it), rho's 48 new tokens; the score is rho's
+    (final_answer equals the answer)."""
     yaml = pytest.importorskip("yaml")
 
     class Loader(yaml.SafeLoader):  # lm-eval's !function tag: here its name
@@ -2167,7 +2174,7 @@ def test_lm_eval_task_file_asks_and_scores_as_rho(tmp_path):
     with open(os.path.join(TASKS, "rho_heldout.yaml")) as f:
         cfg = yaml.load(f, Loader)
     assert (cfg["task"], cfg["output_type"], cfg["doc_to_text"], cfg["doc_to_target"], cfg["num_fewshot"]) == \
-        ("rho_heldout", "generate_until", "{{prompt}}", "{{answer}}", 0)
+        ("rho_heldout", "generate_until", "{{context}}", "{{answer}}", 0)
     assert cfg["generation_kwargs"] == {"until": [], "do_sample": False, "max_gen_toks": 48}
     assert rho.answers.__defaults__ == (48,)  # max_new
     assert (cfg["custom_dataset"], cfg["process_results"]) == ("rho_heldout.load", "rho_heldout.process_results")
@@ -2194,7 +2201,7 @@ def test_lm_eval_runs_the_task_offline_with_rho_answers(demo, tmp_path, monkeypa
     reads them back in eval.json's order."""
     pytest.importorskip("lm_eval")
     import shlex
-    run(demo, tmp_path, "--base", "--steps", "2", "--eval_every", "2")
+    run(demo, tmp_path, "--base", "--steps", "2", "--eval_every", "2", "--block_size", "128")  # prompts whole
     ckpt, gen = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True), torch.Generator().manual_seed(0)
     for t in ckpt["model"].values():  # weights far from their init: texts that differ from problem to problem
         t.add_(torch.randn(t.shape, generator=gen))
@@ -2215,7 +2222,8 @@ def test_lm_eval_runs_the_task_offline_with_rho_answers(demo, tmp_path, monkeypa
     assert list(got) == ["rho_heldout"] and got["rho_heldout"].tolist() == rho.answers(model, problems, enc)
     samples = [json.loads(line) for f in (tmp_path / "base" / "lm_eval").glob("*/samples_rho_heldout_*.jsonl")
                for line in f.read_text().splitlines()]
-    assert [s["doc"] for s in sorted(samples, key=lambda s: s["doc_id"])] == problems
+    assert [{k: s["doc"][k] for k in ("prompt", "answer")} for s in sorted(samples, key=lambda s: s["doc_id"])] \
+        == problems
     for s, text in zip(sorted(samples, key=lambda s: s["doc_id"]), rho_texts(model, problems, enc)):
         assert s["resps"][0][0].startswith(text) or text.startswith(s["resps"][0][0])
     assert len({s["resps"][0][0] for s in samples}) > 5  # texts that differ from problem to problem
