@@ -139,9 +139,9 @@ def export(run, out, overwrite=False):
           f"({len(tok)} tokens)")
     # rho's answers(): greedy, min(48, T/2) new tokens after the prompt's last T - that many tokens
     print(f"lm-eval on {data}'s held-out problems, as rho evaluates them:\n  lm_eval --model hf --model_args "
-          f"pretrained={out},dtype=float32,max_length={T},add_bos_token=False --include_path lm_eval_tasks --tasks rho_heldout "
-          f"--metadata '{{\"data\": \"{data}\"}}' --gen_kwargs max_gen_toks={min(48, T // 2)} --batch_size 64 "
-          f"--output_path {os.path.join(os.path.dirname(path), 'lm_eval')} --log_samples")
+          f"pretrained={out},dtype=float32,max_length={T},add_bos_token=False --include_path lm_eval_tasks "
+          f"--tasks rho_heldout --metadata '{{\"data\": \"{data}\"}}' --gen_kwargs max_gen_toks={min(48, T // 2)} "
+          f"--batch_size 64 --output_path {os.path.join(os.path.dirname(path), 'lm_eval')} --log_samples")
     return hf, tok
 
 def main(argv=None):
