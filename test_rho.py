@@ -2014,9 +2014,10 @@ def hf_logits(folder, idx):
     with torch.no_grad():
         return type(hf).__name__, hf(idx).logits
 
-def test_export_gpt_logits_equal_and_folder_kept(demo, tmp_path, capsys):
+def test_export_gpt_logits_equal_and_folder_kept(demo, tmp_path, capsys, monkeypatch):
     """rho's GPT (2 layers) as GPT2LMHeadModel: transformers' logits are rho's (fp32, atol 1e-5); the folder is
-    written whole and never replaced without --overwrite, and then only if it is an export."""
+    written whole and never replaced without --overwrite, and then only if it is an export; what cannot be exported
+    says so in one line."""
     pytest.importorskip("transformers")
     run(demo, tmp_path, "--base", "--steps", "2", "--eval_every", "2", "--n_layer", "2")
     out = tmp_path / "hf" / "base"
@@ -2036,6 +2037,12 @@ def test_export_gpt_logits_equal_and_folder_kept(demo, tmp_path, capsys):
         export.main([str(tmp_path / "base"), str(tmp_path), "--overwrite"])
     with pytest.raises(SystemExit, match=r"^error: .*nothing: no such run checkpoint \(RUN_DIR: a run folder"):
         export.main([str(tmp_path / "nothing"), str(tmp_path / "hf2")])
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"^error: .*other.pt: a torch file, but not a checkpoint written by rho.py"):
+        export.main([str(tmp_path / "other.pt"), str(tmp_path / "hf2")])
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed
+    with pytest.raises(SystemExit, match=r"^error: export.py needs transformers and tokenizers: pip install "):
+        export.main([str(tmp_path / "base"), str(tmp_path / "hf2")])
     assert not (tmp_path / "hf2").exists()
 
 def test_export_fsdp_shards_gathered(demo, tmp_path):
