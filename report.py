@@ -988,5 +988,38 @@ def main(argv=None):
     p.add_argument("folders", nargs="*", default=["out"], help="--out folders of rho.py, one per seed (default: out)")
     return report(p.parse_args(argv).folders)
 
+def read_lm_eval(run_dir):
+    """lm-evaluation-harness's answers for a run, read where export.py's command has lm-eval write them (`lm_eval ...
+    --output_path <run_dir>/lm_eval --log_samples`: <run_dir>/lm_eval/<model>/samples_<task>_<date>.jsonl, the newest
+    of each task): {task: 0/1 per problem (numpy), in lm-eval's doc_id order, for rho_heldout that of the data folder's
+    eval.json}. A task scored by several filters (gsm8k_cot: strict-match, flexible-extract) gives "task,filter" keys;
+    the metric is exact_match where the task has it, else its first. {} where lm-eval wrote no samples there."""
+    import glob
+    import json
+    import re
+    newest = {}  # task: (date, path); lm-eval's dates (2026-12-07T09-43-18.925137) sort as text
+    for path in glob.glob(os.path.join(run_dir, "lm_eval", "**", "samples_*.jsonl"), recursive=True):
+        m = re.fullmatch(r"samples_(.+)_(\d{4}-\d\d-\d\dT[\d.-]+)\.jsonl", os.path.basename(path))
+        if m and (m[1] not in newest or m[2] > newest[m[1]][0]):
+            newest[m[1]] = (m[2], path)
+    answers = {}
+    for task, (_, path) in sorted(newest.items()):
+        try:
+            by_filter = {}
+            for line in open(path, encoding="utf-8"):
+                s = json.loads(line)
+                by_filter.setdefault(s["filter"], []).append(s)
+            for name, samples in by_filter.items():
+                metric = "exact_match" if "exact_match" in samples[0]["metrics"] else samples[0]["metrics"][0]
+                samples.sort(key=lambda s: s["doc_id"])
+                correct = np.array([float(s[metric]) for s in samples])
+                if [s["doc_id"] for s in samples] != list(range(len(samples))) or not np.isin(correct, (0, 1)).all():
+                    rho.die(f"{path}: not one 0/1 {metric} per problem 0..{len(samples) - 1} (filter {name}): run "
+                            f"lm-eval again into {os.path.join(run_dir, 'lm_eval')}")
+                answers[task if len(by_filter) == 1 else f"{task},{name}"] = correct.astype(np.int64)
+        except (ValueError, KeyError, IndexError, TypeError) as e:  # a cut file, or not lm-eval's
+            rho.die(f"{path}: not lm-eval's samples file ({type(e).__name__}: {e}): run lm-eval again")
+    return answers
+
 if __name__ == "__main__":
     main()

@@ -1007,7 +1007,9 @@ def build_model(cfg, meta, shape):  # from scratch of the shape flags given, or 
         print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from {cfg.init_from}", file=sys.stderr)
     if cfg.init_from.startswith("hf:") or os.path.isfile(os.path.join(cfg.init_from, "config.json")):  # transformers
         model = load_hf(cfg.init_from, given.get("block_size"))
-        if meta["vocab_size"] > model.config.vocab_size or meta["encoding"] == "bytes":
+        # byte ids fit only a model export.py wrote from a run on bytes data (its config says so)
+        foreign = meta["encoding"] == "bytes" != getattr(model.hf.config, "rho_encoding", None)
+        if meta["vocab_size"] > model.config.vocab_size or foreign:
             die(f"--init_from {cfg.init_from}: its vocabulary ({model.config.vocab_size} tokens) is not that of "
                 f"{cfg.data} ({meta['encoding']}, {meta['vocab_size']}): prepare the data with `python prepare.py ... "
                 f"--encoding {cfg.init_from}` (its own tokenizer; GPT-2: --encoding gpt2)")

@@ -2488,3 +2488,289 @@ def test_bench_devices_and_k_one_line(capsys):
         with pytest.raises(SystemExit, match=rf"^error: --k {float(k)}: the share of tokens SLM selects must be in "
                                              rf"\(0, 1\], e.g. 0.6$"):
             bench.main(["--k", k])
+
+# -----------------------------------------------------------------------------
+# --- issue 33: export: export.py's folder through transformers against rho's own model (logits), the data's ids
+# (tokenizer) and training (--init_from the folder); lm_eval_tasks/rho_heldout against rho's answers(); report.py's
+# reader of lm-eval's samples files
+
+import export  # noqa: E402
+
+TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
+
+def rho_logits(path, idx):  # a run's logits as rho computes them, fp32
+    model = rho.model_of(rho.load_checkpoint(path), None, path).eval()
+    with torch.no_grad():
+        return model.lm_head(model(idx))
+
+def hf_logits(folder, idx):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return type(hf).__name__, hf(idx).logits
+
+def test_export_gpt_logits_equal_and_folder_kept(demo, tmp_path, capsys, monkeypatch):
+    """rho's GPT (2 layers) as GPT2LMHeadModel: transformers' logits are rho's (fp32, atol 1e-5); the folder is
+    written whole and never replaced without --overwrite, and then only if it is an export; what cannot be exported
+    says so in one line."""
+    pytest.importorskip("transformers")
+    run(demo, tmp_path, "--base", "--steps", "2", "--eval_every", "2", "--n_layer", "2")
+    out = tmp_path / "hf" / "base"
+    export.main([str(tmp_path / "base"), str(out)])
+    idx = torch.randint(0, 257, (3, 32), generator=torch.Generator().manual_seed(0))
+    kind, got = hf_logits(out, idx)
+    assert kind == "GPT2LMHeadModel"
+    torch.testing.assert_close(got, rho_logits(str(tmp_path / "base" / "ckpt.pt"), idx), rtol=0, atol=1e-5)
+    printed = capsys.readouterr().out
+    assert f"-> {out}: GPT2LMHeadModel, " in printed and "max_length=32," in printed and "max_gen_toks=16 " in printed
+    with pytest.raises(SystemExit, match=r"^error: .*hf/base: exists: pass --overwrite to replace it, or another "):
+        export.main([str(tmp_path / "base"), str(out)])
+    (out / "mark").write_text("")
+    export.main([str(tmp_path / "base"), str(out), "--overwrite"])
+    assert not (out / "mark").exists() and os.listdir(tmp_path / "hf") == ["base"]  # no temporary folder left
+    with pytest.raises(SystemExit, match=r"^error: .*: holds files that are not an exported model \(no config.json\)"):
+        export.main([str(tmp_path / "base"), str(tmp_path), "--overwrite"])
+    with pytest.raises(SystemExit, match=r"^error: .*nothing: no such run checkpoint \(RUN_DIR: a run folder"):
+        export.main([str(tmp_path / "nothing"), str(tmp_path / "hf2")])
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"^error: .*other.pt: a torch file, but not a checkpoint written by rho.py"):
+        export.main([str(tmp_path / "other.pt"), str(tmp_path / "hf2")])
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed
+    with pytest.raises(SystemExit, match=r"^error: export.py needs transformers and tokenizers: pip install "):
+        export.main([str(tmp_path / "base"), str(tmp_path / "hf2")])
+    assert not (tmp_path / "hf2").exists()
+
+def test_export_fsdp_shards_gathered(demo, tmp_path):
+    """A run saved as torch.distributed.checkpoint shards (ckpt.pt names the folder, as under --fsdp) exports the same
+    model as its whole state_dict; shards gone: one line."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    run(demo, tmp_path, "--base", "--steps", "2", "--eval_every", "2")
+    path = tmp_path / "base" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    with warnings.catch_warnings(action="ignore"):  # its "assuming ... a single process"
+        dcp.save({"model": ckpt["model"]}, checkpoint_id=str(tmp_path / "base" / "ckpt-2.dcp"), no_dist=True)
+    torch.save({**ckpt, "model": "ckpt-2.dcp"}, path)
+    export.main([str(tmp_path / "base"), str(tmp_path / "hf")])
+    idx = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", idx)[1], rho_logits(str(path), idx), rtol=0, atol=1e-5)
+    shutil.rmtree(tmp_path / "base" / "ckpt-2.dcp")
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt: its weights could not be read \(.*\): export a "):
+        export.main([str(tmp_path / "base"), str(tmp_path / "hf2")])
+
+def test_export_reloaded_by_init_from_continues_with_the_same_losses(demo, tmp_path):
+    """--clm from the exported folder (transformers' GPT-2 under rho's fused head) against --clm from the run itself
+    (rho's GPT): the same batches, so the same losses up to fp32 summation order (transformers' attention and
+    Conv1D's addmm against rho's SDPA and nn.Linear): rtol 1e-5 over 3 steps."""
+    pytest.importorskip("transformers")
+    run(demo, tmp_path, "--base", "--steps", "4", "--eval_every", "4")
+    export.main([str(tmp_path / "base"), str(tmp_path / "hf")])
+    cont = ["--clm", "--steps", "3", "--eval_every", "3", "--lr", "1e-3"]
+    own = run(demo, tmp_path, *cont, "--init_from", "base", "--name", "own")
+    hf = run(demo, tmp_path, *cont, "--init_from", str(tmp_path / "hf"), "--name", "hf")
+    assert hf["model_config"] == own["model_config"] and hf["n_params"] == own["n_params"]
+    np.testing.assert_allclose(hf["losses"], own["losses"], rtol=1e-5)
+    for key in ("val_loss_hq", "val_loss_web"):
+        assert abs(hf["final"][key] - own["final"][key]) <= 1e-4  # rounded to 4 decimals
+
+def tiny_tiktoken(texts, n_merges=60):
+    """A tiktoken Encoding with merges, built here (no download): byte-pair merges learnt on texts within GPT-2's
+    pieces (its regex), <|endoftext|> after them."""
+    import collections
+    import tiktoken
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    ranks = {bytes([i]): i for i in range(256)}
+    words = [[bytes([b]) for b in w.encode()] for t in texts for w in re.findall(r" ?\w+| ?[^\w\s]+|\s+", t)]
+    for _ in range(n_merges):
+        pairs = collections.Counter(p for w in words for p in zip(w, w[1:]))
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks[a + b] = len(ranks)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                w[i:i + 2] = [a + b] if (w[i], w[i + 1]) == (a, b) else w[i:i + 2]
+                i += 1
+    return tiktoken.Encoding(name="tiny", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={prepare.EOT: len(ranks)})
+
+def test_export_tokenizers_give_the_data_ids(demo, tmp_path):
+    """The exported byte-level tokenizer, loaded by AutoTokenizer: the data's ids for every held-out problem (its
+    prompt and its worked answer) and every held-out document of hq_val.bin, and decodes them back (ids of the
+    padded vocabulary dropped, as rho's answers() drops them); a tiktoken encoding with merges converted the same way
+    gives tiktoken's ids."""
+    transformers = pytest.importorskip("transformers")
+    export.tokenizer_of("bytes", 64).save_pretrained(tmp_path / "tok")
+    tok, enc = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok"), prepare.byte_encoding()
+    texts = [t for p in json.loads((demo / "data" / "eval.json").read_text())
+             for t in (p["prompt"], f"{p['prompt']} {p['answer']}\n#### {p['answer']}")]
+    ids = np.fromfile(demo / "data" / "hq_val.bin", np.uint16).tolist()
+    ends = [i for i, t in enumerate(ids) if t == enc.eot_token]
+    docs = [ids[a + 1:b] for a, b in zip([-1, *ends], ends)]  # each held-out document, as the data holds its ids
+    assert len(docs) == 300 and len(texts) == 96
+    for want in [enc.encode_ordinary(t) for t in texts] + docs:
+        text = enc.decode(want)
+        assert tok(text)["input_ids"] == want and tok.decode(want) == text
+    assert tok.eos_token_id == enc.eot_token and tok.decode([72, 300, 105, enc.eot_token], skip_special_tokens=True) \
+        == "Hi"
+    for p in task_module().problems(str(demo / "data")):  # lm-eval's input (add_bos_token=False): rho's prompt ids
+        assert tok(p["context"], add_special_tokens=False)["input_ids"] == [enc.eot_token] + enc.encode_ordinary(
+            p["prompt"])
+    corpus = ["The answer is: 42. Then the cat's 3 apples cost $12.50 each; it's 1,000 in all."] * 3
+    tiny = tiny_tiktoken(corpus)
+    tk = export.byte_level_tokenizer(tiny)
+    for text in [*corpus, "théâtre 日本 the  answers\n\n  x<|endoftext|>They'll", *texts[:20]]:
+        want = tiny.encode(text, allowed_special="all")
+        assert tk.encode(text).ids == want and tk.decode(want, skip_special_tokens=False) == text
+    assert len(tiny.encode(corpus[0])) < len(corpus[0]) / 2  # the merges are used
+
+def test_export_llama_run_logits_and_tokenizer(tmp_path):
+    """A run from a tiny random Llama (its own tokenizer, its BOS/EOS): exported as LlamaForCausalLM, transformers'
+    logits are rho's (fp32, atol 1e-5), and its tokenizer gives the data's ids on every held-out problem."""
+    transformers = pytest.importorskip("transformers")
+    qa = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+          for a in range(10) for b in range(10)]
+    (tmp_path / "hq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    (tmp_path / "web.txt").write_text("\n\n".join(f"Page {i}: the sum of {i} and 2 is {i + 2}." for i in range(200)))
+    model, data = str(tmp_path / "tiny-llama"), str(tmp_path / "data")
+    tiny_llama_with_tokenizer(model, [r["question"] + " " + r["answer"] for r in qa])
+    prepare.main(["--hq", str(tmp_path / "hq.jsonl"), "--web", str(tmp_path / "web.txt"), "--out", data,
+                  "--encoding", model, "--procs", "1"])
+    rho.main(["--clm", "--data", data, "--out", str(tmp_path / "out"), "--init_from", model, "--steps", "1",
+              "--batch_size", "4", "--block_size", "32", "--eval_every", "1", "--eval_problems", "0"])
+    export.main([str(tmp_path / "out" / "clm"), str(tmp_path / "hf")])
+    idx = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(2))
+    kind, got = hf_logits(tmp_path / "hf", idx)
+    assert kind == "LlamaForCausalLM"
+    torch.testing.assert_close(got, rho_logits(str(tmp_path / "out" / "clm" / "ckpt.pt"), idx), rtol=0, atol=1e-5)
+    tok, enc = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), prepare.get_encoding(model)
+    problems = json.loads((tmp_path / "data" / "eval.json").read_text())
+    assert len(problems) == 2 and tok.eos_token_id == enc.eot_token  # every 50th hq record is held out
+    for p in problems:
+        want = enc.encode_ordinary(p["prompt"])
+        assert want[0] == tok.bos_token_id and tok(p["prompt"])["input_ids"] == want
+        assert tok.decode(want, skip_special_tokens=True) == p["prompt"]
+    for p in task_module().problems(data):  # lm-eval's input (add_bos_token=False): rho's ids, </s> <s> Question...
+        assert tok(p["context"], add_special_tokens=False)["input_ids"] == [enc.eot_token] + enc.encode_ordinary(
+            p["prompt"])
+
+def task_module():  # lm_eval_tasks/rho_heldout.py, as lm-eval loads a task's !function module: from its file
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rho_heldout", os.path.join(TASKS, "rho_heldout.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+def test_lm_eval_task_file_asks_and_scores_as_rho(tmp_path):
+    """The task file's pieces without lm-eval: rho's prompt ids as text (their test: the tokenizers' below), zero-shot,
+    greedy, no stop string but the end-of-text token (lm-eval adds it), rho's 48 new tokens; the score is rho's
+    (final_answer equals the answer)."""
+    yaml = pytest.importorskip("yaml")
+
+    class Loader(yaml.SafeLoader):  # lm-eval's !function tag: here its name
+        pass
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    with open(os.path.join(TASKS, "rho_heldout.yaml")) as f:
+        cfg = yaml.load(f, Loader)
+    assert (cfg["task"], cfg["output_type"], cfg["doc_to_text"], cfg["doc_to_target"], cfg["num_fewshot"]) == \
+        ("rho_heldout", "generate_until", "{{context}}", "{{answer}}", 0)
+    assert cfg["generation_kwargs"] == {"until": [], "do_sample": False, "max_gen_toks": 48}
+    assert rho.answers.__defaults__ == (48,)  # max_new
+    assert (cfg["custom_dataset"], cfg["process_results"]) == ("rho_heldout.load", "rho_heldout.process_results")
+    assert cfg["metric_list"][0]["metric"] == "exact_match"
+    task = task_module()
+    for text, answer, right in ((" 7\n#### 7\nQuestion:", "7", 1), (" 12\n#### 1,000.50", "1000.5", 1),
+                                (" 7\n#### 8", "7", 0), (" 7", "7", 0), ("The answer is: -3.", "-3", 1)):
+        assert task.process_results({"prompt": "", "answer": answer}, [text]) == {"exact_match": right}
+        assert right == int(prepare.final_answer(text) == answer)
+    with pytest.raises(SystemExit, match=r"^error: .*nowhere/eval.json: no held-out problems: pass --metadata "):
+        task.load(str(tmp_path / "nowhere"))
+
+def rho_texts(model, problems, enc):  # the texts answers() reads, each up to the end-of-text token
+    cut = lambda o: o[:o.index(enc.eot_token)] if enc.eot_token in o else o
+    text = lambda o: enc.decode([t for t in cut(o) if t < enc.n_vocab])  # padded ids dropped
+    prompts = [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in problems]
+    done = lambda o: enc.eot_token in o or rho.answered(text(o))
+    return [text(o) for i in range(0, len(prompts), 64) for o in rho.generate(model, prompts[i:i + 64], 48, done)]
+
+def test_lm_eval_runs_the_task_offline_with_rho_answers(demo, tmp_path, monkeypatch, capsys):
+    """lm-eval itself (where installed; CI does not install it): export.py's printed command, offline, on an exported
+    run: for every held-out problem the text rho's answers() generates (rho stops a batch once every row's answer is
+    settled, lm-eval at its max_gen_toks: one text a prefix of the other) and the same 0/1 score; report.read_lm_eval
+    reads them back in eval.json's order."""
+    pytest.importorskip("lm_eval")
+    import shlex
+    run(demo, tmp_path, "--base", "--steps", "2", "--eval_every", "2", "--block_size", "128")  # prompts whole
+    ckpt, gen = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True), torch.Generator().manual_seed(0)
+    for t in ckpt["model"].values():  # weights far from their init: texts that differ from problem to problem
+        t.add_(torch.randn(t.shape, generator=gen))
+    torch.save(ckpt, tmp_path / "base" / "ckpt.pt")
+    export.main([str(tmp_path / "base"), str(tmp_path / "hf")])
+    command = capsys.readouterr().out.splitlines()[-1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", [TASKS if a == "lm_eval_tasks" else a for a in shlex.split(command)]
+                        + ["--device", "cpu"])
+    from lm_eval.__main__ import cli_evaluate
+    cli_evaluate()
+    got = report.read_lm_eval(str(tmp_path / "base"))
+    path = str(tmp_path / "base" / "ckpt.pt")
+    model, enc = rho.model_of(rho.load_checkpoint(path), None, path).eval(), prepare.byte_encoding()
+    problems = json.loads((demo / "data" / "eval.json").read_text())
+    assert list(got) == ["rho_heldout"] and got["rho_heldout"].tolist() == rho.answers(model, problems, enc)
+    samples = [json.loads(line) for f in (tmp_path / "base" / "lm_eval").glob("*/samples_rho_heldout_*.jsonl")
+               for line in f.read_text().splitlines()]
+    assert [{k: s["doc"][k] for k in ("prompt", "answer")} for s in sorted(samples, key=lambda s: s["doc_id"])] \
+        == problems
+    for s, text in zip(sorted(samples, key=lambda s: s["doc_id"]), rho_texts(model, problems, enc)):
+        assert s["resps"][0][0].startswith(text) or text.startswith(s["resps"][0][0])
+    assert len({s["resps"][0][0] for s in samples}) > 5  # texts that differ from problem to problem
+
+def lm_eval_samples(path, task_rows):
+    """A samples file as `lm_eval ... --log_samples` writes it (lm-eval 0.4.13): a JSON line per problem and filter."""
+    lines = []
+    for doc_id, doc, filt, metrics, resp in task_rows:
+        gen = {"until": [], "do_sample": False, "max_gen_toks": 32}
+        lines.append(json.dumps({"doc_id": doc_id, "doc": doc, "target": doc["answer"],
+                                 "arguments": {"gen_args_0": {"arg_0": doc["prompt"], "arg_1": gen}},
+                                 "resps": [[resp]], "filtered_resps": [resp], "filter": filt, "metrics": list(metrics),
+                                 "doc_hash": "263a5e", "prompt_hash": "77f768", "target_hash": "d4735e", **metrics}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+def test_report_reads_lm_eval_samples(tmp_path):
+    """report.read_lm_eval: the newest samples file of each task under <run>/lm_eval, 0/1 in doc_id order, a key per
+    filter where a task has several (gsm8k_cot), exact_match first; {} without any; a broken file in one line."""
+    run_dir = tmp_path / "slm-k0.6"
+    assert report.read_lm_eval(str(run_dir)) == {}
+    model = run_dir / "lm_eval" / "__work__hf__slm-k0.6"
+    docs = [{"prompt": f"Question: {a} + 1 = ?\nAnswer:", "answer": str(a + 1)} for a in range(4)]
+    (model.parent / "x").mkdir(parents=True)
+    (model.parent / "x" / "results_2026-12-07T09-43-18.925137.json").write_text("{}")  # results alone: not read
+    lm_eval_samples(model / "samples_rho_heldout_2026-12-06T23-59-59.000001.jsonl",  # an older run: not read
+                    [(i, d, "none", {"exact_match": 0}, "") for i, d in enumerate(docs)])
+    lm_eval_samples(model / "samples_rho_heldout_2026-12-07T09-43-18.925137.jsonl",
+                    [(i, docs[i], "none", {"exact_match": int(i % 2 == 0)}, " 1\n#### 1") for i in (2, 0, 3, 1)])
+    lm_eval_samples(model / "samples_gsm8k_cot_2026-12-07T10-00-00.000000.jsonl",
+                    [(i, d, f, {"exact_match": float(f == "strict-match" and i < 2)}, "The answer is 1.")
+                     for f in ("strict-match", "flexible-extract") for i, d in enumerate(docs)])
+    lm_eval_samples(model / "samples_minerva_math_algebra_2026-12-07T10-00-00.000000.jsonl",
+                    [(i, d, "none", {"math_verify": 1, "exact_match": i % 2}, "") for i, d in enumerate(docs[:3])])
+    got = report.read_lm_eval(str(run_dir))
+    assert {k: v.tolist() for k, v in got.items()} == {
+        "gsm8k_cot,flexible-extract": [0, 0, 0, 0], "gsm8k_cot,strict-match": [1, 1, 0, 0],
+        "minerva_math_algebra": [0, 1, 0], "rho_heldout": [1, 0, 1, 0]}
+    assert got["rho_heldout"].dtype == np.int64
+    lm_eval_samples(model / "samples_rho_heldout_2026-12-08T00-00-00.000000.jsonl",  # a problem missing
+                    [(i, d, "none", {"exact_match": 1}, "") for i, d in enumerate(docs) if i != 1])
+    with pytest.raises(SystemExit, match=r"^error: .*samples_rho_heldout_2026-12-08T00-00-00.000000.jsonl: not one "
+                                         r"0/1 exact_match per problem 0..2 \(filter none\): run lm-eval again into "):
+        report.read_lm_eval(str(run_dir))
+    path = model / "samples_rho_heldout_2026-12-08T00-00-00.000000.jsonl"
+    path.write_text(path.read_text()[:100])  # cut short
+    with pytest.raises(SystemExit, match=r"^error: .*jsonl: not lm-eval's samples file \(JSONDecodeError: .*\): run "):
+        report.read_lm_eval(str(run_dir))
