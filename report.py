@@ -13,8 +13,11 @@ runs) describe that pair of runs, never the method. The curves are the means ove
 sections read the first folder.
 """
 import argparse
+import glob
+import json
 import math
 import os
+import re
 import tempfile
 import textwrap
 
@@ -53,7 +56,8 @@ def load_runs(out):
     runs = []
     for name in sorted(os.listdir(out)):
         if os.path.isfile(os.path.join(out, name, "metrics.json")):
-            runs.append(read_metrics(os.path.join(out, name, "metrics.json"), out))
+            runs.append({**read_metrics(os.path.join(out, name, "metrics.json"), out),
+                         "lm_eval": read_lm_eval(os.path.join(out, name))})
         elif os.path.isfile(os.path.join(out, name, "ckpt.pt")):
             print(f"{name}: unfinished (no metrics.json; `--resume` continues it)")
     if not runs:
@@ -333,13 +337,26 @@ def acc_test(runs, base):
         t["each_seed"] = [this_pair(r, b) for r, b in pairs]
     return t
 
+def lm_eval_test(runs, base, task):
+    """An lm-eval task's accuracy (read_lm_eval, where the user ran it) paired as rho's own: the t test over seeds,
+    each seed's pair of runs described by McNemar."""
+    pairs = [(r["lm_eval"][task], b["lm_eval"][task]) for r, b in zip(runs, base)
+             if r and b and task in r.get("lm_eval", {}) and task in b.get("lm_eval", {})]
+    t = seed_test([float(x.mean() - y.mean()) for x, y in pairs])
+    if t and all(len(x) == len(y) for x, y in pairs):
+        t["each_seed"] = [this_pair({"correct": x}, {"correct": y}) for x, y in pairs]
+    return t
+
 def against(groups, base):
     """Each group of runs (name: [a run per seed]) paired with base's runs of the same seed, on the final target loss
     and accuracy, each by the paired t over seeds; Holm over every test of the table, the sign tests corrected the
     same way; each interval at 95% and at its Holm level. A difference is called one where Holm rejects its t test
     (then its corrected interval excludes 0)."""
+    tasks = sorted({task for rs in groups.values() for r in rs if r for task in r.get("lm_eval", {})})
     tests = {n: {"val_loss_hq": seed_test(per_seed(rs, groups[base], "val_loss_hq")),
-                 "accuracy": acc_test(rs, groups[base])} for n, rs in groups.items() if n != base}
+                 "accuracy": acc_test(rs, groups[base]),
+                 **{f"lm-eval {task}": lm_eval_test(rs, groups[base], task) for task in tasks}}
+             for n, rs in groups.items() if n != base}
     family = [t for ts in tests.values() for t in ts.values() if t and "p" in t]
     signs = holm([t["p_sign"] for t in family])
     for t, (adj, rejected, level), sign in zip(family, holm([t["p"] for t in family]), signs):
@@ -589,15 +606,18 @@ def per_seed_section(tests, base):
     """The per-seed differences the tests use, as dots (the spread a reader should see), and each seed's pair of
     runs described problem by problem (McNemar)."""
     html = ""
-    for key, label, scale in (("val_loss_hq", "val hq", 1), ("accuracy", "accuracy (points)", 100)):
+    tasks = sorted({k for ts in tests.values() for k in ts if k.startswith("lm-eval ")})
+    for key, label, scale in (("val_loss_hq", "val hq", 1), ("accuracy", "accuracy (points)", 100),
+                              *((k, f"{k} (points)", 100) for k in tasks)):
         rows = [(n, [scale * v for v in ts[key]["per_seed"]], scaled(ts[key], scale)) for n, ts in tests.items()
                 if ts.get(key) and ts[key]["seeds"] > 1]
         if rows:
             html += svg_strip(rows, f"{label} - {base}'s, each seed a dot; bars: 95% and Holm-level t intervals", label)
-    rows = [[n, i + 1, f"{100 * e['diff']:+.1f}", f"{e['discordant'][0]} / {e['discordant'][1]}", f"{e['p']:.2g}"]
-            for n, ts in tests.items() if ts.get("accuracy") for i, e in enumerate(ts["accuracy"].get("each_seed", []))]
+    rows = [[n, key, i + 1, f"{100 * e['diff']:+.1f}", f"{e['discordant'][0]} / {e['discordant'][1]}", f"{e['p']:.2g}"]
+            for n, ts in tests.items() for key in ("accuracy", *tasks) if ts.get(key)
+            for i, e in enumerate(ts[key].get("each_seed", []))]
     if rows:
-        html += html_table(["run", "seed (folder order)", f"accuracy - {base}'s (points)", "only this run / only "
+        html += html_table(["run", "measure", "seed (folder order)", f"- {base}'s (points)", "only this run / only "
                             f"{base} right", "McNemar p (these two runs)"], rows)
     return html
 
@@ -915,18 +935,24 @@ def table(outs, groups, runs, tests):
         notes(g, o, f"{o}: " if several else "")
 
 def print_paired(tests, w, several):
-    """Each run paired with CLM of the same seed: over seeds, the t tests and sign tests; one seed, this pair of runs."""
+    """Each run paired with CLM of the same seed: over seeds, the t and sign tests; one seed, this pair of runs."""
     if several:
         print(f"\n{'paired with clm':<{w}}{'val hq - clm':>28}{'p':>8}{'sign':>12}  {'acc - clm (points)':>28}{'p':>8}"
               f"{'sign':>12}")
         for n, t in tests.items():
-            print(f"{n:<{w}}{fmt_test(t['val_loss_hq']):>28}{fmt_p(t['val_loss_hq']):>8}{fmt_sign(t['val_loss_hq']):>12}"
-                  f"  {fmt_test(t['accuracy'], True):>28}{fmt_p(t['accuracy']):>8}{fmt_sign(t['accuracy']):>12}")
+            loss, acc = t["val_loss_hq"], t["accuracy"]
+            print(f"{n:<{w}}{fmt_test(loss):>28}{fmt_p(loss):>8}{fmt_sign(loss):>12}  {fmt_test(acc, True):>28}"
+                  f"{fmt_p(acc):>8}{fmt_sign(acc):>12}")
+            for task in [k for k in t if k.startswith("lm-eval ")]:  # lm-eval's accuracies, where it was run
+                print(f"{'':<{w}}{task + ' - clm (points)':>48}  {fmt_test(t[task], True):>28}{fmt_p(t[task]):>8}"
+                      f"{fmt_sign(t[task]):>12}")
     else:
         print(f"\n{'one seed: these runs':<{w}}{'val hq - clm':>14}   {'acc - clm (points)':>24}{'McNemar p':>11}")
         for n, t in tests.items():
             print(f"{n:<{w}}{fmt_test(t['val_loss_hq']):>14}   {fmt_test(t['accuracy'], True):>24}"
                   f"{fmt_p(t['accuracy']):>11}")
+            for task in [k for k in t if k.startswith("lm-eval ")]:
+                print(f"{'':<{w}}{task + ' - clm (points)':>41}{fmt_test(t[task], True):>24}{fmt_p(t[task]):>11}")
     print(textwrap.fill(explain(tests), 116))
     print(textwrap.fill(noise(tests), 116) or "acc: no per-problem records (final.correct) in these runs.")
 
@@ -994,9 +1020,6 @@ def read_lm_eval(run_dir):
     of each task): {task: 0/1 per problem (numpy), in lm-eval's doc_id order, for rho_heldout that of the data folder's
     eval.json}. A task scored by several filters (gsm8k_cot: strict-match, flexible-extract) gives "task,filter" keys;
     the metric is exact_match where the task has it, else its first. {} where lm-eval wrote no samples there."""
-    import glob
-    import json
-    import re
     newest = {}  # task: (date, path); lm-eval's dates (2026-12-07T09-43-18.925137) sort as text
     for path in glob.glob(os.path.join(run_dir, "lm_eval", "**", "samples_*.jsonl"), recursive=True):
         m = re.fullmatch(r"samples_(.+)_(\d{4}-\d\d-\d\dT[\d.-]+)\.jsonl", os.path.basename(path))

@@ -1808,7 +1808,8 @@ def test_median_interval_counts_the_seeds_that_never_reach():
     counts below every other: with 3 of 5 never, the median is 'never' (<1x), not the mean of the other two."""
     xs = [{"x": float(v), "at_first": False, "tokens": 1.0} for v in range(1, 11)]
     m = report.median_interval(xs)
-    assert (m["median"]["x"], m["lo"]["x"], m["hi"]["x"]) == (5.0, 2.0, 9.0) and abs(m["coverage"] - 0.978515625) < 1e-12
+    assert (m["median"]["x"], m["lo"]["x"], m["hi"]["x"]) == (5.0, 2.0, 9.0)
+    assert abs(m["coverage"] - 0.978515625) < 1e-12
     m = report.median_interval(xs[:2] + [None] * 3)
     assert m["median"] is None and m["lo"] is None and m["hi"]["x"] == 2.0 and m["never"] == 3
     assert abs(m["coverage"] - 0.9375) < 1e-12 and report.fmt_speeds(xs[:2] + [None] * 3) == "<1x [<1x, 2.0x]"
@@ -1946,8 +1947,12 @@ def test_report_flags_and_a_folder_it_cannot_write(one_process, tmp_path, capsys
     with pytest.raises(SystemExit, match=r"^error: unrecognized arguments: --bogus \(python report.py --help\)$"):
         report.main(["--bogus", str(tmp_path)])
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"^error: out: no runs with metrics.json"):  # the default folder
+    with pytest.raises(SystemExit, match=r"^error: out: no such folder: give rho.py's --out folder"):  # the default
         report.main([])
+    os.mkdir(tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"^error: out: no runs with metrics.json"):
+        report.main([])
+    os.rmdir(tmp_path / "out")
     out = tmp_path / "out"
     shutil.copytree(one_process[0], out)
     before = sorted(os.listdir(out))
@@ -2774,3 +2779,18 @@ def test_report_reads_lm_eval_samples(tmp_path):
     path.write_text(path.read_text()[:100])  # cut short
     with pytest.raises(SystemExit, match=r"^error: .*jsonl: not lm-eval's samples file \(JSONDecodeError: .*\): run "):
         report.read_lm_eval(str(run_dir))
+
+def test_report_pairs_lm_eval_accuracies_as_its_own():
+    """lm-eval's answers of each run (read_lm_eval) are paired with CLM's of the same seed as rho's own accuracy: the
+    t test over seeds in the table's Holm family, McNemar describing each seed's pair of runs."""
+    rng = np.random.default_rng(3)
+    groups = {name: [{**r, "lm_eval": {"rho_heldout": (rng.random(200) < p).astype(np.int64)}}
+                     for r in synthetic([1.0, 1.1, 0.9], rng.random((3, 200)) < p)] for name, p in (("clm", 0.3),
+                                                                                                     ("slm", 0.6))}
+    t = report.against(groups, "clm")["slm"]
+    lm = t["lm-eval rho_heldout"]
+    d = [r["lm_eval"]["rho_heldout"].mean() - b["lm_eval"]["rho_heldout"].mean() for b, r in zip(*groups.values())]
+    assert np.allclose(lm["per_seed"], d) and lm["family"] == 3 and len(lm["each_seed"]) == 3
+    assert lm["each_seed"][0]["discordant"][0] == int(((groups["slm"][0]["lm_eval"]["rho_heldout"] == 1)
+                                                       & (groups["clm"][0]["lm_eval"]["rho_heldout"] == 0)).sum())
+    assert "lm-eval rho_heldout" in report.per_seed_section(report.against(groups, "clm"), "clm")
