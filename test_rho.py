@@ -920,7 +920,8 @@ def test_demo_runs_start_from_the_base_run(demo, tmp_path, capsys):
     """On data with a base corpus, --ref, --clm and --slm start from <out>/base without a flag, and say so (shape
     flags are ignored, with a warning); without it, one line that says what to run."""
     with pytest.raises(SystemExit, match=r"base/ckpt.pt: no base model: --clm on .* starts from the base run; run "
-                                         r"`python rho.py --base --out .*` first, or pass --init_from scratch"):
+                                         r"`python rho.py --base --data .* --out .*` first, or pass --init_from "
+                                         r"scratch"):
         rho.main(["--data", str(demo / "data"), "--out", str(tmp_path), *TINY[:-2], "--clm", "--steps", "1"])
     run(demo, tmp_path, "--base", "--steps", "2", "--eval_every", "2")
     m = rho.main(["--data", str(demo / "data"), "--out", str(tmp_path), *TINY[:-2], "--clm", "--steps", "2",
@@ -933,14 +934,15 @@ def test_reference_runs_own_their_scores(demo, tmp_path):
     """--ref --name myref scores into <out>/myref/, and --slm --ref_run myref reads them; --slm alone asks for ref."""
     run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--name", "myref")
     assert (tmp_path / "myref" / "ref_scores.bin").is_file() and not (tmp_path / "ref").exists()
-    with pytest.raises(SystemExit, match=r"ref/ref_scores.bin: reference scores missing: run `python rho.py --ref`"):
+    with pytest.raises(SystemExit, match=r"ref/ref_scores.bin: reference scores missing: run "
+                                         r"`python rho.py --ref --data .*`"):
         run(demo, tmp_path, "--slm", "--steps", "1")
     m = run(demo, tmp_path, "--slm", "--steps", "2", "--eval_every", "2", "--ref_run", "myref")
     assert m["config"]["ref_run"] == "myref"
     score(demo, tmp_path, "--name", "myref")  # re-scoring names the run too
 
 def test_error_reference_scores_missing_or_mismatched(demo, tmp_path):
-    with pytest.raises(SystemExit, match=r"reference scores missing: run `python rho.py --ref`"):
+    with pytest.raises(SystemExit, match=r"reference scores missing: run `python rho.py --ref --data .*`"):
         run(demo, tmp_path, "--slm", "--steps", "1")
     run(demo, tmp_path, "--ref", "--steps", "1")
     path = tmp_path / "ref" / "ref_scores.bin"
@@ -974,9 +976,11 @@ def test_error_nan_loss_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
         return (loss * float("nan") if calls["n"] == 3 else loss), tok
 
     monkeypatch.setattr(rho, "fused_clm_loss", nan_at_third_step)
-    with pytest.raises(SystemExit, match=r"clm: the loss became nan at step 2: lower --lr \(e.g. --lr 0.001\) and "
-                                         r"start again with --overwrite \(or another --name\); .*clm/ckpt.pt "
-                                         r"\(step 2\) holds the last good weights$"):
+    with pytest.raises(SystemExit, match=r"clm: the loss became nan at step 2, stopped before its update; "
+                                         r".*clm/ckpt.pt holds the last weights saved \(step 2, val loss hq "
+                                         r"[\d.]+\)\. A step's size comes from --lr 0.003, --weight_decay 0.1, "
+                                         r"--grad_clip 1 \(and the data\): change what caused it, then start again "
+                                         r"with --overwrite \(or another --name\)$"):
         run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
     assert torch.load(tmp_path / "clm" / "ckpt.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "clm" / "metrics.json").exists()
@@ -997,7 +1001,8 @@ def test_nothing_lost_finished_runs_other_scores_and_a_kill_while_scoring(demo, 
     prepare.main(["--out", str(tmp_path / "other"), "--web_tokens", "20000", "--seed", "5"])
     with pytest.raises(SystemExit, match=r"ref_scores.bin: holds the scores of .*data by this reference model; "
                                          r"scoring .*other would replace them: pass --overwrite, or copy the run "
-                                         r"\(cp -r .*ref .*ref-2\) and score that \(--score --name ref-2\)$"):
+                                         r"\(cp -r .*ref .*ref-2\) and score that: `python rho.py --score "
+                                         r"--name ref-2 --data .*other --out .*`$"):
         rho.main(["--data", str(tmp_path / "other"), "--out", str(tmp_path), "--score"])
     score(demo, tmp_path)  # the same data and model: nothing to do
     assert "already holds this model's scores" in capsys.readouterr().out and shas(tmp_path / "ref") == before
@@ -1019,12 +1024,13 @@ def test_nothing_lost_finished_runs_other_scores_and_a_kill_while_scoring(demo, 
         run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--name", "k", "--score_batch", "8")
     monkeypatch.undo()
     assert not (tmp_path / "k" / "metrics.json").exists() and (tmp_path / "k" / "ref_scores.bin.partial").exists()
-    with pytest.raises(SystemExit, match=r"scoring was interrupted: finish the reference run with `python rho.py "
-                                         r"--ref --resume --name k` and the flags it was started with"):
+    with pytest.raises(SystemExit, match=r"scoring was interrupted: finish the reference run: `python rho.py --ref "
+                                         r"--name k --data .* --out .* --resume --steps 2 .*--init_from scratch "
+                                         r"--block_size 32 --n_layer 1 --n_head 2 --n_embd 32`$"):
         run(demo, tmp_path, "--slm", "--steps", "1", "--ref_run", "k")
     score(demo, tmp_path, "--name", "k")
-    assert "metrics.json is missing (killed while scoring?): `python rho.py --ref --resume --name k`" in \
-        capsys.readouterr().out
+    assert re.search(r"metrics.json is missing \(killed while scoring\?\): `python rho.py --ref --name k --data .* "
+                     r"--resume --steps 2 .*` writes it", capsys.readouterr().out)
     scores = shas(tmp_path / "k")["ref_scores.bin"]
     m = run(demo, tmp_path, "--ref", "--steps", "2", "--eval_every", "2", "--name", "k", "--score_batch", "8",
             "--resume")
@@ -1069,14 +1075,14 @@ def test_nan_in_slm_stops_before_a_checkpoint_holds_it(demo, tmp_path, monkeypat
         h = real(self, *a, **kw)
         return h * float("nan") if sum(calls) == 3 and self.training else h
     monkeypatch.setattr(rho.GPT, "forward", nan_at_third_training_forward)
-    with pytest.raises(SystemExit, match=r"slm-k0.6: the loss became nan at step 2: lower --lr .*\(step 2\) holds"):
+    with pytest.raises(SystemExit, match=r"slm-k0.6: the loss became nan at step 2, stopped .*\(step 2, val"):
         run(demo, tmp_path, "--slm", "--steps", "4", "--eval_every", "2")
     ckpt = torch.load(tmp_path / "slm-k0.6" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(t.isfinite().all() for t in ckpt["model"].values())
     monkeypatch.undo()
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
-    with pytest.raises(SystemExit, match=r"clm: the gradient norm became inf at step 0: lower --lr .*--overwrite "
-                                         r"\(or another --name\)$"):
+    with pytest.raises(SystemExit, match=r"clm: the gradient norm became inf at step 0, stopped before its update\. "
+                                         r"A step's .*--overwrite \(or another --name\)$"):
         run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2")
     assert not (tmp_path / "clm" / "ckpt.pt").exists()
 
@@ -1129,7 +1135,7 @@ def test_errors_that_used_to_loop_or_leave_folders(demo, tmp_path):
     advice for scores of a wider context says what to do when the model has fewer positions."""
     with pytest.raises(SystemExit, match=r"^error: --compare: the comparison of runs is report.py's: python report.py"):
         rho.parse_args(["--compare", "out"])
-    with pytest.raises(SystemExit, match=r"nan2: the loss became nan at step 1: lower --lr"):
+    with pytest.raises(SystemExit, match=r"nan2: the loss became nan at step 1, stopped"):
         run(demo, tmp_path, "--clm", "--lr", "1e30", "--steps", "2", "--name", "nan2")
     assert not (tmp_path / "nan2").exists()
     run(demo, tmp_path, "--base", "--steps", "1", "--block_size", "16", "--name", "base16")
