@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1999,3 +2000,117 @@ def test_bench_prepare_is_linear_in_size(monkeypatch, capsys):
     assert all(r["encoding"] == "bytes" and r["seconds"] > 0 and r["s_per_mtok"] > 0 for r in rows)
 
 
+
+# --- issue 31: misleading messages, review items
+# each refusal: one line naming the flag or file and what works; the files that were there keep their sha256
+
+def refused(match, *argv, folder):
+    """rho.main(argv) fails with one line matching match, and leaves folder's files as they were: the message."""
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    with pytest.raises(SystemExit, match=rf"^error: {match}") as e:
+        rho.main([str(a) for a in argv])
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()} == before
+    assert "\n" not in str(e.value.code)
+    return str(e.value.code)
+
+def suggested(msg):
+    """The argv of the first `python rho.py ...` command a message suggests."""
+    return shlex.split(re.search(r"`python rho.py ([^`]*)`", msg).group(1))
+
+def test_init_from_a_folder_empty_flags_and_help(demo, tmp_path, capsys):
+    """--init_from a run's folder is its ckpt.pt; an empty folder or a data folder is named for what it is; --data ''
+    and --ref_run '' are refused; --help shows --scores' two choices apart."""
+    run(demo, tmp_path, "--base", "--steps", "1", "--eval_problems", "0")
+    (tmp_path / "empty").mkdir()
+    for folder, what in ((tmp_path / "empty", "an empty folder"), (demo / "data", r"prepared data \(meta.json\)")):
+        refused(rf"--init_from {folder}: {what}, not a model: pass a run's folder or its ckpt.pt, the name of a run "
+                r"in --out \(.*\), scratch, hf:NAME, or a folder saved by transformers' save_pretrained$",
+                "--data", demo / "data", "--out", tmp_path, *TINY, "--clm", "--steps", "1", "--init_from", folder,
+                folder=tmp_path)
+    assert not (tmp_path / "clm").exists()
+    m = run(demo, tmp_path, "--clm", "--steps", "1", "--eval_problems", "0", "--init_from", str(tmp_path / "base"))
+    assert m["init_sha256"] == rho.weights_sha256(weights_model := rho.model_of(
+        rho.load_checkpoint(str(tmp_path / "base" / "ckpt.pt")), None, "")) and weights_model.config.n_layer == 1
+    refused(r"--data '': empty: name a prepared data folder \(default data/demo\)$", "--clm", "--data", "",
+            "--out", tmp_path, folder=tmp_path)
+    refused(r"--ref_run '': empty: name a reference run in --out \(default ref\)$", "--slm", "--ref_run", "",
+            "--data", demo / "data", "--out", tmp_path, folder=tmp_path)
+    with pytest.raises(SystemExit):
+        rho.parse_args(["--help"])
+    assert "--scores {loss,entropy|loss}" in capsys.readouterr().out
+
+def test_suggested_commands_run_as_is_after_a_scores_mismatch(demo, tmp_path):
+    """Scores of other data (float16, L_RM alone, in another --out), a float16 file behind a float32 .json, a
+    deleted .json: each message says which, and the command it suggests runs as printed (its --out, --data, the
+    scores' layout, --overwrite where other data's scores go); the SLM run then trains."""
+    prepare.main(["--out", str(tmp_path / "other"), "--web_tokens", "20000", "--seed", "5"])
+    out = tmp_path / "o6"
+    rho.main(["--data", str(tmp_path / "other"), "--out", str(out), *TINY, "--ref", "--steps", "1", "--scores", "loss",
+              "--score_dtype", "float16"])
+    slm = ["--data", demo / "data", *TINY, "--slm", "--steps", "1", "--eval_problems", "0"]
+    msg = refused(r".*o6/ref/ref_scores.bin: reference scores do not match .*data: computed for .*other \(its "
+                  r"meta.json differs\): re-run `python rho.py --score --name ref --data .*data --out .*o6 "
+                  r"--score_dtype float16 --scores loss --overwrite`$", *slm, "--out", out, folder=tmp_path)
+    rho.main(suggested(msg))
+    assert np.fromfile(out / "ref" / "ref_scores.bin", np.float16).size == rho.load_meta(str(demo / "data"))[
+        "tokens"]["web"]
+    rho.main([str(a) for a in slm] + ["--out", str(out)])
+    run(demo, tmp_path, "--ref", "--steps", "1")
+    run(demo, tmp_path / "half", "--ref", "--steps", "1", "--score_dtype", "float16")
+    shutil.copy(tmp_path / "half" / "ref" / "ref_scores.bin", tmp_path / "ref" / "ref_scores.bin")
+    msg = refused(r".*ref_scores.bin: reference scores do not match its .json: 4 bytes a token, as float32 loss or "
+                  r"float16 loss,entropy scores are, but the .json says float32 loss,entropy \(8 bytes\): re-run "
+                  r"`python rho.py --score --name ref --data .* --out .*`$", *slm, "--out", tmp_path, folder=tmp_path)
+    rho.main(suggested(msg))
+    os.remove(tmp_path / "ref" / "ref_scores.bin.json")
+    msg = refused(r".*ref_scores.bin.json: reference scores missing: re-run `python rho.py --score --name ref --data "
+                  r".* --out .*`$", *slm, "--out", tmp_path, folder=tmp_path)
+    rho.main(suggested(msg))
+    assert rho.main([str(a) for a in slm] + ["--out", str(tmp_path)])["tokens_trained"] == math.ceil(0.6 * 4 * 32)
+
+def test_divergence_eval_json_torn_checkpoint_and_short_eval_set(demo, tmp_path, capsys):
+    """--weight_decay 1e6 diverges: the message names the flags that size a step, blames none, calls no weights good;
+    a missing eval.json says so; a torn ckpt.pt is not offered --resume; --eval_problems above the eval set's size
+    is said once."""
+    msg = refused(r"wd: the loss became nan at step \d+, stopped before its update; .*wd/ckpt.pt holds the last "
+                  r"weights saved \(step \d+, val loss hq .*\)\. A step's size comes from --lr 0.003, --weight_decay 1e\+06, "
+                  r"--grad_clip 1 \(and the data\): change what caused it, then start again with --overwrite",
+                  "--data", demo / "data", "--out", tmp_path, *TINY, "--clm", "--steps", "8", "--eval_every", "2",
+                  "--name", "wd", "--weight_decay", "1e6", folder=demo / "data")
+    assert "good" not in msg and "lower --lr" not in msg
+    shutil.copytree(demo / "data", tmp_path / "noeval", ignore=shutil.ignore_patterns("base.bin"))
+    os.remove(tmp_path / "noeval" / "eval.json")
+    refused(r".*noeval/eval.json: missing \(prepare.py writes it beside the token files\): run prepare.py for .*noeval "
+            r"again, or pass --eval_problems 0 to train without measuring accuracy$", "--data", tmp_path / "noeval",
+            "--out", tmp_path / "o5", *TINY, "--clm", "--steps", "1", folder=tmp_path)
+    assert not (tmp_path / "o5").exists()
+    run(demo, tmp_path, "--clm", "--steps", "1", "--eval_problems", "0")
+    (tmp_path / "clm" / "ckpt.pt").write_bytes((tmp_path / "clm" / "ckpt.pt").read_bytes()[:1000])  # a run cut
+    os.remove(tmp_path / "clm" / "metrics.json")
+    refused(r".*clm: holds an unfinished run \(ckpt.pt, tokens.npz\): its ckpt.pt is not a whole torch file \(cut "
+            r"short\?\), so it cannot resume: --overwrite replaces it, --name NAME starts this one beside it$",
+            "--data", demo / "data", "--out", tmp_path, *TINY, "--clm", "--steps", "1", folder=tmp_path)
+    capsys.readouterr()
+    run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "1", "--eval_problems", "200", "--overwrite")
+    err = capsys.readouterr().err
+    assert err.count("note: --eval_problems 200: ") == 1 and "eval.json holds 48 problems; each evaluation answers " \
+        "all 48" in err
+
+def test_failed_commands_leave_no_folder_they_made(demo, tmp_path, monkeypatch):
+    """Fewer than one batch is refused before the run's folder is made; a run that fails (or is interrupted) before
+    its first checkpoint removes the run folder and the --out folder it made, never a folder that was there."""
+    for mode in ("--clm", "--ref"):
+        refused(r".*training windows of 33 tokens, fewer than one batch: lower --batch_size$", "--data",
+                demo / "data", "--out", tmp_path / "o11", *TINY, mode, "--steps", "1", "--batch_size", "100000",
+                folder=tmp_path)
+    monkeypatch.setattr(rho, "evaluate", lambda *a: rho.die("failed in the evaluation"))
+    with pytest.raises(SystemExit, match="failed in the evaluation"):
+        run(demo, tmp_path / "o11", "--clm", "--steps", "1")
+    monkeypatch.setattr(rho, "evaluate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(demo, tmp_path / "o11", "--clm", "--steps", "1")
+    assert not (tmp_path / "o11").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run(demo, tmp_path / "kept", "--clm", "--steps", "1")
+    assert os.listdir(tmp_path / "kept") == []
