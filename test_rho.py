@@ -2073,8 +2073,9 @@ def test_divergence_eval_json_torn_checkpoint_and_short_eval_set(demo, tmp_path,
     a missing eval.json says so; a torn ckpt.pt is not offered --resume; --eval_problems above the eval set's size
     is said once."""
     msg = refused(r"wd: the loss became nan at step \d+, stopped before its update; .*wd/ckpt.pt holds the last "
-                  r"weights saved \(step \d+, val loss hq .*\)\. A step's size comes from --lr 0.003, --weight_decay 1e\+06, "
-                  r"--grad_clip 1 \(and the data\): change what caused it, then start again with --overwrite",
+                  r"weights saved \(step \d+, val loss hq .*\)\. A step's size comes from --lr 0.003, "
+                  r"--weight_decay 1e\+06, --grad_clip 1 \(and the data\): change what caused it, then start again "
+                  r"with --overwrite",
                   "--data", demo / "data", "--out", tmp_path, *TINY, "--clm", "--steps", "8", "--eval_every", "2",
                   "--name", "wd", "--weight_decay", "1e6", folder=demo / "data")
     assert "good" not in msg and "lower --lr" not in msg
