@@ -1374,8 +1374,9 @@ def main(argv=None):
         if cfg.mode != "score":
             return train(cfg, shape)
         meta, name = load_meta(cfg.data), run_name(cfg)
-        ckpt = load_checkpoint(os.path.join(cfg.out, name, "ckpt.pt"), meta, "reference model")
-        info = score_web(model_of(ckpt, None, name).to(cfg.device), meta, cfg, name)
+        path = os.path.join(cfg.out, name, "ckpt.pt")  # an FSDP run's shards are read from beside it
+        ckpt = load_checkpoint(path, meta, "reference model")
+        info = score_web(model_of(ckpt, None, path).to(cfg.device), meta, cfg, name)
         if RANK == 0 and not os.path.isfile(os.path.join(cfg.out, name, "metrics.json")):
             print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): "
                   f"{command('ref', cfg, resume=True, **saved_flags(ckpt, 'ref'))} writes it and keeps these scores")

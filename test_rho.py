@@ -2115,3 +2115,14 @@ def test_failed_commands_leave_no_folder_they_made(demo, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(demo, tmp_path / "kept", "--clm", "--steps", "1")
     assert os.listdir(tmp_path / "kept") == []
+
+def test_score_again_a_reference_model_trained_with_fsdp(demo, tmp_path):
+    """Review 1: --score of a reference run trained with --fsdp (its ckpt.pt names shards beside it) reads them from
+    the run's folder, not the current one: the same scores, bit for bit, as the run's own scoring."""
+    torchrun(2, ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--ref", "--steps", "2",
+                 "--eval_every", "2", "--lr", SPLIT_LR, "--fsdp"], tmp_path / "sel")
+    scored = (tmp_path / "ref" / "ref_scores.bin").read_bytes()
+    for f in ("ref_scores.bin", "ref_scores.bin.json"):
+        os.remove(tmp_path / "ref" / f)
+    score(demo, tmp_path)  # one process, from another folder than the run's
+    assert (tmp_path / "ref" / "ref_scores.bin").read_bytes() == scored
