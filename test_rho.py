@@ -539,6 +539,22 @@ def recording_selection(monkeypatch=None):
         rho.train_step = train_step
     return masks
 
+def recording_grads(monkeypatch=None):
+    """Wraps rho.train_step to keep each step's whole gradient before clipping, flat: AdamW and the clip ignore a
+    constant factor on it (an average that sums, pytorch #162338), this does not. Under FSDP every process gathers."""
+    grads, real = [], rho.train_step
+
+    def train_step(*a):
+        out = real(*a)
+        whole = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in a[0].parameters()]
+        grads.append(torch.cat([g.flatten() for g in whole]).clone())
+        return out
+    if monkeypatch:
+        monkeypatch.setattr(rho, "train_step", train_step)
+    else:
+        rho.train_step = train_step
+    return grads
+
 def torchrun_child(rank, world, port, argv, record, kill_at=None):
     """One of `world` processes, as torchrun starts it; killed (KeyboardInterrupt) as step kill_at begins."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -547,9 +563,10 @@ def torchrun_child(rank, world, port, argv, record, kill_at=None):
     if kill_at is not None:
         real = rho.lr_at
         rho.lr_at = lambda s, cfg: (_ for _ in ()).throw(KeyboardInterrupt) if s == kill_at else real(s, cfg)
-    masks = recording_selection()
+    masks, grads = recording_selection(), recording_grads()
     rho.main(argv)
     torch.save(masks, f"{record}.{rank}.pt")
+    torch.save(grads, f"{record}.{rank}.grads.pt")
 
 def torchrun(world, argv, record):
     """rho.main(argv) in `world` CPU processes on the gloo backend; returns each step's selection, all ranks' rows."""
@@ -569,11 +586,11 @@ def one_process(demo, tmp_path_factory):
     runs = {}
     for select in ("excess", "random"):
         mp = pytest.MonkeyPatch()
-        masks = recording_selection(mp)
+        masks, grads = recording_selection(mp), recording_grads(mp)
         run(demo, out, "--slm", "--select", select, "--batch_size", "8", "--steps", "3", "--eval_every", "3",
             "--name", select, "--lr", SPLIT_LR)
         mp.undo()
-        runs[select] = masks
+        runs[select], runs[f"{select} grads"] = masks, grads
     return out, runs
 
 def test_scoring_resumes_after_a_kill_and_splits_across_processes(demo, one_process, tmp_path, monkeypatch):
@@ -851,11 +868,15 @@ def test_split_steps_select_the_same_tokens_as_one_process(demo, one_process, wo
             "--batch_size", "8", "--steps", "3", "--eval_every", "3", "--name", select, "--micro_batch", str(micro),
             "--lr", SPLIT_LR, *shard]
     if world == 1:
-        masks = recording_selection(monkeypatch)
+        masks, grads = recording_selection(monkeypatch), recording_grads(monkeypatch)
         rho.main(argv)
     else:
         masks = torchrun(world, argv, tmp_path / "sel")
+        grads = torch.load(tmp_path / "sel.0.grads.pt")  # every process holds the whole averaged gradient
     assert_same_run(out / select, tmp_path / select, runs[select], masks)
+    # the gradients before clipping: a sum where an average belongs doubles them (the weights above would not show it)
+    assert len(grads) == 3 and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+                                   for a, b in zip(grads, runs[f"{select} grads"]))
 
 def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path):
     """An FSDP2 run on 2 gloo processes, killed after its checkpoint of step 2, resumed by 1 process: the same
