@@ -609,18 +609,21 @@ def buffers(n_rows, V, device, dtype):  # (rows per chunk, fp32 logits, the grad
     x = torch.empty(max(1, min(rows, n_rows)), pad, device=device)[:, :V]
     return rows, x, x if dtype == torch.float32 else torch.empty(len(x), pad, dtype=dtype, device=device)[:, :V]
 
-def mm_fp32(a, b, out):  # out = a @ b in fp32: bf16 operands on CUDA accumulate and store in fp32
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a, b, out=out) if a.dtype == torch.float32 else out.copy_(a @ b)
+def mm_fp32(a, b, out):  # out = a @ b in fp32: bf16 operands' products summed and stored in fp32, never rounded
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    # CUDA's out_dtype GEMM reads bf16 and sums in fp32; a CPU has none: the same math on the operands made fp32
+    return torch.mm(a, b, out_dtype=torch.float32, out=out) if a.is_cuda else torch.mm(a.float(), b.float(), out=out)
 
 def addmm_fp32_(dw, a, b):  # dw += a @ b, accumulated in dw's fp32
-    if a.is_cuda and a.dtype != torch.float32:
+    if a.dtype == torch.float32:
+        return dw.addmm_(a, b)
+    if a.is_cuda:
         try:
             return torch.addmm(dw, a, b, out_dtype=torch.float32, out=dw)  # bf16 operands, fp32 sum, no temporary
         except (RuntimeError, TypeError):  # an older torch: a (V, C) fp32 temporary per chunk
             return dw.add_(torch.mm(a, b, out_dtype=torch.float32))
-    return dw.addmm_(a, b) if a.dtype == torch.float32 else dw.add_(a @ b)
+    return dw.addmm_(a.float(), b.float())
 
 def head_dtype(h):  # autocast's (bf16: the head runs outside autocast, accumulating in fp32), else h's
     return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype

@@ -2147,3 +2147,25 @@ def test_score_again_a_reference_model_trained_with_fsdp(demo, tmp_path):
         os.remove(tmp_path / "ref" / f)
     score(demo, tmp_path)  # one process, from another folder than the run's
     assert (tmp_path / "ref" / "ref_scores.bin").read_bytes() == scored
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_bf16_head_gemms_sum_and_store_in_fp32(device):
+    """Review 6: mm_fp32 and addmm_fp32_ with bf16 operands (CUDA: the out_dtype GEMMs; CPU: the same math on fp32
+    copies) equal a float64 product of the same bf16 values to fp32 precision, far inside bf16's rounding; so do the
+    fused head's losses under CPU bf16 autocast (logits rounded to bf16 first erred by about 1e-2 nats here)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*shape, generator=g).bfloat16().to(device) for shape in ((37, 64), (64, 101)))
+    want = a.double() @ b.double()
+    out = rho.mm_fp32(a, b, torch.empty(37, 101, device=device))
+    dw = torch.randn(37, 101, generator=g).to(device)
+    acc = rho.addmm_fp32_(dw.clone(), a, b)
+    bf16_error = (want.bfloat16().double() - want).abs().max()
+    for got, ref in ((out, want), (acc, dw.double() + want)):
+        assert got.dtype == torch.float32 and (got.double() - ref).abs().max() < min(1e-4, bf16_error / 50)
+    h, w = torch.randn(1, 64, 64, generator=g), torch.randn(1000, 64, generator=g) * 0.3
+    y = torch.randint(0, 1000, (1, 64), generator=g)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = rho.head_losses(h, w, y).loss[0]
+    logits = h[0].bfloat16().double() @ w.bfloat16().double().t()
+    ref = torch.logsumexp(logits, 1) - logits.gather(1, y[0][:, None]).squeeze(1)
+    assert (loss.double() - ref).abs().max() < 1e-5
