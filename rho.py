@@ -1251,7 +1251,8 @@ def train(cfg, shape):
             if n_labels:  # every process counted its own share
                 sum_ranks(counts)
             if master or cfg.fsdp:  # under FSDP every process takes part in the evaluation's forwards
-                measures, records = evaluate(model, ev, cfg, step + 1 == cfg.steps)
+                with autocast(cfg):  # at the precision of training and scoring
+                    measures, records = evaluate(model, ev, cfg, step + 1 == cfg.steps)
                 states = save_states(model, opt, cfg, ckpt_path, step + 1)
             if master:
                 measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s

@@ -2169,3 +2169,16 @@ def test_bf16_head_gemms_sum_and_store_in_fp32(device):
     logits = h[0].bfloat16().double() @ w.bfloat16().double().t()
     ref = torch.logsumexp(logits, 1) - logits.gather(1, y[0][:, None]).squeeze(1)
     assert (loss.double() - ref).abs().max() < 1e-5
+
+def test_evaluation_runs_at_the_training_precision(demo, tmp_path, monkeypatch):
+    """Review 8: the evaluation runs under the autocast that training and scoring use (--dtype bfloat16; on CUDA its
+    default), not in fp32 beside them; at the CPU's default float32 there is none."""
+    real, seen = rho.evaluate, []
+
+    def evaluate(*a, **kw):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real(*a, **kw)
+    monkeypatch.setattr(rho, "evaluate", evaluate)
+    for dtype in ("bfloat16", "float32"):
+        run(demo, tmp_path, "--clm", "--steps", "1", "--eval_problems", "0", "--dtype", dtype, "--name", dtype)
+    assert seen == [torch.bfloat16, False]
