@@ -205,9 +205,10 @@ class HF(nn.Module):  # a transformers causal LM as our GPT: hidden states, head
     def forward(self, idx):
         return self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state  # (B, T, C), as GPT.forward
 
-    def decode(self, idx, pad, caches):  # as GPT.decode, with transformers' own cache in caches[0]
-        past, T = caches[0][0] if caches[0] else None, idx.shape[1]
-        keys = torch.arange((past.get_seq_length() if past else 0) + T, device=idx.device)
+    def decode(self, idx, pad, caches):  # as GPT.decode, with transformers' own Cache object in caches[0]
+        from transformers import DynamicCache  # passed from the first call: the cache API transformers supports
+        past, T = caches[0][0] if caches[0] else DynamicCache(config=self.hf.config), idx.shape[1]
+        keys = torch.arange(past.get_seq_length() + T, device=idx.device)
         out = self.hf.base_model(input_ids=idx, attention_mask=(keys[None] >= pad[:, None]).long(), use_cache=True,
                                  position_ids=(keys[None, -T:] - pad[:, None]).clamp(min=0), past_key_values=past)
         caches[0][:] = [out.past_key_values]

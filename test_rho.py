@@ -18,6 +18,7 @@ import sys
 import time
 import types
 import unicodedata
+import warnings
 
 import numpy as np
 import pytest
@@ -2182,3 +2183,27 @@ def test_evaluation_runs_at_the_training_precision(demo, tmp_path, monkeypatch):
     for dtype in ("bfloat16", "float32"):
         run(demo, tmp_path, "--clm", "--steps", "1", "--eval_problems", "0", "--dtype", dtype, "--name", dtype)
     assert seen == [torch.bfloat16, False]
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_hf_generation_passes_a_cache_object_without_warnings(kind, tmp_path, monkeypatch):
+    """Review 7: generate hands transformers a Cache object from its first step (the API transformers 5.23.0, which
+    CI and the README pin, supports), with no warning, and gives transformers' own greedy tokens."""
+    transformers = pytest.importorskip("transformers")
+    hf = tiny_hf(vocab=320, kind=kind)
+    hf.save_pretrained(tmp_path / kind)
+    model = rho.load_hf(str(tmp_path / kind), 64).eval()
+    real, passed = model.hf.base_model.forward, []
+
+    def forward(*a, **kw):
+        passed.append(type(kw["past_key_values"]))
+        return real(*a, **kw)
+    monkeypatch.setattr(model.hf.base_model, "forward", forward)
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = rho.generate(model, prompts, 4)
+    assert len(passed) == 5 and all(issubclass(t, transformers.Cache) for t in passed)  # the prompt, 4 tokens
+    monkeypatch.undo()
+    for p, g in zip(prompts, got):
+        assert hf.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):].tolist() == g
+    assert "transformers==5.23.0" in open(os.path.join(os.path.dirname(rho.__file__), "README.md")).read()
