@@ -825,6 +825,8 @@ def score_web(model, meta, cfg, run):
 # -----------------------------------------------------------------------------
 # evaluation: the target-distribution val loss (hq val), the web val loss, answer accuracy (greedy, exact match)
 
+MAX_NEW = 48  # new tokens an answer gets where eval.json has no reference solutions (an older prepare.py)
+
 def eval_sets(cfg, meta, web):  # hq val windows, web's val windows, the held-out problems
     path = os.path.join(cfg.data, "eval.json")
     if cfg.eval_problems and not os.path.isfile(path):
@@ -837,13 +839,23 @@ def eval_sets(cfg, meta, web):  # hq val windows, web's val windows, the held-ou
     if cfg.eval_problems and not problems:
         die(f"{path}: no eval problems (prepare.py found no \"#### N\" or \"The answer is: N\" answer in --val): "
             f"prepare the data with such a --val, or pass --eval_problems 0 to train without measuring accuracy")
-    return {"hq": windows(cfg.data, "hq_val.bin", meta, web.T), "web": web, "problems": problems,
-            "web_val": list(range(web_split(web.n, web.T), web.n)), "enc": get_encoding(meta["encoding"])}
+    enc, T = get_encoding(meta["encoding"]), web.T
+    solutions = [len(enc.encode_ordinary(p["solution"])) for p in problems if "solution" in p]
+    longest = max(solutions) if solutions and len(solutions) == len(problems) else None  # else an older prepare.py
+    # new tokens an answer gets: the longest reference solution and half again (a model may write more), in the half
+    # of the context that generate leaves answers
+    max_new = min(T // 2, MAX_NEW if longest is None else longest + longest // 2 + 8)
+    if longest is not None and longest + 1 > T // 2 and RANK == 0:  # + 1: the line end that settles an answer
+        print(f"note: {path}: reference answers of up to {longest} tokens, but a context of {T} leaves answers "
+              f"{T // 2}: longer ones are cut short (a larger --block_size fits them)", file=sys.stderr)
+    return {"hq": windows(cfg.data, "hq_val.bin", meta, T), "web": web, "problems": problems, "max_new": max_new,
+            "web_val": list(range(web_split(web.n, T), web.n)), "enc": enc}
 
 @torch.no_grad()
 def generate(model, prompts, max_new, done=None):  # greedy, left-padded, until done(a row's new tokens) for every row
-    max_new, device = min(max_new, model.config.block_size // 2), model.lm_head.weight.device
-    prompts = [p[-(model.config.block_size - max_new):] for p in prompts]  # prompt and generated tokens fit the context
+    T, device = model.config.block_size, model.lm_head.weight.device
+    # a prompt keeps at most the context's first half, its answer the rest, whatever max_new: the same prompts always
+    max_new, prompts = min(max_new, T // 2), [p[-(T - T // 2):] for p in prompts]
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
@@ -862,7 +874,7 @@ def answered(text):  # whether text's final answer is settled: a line has ended 
     m = ANSWER.search(text)
     return m is not None and "\n" in text[m.end():]
 
-def answers(model, problems, enc, max_new=48):  # 1 or 0 per problem: final_answer(generated text) == its answer
+def answers(model, problems, enc, max_new=MAX_NEW):  # 1 or 0 per problem: final_answer(generated text) == its answer
     def text(o):  # up to the end-of-text token; padded ids (beyond the vocabulary) dropped
         o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
         return enc.decode([t for t in o if t < enc.n_vocab])
@@ -886,7 +898,7 @@ def evaluate(model, ev, cfg, final=False):  # (measures, per-token records); the
     for i in range(0, len(hq_val), 32):
         hq = ev["hq"].get(hq_val[i:i + 32], cfg.device)
         total, n = total + model_token_loss(model, hq.x, hq.y).sum().item(), n + int((hq.y != IGNORE).sum())
-    correct = answers(model, ev["problems"] if final else ev["problems"][:cfg.eval_problems], ev["enc"])
+    correct = answers(model, ev["problems"] if final else ev["problems"][:cfg.eval_problems], ev["enc"], ev["max_new"])
     measures = {"val_loss_hq": round(total / n, 4), "val_loss_web": round(web.sum().item() / n_web, 4),
                 "accuracy": accuracy(correct[:cfg.eval_problems])}
     measures.update({"correct": correct} if final and correct else {})  # every answer of the final evaluation
@@ -1266,7 +1278,7 @@ def train(cfg, shape):
                       f"{(cfg.steps - step - 1) * dt / n:.0f}s", flush=True)
             t_last, last, loss_sum = time.time(), step + 1, 0.0
             counts.zero_()
-    extra = {"eval_problems": len(ev["problems"][:cfg.eval_problems])}
+    extra = {"eval_problems": len(ev["problems"][:cfg.eval_problems]), "answer_tokens": ev["max_new"]}
     if cfg.mode == "ref":  # every process scores its share
         if cfg.fsdp:  # scoring needs no gradients or optimizer: each process scores with the whole model
             dist.barrier()  # once rank 0 has written the last ckpt.pt

@@ -674,7 +674,9 @@ def test_answer_forms_of_the_data_and_of_generated_text(monkeypatch):
     gsm8k = {"question": "Q?", "answer": "3 * 4 = 12\n#### 12"}
     metamath = {"query": "Q?", "response": "The answer is: 12"}
     problem = {"prompt": "Question: Q?\nAnswer:", "answer": "12"}
-    assert prepare.eval_problem(gsm8k) == prepare.eval_problem(metamath) == problem
+    got = [prepare.eval_problem(gsm8k), prepare.eval_problem(metamath)]  # with the reference text after the prompt
+    assert [{k: v for k, v in p.items() if k != "solution"} for p in got] == [problem] * 2
+    assert [p["solution"] for p in got] == [" 3 * 4 = 12\n#### 12", " The answer is: 12"]
     assert prepare.eval_problem({"question": "Q?", "answer": "12"}) is None
     enc = prepare.get_encoding("bytes")
     out = [" 10 + 2.5 = 12.50\n#### 12.50\n", " The answer is: 1,000", " #### .5", " #### 12"]  # generated
@@ -703,7 +705,8 @@ def test_eval_set_of_metamath_records_and_an_empty_one_refused(tmp_path, capsys)
                    + json.dumps({"query": "Name a colour.", "response": "Blue."}) + "\n")
     prepare.main(["--hq", str(hq), "--web", str(hq), "--val", str(val), "--out", str(tmp_path / "mm")])
     assert json.loads((tmp_path / "mm" / "eval.json").read_text()) == [{"prompt": "Question: What is 5 + 7?\nAnswer:",
-                                                                        "answer": "12"}]
+                                                                        "answer": "12", "solution":
+                                                                        " 5 + 7 = 12\nThe answer is: 12"}]
     assert ('prepare: eval: 1 problems (the first 500 at most) of 2 validation documents; 1 have no final answer '
             '("#### N" or "The answer is: N")\n') in capsys.readouterr().out
     prepare.main(["--hq", str(hq), "--web", str(hq), "--out", str(tmp_path / "none")])  # plain text: no answers
