@@ -2227,3 +2227,40 @@ def test_compiled_run_gives_eager_losses(demo, one_process, tmp_path):
     assert compiled["tokens_trained"] == eager["tokens_trained"] and \
         compiled["noise_in_selected"] == eager["noise_in_selected"]
     assert compiled["final"]["val_loss_hq"] == pytest.approx(eager["final"]["val_loss_hq"], rel=1e-4)
+
+def with_eval_set(demo, tmp_path, problems):
+    """A copy of the demo data whose eval.json holds problems (meta.json records its size and sha256, as prepare)."""
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data, ignore=shutil.ignore_patterns("base.bin"))
+    (data / "eval.json").write_text(json.dumps(problems))
+    meta = json.loads((data / "meta.json").read_text())
+    meta["files"]["eval.json"] = {"bytes": (data / "eval.json").stat().st_size,
+                                  "sha256": prepare.file_sha256(data / "eval.json")}
+    (data / "meta.json").write_text(json.dumps(meta, indent=2))
+    return data
+
+def test_answers_are_sized_from_the_eval_sets_reference_solutions(demo, tmp_path, capsys):
+    """Review 4: an answer gets the longest reference solution's tokens and half again, plus 8, within the half of the
+    context generate leaves it (the demo: 11 bytes -> 24 of 32); a set whose solutions do not fit is said once; an
+    eval.json without solutions keeps the old 48; prompts keep the context's first half whatever max_new, so a longer
+    max_new only lets an answer run on (the demo's answers were settled within 24 tokens: its accuracy unchanged)."""
+    def sized(data, T):
+        cfg = rho.RunConfig(data=str(data), eval_problems=4)
+        meta = rho.load_meta(cfg.data)
+        return rho.eval_sets(cfg, meta, rho.web_windows(cfg, meta, T))["max_new"]
+    problems = json.loads((demo / "data" / "eval.json").read_text())
+    assert max(len(p["solution"].encode()) for p in problems) == 11
+    assert (sized(demo / "data", 64), sized(demo / "data", 32)) == (24, 16) and capsys.readouterr().err == ""
+    long = with_eval_set(demo, tmp_path / "long", [{**p, "solution": " " + "x" * 39} for p in problems])
+    assert sized(long, 64) == 32
+    assert capsys.readouterr().err == (f"note: {long}/eval.json: reference answers of up to 40 tokens, but a context "
+                                       "of 64 leaves answers 32: longer ones are cut short (a larger --block_size fits "
+                                       "them)\n")
+    old = with_eval_set(demo, tmp_path / "old", [{k: p[k] for k in ("prompt", "answer")} for p in problems])
+    assert (sized(old, 64), sized(old, 128)) == (32, rho.MAX_NEW)
+    torch.manual_seed(0)
+    model = rho.GPT(rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = list(range(1, 14))  # longer than half the context: its last 8 tokens are kept, whatever max_new
+    assert rho.generate(model, [prompt], 8)[0][:3] == rho.generate(model, [prompt], 3)[0] == \
+        rho.generate(model, [prompt[-8:]], 3)[0]
+    assert run(demo, tmp_path, "--clm", "--steps", "1")["answer_tokens"] == 16
