@@ -842,9 +842,9 @@ def eval_sets(cfg, meta, web):  # hq val windows, web's val windows, the held-ou
     enc, T = get_encoding(meta["encoding"]), web.T
     solutions = [len(enc.encode_ordinary(p["solution"])) for p in problems if "solution" in p]
     longest = max(solutions) if solutions and len(solutions) == len(problems) else None  # else an older prepare.py
-    # new tokens an answer gets: the longest reference solution and half again (a model may write more), in the half
-    # of the context that generate leaves answers
-    max_new = min(T // 2, MAX_NEW if longest is None else longest + longest // 2 + 8)
+    # new tokens an answer gets: twice the longest reference solution and 16 (a model may write more than the
+    # reference, a settled row stops), in the half of the context that generate leaves answers
+    max_new = min(T // 2, MAX_NEW if longest is None else 2 * longest + 16)
     if longest is not None and longest + 1 > T // 2 and RANK == 0:  # + 1: the line end that settles an answer
         print(f"note: {path}: reference answers of up to {longest} tokens, but a context of {T} leaves answers "
               f"{T // 2}: longer ones are cut short (a larger --block_size fits them)", file=sys.stderr)

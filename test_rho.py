@@ -2240,17 +2240,18 @@ def with_eval_set(demo, tmp_path, problems):
     return data
 
 def test_answers_are_sized_from_the_eval_sets_reference_solutions(demo, tmp_path, capsys):
-    """Review 4: an answer gets the longest reference solution's tokens and half again, plus 8, within the half of the
-    context generate leaves it (the demo: 11 bytes -> 24 of 32); a set whose solutions do not fit is said once; an
-    eval.json without solutions keeps the old 48; prompts keep the context's first half whatever max_new, so a longer
-    max_new only lets an answer run on (the demo's answers were settled within 24 tokens: its accuracy unchanged)."""
+    """Review 4: an answer gets twice the longest reference solution's tokens and 16, within the half of the context
+    generate leaves it (the demo: 11 bytes -> 38, capped to 32 of 64 as the old 48 was: the same generation); a set
+    whose solutions do not fit is said once; an eval.json without solutions keeps the old 48; prompts keep the
+    context's first half whatever max_new, so a longer max_new only lets an answer run on."""
     def sized(data, T):
         cfg = rho.RunConfig(data=str(data), eval_problems=4)
         meta = rho.load_meta(cfg.data)
         return rho.eval_sets(cfg, meta, rho.web_windows(cfg, meta, T))["max_new"]
     problems = json.loads((demo / "data" / "eval.json").read_text())
     assert max(len(p["solution"].encode()) for p in problems) == 11
-    assert (sized(demo / "data", 64), sized(demo / "data", 32)) == (24, 16) and capsys.readouterr().err == ""
+    assert (sized(demo / "data", 64), sized(demo / "data", 32), sized(demo / "data", 128)) == (32, 16, 38)
+    assert capsys.readouterr().err == ""
     long = with_eval_set(demo, tmp_path / "long", [{**p, "solution": " " + "x" * 39} for p in problems])
     assert sized(long, 64) == 32
     assert capsys.readouterr().err == (f"note: {long}/eval.json: reference answers of up to 40 tokens, but a context "
