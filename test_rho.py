@@ -1354,7 +1354,7 @@ def test_prepare_roundtrips_text(tmp_path):
     assert decode("hq_train.bin") == docs * 30
     assert decode("hq_val.bin") == ["Question: What is 2 + 3?\nAnswer: 2 + 3 = 5\n#### 5"]
     assert json.loads((out / "eval.json").read_text()) == [{"prompt": "Question: What is 2 + 3?\nAnswer:",
-                                                            "answer": "5"}]
+                                                            "answer": "5", "solution": " 2 + 3 = 5\n#### 5"}]
     assert meta["tokens"]["web"] == os.path.getsize(out / "web.bin") // 2 and meta["dtype"] == "uint16"
     assert len(meta["sources"]["web"]["sha256"]) == 64
     assert not list(out.glob("*.tmp"))
