@@ -911,13 +911,19 @@ def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path
 
 def test_fsdp_reference_run_scores_with_its_shards(demo, tmp_path):
     """--ref under FSDP on 2 gloo processes: its checkpoint is shards, which each process then reads whole to score
-    its blocks: the scores of the same run in one process, up to float summation order."""
+    its blocks: the scores of the same run in one process, up to float summation order; --score of it again in one
+    process gives its own scores bit for bit."""
     argv = ["--data", str(demo / "data"), *TINY, "--ref", "--steps", "2", "--eval_every", "2", "--lr", SPLIT_LR]
     rho.main([*argv, "--out", str(tmp_path / "one")])
     torchrun(2, [*argv, "--out", str(tmp_path / "two"), "--fsdp"], tmp_path / "sel")
     assert torch.load(tmp_path / "two" / "ref" / "ckpt.pt", weights_only=True)["model"] == "ckpt-2.dcp"
     one, two = (np.fromfile(tmp_path / d / "ref" / "ref_scores.bin", np.float32) for d in ("one", "two"))
     np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6, equal_nan=True)
+    # issue 31, review 1: --score again, in one process from another folder, reads the shards beside its ckpt.pt
+    for f in ("ref_scores.bin", "ref_scores.bin.json"):
+        os.remove(tmp_path / "two" / "ref" / f)
+    rho.main(["--data", str(demo / "data"), "--out", str(tmp_path / "two"), "--score"])
+    assert np.array_equal(np.fromfile(tmp_path / "two" / "ref" / "ref_scores.bin", np.float32), two, equal_nan=True)
 
 def assert_same_run(a, b, masks_a, masks_b):
     """The same tokens selected at every step; losses and weights equal up to float summation order."""
@@ -2141,16 +2147,6 @@ def test_failed_commands_leave_no_folder_they_made(demo, tmp_path, monkeypatch):
         run(demo, tmp_path / "kept", "--clm", "--steps", "1")
     assert os.listdir(tmp_path / "kept") == []
 
-def test_score_again_a_reference_model_trained_with_fsdp(demo, tmp_path):
-    """Review 1: --score of a reference run trained with --fsdp (its ckpt.pt names shards beside it) reads them from
-    the run's folder, not the current one: the same scores, bit for bit, as the run's own scoring."""
-    torchrun(2, ["--data", str(demo / "data"), "--out", str(tmp_path), *TINY, "--ref", "--steps", "2",
-                 "--eval_every", "2", "--lr", SPLIT_LR, "--fsdp"], tmp_path / "sel")
-    scored = (tmp_path / "ref" / "ref_scores.bin").read_bytes()
-    for f in ("ref_scores.bin", "ref_scores.bin.json"):
-        os.remove(tmp_path / "ref" / f)
-    score(demo, tmp_path)  # one process, from another folder than the run's
-    assert (tmp_path / "ref" / "ref_scores.bin").read_bytes() == scored
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_bf16_head_gemms_sum_and_store_in_fp32(device):
