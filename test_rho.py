@@ -2077,7 +2077,7 @@ def test_suggested_commands_run_as_is_after_a_scores_mismatch(demo, tmp_path):
     prepare.main(["--out", str(tmp_path / "other"), "--web_tokens", "20000", "--seed", "5"])
     out = tmp_path / "o6"
     rho.main(["--data", str(tmp_path / "other"), "--out", str(out), *TINY, "--ref", "--steps", "1", "--scores", "loss",
-              "--score_dtype", "float16"])
+              "--score_dtype", "float16", "--eval_problems", "0"])
     slm = ["--data", demo / "data", *TINY, "--slm", "--steps", "1", "--eval_problems", "0"]
     msg = refused(r".*o6/ref/ref_scores.bin: reference scores do not match .*data: computed for .*other \(its "
                   r"meta.json differs\): re-run `python rho.py --score --name ref --data .*data --out .*o6 "
@@ -2086,8 +2086,8 @@ def test_suggested_commands_run_as_is_after_a_scores_mismatch(demo, tmp_path):
     assert np.fromfile(out / "ref" / "ref_scores.bin", np.float16).size == rho.load_meta(str(demo / "data"))[
         "tokens"]["web"]
     rho.main([str(a) for a in slm] + ["--out", str(out)])
-    run(demo, tmp_path, "--ref", "--steps", "1")
-    run(demo, tmp_path / "half", "--ref", "--steps", "1", "--score_dtype", "float16")
+    run(demo, tmp_path, "--ref", "--steps", "1", "--eval_problems", "0")
+    run(demo, tmp_path / "half", "--ref", "--steps", "1", "--score_dtype", "float16", "--eval_problems", "0")
     shutil.copy(tmp_path / "half" / "ref" / "ref_scores.bin", tmp_path / "ref" / "ref_scores.bin")
     msg = refused(r".*ref_scores.bin: reference scores do not match its .json: 4 bytes a token, as float32 loss or "
                   r"float16 loss,entropy scores are, but the .json says float32 loss,entropy \(8 bytes\): re-run "
