@@ -39,7 +39,8 @@ Writes, into the output folder:
     web_labels.bin             demo only: a uint8 label per web token (0 = clean, else a noise kind);
                                for auditing the selection, never read by training
     base.bin                   demo only: general web pages (chat, not math) for the base model
-    eval.json                  held-out problems {"prompt", "answer"} for answer accuracy, from validation records only
+    eval.json                  held-out problems {"prompt", "answer", "solution"} for answer accuracy, from
+                               validation records only (solution: the reference text after the prompt)
     meta.json                  encoding, vocab size, dtype, token counts, sources and their sha256 (for a Hugging
                                Face dataset: its name, config and split), decontamination counts, under "files"
                                the size and sha256 of every file above ({"web.bin": {"bytes", "sha256"}, ...}), the
@@ -570,7 +571,9 @@ def prepare_demo(out, enc, seed, keep=False, n_hq=3000, n_val=300, n_eval=1000, 
         result = write_demo_corpus(path(name + ".bin"), enc, docs, index, keep, files, n, labels)
         counts[name], n_docs, dropped[name], kinds[name] = result
         print_dropped(name, n_docs, dropped[name], keep)
-    evals = [{"prompt": f"Question: {q}\nAnswer:", "answer": str(ans)} for q, _, ans in held[n_val:]]
+    prompts = [(f"Question: {q}\nAnswer:", q, sol, ans) for q, sol, ans in held[n_val:]]
+    evals = [{"prompt": p, "answer": str(ans), "solution": clean_text(q, sol, ans)[len(p):]}
+             for p, q, sol, ans in prompts]
     write_temp(path("eval.json"), json.dumps(evals, indent=0).encode(), files)
     share = {k: round(float(kinds["web"][i] / kinds["web"].sum()), 4) for i, k in enumerate(LABELS)}
     return counts, {"demo_seed": seed, "labels": LABELS, "label_share": share,
@@ -811,12 +814,13 @@ def final_answer(text):
     return "0" if x == 0 else f"{x.normalize():f}"
 
 def eval_problem(rec):
-    """A held-out problem {"prompt", "answer"} from a question-answer record (GSM8K's or MetaMathQA's fields) whose
-    solution has a final answer, else None."""
+    """A held-out problem {"prompt", "answer", "solution"} from a question-answer record (GSM8K's or MetaMathQA's
+    fields) whose solution has a final answer, else None."""
     for q, a in PAIRS:
         if isinstance(rec, dict) and isinstance(rec.get(q), str) and isinstance(rec.get(a), str):
             answer = final_answer(rec[a])
-            return {"prompt": f"Question: {rec[q]}\nAnswer:", "answer": answer} if answer else None
+            return {"prompt": f"Question: {rec[q]}\nAnswer:", "answer": answer, "solution": f" {rec[a]}"} \
+                if answer else None
     return None
 
 def held_out_text(rec, text):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import time
 import traceback
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -212,9 +214,10 @@ class HF(nn.Module):  # a transformers causal LM as our GPT: hidden states, head
     def forward(self, idx):
         return self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state  # (B, T, C), as GPT.forward
 
-    def decode(self, idx, pad, caches):  # as GPT.decode, with transformers' own cache in caches[0]
-        past, T = caches[0][0] if caches[0] else None, idx.shape[1]
-        keys = torch.arange((past.get_seq_length() if past else 0) + T, device=idx.device)
+    def decode(self, idx, pad, caches):  # as GPT.decode, with transformers' own Cache object in caches[0]
+        from transformers import DynamicCache  # passed from the first call: the cache API transformers supports
+        past, T = caches[0][0] if caches[0] else DynamicCache(config=self.hf.config), idx.shape[1]
+        keys = torch.arange(past.get_seq_length() + T, device=idx.device)
         out = self.hf.base_model(input_ids=idx, attention_mask=(keys[None] >= pad[:, None]).long(), use_cache=True,
                                  position_ids=(keys[None, -T:] - pad[:, None]).clamp(min=0), past_key_values=past)
         caches[0][:] = [out.past_key_values]
@@ -429,26 +432,37 @@ def web_windows(cfg, meta, T, ref=None):  # with the reference scores (ref), and
     return windows(cfg.data, "web.bin", meta, T, ref, labels)
 
 def load_ref_scores(cfg, meta, T):  # (--ref_run's scores, checked against the data and T; the reference model's sha256)
-    path, n_web = os.path.join(cfg.out, cfg.ref_run, "ref_scores.bin"), meta["tokens"]["web"]
-    redo = f"re-run `python rho.py --score --name {cfg.ref_run} --data {cfg.data}`"
+    run, n_web = os.path.join(cfg.out, cfg.ref_run), meta["tokens"]["web"]
+    path, ckpt_path = os.path.join(run, "ref_scores.bin"), os.path.join(run, "ckpt.pt")
+    redo = lambda **flags: "re-run " + command("score", cfg, name=cfg.ref_run, **flags)  # this data, --ref_run's model
     if not os.path.isfile(path) and os.path.isfile(path + ".partial"):
-        trained = os.path.isfile(os.path.join(cfg.out, cfg.ref_run, "metrics.json"))  # else killed in --ref's scoring
-        die(f"{path}: scoring was interrupted: " + (f"{redo} to finish it" if trained else "finish the reference run "
-            f"with `python rho.py --ref --resume --name {cfg.ref_run}` and the flags it was started with"))
-    if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
-        ref = "" if cfg.ref_run == "ref" else f" --name {cfg.ref_run}"
-        die(f"{path}: reference scores missing: run `python rho.py --ref{ref}` (or --score with a reference model)")
+        trained = os.path.isfile(os.path.join(run, "metrics.json"))  # else killed in --ref's scoring
+        die(f"{path}: scoring was interrupted: " + (f"{redo()} to finish it" if trained else "finish the reference "
+            f"run: {command('ref', cfg, resume=True, **saved_flags(load_checkpoint(ckpt_path), 'ref'))}"))
+    if not os.path.isfile(path) or not os.path.isfile(path + ".json"):  # scoring again needs the reference model
+        train = command("ref", cfg, name=cfg.ref_run if cfg.ref_run != "ref" else None)
+        die(f"{path + '.json' if os.path.isfile(path) else path}: reference scores missing: " + (redo() if
+            os.path.isfile(ckpt_path) else f"run {train} (or --score with a reference model)"))
     info = scoring_json(path + ".json")
     if not isinstance(info, dict) or "weights_sha256" not in info:
-        die(f"{path}.json: not valid JSON, or written by an older rho (no reference model's fingerprint): {redo}")
-    dtype, C = score_layout(info)
-    if info["data_sha256"] != meta["sha256"] or os.path.getsize(path) != C * dtype.itemsize * n_web:  # sha: encoding
-        die(f"{path}: reference scores do not match {cfg.data} (computed for {info['data']}, or cut short: "
-            f"{os.path.getsize(path) // (C * dtype.itemsize):,} of {n_web:,} tokens): {redo}")
+        die(f"{path}.json: not valid JSON, or without the reference model's fingerprint: {redo(overwrite=True)}")
+    (dtype, C), per_token = score_layout(info), os.path.getsize(path) / n_web
+    layout = dict(score_dtype=info.get("score_dtype"), scores=info.get("scores"))  # scored again as they were
+    if info["data_sha256"] != meta["sha256"]:  # the sha256 covers the encoding too
+        die(f"{path}: reference scores do not match {cfg.data}: computed for {info['data']} (its meta.json differs): "
+            f"{redo(**layout, overwrite=True)}")
+    if per_token != C * dtype.itemsize:  # the layout another file would have, or a file cut short
+        other = [f"{d} {s}" for d in CHOICES["score_dtype"] for s in CHOICES["scores"]
+                 if np.dtype(d).itemsize * len(s.split(",")) == per_token]
+        says = f"{dtype} {info.get('scores', 'loss,entropy')} ({C * dtype.itemsize} bytes)"
+        die(f"{path}: reference scores do not match " + (f"its .json: {per_token:g} bytes a token, as "
+            f"{' or '.join(other)} scores are, but the .json says {says}" if other else f"{cfg.data} (cut short: "
+            f"{os.path.getsize(path) // (C * dtype.itemsize):,} of {n_web:,} tokens)") + f": {redo(**layout)}")
     if sha256_differs(path, info.get("sha256")):  # recorded as scoring finished
-        die(f"{path}: its content is not what scoring wrote (sha256 differs): {redo}")
+        die(f"{path}: its content is not what scoring wrote (sha256 differs): {redo(**layout)}")
     if C == 1 and cfg.select in ("entropy", "ref_entropy"):
-        die(f"{path}: holds L_RM alone (scored with --scores loss); --select {cfg.select} reads H_RM too: {redo}")
+        die(f"{path}: holds L_RM alone (scored with --scores loss); --select {cfg.select} reads H_RM too: "
+            f"{redo(score_dtype=layout['score_dtype'])}")
     if info["block_size"] != T:
         die(f"{path}: reference scores were computed with windows of {info['block_size']} tokens, this run uses "
             f"{T}: pass --block_size {info['block_size']} so both models see the same context (a model of fewer "
@@ -634,18 +648,21 @@ def buffers(n_rows, V, device, dtype):  # (rows per chunk, fp32 logits, the grad
     x = torch.empty(max(1, min(rows, n_rows)), pad, device=device)[:, :V]
     return rows, x, x if dtype == torch.float32 else torch.empty(len(x), pad, dtype=dtype, device=device)[:, :V]
 
-def mm_fp32(a, b, out):  # out = a @ b in fp32: bf16 operands on CUDA accumulate and store in fp32
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a, b, out=out) if a.dtype == torch.float32 else out.copy_(a @ b)
+def mm_fp32(a, b, out):  # out = a @ b in fp32: bf16 operands' products summed and stored in fp32, never rounded
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    # CUDA's out_dtype GEMM reads bf16 and sums in fp32; a CPU has none: the same math on the operands made fp32
+    return torch.mm(a, b, out_dtype=torch.float32, out=out) if a.is_cuda else torch.mm(a.float(), b.float(), out=out)
 
 def addmm_fp32_(dw, a, b):  # dw += a @ b, accumulated in dw's fp32
-    if a.is_cuda and a.dtype != torch.float32:
+    if a.dtype == torch.float32:
+        return dw.addmm_(a, b)
+    if a.is_cuda:
         try:
             return torch.addmm(dw, a, b, out_dtype=torch.float32, out=dw)  # bf16 operands, fp32 sum, no temporary
         except (RuntimeError, TypeError):  # an older torch: a (V, C) fp32 temporary per chunk
             return dw.add_(torch.mm(a, b, out_dtype=torch.float32))
-    return dw.addmm_(a, b) if a.dtype == torch.float32 else dw.add_(a @ b)
+    return dw.addmm_(a.float(), b.float())
 
 def head_dtype(h):  # autocast's (bf16: the head runs outside autocast, accumulating in fp32), else h's
     return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
@@ -774,7 +791,7 @@ def start_scoring(path, n_tokens, T, n_windows, cfg, meta, weights):
             die(f"{path}: holds the scores of {done['data']} by "
                 f"{'this' if done.get('weights_sha256') == weights else 'another'} reference model; scoring "
                 f"{cfg.data} would replace them: pass --overwrite, or copy the run (cp -r {run} {run}-2) and score "
-                f"that (--score --name {os.path.basename(run)}-2)")
+                f"that: {command('score', cfg, name=os.path.basename(run) + '-2')}")
         elif same_scores(old, info) and os.path.isfile(path + ".partial") and os.path.isfile(path + ".done"):
             info = old  # resume, with the block size it started with
         else:
@@ -835,7 +852,7 @@ def score_web(model, meta, cfg, run):
                 score_tok_s=round(n_scored / max(elapsed, 1e-9)), processes=WORLD, dtype=cfg.dtype)
     if RANK == 0:
         if not np.fromfile(path + ".done", np.uint8).all():
-            die(f"{path}.partial: some blocks were not scored; run `python rho.py --score --name {run}` again")
+            die(f"{path}.partial: some blocks were not scored; run {command('score', cfg, name=run)} again")
         os.replace(path + ".partial", path)
         info["sha256"] = file_sha256(path) if os.path.getsize(path) <= HASH_MAX else None  # load_ref_scores checks it
         write_json(path + ".json", info)
@@ -848,22 +865,40 @@ def score_web(model, meta, cfg, run):
 # -----------------------------------------------------------------------------
 # evaluation: the target-distribution val loss (hq val), the web val loss, answer accuracy (greedy, exact match)
 
+MAX_NEW = 48  # new tokens an answer gets where eval.json has no reference solutions (an older prepare.py)
+
 def eval_sets(cfg, meta, web):  # hq val windows, web's val windows, the held-out problems
     path = os.path.join(cfg.data, "eval.json")
+    if cfg.eval_problems and not os.path.isfile(path):
+        die(f"{path}: missing (prepare.py writes it beside the token files): run prepare.py for {cfg.data} again, or "
+            "pass --eval_problems 0 to train without measuring accuracy")
     problems = read_json(checked(cfg.data, "eval.json", meta)) if cfg.eval_problems else []  # as prepare.py wrote it
     if cfg.eval_problems and web.T < 2:  # generation answers in the second half of the context
         die(f"--block_size {web.T}: answer accuracy needs a context of 2 tokens or more: pass a larger --block_size, "
             "or --eval_problems 0")
+    if len(problems) < cfg.eval_problems and RANK == 0:  # said, not refused: the default asks for 200
+        print(f"note: --eval_problems {cfg.eval_problems}: {path} holds {len(problems)} problems; each evaluation "
+              f"answers all {len(problems)}", file=sys.stderr)
     if cfg.eval_problems and not problems:
         die(f"{path}: no eval problems (prepare.py found no \"#### N\" or \"The answer is: N\" answer in --val): "
             f"prepare the data with such a --val, or pass --eval_problems 0 to train without measuring accuracy")
-    return {"hq": windows(cfg.data, "hq_val.bin", meta, web.T), "web": web, "problems": problems,
-            "web_val": list(range(web_split(web.n, web.T), web.n)), "enc": get_encoding(meta["encoding"])}
+    enc, T = get_encoding(meta["encoding"]), web.T
+    solutions = [len(enc.encode_ordinary(p["solution"])) for p in problems if "solution" in p]
+    longest = max(solutions) if solutions and len(solutions) == len(problems) else None  # else an older prepare.py
+    # new tokens an answer gets: twice the longest reference solution and 16 (a model may write more than the
+    # reference, a settled row stops), in the half of the context that generate leaves answers
+    max_new = min(T // 2, MAX_NEW if longest is None else 2 * longest + 16)
+    if longest is not None and longest + 1 > T // 2 and RANK == 0:  # + 1: the line end that settles an answer
+        print(f"note: {path}: reference answers of up to {longest} tokens, but a context of {T} leaves answers "
+              f"{T // 2}: longer ones are cut short (a larger --block_size fits them)", file=sys.stderr)
+    return {"hq": windows(cfg.data, "hq_val.bin", meta, T), "web": web, "problems": problems, "max_new": max_new,
+            "web_val": list(range(web_split(web.n, T), web.n)), "enc": enc}
 
 @torch.no_grad()
 def generate(model, prompts, max_new, done=None):  # greedy, left-padded, until done(a row's new tokens) for every row
-    max_new, device = min(max_new, model.config.block_size // 2), model.lm_head.weight.device
-    prompts = [p[-(model.config.block_size - max_new):] for p in prompts]  # prompt and generated tokens fit the context
+    T, device = model.config.block_size, model.lm_head.weight.device
+    # a prompt keeps at most the context's first half, its answer the rest, whatever max_new: the same prompts always
+    max_new, prompts = min(max_new, T // 2), [p[-(T - T // 2):] for p in prompts]
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
@@ -882,7 +917,7 @@ def answered(text):  # whether text's final answer is settled: a line has ended 
     m = ANSWER.search(text)
     return m is not None and "\n" in text[m.end():]
 
-def answers(model, problems, enc, max_new=48):  # 1 or 0 per problem: final_answer(generated text) == its answer
+def answers(model, problems, enc, max_new=MAX_NEW):  # 1 or 0 per problem: final_answer(generated text) == its answer
     def text(o):  # up to the end-of-text token; padded ids (beyond the vocabulary) dropped
         o = o[:o.index(enc.eot_token)] if enc.eot_token in o else o
         return enc.decode([t for t in o if t < enc.n_vocab])
@@ -906,7 +941,7 @@ def evaluate(model, ev, cfg, final=False):  # (measures, per-token records); the
     for i in range(0, len(hq_val), 32):
         hq = ev["hq"].get(hq_val[i:i + 32], cfg.device)
         total, n = total + model_token_loss(model, hq.x, hq.y).sum().item(), n + int((hq.y != IGNORE).sum())
-    correct = answers(model, ev["problems"] if final else ev["problems"][:cfg.eval_problems], ev["enc"])
+    correct = answers(model, ev["problems"] if final else ev["problems"][:cfg.eval_problems], ev["enc"], ev["max_new"])
     measures = {"val_loss_hq": round(total / n, 4), "val_loss_web": round(web.sum().item() / n_web, 4),
                 "accuracy": accuracy(correct[:cfg.eval_problems])}
     measures.update({"correct": correct} if final and correct else {})  # every answer of the final evaluation
@@ -947,7 +982,7 @@ def load_checkpoint(path, meta=None, what="checkpoint"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"{path}: not a readable rho checkpoint ({type(e).__name__})")
+        die(f"{path}: not a readable rho checkpoint ({type(e).__name__}: cut short, or not written by torch.save)")
     missing = {"model", "model_config", "config", "encoding", "n_vocab"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         die(f"{path}: a torch file, but not a checkpoint written by rho.py (no {', '.join(sorted(missing))}): pass a "
@@ -988,8 +1023,8 @@ def build_model(cfg, meta, shape):  # from scratch of the shape flags given, or 
     if not cfg.init_from and cfg.mode != "base" and "base" in meta.get("tokens", ()):  # the demo's default
         base = os.path.join(cfg.out, "base", "ckpt.pt")
         if not os.path.isfile(base):
-            die(f"{base}: no base model: --{cfg.mode} on {cfg.data} starts from the base run; run `python rho.py "
-                "--base" + (f" --out {cfg.out}" if cfg.out != "out" else "") + "` first, or pass --init_from scratch")
+            die(f"{base}: no base model: --{cfg.mode} on {cfg.data} starts from the base run; run "
+                f"{command('base', cfg)} first, or pass --init_from scratch")
         if RANK == 0:
             print(f"{run_name(cfg)}: starting from the base run ({base}); --init_from scratch starts from random "
                   "weights")
@@ -1002,10 +1037,12 @@ def build_model(cfg, meta, shape):  # from scratch of the shape flags given, or 
             die(f"--n_embd {shape.n_embd}: must be a multiple of --n_head {shape.n_head} (each head gets n_embd / "
                 "n_head)")
         return GPT(shape).to(cfg.device)
+    hf = cfg.init_from.startswith("hf:") or os.path.isfile(os.path.join(cfg.init_from, "config.json"))  # transformers
+    path = None if hf else init_path(cfg)
     ignored = [f"--{key}" for key in given if key != "block_size"]
     if ignored and RANK == 0:
         print(f"warning: {' '.join(ignored)} ignored: the model's shape comes from {cfg.init_from}", file=sys.stderr)
-    if cfg.init_from.startswith("hf:") or os.path.isfile(os.path.join(cfg.init_from, "config.json")):  # transformers
+    if hf:
         model = load_hf(cfg.init_from, given.get("block_size"))
         # byte ids fit only a model export.py wrote from a run on bytes data (its config says so)
         foreign = meta["encoding"] == "bytes" != getattr(model.hf.config, "rho_encoding", None)
@@ -1015,9 +1052,17 @@ def build_model(cfg, meta, shape):  # from scratch of the shape flags given, or 
                 f"--encoding {cfg.init_from}` (its own tokenizer; GPT-2: --encoding gpt2)")
         check_tokenizer(cfg, meta)
         return model.to(cfg.device)
-    run_ckpt = os.path.join(cfg.out, cfg.init_from, "ckpt.pt")  # a path, or the name of a run in --out
-    path = run_ckpt if not os.path.exists(cfg.init_from) and os.path.isfile(run_ckpt) else cfg.init_from
     return model_of(load_checkpoint(path, meta, "base checkpoint"), given.get("block_size"), path).to(cfg.device)
+
+def init_path(cfg):  # --init_from's checkpoint: a ckpt.pt, a run's folder, or the name of a run in --out
+    tried = (cfg.init_from, os.path.join(cfg.init_from, "ckpt.pt"), os.path.join(cfg.out, cfg.init_from, "ckpt.pt"))
+    found = [path for path in tried if os.path.isfile(path)]
+    if not found and os.path.isdir(cfg.init_from):
+        what = "an empty folder" if not os.listdir(cfg.init_from) else "prepared data (meta.json)" if os.path.isfile(
+            os.path.join(cfg.init_from, "meta.json")) else "a folder without ckpt.pt or config.json"
+        die(f"--init_from {cfg.init_from}: {what}, not a model: pass a run's folder or its ckpt.pt, the name of a "
+            f"run in --out ({cfg.out}), scratch, hf:NAME, or a folder saved by transformers' save_pretrained")
+    return found[0] if found else cfg.init_from
 
 def check_resume(ckpt, cfg, model, meta, path):  # every flag that defines the run, and the data, as they were
     saved, now = {**ckpt["config"], **ckpt["model_config"]}, {**asdict(cfg), **asdict(model.config)}
@@ -1148,9 +1193,11 @@ RUN_FILES = ("ckpt.pt", "metrics.json", "tokens.npz", "ref_scores.bin", "ref_sco
 def earlier_run(out_dir, cfg):  # refuses an earlier run's files unless --resume or --overwrite
     old = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
     old += [os.path.basename(d) for d in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.dcp")))]  # FSDP's shards
-    if old and not (cfg.resume or cfg.overwrite):
+    if old and not (cfg.resume or cfg.overwrite):  # a torn ckpt.pt (torch.save writes a zip) cannot be resumed
+        torn = "ckpt.pt" in old and not zipfile.is_zipfile(os.path.join(out_dir, "ckpt.pt"))
         die(f"{out_dir}: holds a{' finished' if 'metrics.json' in old else 'n unfinished'} run ({', '.join(old)}): "
-            "--resume continues it, --overwrite replaces it, --name NAME starts this one beside it")
+            + ("its ckpt.pt is not a whole torch file (cut short?), so it cannot resume: " if torn else
+               "--resume continues it, ") + "--overwrite replaces it, --name NAME starts this one beside it")
     return old
 
 LOCK = "run.lock"  # "PID HOST" of the command writing a run's folder; main removes it as that command exits
@@ -1184,6 +1231,22 @@ def unlock(out_dir):  # the run's lock, if this process holds it
     if os.path.isfile(path) and Path(path).read_text().split()[:1] == [str(os.getpid())]:
         os.remove(path)
 
+
+def command(mode, cfg, **flags):
+    """A rho.py command line that runs as is: --mode, --name, cfg's --data, --out and --device, then flags; a flag at
+    its default (None, False) is left out."""
+    default = {**asdict(RunConfig()), "dtype": "bfloat16" if cfg.device.startswith("cuda") else "float32"}
+    given = {"name": flags.pop("name", None), "data": cfg.data, "out": cfg.out, "device": cfg.device, **flags}
+    words = [f"--{key}" + ("" if v is True else f" {shlex.quote(str(v))}") for key, v in given.items()
+             if v is not None and v is not False and v != default.get(key)]
+    return f"`python rho.py {' '.join([f'--{mode}', *words])}`"
+
+def saved_flags(ckpt, mode):  # the flags of a checkpoint's run that --mode reads; its shape where it was its own
+    flags = {key: v for key, v in ckpt["config"].items() if key in MODE_FLAGS[mode] - {"resume", "overwrite"}}
+    own = flags.get("init_from") in ("", "scratch")
+    shape = {key: v for key, v in ckpt["model_config"].items() if key == "block_size" or own and key in SHAPE}
+    return {**flags, **shape}
+
 def claim(out_dir, old, cfg):  # the run's folder, once every check passed; locked; tested; --overwrite empties it
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -1213,13 +1276,12 @@ def split_step(cfg):  # sequences per forward on each process, checked against t
     return cfg.micro_batch or share
 
 def stop_non_finite(what, value, step, name, cfg, state, ckpt_path):  # before the optimizer step: no NaN checkpoint
-    h, folder = state["history"], os.path.dirname(ckpt_path)
-    if not h and RANK == 0 and set(os.listdir(folder)) <= {LOCK}:
-        unlock(folder)
-        os.rmdir(folder)  # the folder this run made, still empty: nothing is left behind
-    last = f"; {ckpt_path} (step {h[-1]['step']}) holds the last good weights" if h else ""
-    die(f"{name}: the {what} became {value} at step {step}: lower --lr (e.g. --lr {cfg.lr / 3:.2g}) and start again "
-        f"with --overwrite (or another --name){last}")
+    h = state["history"]  # what diverged is not known: the flags that size a step are named, none blamed
+    last = f"; {ckpt_path} holds the last weights saved (step {h[-1]['step']}, val loss hq " \
+        f"{h[-1]['val_loss_hq']:.4g})" if h else ""
+    die(f"{name}: the {what} became {value} at step {step}, stopped before its update{last}. A step's "
+        f"size comes from --lr {cfg.lr:g}, --weight_decay {cfg.weight_decay:g}, --grad_clip {cfg.grad_clip:g} (and "
+        "the data): change what caused it, then start again with --overwrite (or another --name)")
 
 def train(cfg, shape):
     meta, name = load_meta(cfg.data), run_name(cfg)
@@ -1228,6 +1290,7 @@ def train(cfg, shape):
     model = build_model(cfg, meta, shape)
     T = model.config.block_size
     train_w, hi, ref_sha = training_windows(cfg, meta, T)
+    train_w.step_windows(0, cfg.batch_size, cfg.seed, hi)  # fewer than one batch: refused before the folder is made
     ev = eval_sets(cfg, meta, train_w if cfg.mode in ("clm", "slm") else web_windows(cfg, meta, T))
     gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise: the same on every process
     n_labels = len(meta["labels"]) if "labels" in meta and cfg.mode in ("clm", "slm") else 0  # the demo's audit
@@ -1288,7 +1351,8 @@ def train(cfg, shape):
             if n_labels:  # every process counted its own share
                 sum_ranks(counts)
             if master or cfg.fsdp:  # under FSDP every process takes part in the evaluation's forwards
-                measures, records = evaluate(model, ev, cfg, step + 1 == cfg.steps)
+                with autocast(cfg):  # at the precision of training and scoring
+                    measures, records = evaluate(model, ev, cfg, step + 1 == cfg.steps)
                 states = save_states(model, opt, cfg, ckpt_path, step + 1)
             if master:
                 measures["eval_s"] = round(time.time() - now, 2)  # what one evaluation costs, apart from wall_s
@@ -1301,7 +1365,7 @@ def train(cfg, shape):
                       f"{(cfg.steps - step - 1) * dt / n:.0f}s", flush=True)
             t_last, last, loss_sum = time.time(), step + 1, 0.0
             counts.zero_()
-    extra = {"eval_problems": len(ev["problems"][:cfg.eval_problems])}
+    extra = {"eval_problems": len(ev["problems"][:cfg.eval_problems]), "answer_tokens": ev["max_new"]}
     if cfg.mode == "ref":  # every process scores its share
         if cfg.fsdp:  # scoring needs no gradients or optimizer: each process scores with the whole model
             dist.barrier()  # once rank 0 has written the last ckpt.pt
@@ -1365,6 +1429,10 @@ def check_flags(a, mode, given):  # bad values and flags the mode ignores, one l
         die(f"{' '.join('--' + f for f in ignored)}: --{mode} does not read {them}"
             + (" (--slm's flags)" if set(ignored) <= SLM_FLAGS else " (--ref's and --score's flags)"
                if set(ignored) <= SCORE_FLAGS else "") + f"; drop {them}")
+    for flag in ("data", "ref_run"):  # '' would name the current folder (and break every command that quotes it)
+        if not getattr(a, flag).strip():
+            die(f"--{flag} {getattr(a, flag)!r}: empty: name a " + ("prepared data folder (default data/demo)"
+                if flag == "data" else "reference run in --out (default ref)"))
     if not 0 < a.k <= 1:
         die(f"--k {a.k}: k is the share of tokens selected and must be in (0, 1], e.g. --k 0.6")
     shape = [(f, 1) for f in SHAPE if getattr(a, f) is not None]
@@ -1413,7 +1481,9 @@ def parse_args(argv=None):
         if isinstance(v, bool):  # --compile and --no-compile: a preset's True can be turned off
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
-            p.add_argument(f"--{f.name}", type=type(v), choices=CHOICES.get(f.name),
+            choices = CHOICES.get(f.name)  # shown as {a|b}: a choice may hold a comma (--scores loss,entropy)
+            shown = choices and "{" + "|".join(c or "''" for c in choices) + "}"
+            p.add_argument(f"--{f.name}", type=type(v), choices=choices, metavar=shown,
                            help=f.metadata["help"] + (f" (default {v})" if v else ""))
     for key in SHAPE:  # GPTConfig's fields but vocab_size: the data's
         p.add_argument(f"--{key}", type=int, help=f"model {key} (default {getattr(GPTConfig, key)}; a run that starts "
@@ -1435,6 +1505,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg, shape = parse_args(argv)
+    # the folders this command may make: a failed one removes those it made that are still empty
+    made = [d for d in (os.path.join(cfg.out, run_name(cfg)), cfg.out) if not os.path.exists(d)]
     if WORLD > 1 or cfg.fsdp:  # one of torchrun's processes (--fsdp on one too: a resume on fewer)
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{LOCAL}"
@@ -1447,13 +1519,14 @@ def main(argv=None):
         if cfg.mode != "score":
             return train(cfg, shape)
         meta, name = load_meta(cfg.data), run_name(cfg)
-        ckpt = load_checkpoint(os.path.join(cfg.out, name, "ckpt.pt"), meta, "reference model")
+        path = os.path.join(cfg.out, name, "ckpt.pt")  # an FSDP run's shards are read from beside it
+        ckpt = load_checkpoint(path, meta, "reference model")
         if RANK == 0:
             lock_run(os.path.join(cfg.out, name))
-        info = score_web(model_of(ckpt, None, name).to(cfg.device), meta, cfg, name)
+        info = score_web(model_of(ckpt, None, path).to(cfg.device), meta, cfg, name)
         if RANK == 0 and not os.path.isfile(os.path.join(cfg.out, name, "metrics.json")):
-            print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): `python rho.py --ref "
-                  f"--resume --name {name}`, with the flags it was started with, writes it and keeps these scores")
+            print(f"note: {cfg.out}/{name}/metrics.json is missing (killed while scoring?): "
+                  f"{command('ref', cfg, resume=True, **saved_flags(ckpt, 'ref'))} writes it and keeps these scores")
         return info
     except OSError as e:  # a full disk or a lost folder mid-run: a killed or failed run resumes
         again = "the same command again" if cfg.mode == "score" else "again with --resume"  # finished blocks kept
@@ -1464,6 +1537,9 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, sigterm)
         if RANK == 0:
             unlock(os.path.join(cfg.out, run_name(cfg)))
+        for d in made if RANK == 0 else ():
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
         if dist.is_initialized():  # free DDP's reference cycles first: a gloo group left at interpreter exit can abort
             gc.collect()
             dist.destroy_process_group()
