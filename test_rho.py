@@ -2836,7 +2836,7 @@ def test_report_pairs_lm_eval_accuracies_as_its_own():
 # --- issue 31: misleading messages, review items
 # each refusal: one line naming the flag or file and what works; the files that were there keep their sha256
 
-def refused_argv(match, *argv, folder):
+def rejects(match, *argv, folder):
     """rho.main(argv) fails with one line matching match, and leaves folder's files as they were: the message."""
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
     with pytest.raises(SystemExit, match=rf"^error: {match}") as e:
@@ -2855,7 +2855,7 @@ def test_init_from_a_folder_empty_flags_and_help(demo, tmp_path, capsys):
     run(demo, tmp_path, "--base", "--steps", "1", "--eval_problems", "0")
     (tmp_path / "empty").mkdir()
     for folder, what in ((tmp_path / "empty", "an empty folder"), (demo / "data", r"prepared data \(meta.json\)")):
-        refused_argv(rf"--init_from {folder}: {what}, not a model: pass a run's folder or its ckpt.pt, the name of a run "
+        rejects(rf"--init_from {folder}: {what}, not a model: pass a run's folder or its ckpt.pt, the name of a run "
                 r"in --out \(.*\), scratch, hf:NAME, or a folder saved by transformers' save_pretrained$",
                 "--data", demo / "data", "--out", tmp_path, *TINY, "--clm", "--steps", "1", "--init_from", folder,
                 folder=tmp_path)
@@ -2863,9 +2863,9 @@ def test_init_from_a_folder_empty_flags_and_help(demo, tmp_path, capsys):
     m = run(demo, tmp_path, "--clm", "--steps", "1", "--eval_problems", "0", "--init_from", str(tmp_path / "base"))
     assert m["init_sha256"] == rho.weights_sha256(weights_model := rho.model_of(
         rho.load_checkpoint(str(tmp_path / "base" / "ckpt.pt")), None, "")) and weights_model.config.n_layer == 1
-    refused_argv(r"--data '': empty: name a prepared data folder \(default data/demo\)$", "--clm", "--data", "",
+    rejects(r"--data '': empty: name a prepared data folder \(default data/demo\)$", "--clm", "--data", "",
             "--out", tmp_path, folder=tmp_path)
-    refused_argv(r"--ref_run '': empty: name a reference run in --out \(default ref\)$", "--slm", "--ref_run", "",
+    rejects(r"--ref_run '': empty: name a reference run in --out \(default ref\)$", "--slm", "--ref_run", "",
             "--data", demo / "data", "--out", tmp_path, folder=tmp_path)
     with pytest.raises(SystemExit):
         rho.parse_args(["--help"])
@@ -2880,7 +2880,7 @@ def test_suggested_commands_run_as_is_after_a_scores_mismatch(demo, tmp_path):
     rho.main(["--data", str(tmp_path / "other"), "--out", str(out), *TINY, "--ref", "--steps", "1", "--scores", "loss",
               "--score_dtype", "float16", "--eval_problems", "0"])
     slm = ["--data", demo / "data", *TINY, "--slm", "--steps", "1", "--eval_problems", "0"]
-    msg = refused_argv(r".*o6/ref/ref_scores.bin: reference scores do not match .*data: computed for .*other \(its "
+    msg = rejects(r".*o6/ref/ref_scores.bin: reference scores do not match .*data: computed for .*other \(its "
                   r"meta.json differs\): re-run `python rho.py --score --name ref --data .*data --out .*o6 "
                   r"--score_dtype float16 --scores loss --overwrite`$", *slm, "--out", out, folder=tmp_path)
     rho.main(suggested(msg))
@@ -2890,12 +2890,12 @@ def test_suggested_commands_run_as_is_after_a_scores_mismatch(demo, tmp_path):
     run(demo, tmp_path, "--ref", "--steps", "1", "--eval_problems", "0")
     run(demo, tmp_path / "half", "--ref", "--steps", "1", "--score_dtype", "float16", "--eval_problems", "0")
     shutil.copy(tmp_path / "half" / "ref" / "ref_scores.bin", tmp_path / "ref" / "ref_scores.bin")
-    msg = refused_argv(r".*ref_scores.bin: reference scores do not match its .json: 4 bytes a token, as float32 loss or "
+    msg = rejects(r".*ref_scores.bin: reference scores do not match its .json: 4 bytes a token, as float32 loss or "
                   r"float16 loss,entropy scores are, but the .json says float32 loss,entropy \(8 bytes\): re-run "
                   r"`python rho.py --score --name ref --data .* --out .*`$", *slm, "--out", tmp_path, folder=tmp_path)
     rho.main(suggested(msg))
     os.remove(tmp_path / "ref" / "ref_scores.bin.json")
-    msg = refused_argv(r".*ref_scores.bin.json: reference scores missing: re-run `python rho.py --score --name ref --data "
+    msg = rejects(r".*ref_scores.bin.json: reference scores missing: re-run `python rho.py --score --name ref --data "
                   r".* --out .*`$", *slm, "--out", tmp_path, folder=tmp_path)
     rho.main(suggested(msg))
     assert rho.main([str(a) for a in slm] + ["--out", str(tmp_path)])["tokens_trained"] == math.ceil(0.6 * 4 * 32)
@@ -2904,7 +2904,7 @@ def test_divergence_eval_json_torn_checkpoint_and_short_eval_set(demo, tmp_path,
     """--weight_decay 1e6 diverges: the message names the flags that size a step, blames none, calls no weights good;
     a missing eval.json says so; a torn ckpt.pt is not offered --resume; --eval_problems above the eval set's size
     is said once."""
-    msg = refused_argv(r"wd: the loss became nan at step \d+, stopped before its update; .*wd/ckpt.pt holds the last "
+    msg = rejects(r"wd: the loss became nan at step \d+, stopped before its update; .*wd/ckpt.pt holds the last "
                   r"weights saved \(step \d+, val loss hq .*\)\. A step's size comes from --lr 0.003, "
                   r"--weight_decay 1e\+06, --grad_clip 1 \(and the data\): change what caused it, then start again "
                   r"with --overwrite",
@@ -2913,14 +2913,14 @@ def test_divergence_eval_json_torn_checkpoint_and_short_eval_set(demo, tmp_path,
     assert "good" not in msg and "lower --lr" not in msg
     shutil.copytree(demo / "data", tmp_path / "noeval", ignore=shutil.ignore_patterns("base.bin"))
     os.remove(tmp_path / "noeval" / "eval.json")
-    refused_argv(r".*noeval/eval.json: missing \(prepare.py writes it beside the token files\): run prepare.py for .*noeval "
+    rejects(r".*noeval/eval.json: missing \(prepare.py writes it beside the token files\): run prepare.py for .*noeval "
             r"again, or pass --eval_problems 0 to train without measuring accuracy$", "--data", tmp_path / "noeval",
             "--out", tmp_path / "o5", *TINY, "--clm", "--steps", "1", folder=tmp_path)
     assert not (tmp_path / "o5").exists()
     run(demo, tmp_path, "--clm", "--steps", "1", "--eval_problems", "0")
     (tmp_path / "clm" / "ckpt.pt").write_bytes((tmp_path / "clm" / "ckpt.pt").read_bytes()[:1000])  # a run cut
     os.remove(tmp_path / "clm" / "metrics.json")
-    refused_argv(r".*clm: holds an unfinished run \(ckpt.pt, tokens.npz\): its ckpt.pt is not a whole torch file \(cut "
+    rejects(r".*clm: holds an unfinished run \(ckpt.pt, tokens.npz\): its ckpt.pt is not a whole torch file \(cut "
             r"short\?\), so it cannot resume: --overwrite replaces it, --name NAME starts this one beside it$",
             "--data", demo / "data", "--out", tmp_path, *TINY, "--clm", "--steps", "1", folder=tmp_path)
     capsys.readouterr()
@@ -2933,7 +2933,7 @@ def test_failed_commands_leave_no_folder_they_made(demo, tmp_path, monkeypatch):
     """Fewer than one batch is refused before the run's folder is made; a run that fails (or is interrupted) before
     its first checkpoint removes the run folder and the --out folder it made, never a folder that was there."""
     for mode in ("--clm", "--ref"):
-        refused_argv(r".*training windows of 33 tokens, fewer than one batch: lower --batch_size$", "--data",
+        rejects(r".*training windows of 33 tokens, fewer than one batch: lower --batch_size$", "--data",
                 demo / "data", "--out", tmp_path / "o11", *TINY, mode, "--steps", "1", "--batch_size", "100000",
                 folder=tmp_path)
     monkeypatch.setattr(rho, "evaluate", lambda *a: rho.die("failed in the evaluation"))
