@@ -579,24 +579,24 @@ SOONER = ("x sooner (the paper's 'N x sooner'): CLM's tokens for its whole run o
 
 def svg_strip(rows, title, xlabel, w=660):
     """A dot plot of paired differences, a row per comparison: each seed a dot, the mean a tick, its 95% interval a
-    thin bar and its Holm-level interval a thick one, 0 a grey rule. rows: (name, points, test)."""
+    thick bar and its Holm-level interval (wider) a thin one, 0 a grey rule. rows: (name, points, test)."""
     vals = [v for _, pts, t in rows for v in pts + ([t["lo"], t["hi"], *t["ci95"]] if "lo" in t else [])]
     xt = nice_ticks(min(vals + [0.0]), max(vals + [0.0]))
-    x0, x1, L, R, h = xt[0], xt[-1], 150, 20, 40 + 26 * len(rows)
+    x0, x1, L, R, h = xt[0], xt[-1], 150, 20, 48 + 26 * len(rows)
     px = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (w - L - R)
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
          f'<text x="4" y="14" font-weight="bold" font-size="12">{esc(title)}</text>']
     for x in xt:
         o.append(f'<text x="{px(x):.1f}" y="{h - 6}" text-anchor="middle">{fmt_num(round(x, 6))}</text>')
     o.append(f'<line x1="{px(0):.1f}" y1="22" x2="{px(0):.1f}" y2="{h - 18}" stroke="#888" stroke-dasharray="2,3"/>'
-             f'<text x="{w - R}" y="{h - 20}" text-anchor="end">{esc(xlabel)}</text>')
+             f'<text x="4" y="{h - 6}">{esc(xlabel)}</text>')
     for i, (name, pts, t) in enumerate(rows):
         y, c = 36 + 26 * i, COLORS[i % len(COLORS)]
         o.append(f'<text x="4" y="{y + 4}">{esc(name)}</text>')
         if "lo" in t:
-            o.append(f'<line x1="{px(t["ci95"][0]):.1f}" y1="{y}" x2="{px(t["ci95"][1]):.1f}" y2="{y}" stroke="{c}"/>'
-                     f'<line x1="{px(t["lo"]):.1f}" y1="{y}" x2="{px(t["hi"]):.1f}" y2="{y}" stroke="{c}" '
-                     f'stroke-width="4" opacity="0.5"/>')
+            o.append(f'<line x1="{px(t["lo"]):.1f}" y1="{y}" x2="{px(t["hi"]):.1f}" y2="{y}" stroke="{c}"/>'
+                     f'<line x1="{px(t["ci95"][0]):.1f}" y1="{y}" x2="{px(t["ci95"][1]):.1f}" y2="{y}" stroke="{c}" '
+                     f'stroke-width="5" opacity="0.4"/>')
         o.append(f'<line x1="{px(t["diff"]):.1f}" y1="{y - 8}" x2="{px(t["diff"]):.1f}" y2="{y + 8}" stroke="{c}" '
                  'stroke-width="2"/>')
         o += [f'<circle cx="{px(v):.1f}" cy="{y}" r="3.5" fill="{c}" fill-opacity="0.6"/>' for v in pts]
@@ -612,7 +612,8 @@ def per_seed_section(tests, base):
         rows = [(n, [scale * v for v in ts[key]["per_seed"]], scaled(ts[key], scale)) for n, ts in tests.items()
                 if ts.get(key) and ts[key]["seeds"] > 1]
         if rows:
-            html += svg_strip(rows, f"{label} - {base}'s, each seed a dot; bars: 95% and Holm-level t intervals", label)
+            html += svg_strip(rows, f"{label} - {base}'s, each seed a dot; bars: the t interval at 95% (thick) and at "
+                              "its Holm level (thin)", label)
     rows = [[n, key, i + 1, f"{100 * e['diff']:+.1f}", f"{e['discordant'][0]} / {e['discordant'][1]}", f"{e['p']:.2g}"]
             for n, ts in tests.items() for key in ("accuracy", *tasks) if ts.get(key)
             for i, e in enumerate(ts[key].get("each_seed", []))]
@@ -937,15 +938,15 @@ def table(outs, groups, runs, tests):
 def print_paired(tests, w, several):
     """Each run paired with CLM of the same seed: over seeds, the t and sign tests; one seed, this pair of runs."""
     if several:
-        print(f"\n{'paired with clm':<{w}}{'val hq - clm':>28}{'p':>8}{'sign':>12}  {'acc - clm (points)':>28}{'p':>8}"
-              f"{'sign':>12}")
+        print(f"\n{'paired with clm':<{w}}{'val hq - clm':>28}{'p':>8}{'sign':>14}  {'acc - clm (points)':>28}{'p':>8}"
+              f"{'sign':>14}")
         for n, t in tests.items():
             loss, acc = t["val_loss_hq"], t["accuracy"]
-            print(f"{n:<{w}}{fmt_test(loss):>28}{fmt_p(loss):>8}{fmt_sign(loss):>12}  {fmt_test(acc, True):>28}"
-                  f"{fmt_p(acc):>8}{fmt_sign(acc):>12}")
+            print(f"{n:<{w}}{fmt_test(loss):>28}{fmt_p(loss):>8}{fmt_sign(loss):>14}  {fmt_test(acc, True):>28}"
+                  f"{fmt_p(acc):>8}{fmt_sign(acc):>14}")
             for task in [k for k in t if k.startswith("lm-eval ")]:  # lm-eval's accuracies, where it was run
-                print(f"{'':<{w}}{task + ' - clm (points)':>48}  {fmt_test(t[task], True):>28}{fmt_p(t[task]):>8}"
-                      f"{fmt_sign(t[task]):>12}")
+                print(f"{'':<{w}}{task + ' - clm (points)':>50}  {fmt_test(t[task], True):>28}{fmt_p(t[task]):>8}"
+                      f"{fmt_sign(t[task]):>14}")
     else:
         print(f"\n{'one seed: these runs':<{w}}{'val hq - clm':>14}   {'acc - clm (points)':>24}{'McNemar p':>11}")
         for n, t in tests.items():

@@ -2109,7 +2109,7 @@ def test_report_refuses_folders_that_are_not_seeds_of_one_configuration(one_proc
             report.main([str(x) for x in argv])
     edit(b / "excess" / "metrics.json", lambda m: {**m, "config": {**m["config"], "lr": 0.1}})
     with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(b))}/excess: --lr 0.1, where {re.escape(str(a))}"
-                                         rf"/excess has {SPLIT_LR}: not seeds of one configuration; report them "
+                                         rf"/excess has {float(SPLIT_LR)}: not seeds of one configuration; report them "
                                          "separately$"):
         report.main([str(a), str(b)])
     edit(b / "random" / "metrics.json", lambda m: {**m, "data": {**m["data"], "sha256": "e" * 64}})
