@@ -45,9 +45,6 @@ def gpt2_of(model, eot):
 def load_run(run):  # (the run's model, its checkpoint, the path) or one line saying why it cannot be exported
     path = os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run
     ckpt = rho.load_checkpoint(path, what="run checkpoint (RUN_DIR: a run folder of rho.py, or its ckpt.pt)")
-    shards = os.path.join(os.path.dirname(path), ckpt["model"]) if isinstance(ckpt["model"], str) else None
-    if shards and not os.path.isdir(shards):  # an FSDP run's: ckpt.pt names the folder of its shards
-        die(f"{path}: its weights could not be read (its shards {shards} are missing): export a complete run")
     try:
         return rho.model_of(ckpt, None, path).eval(), ckpt, path
     except (OSError, RuntimeError, ValueError, CheckpointException) as e:  # shards cut short or of another model
@@ -137,10 +134,10 @@ def export(run, out, overwrite=False):
     print(f"export: {path} (step {ckpt['step']}{'' if ckpt['step'] == steps else f' of {steps}'}) -> {out}: "
           f"{type(hf).__name__}, {sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M params, {encoding} tokenizer "
           f"({len(tok)} tokens)")
-    # rho's answers(): greedy, min(48, T/2) new tokens after the prompt's last T - that many tokens
+    # rho's answers(): greedy, a prompt's last T - T/2 tokens, the answer in the other T/2 (rho stops once it is settled)
     print(f"lm-eval on {data}'s held-out problems, as rho evaluates them:\n  lm_eval --model hf --model_args "
           f"pretrained={out},dtype=float32,max_length={T},add_bos_token=False --include_path lm_eval_tasks "
-          f"--tasks rho_heldout --metadata '{{\"data\": \"{data}\"}}' --gen_kwargs max_gen_toks={min(48, T // 2)} "
+          f"--tasks rho_heldout --metadata '{{\"data\": \"{data}\"}}' --gen_kwargs max_gen_toks={T // 2} "
           f"--batch_size 64 --output_path {os.path.join(os.path.dirname(path), 'lm_eval')} --log_samples")
     return hf, tok
 
