@@ -2241,6 +2241,8 @@ def test_issue31_block_size_1_and_fsdp_shards_missing(demo, tmp_path):
 
 def test_issue31_ctrl_c_and_sigterm_say_where_the_run_stopped(demo, tmp_path, monkeypatch):
     real, handler = rho.lr_at, signal.getsignal(signal.SIGTERM)
+    # Python's own Ctrl-C handler, as in a terminal: a shell's background job (CI's, nohup's) starts with SIGINT ignored
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     for how in ("SIGINT", "SIGTERM"):
         def stop_at_step_3(step, cfg):
             if step == 3:  # as a user's Ctrl-C (KeyboardInterrupt) or a scheduler's SIGTERM arrives
@@ -2251,6 +2253,7 @@ def test_issue31_ctrl_c_and_sigterm_say_where_the_run_stopped(demo, tmp_path, mo
                                              r"run the same command with --resume to continue$"):
             run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--eval_problems", "0", "--name", how)
         assert signal.getsignal(signal.SIGTERM) == handler and not (tmp_path / how / rho.LOCK).exists()
+    signal.signal(signal.SIGINT, interrupt)
     monkeypatch.setattr(rho, "lr_at", real)
     m = run(demo, tmp_path, "--clm", "--steps", "4", "--eval_every", "2", "--eval_problems", "0", "--name", "SIGTERM",
             "--resume")

@@ -22,8 +22,9 @@ def problems(data):
         return [{**p, "context": text([enc.eot_token] + enc.encode_ordinary(p["prompt"]))} for p in json.load(f)]
 
 def load(data="data/demo", **metadata):  # the task's dataset (custom_dataset): --metadata '{"data": FOLDER}'
+    rows = problems(data)  # a missing folder said first, where lm-eval's datasets may be absent
     import datasets
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(problems(data))})
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 def process_results(doc, results):  # 1 where the final answer of the text generated (up to end-of-text) is right
     return {"exact_match": int(final_answer(results[0]) == doc["answer"])}
