@@ -945,7 +945,7 @@ def print_paired(tests, w, several):
             print(f"{n:<{w}}{fmt_test(loss):>28}{fmt_p(loss):>8}{fmt_sign(loss):>14}  {fmt_test(acc, True):>28}"
                   f"{fmt_p(acc):>8}{fmt_sign(acc):>14}")
             for task in [k for k in t if k.startswith("lm-eval ")]:  # lm-eval's accuracies, where it was run
-                print(f"{'':<{w}}{task + ' - clm (points)':>50}  {fmt_test(t[task], True):>28}{fmt_p(t[task]):>8}"
+                print(f"{'  ' + task + ' - clm (points)':<{w + 52}}{fmt_test(t[task], True):>28}{fmt_p(t[task]):>8}"
                       f"{fmt_sign(t[task]):>14}")
     else:
         print(f"\n{'one seed: these runs':<{w}}{'val hq - clm':>14}   {'acc - clm (points)':>24}{'McNemar p':>11}")
@@ -953,7 +953,7 @@ def print_paired(tests, w, several):
             print(f"{n:<{w}}{fmt_test(t['val_loss_hq']):>14}   {fmt_test(t['accuracy'], True):>24}"
                   f"{fmt_p(t['accuracy']):>11}")
             for task in [k for k in t if k.startswith("lm-eval ")]:
-                print(f"{'':<{w}}{task + ' - clm (points)':>41}{fmt_test(t[task], True):>24}{fmt_p(t[task]):>11}")
+                print(f"{'  ' + task + ' - clm (points)':<{w + 17}}{fmt_test(t[task], True):>24}{fmt_p(t[task]):>11}")
     print(textwrap.fill(explain(tests), 116))
     print(textwrap.fill(noise(tests), 116) or "acc: no per-problem records (final.correct) in these runs.")
 
