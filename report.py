@@ -381,8 +381,10 @@ def fmt_test(t, pct=False):
 
 def fmt_p(t):
     """The Holm-adjusted p of the test over seeds; one seed: McNemar's p on these two runs' problems; else '-'."""
-    p = t and (t.get("p_holm") if "p" in t else t.get("each_seed") and t["each_seed"][0]["p"])
-    if p is None or p is False:
+    p = None
+    if t:
+        p = t.get("p_holm") if "p" in t else t["each_seed"][0]["p"] if t.get("each_seed") else None
+    if p is None:
         return "-"
     return "<1e-300" if p < 1e-300 else f"{p:.2g}" if p < 0.01 else f"{p:.2f}"  # <1e-300: below a float64
 
