@@ -134,7 +134,7 @@ def export(run, out, overwrite=False):
     print(f"export: {path} (step {ckpt['step']}{'' if ckpt['step'] == steps else f' of {steps}'}) -> {out}: "
           f"{type(hf).__name__}, {sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M params, {encoding} tokenizer "
           f"({len(tok)} tokens)")
-    # rho's answers(): greedy, a prompt's last T - T/2 tokens, the answer in the other T/2 (rho stops once it is settled)
+    # rho's answers(): greedy, a prompt's last T - T/2 tokens, the answer in the other T/2 (stops once settled)
     print(f"lm-eval on {data}'s held-out problems, as rho evaluates them:\n  lm_eval --model hf --model_args "
           f"pretrained={out},dtype=float32,max_length={T},add_bos_token=False --include_path lm_eval_tasks "
           f"--tasks rho_heldout --metadata '{{\"data\": \"{data}\"}}' --gen_kwargs max_gen_toks={T // 2} "
