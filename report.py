@@ -319,33 +319,33 @@ def seed_test(d):
     return {**out, **paired_t(d), "sign": [pos, neg], "p_sign": p_sign, "method": "paired t over seeds"}
 
 def this_pair(run, base):
-    """One seed's two runs on the same problems: McNemar's exact test on the discordant answers and the difference's
-    interval over the problems. It describes these two runs, never the method: the runs' own training noise is
-    not in it."""
-    d = np.asarray(run["correct"]) - np.asarray(base["correct"])
+    """One seed's two runs' answers (0/1) to the same problems: McNemar's exact test on the discordant answers and
+    the difference's interval over the problems. It describes these two runs, never the method: the runs' own
+    training noise is not in it."""
+    d = np.asarray(run) - np.asarray(base)
     right, wrong = int((d == 1).sum()), int((d == -1).sum())
     return {"diff": float(d.mean()), "discordant": [right, wrong], "p": mcnemar(right, wrong),
             "ci95": paired_diff_interval(d), "problems": len(d)}
 
-def acc_test(runs, base):
-    """The accuracy over seeds, as seed_test; beside it, each seed's pair of runs described problem by problem
-    (this_pair), where both runs kept every answer (final.correct) of the same problems."""
-    t = seed_test(per_seed(runs, base, "accuracy"))
-    pairs = [(r["final"], b["final"]) for r, b in zip(runs, base)
-             if r and b and r["final"]["accuracy"] is not None and b["final"]["accuracy"] is not None]
-    if t and all(r.get("correct") and b.get("correct") and len(r["correct"]) == len(b["correct"]) for r, b in pairs):
-        t["each_seed"] = [this_pair(r, b) for r, b in pairs]
+def with_each_seed(t, pairs):
+    """A test over seeds with each seed's pair of runs described problem by problem (this_pair) beside it, where
+    both runs of every seed kept their answers (0/1) to the same problems; pairs: (run's answers, base's) a seed."""
+    if t and all(x is not None and y is not None and len(x) == len(y) for x, y in pairs):
+        t["each_seed"] = [this_pair(x, y) for x, y in pairs]
     return t
+
+def acc_test(runs, base):
+    """The accuracy over seeds, as seed_test, each seed's pair of runs beside it (final.correct)."""
+    pairs = [(r["final"].get("correct") or None, b["final"].get("correct") or None) for r, b in zip(runs, base)
+             if r and b and r["final"]["accuracy"] is not None and b["final"]["accuracy"] is not None]
+    return with_each_seed(seed_test(per_seed(runs, base, "accuracy")), pairs)
 
 def lm_eval_test(runs, base, task):
     """An lm-eval task's accuracy (read_lm_eval, where the user ran it) paired as rho's own: the t test over seeds,
-    each seed's pair of runs described by McNemar."""
+    each seed's pair of runs beside it."""
     pairs = [(r["lm_eval"][task], b["lm_eval"][task]) for r, b in zip(runs, base)
              if r and b and task in r.get("lm_eval", {}) and task in b.get("lm_eval", {})]
-    t = seed_test([float(x.mean() - y.mean()) for x, y in pairs])
-    if t and all(len(x) == len(y) for x, y in pairs):
-        t["each_seed"] = [this_pair({"correct": x}, {"correct": y}) for x, y in pairs]
-    return t
+    return with_each_seed(seed_test([float(x.mean() - y.mean()) for x, y in pairs]), pairs)
 
 def against(groups, base):
     """Each group of runs (name: [a run per seed]) paired with base's runs of the same seed, on the final target loss

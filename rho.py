@@ -1231,7 +1231,6 @@ def unlock(out_dir):  # the run's lock, if this process holds it
     if os.path.isfile(path) and Path(path).read_text().split()[:1] == [str(os.getpid())]:
         os.remove(path)
 
-
 def command(mode, cfg, **flags):
     """A rho.py command line that runs as is: --mode, --name, cfg's --data, --out and --device, then flags; a flag at
     its default (None, False) is left out."""
@@ -1290,7 +1289,6 @@ def train(cfg, shape):
     model = build_model(cfg, meta, shape)
     T = model.config.block_size
     train_w, hi, ref_sha = training_windows(cfg, meta, T)
-    train_w.step_windows(0, cfg.batch_size, cfg.seed, hi)  # fewer than one batch: refused before the folder is made
     ev = eval_sets(cfg, meta, train_w if cfg.mode in ("clm", "slm") else web_windows(cfg, meta, T))
     gen = torch.Generator().manual_seed(cfg.seed)  # the random control's selection noise: the same on every process
     n_labels = len(meta["labels"]) if "labels" in meta and cfg.mode in ("clm", "slm") else 0  # the demo's audit
@@ -1449,7 +1447,7 @@ def check_flags(a, mode, given):  # bad values and flags the mode ignores, one l
         die("--out '': give the runs' folder (default out; '.' for the current folder)")
     for flag in ("name", "ref_run"):  # a run is a folder right in --out: a name, not a path
         v = getattr(a, flag)
-        if (v or flag == "ref_run") and (v in ("", ".", "..") or "/" in v or os.sep in v or len(v) > 100):
+        if v in (".", "..") or "/" in v or os.sep in v or len(v) > 100:  # '' is --name's default, --ref_run's above
             die(f"--{flag} {v[:40]!r}{'...' * (len(v) > 40)}: a run's name in --out: at most 100 characters, no "
                 "path separators, not '.' or '..'")
     if a.warmup >= a.steps and mode != "score":
