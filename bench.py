@@ -24,7 +24,7 @@ Head implementations (case head), all forward and backward of the loss from hidd
 TFLOP/s counts the head's useful work: 6 N d V for CLM, (2 + 6k) N d V for SLM; on a GPU, as a share of the bf16
 matmul ceiling measured in the same run.
 
-The figures, each with its command and machine: README.md, "Efficiency". On a CPU the peers' wheels (CUDA-only) are
+The figures, each with its command and machine: SCALE.md, "Efficiency". On a CPU the peers' wheels (CUDA-only) are
 skipped; ms/CLM and mem/CLM are against naive CLM (head) or the CLM step of the same case.
 """
 import argparse

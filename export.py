@@ -12,7 +12,7 @@ byte-level BPE tokenizers built here (no download), a transformers tokenizer (--
 it is. The folder is written under a temporary name beside OUT_DIR, then renamed into place.
 
 It prints the lm-evaluation-harness command that answers the data's held-out problems as rho's own evaluation does
-(lm_eval_tasks/rho_heldout.yaml: rho's prompt, greedy, its context and length, its answer pattern): README.md.
+(lm_eval_tasks/rho_heldout.yaml: rho's prompt, greedy, its context and length, its answer pattern): SCALE.md.
 """
 import argparse
 import os
