@@ -595,11 +595,11 @@ def score_dtype_change(data="data/demo", out="out", steps=200, k=0.6, batch_size
     model itself). Returns {dtype: (steps whose selection changed, selected tokens that changed)}."""
     meta = rho.load_meta(data)
     start = os.path.join(out, "base" if os.path.isfile(os.path.join(out, "base", "ckpt.pt")) else "ref", "ckpt.pt")
-    model = rho.model_of(rho.load_checkpoint(start, meta), None, start).eval()
+    model = rho.model_from_checkpoint(rho.load_checkpoint(start, meta), None, start).eval()
     cfg = rho.RunConfig(data=data, out=out, k=k)
     ref, _ = rho.load_ref_scores(cfg, meta, model.config.block_size)
     web = rho.web_windows(cfg, meta, model.config.block_size, ref)
-    hi = rho.web_split(web.n, web.T)
+    hi = rho.web_split(web.n_windows, web.T)
     changed = {"float16": [0, 0], "bfloat16": [0, 0]}
     n_sel = 0
     for step in range(steps):

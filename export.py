@@ -46,7 +46,7 @@ def load_run(run):  # (the run's model, its checkpoint, the path) or one line sa
     path = os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run
     ckpt = rho.load_checkpoint(path, what="run checkpoint (RUN_DIR: a run folder of rho.py, or its ckpt.pt)")
     try:
-        return rho.model_of(ckpt, None, path).eval(), ckpt, path
+        return rho.model_from_checkpoint(ckpt, None, path).eval(), ckpt, path
     except (OSError, RuntimeError, ValueError, CheckpointException) as e:  # shards cut short or of another model
         die(f"{path}: its weights could not be read ({type(e).__name__}): export a complete run")
 

@@ -246,6 +246,73 @@ class TokenWriter:
         return self.n
 
 # -----------------------------------------------------------------------------
+# reading the prepared data back (rho.py, report.py): every file checked against meta.json, so a file cut short,
+# edited or replaced is refused in one line that says to run prepare.py again
+
+HASH_MAX = 1 << 28  # files up to 256 MiB are hashed at every start; larger ones are checked by size alone
+META_KEYS = ("encoding", "vocab_size", "dtype", "tokens", "files")  # what rho.py reads of meta.json
+
+def read_json(path):
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2).encode())
+
+def sha256_differs(path, want):
+    """Whether a file's sha256 is not the one recorded (None: not recorded); files over HASH_MAX are not hashed."""
+    return want is not None and os.path.getsize(path) <= HASH_MAX and file_sha256(path) != want
+
+def load_meta(data):
+    """A prepared folder's meta.json, with its own sha256: the data's fingerprint (it covers every file's)."""
+    path = os.path.join(data, "meta.json")
+    if not os.path.isfile(path):
+        demo = os.path.normpath(data) == os.path.normpath("data/demo")
+        sys.exit(f"error: {data}: data not prepared (no meta.json): run `python prepare.py"
+                 + ("`" if demo else f" --hq FILE --web FILE --out {data}`"))
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:  # a cut or hand-edited file (a UnicodeDecodeError is a ValueError too)
+        sys.exit(f"error: {path}: not valid JSON ({e}): run prepare.py again")
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else [META_KEYS[0]]
+    if missing:
+        sys.exit(f"error: {path}: no key {missing[0]!r}: not written by prepare.py: run prepare.py again")
+    return {**meta, "sha256": hashlib.sha256(raw).hexdigest()}
+
+def prepared_path(data, name, meta):
+    """A prepared file's path, once its size and sha256 are those meta.json recorded."""
+    path = os.path.join(data, name)
+    if not os.path.isfile(path):
+        sys.exit(f"error: {path}: missing; re-run prepare.py for {data}")
+    rec, size = meta["files"].get(name), os.path.getsize(path)
+    if rec is None:
+        sys.exit(f"error: {path}: not recorded in {os.path.join(data, 'meta.json')}: run prepare.py again")
+    if size != rec["bytes"]:
+        sys.exit(f"error: {path}: {size:,} bytes, but prepare.py wrote {rec['bytes']:,} (cut short or replaced): "
+                 "run prepare.py again")
+    if sha256_differs(path, rec["sha256"]):
+        sys.exit(f"error: {path}: its content is not what prepare.py wrote (sha256 differs): run prepare.py again")
+    return path
+
+def read_array(data, name, meta, dtype, n=None):
+    """A prepared file as a read-only memmap of dtype; with n, it must hold n values of it."""
+    path = prepared_path(data, name, meta)
+    if n is not None and os.path.getsize(path) != n * np.dtype(dtype).itemsize:
+        sys.exit(f"error: {path}: {os.path.getsize(path):,} bytes are not {n:,} tokens of {dtype}, as meta.json says "
+                 "(edited?): run prepare.py again")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+def read_tokens(data, name, meta):
+    """A token file (web.bin, ...): its ids must fit the vocabulary (files over HASH_MAX are not read whole)."""
+    tokens = read_array(data, name, meta, meta["dtype"], meta["tokens"][name.removesuffix(".bin")])
+    if tokens.nbytes <= HASH_MAX and tokens.max(initial=0) >= meta["vocab_size"]:
+        sys.exit(f"error: {os.path.join(data, name)}: holds token id {tokens.max()}, beyond the vocabulary of "
+                 f"{meta['vocab_size']} in meta.json (edited?): run prepare.py again")
+    return tokens
+
+# -----------------------------------------------------------------------------
 # decontamination: a training document that shares a run of 13 words with a held-out question is dropped
 # (GPT-3's rule). Text is normalised first (NFKC, lowercased), and a word is then a run of letters, digits and marks of
 # any script: whitespace, punctuation and symbols of any script (a non-breaking space, a curly apostrophe, an em dash)

@@ -169,7 +169,7 @@ def test_gpt2_shape_flags_with_init_from(tmp_path, capsys):
 
 def test_same_batches_for_every_run_and_no_web_val_in_training():
     w = rho.Windows(np.arange(32 * 40 + 1, dtype=np.uint16), 32)
-    hi = rho.web_split(w.n, 32)
+    hi = rho.web_split(w.n_windows, 32)
     starts = lambda: [w.get(w.step_windows(s, 4, 7, hi), "cpu").x[:, 0] // 32 for s in range(2 * (hi // 4))]
     first, second = starts(), starts()
     assert all(torch.equal(a, b) for a, b in zip(first, second))  # a function of (seed, step) alone
@@ -197,7 +197,7 @@ def test_error_meta_json_invalid_or_missing_a_key(demo, tmp_path):
             rho.load_meta(str(data))
         assert "\n" not in str(e.value)
     (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
-    with pytest.raises(SystemExit, match=r"meta.json: prepared by an older prepare.py: run prepare.py again$"):
+    with pytest.raises(SystemExit, match=r"meta.json: no key 'files': not written by prepare.py: run prepare.py again$"):
         run(demo, tmp_path, "--clm", "--steps", "1", "--data", str(data))
 
 def test_error_token_file_cut_or_changed(demo, tmp_path, monkeypatch):
@@ -211,12 +211,12 @@ def test_error_token_file_cut_or_changed(demo, tmp_path, monkeypatch):
         (data / "web.bin").write_bytes(good[:cut])
         with pytest.raises(SystemExit, match=rf"^error: .*web.bin: {cut:,} bytes, but prepare.py wrote {len(good):,} "
                                              r"\(cut short or replaced\): run prepare.py again$"):
-            rho.windows(str(data), "web.bin", meta, 32)
+            rho.token_windows(str(data), "web.bin", meta, 32)
     (data / "web.bin").write_bytes(good[:-2] + bytes([good[-2] ^ 1, good[-1]]))  # one token changed, same size
     with pytest.raises(SystemExit, match=r"web.bin: its content is not what prepare.py wrote \(sha256 differs\)"):
-        rho.windows(str(data), "web.bin", meta, 32)
-    monkeypatch.setattr(rho, "HASH_MAX", len(good) - 1)  # above it: the size alone is checked
-    assert rho.windows(str(data), "web.bin", meta, 32).n == (len(good) // 2 - 1) // 32
+        rho.token_windows(str(data), "web.bin", meta, 32)
+    monkeypatch.setattr(prepare, "HASH_MAX", len(good) - 1)  # above it: the size alone is checked
+    assert rho.token_windows(str(data), "web.bin", meta, 32).n_windows == (len(good) // 2 - 1) // 32
     monkeypatch.undo()
     (data / "web.bin").write_bytes(good)
     run(demo, tmp_path, "--clm", "--steps", "2", "--eval_every", "1", "--data", str(data))
@@ -693,7 +693,7 @@ def test_answer_forms_of_the_data_and_of_generated_text(monkeypatch):
     monkeypatch.setattr(rho, "generate", lambda model, prompts, *_: [enc.encode_ordinary(s) + [enc.eot_token]
                                                                      for s in out])
     problems = [{"prompt": "Q", "answer": a} for a in ("12.5", "1000", "0.5", "12.5")]
-    assert rho.answers(None, problems, enc) == [1, 1, 1, 0] and rho.answers(None, [], enc) == []
+    assert rho.answers(None, problems, enc, 48) == [1, 1, 1, 0] and rho.answers(None, [], enc, 48) == []
     assert rho.accuracy([1, 1, 1, 0]) == 0.75 and rho.accuracy([]) is None
 
 def test_a_row_ends_once_its_answer_is_settled():
@@ -702,7 +702,7 @@ def test_a_row_ends_once_its_answer_is_settled():
     '#### 7.5')."""
     settled = ["#### 7\n", "#### 7.\n", "#### 7 apples\nQuestion:", "The answer is: 12\n", "#### 7\nQuestion: #### 9"]
     open_ = ["#### 7", "#### 7.", "#### 7 apples", "5 + 7 = 12\n", "#### x\n", "#### 1,0"]
-    assert all(rho.answered(t) for t in settled) and not any(rho.answered(t) for t in open_)
+    assert all(rho.answer_settled(t) for t in settled) and not any(rho.answer_settled(t) for t in open_)
     for t in settled:  # and whatever follows, the answer read is the one read when decoding stopped
         assert all(prepare.final_answer(t + more) == prepare.final_answer(t) for more in ("5", ".5", "\n#### 3", ""))
 
@@ -916,7 +916,7 @@ def test_fsdp_killed_on_two_processes_resumes_on_one(demo, one_process, tmp_path
     cont = run(demo, tmp_path, "--clm", "--steps", "1", "--eval_every", "1", "--eval_problems", "0", "--name", "c",
                "--init_from", "excess")
     path = str(tmp_path / "excess" / "ckpt.pt")
-    assert cont["init_sha256"] == rho.weights_sha256(rho.model_of(rho.load_checkpoint(path), None, path))
+    assert cont["init_sha256"] == rho.weights_sha256(rho.model_from_checkpoint(rho.load_checkpoint(path), None, path))
     with pytest.raises(SystemExit, match=r"^error: --fsdp: shards the model across torchrun's processes"):
         rho.main(argv)
 
@@ -947,7 +947,7 @@ def assert_same_run(a, b, masks_a, masks_b):
 
 def weights(run):  # a run's whole weights: its ckpt.pt, or the FSDP shards it names
     path = str(run / "ckpt.pt")
-    return rho.model_of(rho.load_checkpoint(path), None, path).state_dict()
+    return rho.model_from_checkpoint(rho.load_checkpoint(path), None, path).state_dict()
 
 def test_init_from_starts_from_base_weights(demo, tmp_path):
     run(demo, tmp_path, "--base", "--steps", "10", "--eval_every", "10", "--lr", "1e-2")
@@ -1175,10 +1175,8 @@ def test_errors_at_start_leave_nothing_and_disk_errors_are_one_line(demo, tmp_pa
         score(demo, tmp_path, "--name", "r")
 
 def test_errors_that_used_to_loop_or_leave_folders(demo, tmp_path):
-    """--compare points to report.py; a run stopped by NaN before its first checkpoint leaves no empty folder; the
-    advice for scores of a wider context says what to do when the model has fewer positions."""
-    with pytest.raises(SystemExit, match=r"^error: --compare: the comparison of runs is report.py's: python report.py"):
-        rho.parse_args(["--compare", "out"])
+    """A run stopped by NaN before its first checkpoint leaves no empty folder; the advice for scores of a wider
+    context says what to do when the model has fewer positions."""
     with pytest.raises(SystemExit, match=r"nan2: the loss became nan at step 1, stopped"):
         run(demo, tmp_path, "--clm", "--lr", "1e30", "--steps", "2", "--name", "nan2")
     assert not (tmp_path / "nan2").exists()
@@ -2545,7 +2543,7 @@ import export  # noqa: E402
 TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
 
 def rho_logits(path, idx):  # a run's logits as rho computes them, fp32
-    model = rho.model_of(rho.load_checkpoint(path), None, path).eval()
+    model = rho.model_from_checkpoint(rho.load_checkpoint(path), None, path).eval()
     with torch.no_grad():
         return model.lm_head(model(idx))
 
@@ -2725,7 +2723,6 @@ def test_lm_eval_task_file_asks_and_scores_as_rho(tmp_path):
     assert (cfg["task"], cfg["output_type"], cfg["doc_to_text"], cfg["doc_to_target"], cfg["num_fewshot"]) == \
         ("rho_heldout", "generate_until", "{{context}}", "{{answer}}", 0)
     assert cfg["generation_kwargs"] == {"until": [], "do_sample": False, "max_gen_toks": 48}
-    assert rho.answers.__defaults__ == (48,)  # max_new
     assert (cfg["custom_dataset"], cfg["process_results"]) == ("rho_heldout.load", "rho_heldout.process_results")
     assert cfg["metric_list"][0]["metric"] == "exact_match"
     task = task_module()
@@ -2740,7 +2737,7 @@ def rho_texts(model, problems, enc):  # the texts answers() reads, each up to th
     cut = lambda o: o[:o.index(enc.eot_token)] if enc.eot_token in o else o
     text = lambda o: enc.decode([t for t in cut(o) if t < enc.n_vocab])  # padded ids dropped
     prompts = [[enc.eot_token] + enc.encode_ordinary(p["prompt"]) for p in problems]
-    done = lambda o: enc.eot_token in o or rho.answered(text(o))
+    done = lambda o: enc.eot_token in o or rho.answer_settled(text(o))
     return [text(o) for i in range(0, len(prompts), 64) for o in rho.generate(model, prompts[i:i + 64], 48, done)]
 
 def test_lm_eval_runs_the_task_offline_with_rho_answers(demo, tmp_path, monkeypatch, capsys):
@@ -2766,9 +2763,9 @@ def test_lm_eval_runs_the_task_offline_with_rho_answers(demo, tmp_path, monkeypa
     cli_evaluate()
     got = report.read_lm_eval(str(tmp_path / "base"))
     path = str(tmp_path / "base" / "ckpt.pt")
-    model, enc = rho.model_of(rho.load_checkpoint(path), None, path).eval(), prepare.byte_encoding()
+    model, enc = rho.model_from_checkpoint(rho.load_checkpoint(path), None, path).eval(), prepare.byte_encoding()
     problems = json.loads((demo / "data" / "eval.json").read_text())
-    assert list(got) == ["rho_heldout"] and got["rho_heldout"].tolist() == rho.answers(model, problems, enc)
+    assert list(got) == ["rho_heldout"] and got["rho_heldout"].tolist() == rho.answers(model, problems, enc, 48)
     samples = [json.loads(line) for f in (tmp_path / "base" / "lm_eval").glob("*/samples_rho_heldout_*.jsonl")
                for line in f.read_text().splitlines()]
     assert [{k: s["doc"][k] for k in ("prompt", "answer")} for s in sorted(samples, key=lambda s: s["doc_id"])] \
@@ -2865,7 +2862,7 @@ def test_init_from_a_folder_empty_flags_and_help(demo, tmp_path, capsys):
                 folder=tmp_path)
     assert not (tmp_path / "clm").exists()
     m = run(demo, tmp_path, "--clm", "--steps", "1", "--eval_problems", "0", "--init_from", str(tmp_path / "base"))
-    assert m["init_sha256"] == rho.weights_sha256(weights_model := rho.model_of(
+    assert m["init_sha256"] == rho.weights_sha256(weights_model := rho.model_from_checkpoint(
         rho.load_checkpoint(str(tmp_path / "base" / "ckpt.pt")), None, "")) and weights_model.config.n_layer == 1
     rejects(r"--data '': empty: name a prepared data folder \(default data/demo\)$", "--clm", "--data", "",
             "--out", tmp_path, folder=tmp_path)
@@ -3042,13 +3039,12 @@ def with_eval_set(demo, tmp_path, problems):
 
 def test_answers_are_sized_from_the_eval_sets_reference_solutions(demo, tmp_path, capsys):
     """Review 4: an answer gets twice the longest reference solution's tokens and 16, within the half of the context
-    generate leaves it (the demo: 11 bytes -> 38, capped to 32 of 64 as the old 48 was: the same generation); a set
-    whose solutions do not fit is said once; an eval.json without solutions keeps the old 48; prompts keep the
-    context's first half whatever max_new, so a longer max_new only lets an answer run on."""
+    generate leaves it (the demo: 11 bytes -> 38, capped to 32 of 64); a set whose solutions do not fit is said once;
+    prompts keep the context's first half whatever max_new, so a longer max_new only lets an answer run on."""
     def sized(data, T):
         cfg = rho.RunConfig(data=str(data), eval_problems=4)
         meta = rho.load_meta(cfg.data)
-        return rho.eval_sets(cfg, meta, rho.web_windows(cfg, meta, T))["max_new"]
+        return rho.eval_sets(cfg, meta, rho.web_windows(cfg, meta, T)).max_new
     problems = json.loads((demo / "data" / "eval.json").read_text())
     assert max(len(p["solution"].encode()) for p in problems) == 11
     assert (sized(demo / "data", 64), sized(demo / "data", 32), sized(demo / "data", 128)) == (32, 16, 38)
@@ -3058,8 +3054,6 @@ def test_answers_are_sized_from_the_eval_sets_reference_solutions(demo, tmp_path
     assert capsys.readouterr().err == (f"note: {long}/eval.json: reference answers of up to 40 tokens, but a context "
                                        "of 64 leaves answers 32: longer ones are cut short (a larger --block_size fits "
                                        "them)\n")
-    old = with_eval_set(demo, tmp_path / "old", [{k: p[k] for k in ("prompt", "answer")} for p in problems])
-    assert (sized(old, 64), sized(old, 128)) == (32, rho.MAX_NEW)
     torch.manual_seed(0)
     model = rho.GPT(rho.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
     prompt = list(range(1, 14))  # longer than half the context: its last 8 tokens are kept, whatever max_new
