@@ -198,8 +198,8 @@ def bench_train(impl, mcfg, B, k, device, dtype, warmup, repeats):
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(device) for _ in range(2))
     r = torch.rand(B, T, 2, generator=g).to(device)
-    micro = [rho.Batch(x, y, r, None)] if "split" not in impl else [rho.Batch(x[i::2], y[i::2], r[i::2], None)
-                                                                      for i in range(2)]
+    micro = [rho.MicroBatch(x, y, r, None)] if "split" not in impl else \
+        [rho.MicroBatch(x[i::2], y[i::2], r[i::2], None) for i in range(2)]
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -14,8 +14,7 @@ With k = 1 it is the causal LM loss on every token (CLM), the baseline. The file
 logits; Triton on CUDA), 3. the model (GPT-2, as nanoGPT), 4. the data, 5. reference scoring,
 6. evaluation, 7. training (train_step, train) and main. THE MACHINERY follows one marked boundary
 (config and flags, models, processes, run folders and checkpoints, scores files, records).
-The demo: python prepare.py; rho.py --base, --ref (it then scores web), --clm, --slm --k 0.6 and
---slm --k 0.6 --select random (the control); python report.py out.
+The demo: prepare.py; rho.py --base, --ref, --clm, --slm --k 0.6, --slm --k 0.6 --select random.
 """
 import argparse, gc, glob, hashlib, json, math, os, re, shlex, shutil, signal, socket, sys, time
 import traceback, warnings, zipfile
@@ -64,14 +63,14 @@ def n_select(k, n):
 
 def rank_of(score, valid, scope):
     """Each token's place (0: the highest score) among the valid tokens of the step (scope batch)
-    or of its row (sequence). A stable sort, not topk: ties go to the lower index."""
+    or of its row (scope sequence). A stable sort, not topk: ties go to the lower index."""
     shape = score.shape
     if scope == "batch":
         score, valid = score.reshape(1, -1), valid.reshape(1, -1)
     # invalid and NaN tokens last, below every valid score (a valid -inf is clamped above them)
     key = torch.where(valid & ~score.isnan(), score.clamp(min=-3e38), float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    return order.argsort(-1).reshape(shape)
+    return order.argsort(-1).reshape(shape)  # the inverse permutation: each token's place in order
 
 def select_topk(score, valid, k, scope="batch"):
     """I_k: the top ceil(k * n_valid) valid tokens by score; never a NaN score."""
@@ -85,7 +84,7 @@ def token_score(select, loss, ref, valid, scope, gen):
     """What I_k ranks by, highest first (--select): excess, L_theta - L_RM (the paper's); random,
     the control (the same k, random tokens); ref, the lowest L_RM (Table 3); entropy, the lowest
     H_RM (App. H); ref_entropy, the worse of a token's places by L_RM and by H_RM (App. H's
-    intersection); train, the highest L_theta. (sample, RHO-LOSS, is in select_tokens.)"""
+    intersection); train, the highest L_theta. (sample, RHO-LOSS's sequences: in select_tokens.)"""
     if select == "excess":
         return excess_loss(loss, ref[..., REF_LOSS])
     if select == "random":
@@ -96,6 +95,7 @@ def token_score(select, loss, ref, valid, scope, gen):
         return (-worse.float()).masked_fill(ref.isnan().any(-1), float("nan"))
     if select in ("ref", "entropy"):
         return -ref[..., REF_LOSS if select == "ref" else REF_ENTROPY]
+    assert select == "train", select
     return loss.detach()
 
 def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=None):
@@ -110,14 +110,14 @@ def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=Non
     return select_topk(token_score(select, loss, ref, valid, scope, gen), valid, k, scope)
 
 def slm_loss(logits, targets, ref, k, scope="batch", select="excess", gen=None):
-    """L_SLM from full logits (B, T, V), the plain reference for the fused head: (L_SLM, losses, I_k)."""
+    """L_SLM from full logits (B, T, V), the plain reference of the fused head: (L, losses, I_k)."""
     loss = token_loss(logits, targets)
     sel = select_tokens(loss, targets, ref, k, scope, select, gen)
     # -1/(N*k) sum_i: the mean over the selected tokens only
     return (loss * sel).sum() / sel.sum(), loss.detach(), sel
 
-def select_step(loss, targets, ref, cfg, gen=None):  # I_k over the whole step: (I_k, its count)
-    # however the step is split over processes: one all-gather of the token losses; each keeps its rows
+def select_step(loss, targets, ref, cfg, gen=None):  # (this process's I_k, the whole step's count)
+    # however the step is split over processes: one all-gather of token losses; each keeps its rows
     sel = select_tokens(gather_rows(loss), gather_rows(targets), gather_rows(ref), cfg.k, cfg.scope, cfg.select, gen)
     return sel[RANK * len(targets):(RANK + 1) * len(targets)], int(sel.sum())
 
@@ -204,7 +204,7 @@ if triton is not None:
 def launch_chunk_kernel(logits, y, dlogits, lse, scale, block_v, loss, grad, entropy):
     """One launch, a program per row, logits read only: (loss, lse, entropy or None), fp32."""
     assert logits.stride(1) == 1 and dlogits.stride(1) == 1, "rows must be contiguous"
-    block = block_v or min(4096, triton.next_power_of_2(logits.shape[1]))  # block_v: the tests'
+    block = block_v or min(4096, triton.next_power_of_2(logits.shape[1]))  # tests: small blocks
     out = torch.empty(3, len(logits), dtype=torch.float32, device=logits.device)
     scale_t = torch.as_tensor(scale, dtype=torch.float32, device=logits.device).reshape(1)
     _chunk_kernel[(len(logits),)](logits, dlogits, y, out[0], out[1] if lse is None else lse,
@@ -233,11 +233,11 @@ TRITON_OPS = ChunkOps(chunk_loss_triton, chunk_loss_grad_triton, chunk_grad_trit
 def chunk_ops(device):
     return TRITON_OPS if device.type == "cuda" and triton is not None else TORCH_OPS
 
-def chunk_rows(V, device):  # rows per chunk, a multiple of 64: 32 MB of fp32 logits (CPU), 512 (GPU)
+def chunk_rows(V, device):  # rows per chunk (a multiple of 64): 32 MB of fp32 logits, 512 MB on GPUs
     return max(64, (2**27 if device.type == "cuda" else 2**23) // (-(-V // 64) * 64) // 64 * 64)
 
 def chunk_buffers(n_rows, V, device, dtype):  # (rows, fp32 logits, dlogits in the GEMMs' dtype)
-    # for an fp32 head dlogits is the logits' own memory, written in place; rows padded to 64
+    # an fp32 head's dlogits is the logits' own memory, written in place; width padded to 64 columns
     rows, width = chunk_rows(V, device), -(-V // 64) * 64
     logits = torch.empty(max(1, min(rows, n_rows)), width, device=device)[:, :V]
     if dtype == torch.float32:
@@ -298,8 +298,8 @@ def head_loss_grad(h, w, y, dtype, scale):
         addmm_fp32_(dw, dlogits[:c].t(), hc[i:i + c])  # dW += G^T H
     return loss, dh, dw
 
-def first_derivative_only():  # grad is enabled in a backward only under create_graph, where a
-    if torch.is_grad_enabled():  # second derivative through constant gradients would be zero
+def first_derivative_only():  # a backward under create_graph: a second derivative would be 0
+    if torch.is_grad_enabled():
         raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
 
 class FullHeadLoss(torch.autograd.Function):
@@ -329,7 +329,7 @@ class SelectedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         first_derivative_only()
-        h, w, y, lse, idx = ctx.saved_tensors
+        h, w, y_sel, lse_sel, idx = ctx.saved_tensors  # y and lse of the selected rows only
         hc, wc = h.to(ctx.dtype), w.to(ctx.dtype)
         rows, logits, dlogits = chunk_buffers(len(idx), w.shape[0], h.device, ctx.dtype)
         dh, dw = torch.zeros_like(hc), torch.zeros(w.shape, dtype=torch.float32, device=h.device)
@@ -337,7 +337,7 @@ class SelectedHeadLoss(torch.autograd.Function):
             r = idx[i:i + rows]
             hs, dchunk = hc[r], dlogits[:len(r)]
             chunk = mm_fp32(hs, wc.t(), logits[:len(r)])
-            chunk_ops(h.device).grad(chunk, y[i:i + rows], lse[i:i + rows], grad / ctx.n, dchunk)
+            chunk_ops(h.device).grad(chunk, y_sel[i:i + rows], lse_sel[i:i + rows], grad / ctx.n, dchunk)
             dh[r] = dchunk @ wc
             addmm_fp32_(dw, dchunk.t(), hs)
         return dh, dw, None, None, None, None, None, None
@@ -445,7 +445,7 @@ class GPT(nn.Module):
             x = block(x)
         return self.transformer.ln_f(x)
 
-    def decode(self, idx, pad, caches):  # generation's forward on new tokens idx, left-padded by pad
+    def decode(self, idx, pad, caches):  # generation's forward: new tokens idx, left-padded by pad
         T, past = idx.shape[1], caches[0][0].shape[2] if caches[0] else 0
         keys = torch.arange(past + T, device=idx.device)  # every position so far
         mask = ((keys[None, None] <= keys[-T:, None]) & (keys[None, None] >= pad[:, None, None]))[:, None]
@@ -455,14 +455,14 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
 # -----------------------------------------------------------------------------
-# 4. The data: prepare.py's token files in windows of T + 1 tokens (window w: tokens w*T to w*T + T).
+# 4. The data: prepare.py's token files in windows of T + 1 tokens (window w: tokens w*T to w*T+T).
 # The batch order depends on (seed, step) alone: CLM, SLM and the control of a seed see the same.
 
-class Batch(NamedTuple):
+class MicroBatch(NamedTuple):  # the windows of one forward (--scope batch: the whole step)
     x: torch.Tensor              # (B, T) inputs
     y: torch.Tensor              # (B, T) targets: x shifted by one
-    ref: torch.Tensor            # (B, T, 2) the targets' L_RM and H_RM, fp32 (zeros: none read)
-    labels: torch.Tensor | None  # (B, T) the demo's noise labels of the targets, for audits
+    ref: torch.Tensor            # (B, T, 2) the targets' L_RM and H_RM, fp32 (zeros: a run without)
+    labels: torch.Tensor | None  # (B, T) the demo's noise labels (clean, ad, ...): for audits only
 
 class Windows:  # a token file's windows; ref, labels: per token, the scores and the noise labels
     def __init__(self, tokens, T, ref=None, labels=None, name="tokens"):
@@ -471,21 +471,21 @@ class Windows:  # a token file's windows; ref, labels: per token, the scores and
         if self.n_windows < 1:
             die(f"{name}: {len(tokens)} tokens, fewer than one window of {T + 1}: use a smaller --block_size")
 
-    def targets(self, a, ws, dtype, device):  # a's values at the targets of windows ws
+    def at_targets(self, a, ws, dtype, device):  # a's per-token values at the targets of windows ws
         rows = np.stack([a[w * self.T + 1:(w + 1) * self.T + 1] for w in ws])
         return torch.from_numpy(rows.astype(dtype)).to(device)
 
-    def get(self, ws, device):  # the Batch of windows ws
+    def get(self, ws, device):  # the MicroBatch of windows ws
         x = torch.from_numpy(np.stack([self.tokens[w * self.T:(w + 1) * self.T + 1] for w in ws]).astype(np.int64))
         ref = torch.zeros(len(ws), self.T, 2, device=device) if self.ref is None else \
-            self.targets(self.ref, ws, np.float32, device)
+            self.at_targets(self.ref, ws, np.float32, device)
         if ref.shape[-1] == 1:  # scored with --scores loss: no H_RM
             ref = F.pad(ref, (0, 1), value=math.nan)
-        labels = None if self.labels is None else self.targets(self.labels, ws, self.labels.dtype, device)
+        labels = None if self.labels is None else self.at_targets(self.labels, ws, self.labels.dtype, device)
         x = x.to(device)
-        return Batch(x[:, :-1], x[:, 1:], ref, labels)
+        return MicroBatch(x[:, :-1], x[:, 1:], ref, labels)
 
-    def step_windows(self, step, B, seed, n_train):  # each of n_train once an epoch, by (seed, epoch)
+    def step_windows(self, step, B, seed, n_train):  # epochs of n_train // B steps, by (seed, epoch)
         if n_train // B < 1:
             die(f"{self.name}: {n_train} training windows of {self.T + 1} tokens, fewer than one batch: lower "
                 "--batch_size")
@@ -502,7 +502,7 @@ class Windows:  # a token file's windows; ref, labels: per token, the scores and
 def token_windows(data, name, meta, T, ref=None, labels=None):
     return Windows(read_tokens(data, name, meta), T, ref, labels, os.path.join(data, name))
 
-def web_split(n_windows, T):  # windows before it train; web val: 5%, at most 32 or 8,192 tokens
+def web_split(n_windows, T):  # the first web val window: 5%, at most 32 windows or 8k tokens
     return n_windows - min(max(32, 8192 // T), max(1, n_windows // 20))
 
 def web_windows(cfg, meta, T, ref=None):  # with the scores ref, and the demo's noise labels
@@ -534,12 +534,12 @@ def score_web(model, meta, cfg, run):
             with autocast(cfg):
                 scores = model_token_loss(model, batch.x, batch.y, entropy=n_cols == 2)
             scores = torch.stack(scores, -1) if n_cols == 2 else scores[..., None]
-            at = n_cols * dtype.itemsize * (ws[0] * T + 1)
+            at = n_cols * dtype.itemsize * (ws[0] * T + 1)  # row t: token t's (token 0 has none)
             os.pwrite(scores_file.fileno(), scores.float().cpu().numpy().astype(dtype).tobytes(), at)
             marks.append(b)
             n_scored += len(ws) * T
             if time.time() - t_sync > 30 or i == len(todo) - 1:  # every 30 s and at the end
-                t_sync = mark_done(scores_file, done_file, marks, (i + 1, len(todo), n_scored, t0, B * T))
+                t_sync = mark_done(scores_file, done_file, marks, i + 1, len(todo), n_scored, t0, B * T)
     return finish_scoring(path, info, meta, cfg, run, time.time() - t0, n_scored)
 
 # -----------------------------------------------------------------------------
@@ -585,24 +585,21 @@ def answers(model, problems, enc, max_new):  # 1 or 0 per problem: its final ans
     outs = [o for i in range(0, len(prompts), 64) for o in generate(model, prompts[i:i + 64], max_new, settled)]
     return [int(final_answer(text(o)) == p["answer"]) for p, o in zip(problems, outs)]
 
-def accuracy(correct):  # None: not measured (--eval_problems 0)
-    return round(sum(correct) / len(correct), 4) if correct else None
-
 @torch.no_grad()
 def evaluate(model, ev, cfg, final=False):
     """(measures, per-token records for tokens.npz); the final evaluation answers every problem."""
     model.eval()
     web = ev.web.get(ev.web_val, cfg.device)  # web_split keeps its val windows to one batch
     web_loss, n_web = model_token_loss(model, web.x, web.y), int((web.y != IGNORE).sum())
-    hq_val = list(range(min(ev.hq.n_windows, max(128, 32768 // ev.hq.T))))  # 128 or 32k tokens
+    hq_val = list(range(min(ev.hq.n_windows, max(128, 32768 // ev.hq.T))))  # 128 windows or 32k
     hq_sum, n_hq = 0.0, 0
     for i in range(0, len(hq_val), 32):
         hq = ev.hq.get(hq_val[i:i + 32], cfg.device)
         hq_sum, n_hq = hq_sum + model_token_loss(model, hq.x, hq.y).sum().item(), n_hq + int((hq.y != IGNORE).sum())
     correct = answers(model, ev.problems if final else ev.problems[:cfg.eval_problems], ev.enc, ev.max_new)
     measures = {"val_loss_hq": round(hq_sum / n_hq, 4), "val_loss_web": round(web_loss.sum().item() / n_web, 4),
-                "accuracy": accuracy(correct[:cfg.eval_problems])}
-    if final and correct:
+                "accuracy": accuracy(correct[:cfg.eval_problems])}  # the same problems each time
+    if final and correct:  # metrics.json's final accuracy: of every problem
         measures["correct"] = correct
     # the records: 8 hq windows' token losses, web val's, and which of them I_k selects
     hq = ev.hq.get(range(min(ev.hq.n_windows, 8)), cfg.device)
@@ -626,34 +623,34 @@ def adamw(model, cfg):  # weight decay on matrices and embeddings, not biases an
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
-def micro_batch_selection(model, fwd, batches, cfg, gen):  # I_k needs the step's losses first
-    y, ref = torch.cat([b.y for b in batches]), torch.cat([b.ref for b in batches])
-    loss = torch.zeros(y.shape, device=y.device)  # a rule that reads no training loss
-    if cfg.select in ("excess", "train", "sample"):
+def micro_batch_selection(model, fwd, micro_batches, cfg, gen):  # I_k needs the step's losses first
+    y, ref = torch.cat([b.y for b in micro_batches]), torch.cat([b.ref for b in micro_batches])
+    loss = torch.zeros(y.shape, device=y.device)  # zeros: a rule that reads no training loss
+    if cfg.select in ("excess", "train", "sample"):  # a no-grad forward; the head weight after it
         with torch.no_grad(), autocast(cfg):
-            loss = torch.cat([head_losses(fwd(b.x), model.lm_head.weight, b.y).loss for b in batches])
+            loss = torch.cat([head_losses(fwd(b.x), model.lm_head.weight, b.y).loss for b in micro_batches])
     sel, n_sel = select_step(loss, y, ref, cfg, gen)
-    return list(sel.split(len(batches[0].y))), n_sel
+    return list(sel.split(len(micro_batches[0].y))), n_sel
 
-def train_step(model, fwd, batches, cfg, gen):
+def train_step(model, fwd, micro_batches, cfg, gen):
     """The gradients of the mean loss over the step's selected tokens, however the step is split
-    (batches: this process's micro-batches; fwd: the forward as trained): (loss, I_k of each)."""
+    (this process's micro-batches; fwd: the forward as trained): (the loss, I_k of each)."""
     if cfg.k == 1:  # CLM: every valid token carries the loss (--slm --k 1 too)
-        sels = [b.y != IGNORE for b in batches]
+        sels = [b.y != IGNORE for b in micro_batches]
         n_sel = int(sum_ranks(sum(s.sum() for s in sels)))
-    elif len(batches) > 1:
-        sels, n_sel = micro_batch_selection(model, fwd, batches, cfg, gen)
+    elif len(micro_batches) > 1:
+        sels, n_sel = micro_batch_selection(model, fwd, micro_batches, cfg, gen)
     losses = []
-    for i, b in enumerate(batches):
-        set_gradient_sync(model, fwd, cfg, WORLD == 1 or i == len(batches) - 1)  # at the last
+    for i, b in enumerate(micro_batches):
+        set_gradient_sync(model, fwd, cfg, WORLD == 1 or i == len(micro_batches) - 1)  # at the last
         with autocast(cfg):
             h, w = fwd(b.x), model.lm_head.weight  # w after the forward: FSDP gathers it there
             if cfg.k == 1:
                 loss, token_losses = fused_clm_loss(h, w, b.y, n_sel)
-            elif len(batches) == 1:  # the whole step in one forward: I_k from its own losses
+            elif len(micro_batches) == 1:  # the whole step in one forward: I_k from its own losses
                 loss, token_losses, sel = fused_slm_loss(h, w, b.y, b.ref, cfg, gen)
                 sels = [sel]
-            else:
+            else:  # I_k chosen above: this forward, with grad, recomputes the head's losses
                 per_token = head_losses(h, w, b.y)
                 loss = selected_loss(h, w, b.y, per_token, sels[i], n_sel)
                 token_losses = per_token.loss
@@ -664,44 +661,47 @@ def train_step(model, fwd, batches, cfg, gen):
     return sum_ranks(torch.stack(losses).sum()), sels
 
 def train(cfg, shape):
-    """One run: --base, --ref (then it scores web), --clm or --slm. Returns its metrics."""
-    meta, name = load_meta(cfg.data), run_name(cfg)
-    ckpt_path, per_forward = os.path.join(cfg.out, name, "ckpt.pt"), sequences_per_forward(cfg)
+    """One run: --base, --ref (then it scores web), --clm or --slm; shape: the shape flags given."""
+    meta = load_meta(cfg.data)
+    per_forward = sequences_per_forward(cfg)
+    name = run_name(cfg)
+    ckpt_path = os.path.join(cfg.out, name, "ckpt.pt")
     old_files = earlier_run(os.path.dirname(ckpt_path), cfg)
     model = build_model(cfg, meta, shape)
     T = model.config.block_size
-    data, n_train, ref_sha = training_windows(cfg, meta, T)
-    ev = eval_sets(cfg, meta, data if cfg.mode in ("clm", "slm") else web_windows(cfg, meta, T))
+    corpus, n_train, ref_sha = training_windows(cfg, meta, T)
+    ev = eval_sets(cfg, meta, corpus if cfg.mode in ("clm", "slm") else web_windows(cfg, meta, T))
     gen = torch.Generator().manual_seed(cfg.seed)  # the random control's: the same everywhere
     progress = new_progress(model, ref_sha, meta, cfg)
-    model = checkpoint_and_shard(model, cfg)
+    model = recompute_and_shard(model, cfg)
     opt, start = adamw(model, cfg), 0
     if cfg.resume and os.path.isfile(ckpt_path):
         start, progress = resume(ckpt_path, model, opt, gen, cfg, meta, ref_sha)
     if RANK == 0:
         take_run_folder(os.path.dirname(ckpt_path), old_files, cfg)
         print_run(cfg, name, model, T, per_forward, start)
-    fwd, since = forward_as_trained(model, cfg), Interval(start, progress, cfg.device)
+    fwd, interval = forward_as_trained(model, cfg), Interval(start, progress, cfg.device)
     for step in range(start, cfg.steps):
         model.train()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batches = data.step_batches(step, cfg.batch_size, cfg.seed, cfg.device, n_train, per_forward)
+        micro_batches = corpus.step_batches(step, cfg.batch_size, cfg.seed, cfg.device, n_train, per_forward)
         opt.zero_grad(set_to_none=True)
-        loss, sels = train_step(model, fwd, batches, cfg, gen)
+        loss, sels = train_step(model, fwd, micro_batches, cfg, gen)  # the selected tokens' mean
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         stop_if_not_finite(loss, norm, step, name, cfg, progress, ckpt_path)
         opt.step()
-        count_step(progress, since, loss, batches, sels, cfg, T)
+        count_step(progress, interval, loss, micro_batches, sels, cfg, T)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            evaluate_and_save(model, opt, gen, ev, cfg, meta, name, step + 1, progress, since)
+            evaluate_and_save(model, opt, gen, ev, cfg, meta, name, step + 1, progress, interval)
     return finish_run(model, ev, cfg, meta, name, progress)
 
 def main(argv=None):
     cfg, shape = parse_args(argv)
     # the folders this command may make: a failed one removes those it made that are still empty
     made = [d for d in (os.path.join(cfg.out, run_name(cfg)), cfg.out) if not os.path.exists(d)]
-    if WORLD > 1 or cfg.fsdp:  # one of torchrun's processes (--fsdp on one too: a resume on fewer)
+    # one of torchrun's processes (--fsdp on one too: a resume on fewer)
+    if WORLD > 1 or cfg.fsdp:
         if cfg.device.startswith("cuda"):
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
@@ -710,7 +710,8 @@ def main(argv=None):
         if WORLD > 1:
             same_flags_on_every_process(cfg, shape)
         return score_again(cfg) if cfg.mode == "score" else train(cfg, shape)
-    except OSError as e:  # a full disk or a lost folder mid-run: it resumes
+    except OSError as e:
+        # a full disk or a lost folder mid-run: it resumes
         again = "the same command again" if cfg.mode == "score" else "again with --resume"
         die(f"{e.filename or cfg.out}: {e.strerror or e}: free space or fix the folder, then run "
             f"{again}")
@@ -723,7 +724,8 @@ def main(argv=None):
             for d in made:
                 if os.path.isdir(d) and not os.listdir(d):
                     os.rmdir(d)
-        if dist.is_initialized():  # DDP's reference cycles first: a gloo group left can abort
+        # DDP's reference cycles first: a gloo group left can abort
+        if dist.is_initialized():
             gc.collect()
             dist.destroy_process_group()
 
@@ -782,43 +784,47 @@ class Interval:  # since the last evaluation: its step, the clock, the losses' s
         self.step, self.t0, self.loss_sum = step, time.time(), 0.0
         self.counts.zero_()
 
-def count_step(progress, since, loss, batches, sels, cfg, T):  # a step's tokens and loss
+def count_step(progress, interval, loss, micro_batches, sels, cfg, T):  # a step's tokens and loss
     progress.tokens_seen += cfg.batch_size * T
     progress.tokens_trained += int(sum_ranks(sum(s.sum() for s in sels)))
     progress.losses.append(loss.item())
-    since.loss_sum += progress.losses[-1]
-    n_labels = since.counts.shape[1]
-    for b, sel in zip(batches, sels) if n_labels else ():  # the demo's audit, per noise label
+    interval.loss_sum += progress.losses[-1]
+    n_labels = interval.counts.shape[1]
+    # the demo's audit, per noise label
+    for b, sel in zip(micro_batches, sels) if n_labels else ():
         labels = b.labels.flatten().long()
-        since.counts += torch.stack([torch.bincount(labels, minlength=n_labels),
+        interval.counts += torch.stack([torch.bincount(labels, minlength=n_labels),
                                      torch.bincount(labels[sel.flatten()], minlength=n_labels)])
 
-def evaluate_and_save(model, opt, gen, ev, cfg, meta, name, step, progress, since):
+def evaluate_and_save(model, opt, gen, ev, cfg, meta, name, step, progress, interval):
     """An evaluation, its log line and a checkpoint; under FSDP every process takes part."""
     t_eval = time.time()
-    progress.wall_s += t_eval - since.t0
-    if since.counts.shape[1]:  # every process counted its own share
-        sum_ranks(since.counts)
+    progress.wall_s += t_eval - interval.t0
+    # every process counted its own share
+    if interval.counts.shape[1]:
+        sum_ranks(interval.counts)
     ckpt_path = os.path.join(cfg.out, name, "ckpt.pt")
     if RANK == 0 or cfg.fsdp:
-        with autocast(cfg):  # at the precision of training and scoring
+        # at the precision of training and scoring
+        with autocast(cfg):
             measures, records = evaluate(model, ev, cfg, step == cfg.steps)
         states = save_states(model, opt, cfg, ckpt_path, step)
     if RANK == 0:
         measures["eval_s"] = round(time.time() - t_eval, 2)  # apart from wall_s
-        n_steps, dt = step - since.step, t_eval - since.t0
-        line = log_evaluation(progress, step, since.loss_sum / n_steps, measures, records,
-                              since.counts.tolist(), meta.get("labels"))
+        n_steps, dt = step - interval.step, t_eval - interval.t0
+        line = log_evaluation(progress, step, interval.loss_sum / n_steps, measures, records,
+                              interval.counts.tolist(), meta.get("labels"))
         save_checkpoint(ckpt_path, model, states, gen, step, cfg, meta, progress)
         n_tokens = n_steps * cfg.batch_size * model.config.block_size
         print(f"{name} {line} | {n_tokens / dt / 1000:.1f}k tok/s | eta {(cfg.steps - step) * dt / n_steps:.0f}s",
               flush=True)
-    since.reset(step)
+    interval.reset(step)
 
 def finish_run(model, ev, cfg, meta, name, progress):  # --ref scores web; tokens.npz, metrics.json
     extra = {"eval_problems": len(ev.problems[:cfg.eval_problems]), "answer_tokens": ev.max_new}
     path = os.path.join(cfg.out, name, "ckpt.pt")
-    if cfg.mode == "ref":  # every process scores its share; under FSDP with the whole model
+    # every process scores its share; under FSDP with the whole model
+    if cfg.mode == "ref":
         if cfg.fsdp:
             dist.barrier()  # once rank 0 has written the last ckpt.pt
             model = model_from_checkpoint(load_checkpoint(path), None, path).to(cfg.device)
@@ -928,7 +934,8 @@ def parse_args(argv=None):
     d = RunConfig(device="cuda" if torch.cuda.is_available() else "cpu")
     for f in fields(RunConfig)[1:]:
         v, text = getattr(d, f.name), f.metadata["help"]
-        if isinstance(v, bool):  # --compile and --no-compile: a preset's True can be turned off
+        # --compile and --no-compile: a preset's True can be turned off
+        if isinstance(v, bool):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
         else:  # choices shown as {a|b}: a choice may hold a comma (--scores loss,entropy)
             choices = CHOICES.get(f.name)
@@ -943,14 +950,17 @@ def parse_args(argv=None):
     preset = {key: v[mode] if isinstance(v, dict) else v for key, v in
               PRESETS.get(given.get("preset", d.preset), {}).items() if not isinstance(v, dict) or mode in v}
     a = argparse.Namespace(**{**asdict(d), **dict.fromkeys(SHAPE), **preset, **given})
-    if "warmup" not in given:  # a default (or a preset's) warmup is at most a tenth of the run
+    # a default (or a preset's) warmup is at most a tenth of the run
+    if "warmup" not in given:
         a.warmup = min(a.warmup, a.steps // 10)
     check_flags(a, mode, set(given))
-    if mode != "slm":  # every token carries the loss
+    # every token carries the loss
+    if mode != "slm":
         a.k, a.select = 1.0, "all"
     if a.dtype == "auto":
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
-    if (WORLD > 1 or a.fsdp) and a.device.startswith("cuda"):  # a GPU for each of torchrun's
+    # a GPU for each of torchrun's
+    if (WORLD > 1 or a.fsdp) and a.device.startswith("cuda"):
         a.device = f"cuda:{LOCAL}"
     # on the demo, runs start from the base run, as the paper's models start from one base model
     if not a.init_from and mode not in ("base", "score") and has_base_corpus(a.data):
@@ -961,7 +971,8 @@ def parse_args(argv=None):
 def has_base_corpus(data):  # whether prepared data holds base.bin (the demo's)
     try:
         return "base" in read_json(os.path.join(data, "meta.json"))["tokens"]
-    except (OSError, ValueError, KeyError, TypeError):  # not prepared: load_meta says so
+    except (OSError, ValueError, KeyError, TypeError):
+        # not prepared: load_meta says so
         return False
 
 def check_flags(a, mode, given):
@@ -972,7 +983,8 @@ def check_flags(a, mode, given):
         whose = " (--slm's flags)" if set(ignored) <= SLM_FLAGS else \
             " (--ref's and --score's flags)" if set(ignored) <= SCORE_FLAGS else ""
         die(f"{' '.join('--' + f for f in ignored)}: --{mode} does not read {them}{whose}; drop {them}")
-    if not a.data.strip():  # '' would name the current folder
+    # '' would name the current folder
+    if not a.data.strip():
         die(f"--data {a.data!r}: empty: name a prepared data folder (default data/demo)")
     if not a.ref_run.strip():
         die(f"--ref_run {a.ref_run!r}: empty: name a reference run in --out (default ref)")
@@ -983,14 +995,16 @@ def check_flags(a, mode, given):
                           ("weight_decay", 0), ("eval_problems", 0), ("seed", 0),
                           *[(key, 1) for key in SHAPE if getattr(a, key) is not None]):
         v = getattr(a, key)
-        if not v >= at_least or v == math.inf:  # NaN fails every comparison
+        # NaN fails every comparison
+        if not v >= at_least or v == math.inf:
             die(f"--{key} {v}: must be {'0 or more' if at_least == 0 else 'positive'}"
                 + (" and finite" if isinstance(v, float) else ""))
     if a.seed > SEED_MAX:
         die(f"--seed {a.seed}: must be at most {SEED_MAX}")
     if not a.out:
         die("--out '': give the runs' folder (default out; '.' for the current folder)")
-    for key in ("name", "ref_run"):  # a run is a folder right in --out ('' is --name's default)
+    # a run is a folder right in --out ('' is --name's default)
+    for key in ("name", "ref_run"):
         v = getattr(a, key)
         if v in (".", "..") or "/" in v or os.sep in v or len(v) > 100:
             die(f"--{key} {v[:40]!r}{'...' * (len(v) > 40)}: a run's name in --out: at most 100 "
@@ -1086,7 +1100,8 @@ def load_hf(source, block_size=None, config=None):  # hf:NAME or a folder; confi
     try:
         c = transformers.AutoConfig.for_model(**json.loads(config)) if config else \
             from_hub(transformers.AutoConfig.from_pretrained, name)
-        for key, v in c.to_dict().items():  # no dropout: GPT-2's resid_pdrop, Llama's ...
+        # no dropout: GPT-2's resid_pdrop, Llama's ...
+        for key, v in c.to_dict().items():
             if "drop" in key and isinstance(v, float):
                 setattr(c, key, 0.0)
         if config:
@@ -1101,14 +1116,16 @@ def load_hf(source, block_size=None, config=None):  # hf:NAME or a folder; confi
         die(f"--init_from {source}: could not load it ({why}): run once with network to fill the "
             "Hugging Face cache (HF_HUB_OFFLINE=1 then reads only the cache), or pass a directory "
             "saved with save_pretrained")
-    if info["missing_keys"]:  # transformers would leave them random, and only warn
+    # transformers would leave them random, and only warn
+    if info["missing_keys"]:
         die(f"--init_from {source}: no weights for {', '.join(sorted(info['missing_keys'])[:3])}: "
             "not a causal LM checkpoint (a base model without its head?)")
     return HF(hf.float(), block_size, source)
 
 def check_tokenizer(cfg, meta):  # the data's ids must be the model's own tokenizer's
     want = meta.get("tokenizer", {}).get("sha256")  # its fingerprint, recorded by prepare.py
-    if want and tokenizer_id_of(cfg.init_from) not in (None, want):  # None: the model has none
+    # None: the model has none
+    if want and tokenizer_id_of(cfg.init_from) not in (None, want):
         die(f"--init_from {cfg.init_from}: {cfg.data} was prepared with another tokenizer "
             f"({meta['tokenizer']['name']}): prepare it with `python prepare.py ... --encoding "
             f"{cfg.init_from}`")
@@ -1189,7 +1206,8 @@ def full_state_dict(ckpt, path, new_model):  # an FSDP run's read whole from its
         return ckpt["model"]
     import torch.distributed.checkpoint as dcp
     sd = new_model().state_dict()
-    with warnings.catch_warnings(action="ignore", category=UserWarning):  # "a single process"
+    # "a single process"
+    with warnings.catch_warnings(action="ignore", category=UserWarning):
         dcp.load({"model": sd}, checkpoint_id=os.path.join(os.path.dirname(path), ckpt["model"]),
                  no_dist=True)
     return sd
@@ -1207,7 +1225,7 @@ def sequences_per_forward(cfg):  # --micro_batch (0: all), checked against the s
             f"holds per step (--batch_size {cfg.batch_size} over {WORLD} processes)")
     return cfg.micro_batch or share
 
-def checkpoint_and_shard(model, cfg):  # --act_ckpt: recompute each block; --fsdp: shard them
+def recompute_and_shard(model, cfg):  # --act_ckpt: recompute each block's activations; --fsdp: shard
     if not (cfg.act_ckpt or cfg.fsdp):
         return model
     from torch.distributed._composable import checkpoint
@@ -1221,7 +1239,8 @@ def checkpoint_and_shard(model, cfg):  # --act_ckpt: recompute each block; --fsd
             checkpoint(block)
         if cfg.fsdp:
             fully_shard(block, mp_policy=mp)
-            if isinstance(block, Block):  # generation's forward gathers the weights too
+            # generation's forward gathers the weights too
+            if isinstance(block, Block):
                 register_fsdp_forward_method(block, "decode")
     if cfg.fsdp:
         # the root's weights stay gathered after the forward: the fused head reads the head's
@@ -1374,7 +1393,7 @@ class Progress:
     # the demo's audit: [seen, selected] web tokens per noise label
     by_label: list = field(default_factory=lambda: [[], []])
     # every evaluation's per-token records (evaluate), for tokens.npz
-    tokens: dict = field(default_factory=lambda: {"hq": [], "web": [], "sel": []})
+    token_records: dict = field(default_factory=lambda: {"hq": [], "web": [], "sel": []})
 
 def save_checkpoint(path, model, states, gen, step, cfg, meta, progress):  # atomically
     hf = {"hf_config": model.hf.config.to_json_string()} if isinstance(model, HF) else {}
@@ -1385,7 +1404,8 @@ def save_checkpoint(path, model, states, gen, step, cfg, meta, progress):  # ato
                     "data_sha256": meta["sha256"], "progress": vars(progress), **hf},
                    path + ".tmp")
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises either
+    except (OSError, RuntimeError) as e:
+        # a full disk: torch.save raises either
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
         hist = progress.history
@@ -1393,7 +1413,8 @@ def save_checkpoint(path, model, states, gen, step, cfg, meta, progress):  # ato
             "no earlier checkpoint"
         die(f"{path}: could not write the checkpoint ({str(e).strip().splitlines()[-1]}); {intact}: "
             "free disk space, then run again with --resume")
-    if isinstance(states[0], str):  # an FSDP run's earlier shards go once ckpt.pt names the new
+    # an FSDP run's earlier shards go once ckpt.pt names the new
+    if isinstance(states[0], str):
         keep = os.path.join(os.path.dirname(path), states[0])
         for old in set(glob.glob(path[:-len(".pt")] + "-*.dcp")) - {keep}:
             shutil.rmtree(old)
@@ -1477,14 +1498,16 @@ def stopped(cfg, e):  # Ctrl-C or SIGTERM: one line saying where the run stopped
     frames = {f.f_code.co_name: f for f, _ in traceback.walk_tb(e.__traceback__)}  # by name
     name = run_name(cfg)
     ckpt = os.path.join(cfg.out, name, "ckpt.pt")
-    if cfg.mode == "score" or "score_web" in frames:  # the blocks marked done are kept
+    # the blocks marked done are kept
+    if cfg.mode == "score" or "score_web" in frames:
         again = "the same command" if cfg.mode == "score" else "the same command with --resume"
         msg = f"{name}: stopped while scoring: run {again} to finish it"
     else:
         step = frames["train"].f_locals.get("step") if "train" in frames else None
         try:
             saved = f"{ckpt} holds step {torch.load(ckpt, 'cpu', weights_only=True, mmap=True)['step']}"
-        except Exception:  # none yet, or not this run's
+        except Exception:
+            # none yet, or not this run's
             saved = "no checkpoint yet"
         at = f"at step {step} of {cfg.steps}" if step is not None else "before training"
         msg = f"{name}: stopped {at}; {saved}: run the same command with --resume to continue"
@@ -1519,10 +1542,12 @@ def load_ref_scores(cfg, meta, T):
             f"{redo(overwrite=True)}")
     (dtype, n_cols), per_token = score_layout(info), os.path.getsize(path) / n_web
     layout = dict(score_dtype=info["score_dtype"], scores=info["scores"])  # scored again as they were
-    if info["data_sha256"] != meta["sha256"]:  # the data's sha256 covers the encoding too
+    # the data's sha256 covers the encoding too
+    if info["data_sha256"] != meta["sha256"]:
         die(f"{path}: reference scores do not match {cfg.data}: computed for {info['data']} (its "
             f"meta.json differs): {redo(**layout, overwrite=True)}")
-    if per_token != n_cols * dtype.itemsize:  # the layout another file would have, or cut short
+    # the layout another file would have, or cut short
+    if per_token != n_cols * dtype.itemsize:
         other = [f"{d} {s}" for d in CHOICES["score_dtype"] for s in CHOICES["scores"]
                  if np.dtype(d).itemsize * len(s.split(",")) == per_token]
         why = f"its .json: {per_token:g} bytes a token, as {' or '.join(other)} scores are, but the .json " \
@@ -1598,17 +1623,18 @@ def new_partial(path, info, n_tokens, T, n_windows):
     os.replace(path + ".partial.tmp", path + ".partial")
     write_json(path + ".partial.json", info)
 
-def mark_done(scores_file, done_file, marks, progress):  # the scores on disk first, then marks
+def mark_done(scores_file, done_file, marks, n_done, n_todo, n_scored, t0, per_block):
+    """The scores on disk first, then their blocks' marks; a progress line. Returns the time."""
     os.fsync(scores_file.fileno())
     for m in marks:
         os.pwrite(done_file.fileno(), b"\x01", m)
     os.fsync(done_file.fileno())
     marks.clear()
-    t_sync, (i, n_todo, n_scored, t0, per_block) = time.time(), progress
+    t_sync = time.time()
     if RANK == 0 and n_todo > 1:
         rate = n_scored / (t_sync - t0)
-        print(f"score: {i}/{n_todo} blocks, {rate:,.0f} tok/s, eta {(n_todo - i) * per_block / rate:.0f}s",
-              file=sys.stderr, flush=True)
+        print(f"score: {n_done}/{n_todo} blocks, {rate:,.0f} tok/s, eta "
+              f"{(n_todo - n_done) * per_block / rate:.0f}s", file=sys.stderr, flush=True)
     return t_sync
 
 def finish_scoring(path, info, meta, cfg, run, elapsed, n_scored):  # every block done: the files
@@ -1629,7 +1655,8 @@ def finish_scoring(path, info, meta, cfg, run, elapsed, n_scored):  # every bloc
     return info
 
 def score_again(cfg):  # --score: web scored again with an existing reference model
-    meta, name = load_meta(cfg.data), run_name(cfg)
+    meta = load_meta(cfg.data)
+    name = run_name(cfg)
     path = os.path.join(cfg.out, name, "ckpt.pt")  # an FSDP run's shards are read from beside it
     ckpt = load_checkpoint(path, meta, "reference model")
     if RANK == 0:
@@ -1652,10 +1679,12 @@ def read_problems(cfg, meta, T):  # eval.json's held-out problems; [] with --eva
         die(f"{path}: missing (prepare.py writes it beside the token files): run prepare.py for "
             f"{cfg.data} again, or pass --eval_problems 0 to train without measuring accuracy")
     problems = read_json(prepared_path(cfg.data, "eval.json", meta))
-    if T < 2:  # generation answers in the second half of the context
+    # generation answers in the second half of the context
+    if T < 2:
         die(f"--block_size {T}: answer accuracy needs a context of 2 tokens or more: pass a larger "
             "--block_size, or --eval_problems 0")
-    if len(problems) < cfg.eval_problems and RANK == 0:  # said, not refused: the default asks 200
+    # said, not refused: the default asks 200
+    if len(problems) < cfg.eval_problems and RANK == 0:
         print(f"note: --eval_problems {cfg.eval_problems}: {path} holds {len(problems)} problems; "
               f"each evaluation answers all {len(problems)}", file=sys.stderr)
     if not problems:
@@ -1671,6 +1700,9 @@ def noise_shares(counts, labels):  # noise share (label 0: clean), all and per k
                 **{labels[i]: round(n / total, 4) for i, n in enumerate(c) if i}}
     seen, selected = counts
     return {"noise_in_selected": shares(selected), "noise_share_corpus": shares(seen)}
+
+def accuracy(correct):  # None: not measured (--eval_problems 0)
+    return round(sum(correct) / len(correct), 4) if correct else None
 
 def percent(accuracy):
     return "-" if accuracy is None else f"{accuracy:.1%}"
@@ -1690,15 +1722,15 @@ def log_evaluation(progress, step, train_loss, measures, records, counts, labels
                  f"{e['noise_share_corpus']['all']:.1%})")
     progress.history.append(e)
     for key, v in records.items():
-        progress.tokens[key].append(v)
+        progress.token_records[key].append(v)
     return line
 
 def write_token_losses(path, progress, ev):  # tokens.npz: each evaluation's records, web val
-    if not progress.tokens["web"]:
+    if not progress.token_records["web"]:
         return
     web = ev.web.get(ev.web_val, "cpu")
-    arrays = {key: torch.stack(v).numpy() for key, v in progress.tokens.items()}  # (evals, windows, T)
-    evals = progress.history[-len(progress.tokens["web"]):]
+    arrays = {key: torch.stack(v).numpy() for key, v in progress.token_records.items()}  # (evals, windows, T)
+    evals = progress.history[-len(progress.token_records["web"]):]
     arrays.update(step=np.array([h["step"] for h in evals]),
                   tokens_seen=np.array([h["tokens_seen"] for h in evals]),
                   web_x=torch.cat([web.x, web.y[:, -1:]], 1).int().numpy(),

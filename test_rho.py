@@ -197,7 +197,8 @@ def test_error_meta_json_invalid_or_missing_a_key(demo, tmp_path):
             rho.load_meta(str(data))
         assert "\n" not in str(e.value)
     (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
-    with pytest.raises(SystemExit, match=r"meta.json: no key 'files': not written by prepare.py: run prepare.py again$"):
+    with pytest.raises(SystemExit, match=r"meta.json: no key 'files': not written by prepare.py: run prepare.py "
+                                         r"again$"):
         run(demo, tmp_path, "--clm", "--steps", "1", "--data", str(data))
 
 def test_error_token_file_cut_or_changed(demo, tmp_path, monkeypatch):
@@ -2160,7 +2161,7 @@ def test_issue31_a_second_command_on_a_run_is_refused_while_the_first_runs(demo,
     args = ("--clm", "--steps", "2", "--eval_problems", "0")
     real = rho.eval_sets
 
-    def another_command_finishes_first(*a):  # after train's first look at the folder, before claim's
+    def another_command_finishes_first(*a):  # after train's first look at the folder, before take_run_folder's
         monkeypatch.setattr(rho, "eval_sets", real)
         run(demo, tmp_path, *args)
         return real(*a)
