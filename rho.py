@@ -64,13 +64,13 @@ def n_select(k, n):
 def rank_of(score, valid, scope):
     """Each token's place (0: the highest score) among the valid tokens of the step (scope batch)
     or of its row (scope sequence). A stable sort, not topk: ties go to the lower index."""
-    shape = score.shape
+    dims = score.shape
     if scope == "batch":
         score, valid = score.reshape(1, -1), valid.reshape(1, -1)
     # invalid and NaN tokens last, below every valid score (a valid -inf is clamped above them)
     key = torch.where(valid & ~score.isnan(), score.clamp(min=-3e38), float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    return order.argsort(-1).reshape(shape)  # the inverse permutation: each token's place in order
+    return order.argsort(-1).reshape(dims)  # the inverse permutation: each token's place in order
 
 def select_topk(score, valid, k, scope="batch"):
     """I_k: the top ceil(k * n_valid) valid tokens by score; never a NaN score."""
@@ -104,7 +104,7 @@ def select_tokens(loss, targets, ref, k, scope="batch", select="excess", gen=Non
     if k >= 1:
         return valid
     if select == "sample":
-        # RHO-LOSS: whole sequences of the step, ranked by their mean excess loss
+        # RHO-LOSS's rule: the step's whole sequences by mean excess loss, top-k (not sampled)
         seq = (excess_loss(loss, ref[..., REF_LOSS]) * valid).sum(-1) / valid.sum(-1).clamp(min=1)
         return select_topk(seq[None], valid.any(-1)[None], k)[0][:, None] & valid
     return select_topk(token_score(select, loss, ref, valid, scope, gen), valid, k, scope)
@@ -124,7 +124,7 @@ def select_step(loss, targets, ref, cfg, gen=None):  # (this process's I_k, the 
 # -----------------------------------------------------------------------------
 # 2. The fused head: the loss from hidden states h (N, C) and the head weight w (V, C), chunk by
 # chunk of rows, never holding N x V logits; equal to slm_loss in value and gradients
-# (test_fused_head_equals_plain_slm_loss, test_chunk_kernels_equal_float64_reference).
+# (test_rho.py: test_fused_head_equals_plain_slm_loss, test_chunk_kernels_equal_float64_reference).
 # CLM: one pass computes a chunk's logits, loss and gradients G = (softmax - onehot) / n,
 # dH = G W, dW += G^T H (6 N C V FLOPs). SLM: a no-grad pass gives each token's loss and
 # log-sum-exp (2 N C V); I_k is chosen; the backward recomputes the selected rows: (2 + 6k) N C V.
@@ -298,7 +298,7 @@ def head_loss_grad(h, w, y, dtype, scale):
         addmm_fp32_(dw, dlogits[:c].t(), hc[i:i + c])  # dW += G^T H
     return loss, dh, dw
 
-def first_derivative_only():  # a backward under create_graph: a second derivative would be 0
+def first_derivative_only():  # under create_graph a second derivative would be silently wrong
     if torch.is_grad_enabled():
         raise RuntimeError("rho's fused head has no second derivative: call backward without create_graph")
 
@@ -377,10 +377,11 @@ class GPTConfig:
     n_embd: int = 128
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn, self.c_proj = nn.Linear(cfg.n_embd, 3 * cfg.n_embd), nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
     def qkv(self, x):  # each (B, n_head, T, head size)
         B, T, C = x.shape
@@ -393,18 +394,19 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).contiguous().view(x.shape))
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.c_fc, self.c_proj = nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
-        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+        self.ln_1, self.attn = nn.LayerNorm(config.n_embd), CausalSelfAttention(config)
+        self.ln_2, self.mlp = nn.LayerNorm(config.n_embd), MLP(config)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -420,18 +422,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 class GPT(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.config = cfg
+        self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)), ln_f=nn.LayerNorm(cfg.n_embd)))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            wte=nn.Embedding(config.vocab_size, config.n_embd), wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)), ln_f=nn.LayerNorm(config.n_embd)))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -458,7 +460,7 @@ class GPT(nn.Module):
 # 4. The data: prepare.py's token files in windows of T + 1 tokens (window w: tokens w*T to w*T+T).
 # The batch order depends on (seed, step) alone: CLM, SLM and the control of a seed see the same.
 
-class MicroBatch(NamedTuple):  # the windows of one forward (--scope batch: the whole step)
+class MicroBatch(NamedTuple):  # the windows of one forward; I_k may span several (select_step)
     x: torch.Tensor              # (B, T) inputs
     y: torch.Tensor              # (B, T) targets: x shifted by one
     ref: torch.Tensor            # (B, T, 2) the targets' L_RM and H_RM, fp32 (zeros: a run without)
@@ -502,7 +504,7 @@ class Windows:  # a token file's windows; ref, labels: per token, the scores and
 def token_windows(data, name, meta, T, ref=None, labels=None):
     return Windows(read_tokens(data, name, meta), T, ref, labels, os.path.join(data, name))
 
-def web_split(n_windows, T):  # the first web val window: 5%, at most 32 windows or 8k tokens
+def web_split(n_windows, T):  # the first web val window: max(32 windows, 8k tokens), at most 5%
     return n_windows - min(max(32, 8192 // T), max(1, n_windows // 20))
 
 def web_windows(cfg, meta, T, ref=None):  # with the scores ref, and the demo's noise labels
@@ -555,7 +557,7 @@ class EvalSets(NamedTuple):  # what evaluate reads (eval_sets, below the boundar
 
 @torch.no_grad()
 def generate(model, prompts, max_new, stop=None):  # greedy, left-padded, until stop(new tokens)
-    # a prompt keeps at most the context's first half, whatever max_new: the same prompts always
+    # a prompt keeps its last T - T // 2 tokens, whatever max_new: the same prompts always
     T, device = model.config.block_size, model.lm_head.weight.device
     max_new, prompts = min(max_new, T // 2), [p[-(T - T // 2):] for p in prompts]
     L = max(len(p) for p in prompts)
@@ -591,7 +593,7 @@ def evaluate(model, ev, cfg, final=False):
     model.eval()
     web = ev.web.get(ev.web_val, cfg.device)  # web_split keeps its val windows to one batch
     web_loss, n_web = model_token_loss(model, web.x, web.y), int((web.y != IGNORE).sum())
-    hq_val = list(range(min(ev.hq.n_windows, max(128, 32768 // ev.hq.T))))  # 128 windows or 32k
+    hq_val = list(range(min(ev.hq.n_windows, max(128, 32768 // ev.hq.T))))  # max(128, 32k tokens)
     hq_sum, n_hq = 0.0, 0
     for i in range(0, len(hq_val), 32):
         hq = ev.hq.get(hq_val[i:i + 32], cfg.device)
@@ -626,7 +628,7 @@ def adamw(model, cfg):  # weight decay on matrices and embeddings, not biases an
 def micro_batch_selection(model, fwd, micro_batches, cfg, gen):  # I_k needs the step's losses first
     y, ref = torch.cat([b.y for b in micro_batches]), torch.cat([b.ref for b in micro_batches])
     loss = torch.zeros(y.shape, device=y.device)  # zeros: a rule that reads no training loss
-    if cfg.select in ("excess", "train", "sample"):  # a no-grad forward; the head weight after it
+    if cfg.select in ("excess", "train", "sample"):  # no grad; the head weight after fwd (FSDP)
         with torch.no_grad(), autocast(cfg):
             loss = torch.cat([head_losses(fwd(b.x), model.lm_head.weight, b.y).loss for b in micro_batches])
     sel, n_sel = select_step(loss, y, ref, cfg, gen)
@@ -746,16 +748,15 @@ def training_windows(cfg, meta, T):
         if cfg.mode == "base" and "base" not in meta["tokens"]:
             die(f"{cfg.data} has no base corpus (only the embedded demo builds base.bin): start "
                 "from your own base model with --init_from CKPT, or from scratch without it")
-        data = token_windows(cfg.data, f"{'base' if cfg.mode == 'base' else 'hq_train'}.bin",
-                             meta, T)
-        n_train = data.n_windows
+        corpus = token_windows(cfg.data, "base.bin" if cfg.mode == "base" else "hq_train.bin", meta, T)
+        n_train = corpus.n_windows
     else:
         if cfg.mode == "slm" and cfg.select not in ("random", "train"):
             ref, ref_sha = load_ref_scores(cfg, meta, T)
-        data = web_windows(cfg, meta, T, ref)
-        n_train = web_split(data.n_windows, T)
-    data.step_windows(0, cfg.batch_size, cfg.seed, n_train)  # fewer than one batch: refused now
-    return data, n_train, ref_sha
+        corpus = web_windows(cfg, meta, T, ref)
+        n_train = web_split(corpus.n_windows, T)
+    corpus.step_windows(0, cfg.batch_size, cfg.seed, n_train)  # fewer than one batch: refused now
+    return corpus, n_train, ref_sha
 
 def eval_sets(cfg, meta, web):
     T, enc = web.T, get_encoding(meta["encoding"])
@@ -794,7 +795,7 @@ def count_step(progress, interval, loss, micro_batches, sels, cfg, T):  # a step
     for b, sel in zip(micro_batches, sels) if n_labels else ():
         labels = b.labels.flatten().long()
         interval.counts += torch.stack([torch.bincount(labels, minlength=n_labels),
-                                     torch.bincount(labels[sel.flatten()], minlength=n_labels)])
+                                        torch.bincount(labels[sel.flatten()], minlength=n_labels)])
 
 def evaluate_and_save(model, opt, gen, ev, cfg, meta, name, step, progress, interval):
     """An evaluation, its log line and a checkpoint; under FSDP every process takes part."""
@@ -954,12 +955,12 @@ def parse_args(argv=None):
     if "warmup" not in given:
         a.warmup = min(a.warmup, a.steps // 10)
     check_flags(a, mode, set(given))
-    # every token carries the loss
+    # --base, --ref and --clm: every token carries the loss
     if mode != "slm":
         a.k, a.select = 1.0, "all"
     if a.dtype == "auto":
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
-    # a GPU for each of torchrun's
+    # each of torchrun's processes drives its own GPU
     if (WORLD > 1 or a.fsdp) and a.device.startswith("cuda"):
         a.device = f"cuda:{LOCAL}"
     # on the demo, runs start from the base run, as the paper's models start from one base model
@@ -1054,7 +1055,7 @@ class HF(nn.Module):
     def __init__(self, hf, block_size, source):
         super().__init__()
         c, self.hf = hf.config, hf
-        T = block_size or min(c.max_position_embeddings, 2048)  # at most the paper's context
+        T = block_size or min(c.max_position_embeddings, 2048)  # at most the paper's 1B context
         if T > c.max_position_embeddings:
             die(f"--block_size {T}: {source} has {c.max_position_embeddings} positions; pass "
                 f"--block_size {c.max_position_embeddings} or less")
@@ -1124,7 +1125,7 @@ def load_hf(source, block_size=None, config=None):  # hf:NAME or a folder; confi
 
 def check_tokenizer(cfg, meta):  # the data's ids must be the model's own tokenizer's
     want = meta.get("tokenizer", {}).get("sha256")  # its fingerprint, recorded by prepare.py
-    # None: the model has none
+    # tokenizer_id_of gives None for a model without a tokenizer
     if want and tokenizer_id_of(cfg.init_from) not in (None, want):
         die(f"--init_from {cfg.init_from}: {cfg.data} was prepared with another tokenizer "
             f"({meta['tokenizer']['name']}): prepare it with `python prepare.py ... --encoding "
@@ -1206,7 +1207,7 @@ def full_state_dict(ckpt, path, new_model):  # an FSDP run's read whole from its
         return ckpt["model"]
     import torch.distributed.checkpoint as dcp
     sd = new_model().state_dict()
-    # "a single process"
+    # dcp warns that it assumes a single process: what is asked here
     with warnings.catch_warnings(action="ignore", category=UserWarning):
         dcp.load({"model": sd}, checkpoint_id=os.path.join(os.path.dirname(path), ckpt["model"]),
                  no_dist=True)
@@ -1243,12 +1244,12 @@ def recompute_and_shard(model, cfg):  # --act_ckpt: recompute each block's activ
             if isinstance(block, Block):
                 register_fsdp_forward_method(block, "decode")
     if cfg.fsdp:
-        # the root's weights stay gathered after the forward: the fused head reads the head's
+        # the root's weights stay gathered after the forward: the fused head reads the head weight
         fully_shard(model, mp_policy=mp, reshard_after_forward=False)
         register_fsdp_forward_method(model, "decode")
     return model
 
-def forward_as_trained(model, cfg):  # compiled (--compile), in DDP (not FSDP); model keeps weights
+def forward_as_trained(model, cfg):  # what training calls: compiled, in DDP; model: the weights
     fwd = torch.compile(model) if cfg.compile else model
     if WORLD > 1 and not cfg.fsdp:
         fwd = DDP(fwd, device_ids=[LOCAL] if cfg.device.startswith("cuda") else None)
@@ -1413,7 +1414,7 @@ def save_checkpoint(path, model, states, gen, step, cfg, meta, progress):  # ato
             "no earlier checkpoint"
         die(f"{path}: could not write the checkpoint ({str(e).strip().splitlines()[-1]}); {intact}: "
             "free disk space, then run again with --resume")
-    # an FSDP run's earlier shards go once ckpt.pt names the new
+    # an FSDP run: its earlier shards go once ckpt.pt names the new ones
     if isinstance(states[0], str):
         keep = os.path.join(os.path.dirname(path), states[0])
         for old in set(glob.glob(path[:-len(".pt")] + "-*.dcp")) - {keep}:
@@ -1537,7 +1538,8 @@ def load_ref_scores(cfg, meta, T):
         die(f"{path + '.json' if os.path.isfile(path) else path}: reference scores missing: "
             + (redo() if os.path.isfile(ckpt_path) else f"run {train} (or --score with a reference model)"))
     info = scoring_json(path + ".json")
-    if not isinstance(info, dict) or "weights_sha256" not in info:
+    needed = {"weights_sha256", "data_sha256", "data", "block_size", "score_dtype", "scores"}
+    if not isinstance(info, dict) or not needed <= set(info):
         die(f"{path}.json: not valid JSON, or without the reference model's fingerprint: "
             f"{redo(overwrite=True)}")
     (dtype, n_cols), per_token = score_layout(info), os.path.getsize(path) / n_web
