@@ -1184,7 +1184,7 @@ def inputs_of(args):
 def read_meta(out):
     """The folder's meta.json, or None if it has none; {} if it cannot be read."""
     try:
-        meta = json.loads(open(os.path.join(out, "meta.json"), "rb").read())
+        meta = read_json(os.path.join(out, "meta.json"))
         return meta if isinstance(meta, dict) else {}
     except FileNotFoundError:
         return None

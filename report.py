@@ -1032,9 +1032,10 @@ def read_lm_eval(run_dir):
     for task, (_, path) in sorted(newest.items()):
         try:
             by_filter = {}
-            for line in open(path, encoding="utf-8"):
-                s = json.loads(line)
-                by_filter.setdefault(s["filter"], []).append(s)
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    s = json.loads(line)
+                    by_filter.setdefault(s["filter"], []).append(s)
             for name, samples in by_filter.items():
                 metric = "exact_match" if "exact_match" in samples[0]["metrics"] else samples[0]["metrics"][0]
                 samples.sort(key=lambda s: s["doc_id"])
